@@ -1,0 +1,69 @@
+// The parameters of one fused pointwise step: raw pointers into the layer's
+// buffers for the rows that are active at this time step, plus sizes.
+//
+// One struct per direction of computation (forward / backward), shared by all
+// cells; each cell reads only the fields it needs (documented per field).
+// Every [rows, width] buffer here is row-major and contiguous; row b of a step
+// buffer is batch element b of the (length-sorted) batch.
+#pragma once
+
+#include <cstdint>
+
+namespace fusedrnn {
+
+template <typename T>
+struct ForwardStepParams {
+  int64_t batch = 0;   // active rows at this step (sequences still running)
+  int64_t hidden = 0;  // H
+
+  // [batch, G*H]  in: x_t W_ih^T + b_ih (the whole-sequence input projection)
+  //              out: the activated gates, saved for backward.
+  T* gates = nullptr;
+  // [batch, G*H]  h_{t-1} W_hh^T + b_hh (this step's recurrent GEMM).
+  const T* hproj = nullptr;
+  // [B, H]  the running hidden state: read as h_{t-1}, written as h_t.
+  // LSTM with projection: unused (the driver updates it after the projection GEMM).
+  T* h_state = nullptr;
+  // [B, H]  LSTM only: the running cell state, c_{t-1} in, c_t out.
+  T* c_state = nullptr;
+  // [batch, H]  this step's output rows: h_t; for LSTM with projection,
+  // r_t = o * tanh(c_t), which the driver then projects with W_hr.
+  T* out = nullptr;
+  // [batch, H]  LSTM only: c_t, saved for backward.
+  T* cells = nullptr;
+  // [batch, H]  GRU only: W_hn h_{t-1} + b_hn, saved for backward.
+  T* hn = nullptr;
+};
+
+template <typename T>
+struct BackwardStepParams {
+  int64_t batch = 0;
+  int64_t hidden = 0;
+
+  // [batch, G*H]  the activated gates saved by forward.
+  const T* gates = nullptr;
+  // [batch, H]  gradient arriving at this step's output h_t (r_t with projection).
+  const T* grad_out = nullptr;
+  // [B, H]  gradient of the running hidden state from later steps; added to
+  // grad_out. nullptr when grad_out already holds the total (LSTM projection).
+  // GRU writes z * dh here, the direct path to h_{t-1}; the driver then adds
+  // the recurrent GEMM on top. LSTM/RNN leave it for the driver to overwrite.
+  T* grad_h_state = nullptr;
+  // [B, H]  LSTM only: dc_t in, dc_{t-1} out.
+  T* grad_c_state = nullptr;
+  const T* cells = nullptr;   // [batch, H] LSTM: c_t
+  const T* c_prev = nullptr;  // [batch, H] LSTM: c_{t-1}
+  const T* h_prev = nullptr;  // [batch, H] GRU: h_{t-1}
+  const T* hn = nullptr;      // [batch, H] GRU: W_hn h_{t-1} + b_hn
+  const T* out = nullptr;     // [batch, H] RNN: h_t
+  // [batch, G*H]  gradient w.r.t. the pre-activations on the input side
+  // (x W_ih^T + b_ih); for LSTM and RNN also the hidden side.
+  T* grad_gates = nullptr;
+  // [batch, 3H]  GRU only: gradient w.r.t. the hidden-side pre-activations
+  // (h W_hh^T + b_hh); differs from grad_gates in the n gate (times r).
+  T* grad_gates_h = nullptr;
+  // [batch, H]  LSTM with projection: r_t = o * tanh(c_t), for grad of W_hr.
+  T* r_out = nullptr;
+};
+
+}  // namespace fusedrnn

@@ -1,0 +1,38 @@
+// The CPU pointwise step: the shared per-element cell math in a loop over the
+// active rows, split across threads by at::parallel_for when a step is large
+// enough to pay for it. Each element is independent, so the result does not
+// depend on the number of threads.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "../cells/step_params.h"
+
+namespace fusedrnn {
+
+struct CpuPointwise {
+  // Rows per task: about 16k elements, below which threading costs more than it saves.
+  static int64_t grain(int64_t hidden) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, hidden)); }
+
+  template <typename Cell, typename T>
+  static void forward(const ForwardStepParams<T>& p) {
+    at::parallel_for(0, p.batch, grain(p.hidden), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t j = 0; j < p.hidden; ++j) Cell::forward(p, b, j);
+      }
+    });
+  }
+
+  template <typename Cell, typename T>
+  static void backward(const BackwardStepParams<T>& p) {
+    at::parallel_for(0, p.batch, grain(p.hidden), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t j = 0; j < p.hidden; ++j) Cell::backward(p, b, j);
+      }
+    });
+  }
+};
+
+}  // namespace fusedrnn

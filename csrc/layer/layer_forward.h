@@ -1,0 +1,95 @@
+// Forward of one layer, one direction, over the whole (packed) sequence.
+//
+//   1. input projection of every time step as ONE GEMM:  gates = X W_ih^T + b_ih
+//   2. per step: one recurrent GEMM on the active rows   hproj = h W_hh^T + b_hh
+//                one fused pointwise step (Cell::forward, via Pointwise)
+//                [LSTM proj_size > 0: one projection GEMM h_t = r_t W_hr^T]
+//
+// The driver is device-generic: the GEMMs go through ATen (MKL/oneDNN on the
+// CPU, cuBLAS on the current stream on CUDA) and `Pointwise` supplies the
+// device's loop or kernel launch around the shared per-element cell math.
+// All buffers are allocated once before the time loop; nothing is allocated
+// per step except ATen's view objects.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include "../cells/step_params.h"
+#include "checks.h"
+#include "layer_tensors.h"
+
+namespace fusedrnn {
+
+// View of rows [start, start + count) of a 2-D tensor, skipping the view when
+// it would cover the whole tensor.
+inline at::Tensor rows(const at::Tensor& t, int64_t start, int64_t count) {
+  return (start == 0 && count == t.size(0)) ? t : t.narrow(0, start, count);
+}
+
+// out = a @ b^T (+ bias broadcast over rows), written into `out`.
+inline void linear_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
+  if (bias.defined()) {
+    at::addmm_out(out, bias, a, b.t());
+  } else {
+    at::mm_out(out, a, b.t());
+  }
+}
+
+template <typename Cell, typename Pointwise>
+ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                             const LayerWeights& w, const StepSchedule& sched, bool reverse) {
+  constexpr int64_t G = Cell::kGates;
+  const int64_t N = input.size(0);
+  const int64_t B = h0.size(0);
+  const int64_t P = h0.size(1);
+  const int64_t H = w.w_hh.size(0) / G;
+  const bool is_lstm = c0.defined();
+  const bool has_proj = w.w_hr.defined();
+  const auto opts = input.options();
+
+  ForwardOutputs r;
+  r.gates = at::empty({N, G * H}, opts);
+  linear_out(r.gates, input, w.w_ih, w.b_ih);
+  r.output = at::empty({N, P}, opts);
+  r.h_n = h0.clone(at::MemoryFormat::Contiguous);  // the running state; final state at the end
+  r.c_n = is_lstm ? c0.clone(at::MemoryFormat::Contiguous) : at::Tensor();
+  r.cells = is_lstm ? at::empty({N, H}, opts) : at::empty({0}, opts);
+  r.hn = G == 3 ? at::empty({N, H}, opts) : at::empty({0}, opts);
+  at::Tensor hproj = at::empty({B, G * H}, opts);
+  at::Tensor proj_in = has_proj ? at::empty({B, H}, opts) : at::Tensor();  // r_t = o * tanh(c_t)
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fusedrnn.layer_forward", [&] {
+    using T = scalar_t;
+    for (int64_t k = 0; k < sched.steps(); ++k) {
+      const int64_t t = reverse ? sched.steps() - 1 - k : k;
+      const int64_t bs = sched.batch[t];
+      const int64_t off = sched.offset[t];
+      at::Tensor hproj_t = rows(hproj, 0, bs);
+      linear_out(hproj_t, rows(r.h_n, 0, bs), w.w_hh, w.b_hh);
+
+      ForwardStepParams<T> p;
+      p.batch = bs;
+      p.hidden = H;
+      p.gates = r.gates.template data_ptr<T>() + off * G * H;
+      p.hproj = hproj.template const_data_ptr<T>();
+      p.h_state = has_proj ? nullptr : r.h_n.template data_ptr<T>();
+      p.out = has_proj ? proj_in.template data_ptr<T>() : r.output.template data_ptr<T>() + off * P;
+      if (is_lstm) {
+        p.c_state = r.c_n.template data_ptr<T>();
+        p.cells = r.cells.template data_ptr<T>() + off * H;
+      }
+      if (G == 3) p.hn = r.hn.template data_ptr<T>() + off * H;
+      Pointwise::template forward<Cell, T>(p);
+
+      if (has_proj) {
+        at::Tensor out_t = rows(r.output, off, bs);
+        at::mm_out(out_t, rows(proj_in, 0, bs), w.w_hr.t());
+        rows(r.h_n, 0, bs).copy_(out_t);
+      }
+    }
+  });
+  return r;
+}
+
+}  // namespace fusedrnn

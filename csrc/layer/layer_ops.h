@@ -1,0 +1,191 @@
+// The operator entry points, one forward and one backward per cell type, with
+// exactly the signatures of the schemas in csrc/ops.cpp. They validate every
+// argument, then call the device-generic drivers. Each device registers them
+// with its own Pointwise policy (cpu/register_cpu.cpp, cuda/register_cuda.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "../cells/gru_cell.h"
+#include "../cells/lstm_cell.h"
+#include "../cells/rnn_cell.h"
+#include "checks.h"
+#include "layer_backward.h"
+#include "layer_forward.h"
+
+namespace fusedrnn {
+
+using OptTensor = std::optional<at::Tensor>;
+
+inline at::Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
+
+// Validates the arguments common to every op and returns the layer's weights
+// (made contiguous where a kernel reads them through raw pointers).
+inline LayerWeights check_layer(const char* op, int64_t gates, const at::Tensor& input, const at::Tensor& h0,
+                                const at::Tensor* c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr) {
+  check_floating(op, "input", input);
+  FUSEDRNN_CHECK(input.dim() == 2, op, "input must be 2-D [tokens, input_size] (packed, time-major), got shape ",
+                 input.sizes());
+  check_like(op, "h0", h0, input);
+  FUSEDRNN_CHECK(h0.dim() == 2, op, "h0 must be 2-D [batch, hidden], got shape ", h0.sizes());
+  check_like(op, "w_ih", w_ih, input);
+  check_like(op, "w_hh", w_hh, input);
+  FUSEDRNN_CHECK(w_hh.dim() == 2 && w_hh.size(0) % gates == 0 && w_hh.size(0) > 0, op,
+                 "w_hh must be 2-D [", gates, " * hidden_size, state_size], got shape ", w_hh.sizes());
+  const int64_t H = w_hh.size(0) / gates;
+  const bool has_proj = w_hr.has_value() && w_hr->defined();
+  const int64_t P = has_proj ? w_hr->size(0) : H;
+  check_shape(op, "w_ih", w_ih, {gates * H, input.size(1)}, "[gates * hidden_size, input_size]");
+  check_shape(op, "w_hh", w_hh, {gates * H, P}, "[gates * hidden_size, state_size]");
+  check_shape(op, "h0", h0, {h0.size(0), P}, "[batch, state_size]");
+  if (c0 != nullptr) {
+    check_like(op, "c0", *c0, input);
+    check_shape(op, "c0", *c0, {h0.size(0), H}, "[batch, hidden_size]");
+  }
+  check_optional(op, "b_ih", b_ih, input, {gates * H}, "[gates * hidden_size]");
+  check_optional(op, "b_hh", b_hh, input, {gates * H}, "[gates * hidden_size]");
+  if (has_proj) {
+    check_like(op, "w_hr", *w_hr, input);
+    FUSEDRNN_CHECK(w_hr->dim() == 2 && w_hr->size(1) == H && w_hr->size(0) > 0 && w_hr->size(0) < H, op,
+                   "w_hr must be 2-D [proj_size, hidden_size] with 0 < proj_size < hidden_size = ", H,
+                   ", got shape ", w_hr->sizes());
+  }
+  LayerWeights w;
+  w.w_ih = w_ih;
+  w.w_hh = w_hh;
+  w.b_ih = value_or_undefined(b_ih);
+  w.b_hh = value_or_undefined(b_hh);
+  w.w_hr = value_or_undefined(w_hr);
+  return w;
+}
+
+// Saved tensors handed back to a backward op must have the shapes forward gave
+// them, since the kernels index them directly.
+inline void check_saved(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input,
+                        at::IntArrayRef expected) {
+  check_like(op, name, t, input);
+  check_shape(op, name, t, expected, "(as returned by the forward op)");
+}
+
+// ---------------------------------------------------------------------------
+// Forward ops
+// ---------------------------------------------------------------------------
+
+template <typename Pointwise>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+    const at::Tensor& batch_sizes, bool reverse) {
+  constexpr const char* op = "lstm_forward";
+  const LayerWeights w = check_layer(op, 4, input, h0, &c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
+  ForwardOutputs r = layer_forward<LstmCell, Pointwise>(input, h0, c0, w, s, reverse);
+  return {r.output, r.h_n, r.c_n, r.gates, r.cells};
+}
+
+template <typename Pointwise>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& batch_sizes, bool reverse) {
+  constexpr const char* op = "gru_forward";
+  const LayerWeights w = check_layer(op, 3, input, h0, nullptr, w_ih, w_hh, b_ih, b_hh, std::nullopt);
+  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
+  ForwardOutputs r = layer_forward<GruCell, Pointwise>(input, h0, at::Tensor(), w, s, reverse);
+  return {r.output, r.h_n, r.gates, r.hn};
+}
+
+template <typename Cell, typename Pointwise>
+std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& input, const at::Tensor& h0,
+                                               const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                               const OptTensor& b_ih, const OptTensor& b_hh,
+                                               const at::Tensor& batch_sizes, bool reverse) {
+  const char* op = Cell::kRelu ? "rnn_relu_forward" : "rnn_tanh_forward";
+  const LayerWeights w = check_layer(op, 1, input, h0, nullptr, w_ih, w_hh, b_ih, b_hh, std::nullopt);
+  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
+  ForwardOutputs r = layer_forward<Cell, Pointwise>(input, h0, at::Tensor(), w, s, reverse);
+  return {r.output, r.h_n};
+}
+
+// ---------------------------------------------------------------------------
+// Backward ops
+// ---------------------------------------------------------------------------
+
+template <typename Pointwise>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+              const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+              const at::Tensor& w_hh, const OptTensor& w_hr, const at::Tensor& batch_sizes, bool reverse,
+              const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
+  constexpr const char* op = "lstm_backward";
+  const LayerWeights w = check_layer(op, 4, input, h0, &c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
+  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
+  const int64_t N = input.size(0), B = h0.size(0), P = h0.size(1), H = w_hh.size(0) / 4;
+  check_saved(op, "grad_output", grad_output, input, {N, P});
+  check_saved(op, "grad_h_n", grad_h_n, input, {B, P});
+  check_saved(op, "grad_c_n", grad_c_n, input, {B, H});
+  check_saved(op, "output", output, input, {N, P});
+  check_saved(op, "gates", gates, input, {N, 4 * H});
+  check_saved(op, "cells", cells, input, {N, H});
+  SavedForBackward saved{input, h0, c0, output.contiguous(), gates.contiguous(), cells.contiguous(), {}};
+  BackwardOutputs g =
+      layer_backward<LstmCell, Pointwise>(grad_output.contiguous(), grad_h_n, grad_c_n, saved, w, s, reverse);
+  return {g.grad_input, g.grad_h0, g.grad_c0, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh, g.grad_w_hr};
+}
+
+template <typename Pointwise>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input, const at::Tensor& h0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& batch_sizes, bool reverse,
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& hn) {
+  constexpr const char* op = "gru_backward";
+  const LayerWeights w = check_layer(op, 3, input, h0, nullptr, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt);
+  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
+  const int64_t N = input.size(0), B = h0.size(0), H = h0.size(1);
+  check_saved(op, "grad_output", grad_output, input, {N, H});
+  check_saved(op, "grad_h_n", grad_h_n, input, {B, H});
+  check_saved(op, "output", output, input, {N, H});
+  check_saved(op, "gates", gates, input, {N, 3 * H});
+  check_saved(op, "hn", hn, input, {N, H});
+  SavedForBackward saved{input, h0, {}, output.contiguous(), gates.contiguous(), {}, hn.contiguous()};
+  BackwardOutputs g =
+      layer_backward<GruCell, Pointwise>(grad_output.contiguous(), grad_h_n, at::Tensor(), saved, w, s, reverse);
+  return {g.grad_input, g.grad_h0, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh};
+}
+
+template <typename Cell, typename Pointwise>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input, const at::Tensor& h0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& batch_sizes, bool reverse,
+    const at::Tensor& output) {
+  const char* op = Cell::kRelu ? "rnn_relu_backward" : "rnn_tanh_backward";
+  const LayerWeights w = check_layer(op, 1, input, h0, nullptr, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt);
+  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
+  const int64_t N = input.size(0), B = h0.size(0), H = h0.size(1);
+  check_saved(op, "grad_output", grad_output, input, {N, H});
+  check_saved(op, "grad_h_n", grad_h_n, input, {B, H});
+  check_saved(op, "output", output, input, {N, H});
+  SavedForBackward saved{input, h0, {}, output.contiguous(), {}, {}, {}};  // RNN needs only h_t
+  BackwardOutputs g =
+      layer_backward<Cell, Pointwise>(grad_output.contiguous(), grad_h_n, at::Tensor(), saved, w, s, reverse);
+  return {g.grad_input, g.grad_h0, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh};
+}
+
+// Registers every op's implementation for one dispatch key.
+template <typename Pointwise>
+void register_layer_ops(torch::Library& m) {
+  m.impl("lstm_forward", &lstm_forward<Pointwise>);
+  m.impl("lstm_backward", &lstm_backward<Pointwise>);
+  m.impl("gru_forward", &gru_forward<Pointwise>);
+  m.impl("gru_backward", &gru_backward<Pointwise>);
+  m.impl("rnn_tanh_forward", &rnn_forward<RnnTanhCell, Pointwise>);
+  m.impl("rnn_tanh_backward", &rnn_backward<RnnTanhCell, Pointwise>);
+  m.impl("rnn_relu_forward", &rnn_forward<RnnReluCell, Pointwise>);
+  m.impl("rnn_relu_backward", &rnn_backward<RnnReluCell, Pointwise>);
+}
+
+}  // namespace fusedrnn

@@ -1,0 +1,76 @@
+// Every fusedrnn operator's schema, in one place.
+//
+// Each op covers ONE layer in ONE direction over a whole sequence. Activations
+// are packed and time-major: `input` is [tokens, input_size], and the CPU int64
+// tensor `batch_sizes` [steps] says how many sequences are active at each step
+// (non-increasing: sequences sorted by decreasing length, exactly as in a
+// PackedSequence). A full-length batch of B sequences of T steps is
+// input.reshape(T * B, I) with batch_sizes = [B] * T. `reverse` runs the
+// sequence backwards (the second direction of a bidirectional layer).
+//
+// Forward ops return, after the outputs, what their backward needs (the
+// activated gates; LSTM: the cell states; GRU: W_hn h + b_hn), so backward
+// never recomputes the forward. Backward ops return a gradient for every
+// differentiable input; bias gradients are returned even without a bias
+// (callers drop them), grad_w_hr is empty without projection.
+//
+// Implementations: cpu/register_cpu.cpp (CPU), cuda/register_cuda.cpp (CUDA).
+// Fake kernels and autograd are registered in Python (fusedrnn/_ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fusedrnn, m) {
+  m.def(
+      "lstm_forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor? w_hr, Tensor batch_sizes, bool reverse) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+  m.def(
+      "lstm_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, Tensor h0, Tensor c0, "
+      "Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor batch_sizes, bool reverse, Tensor output, Tensor gates, "
+      "Tensor cells) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");
+  m.def(
+      "gru_forward(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor batch_sizes, bool reverse) -> (Tensor output, Tensor h_n, Tensor gates, Tensor hn)");
+  m.def(
+      "gru_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, "
+      "Tensor batch_sizes, bool reverse, Tensor output, Tensor gates, Tensor hn) -> (Tensor grad_input, "
+      "Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
+  m.def(
+      "rnn_tanh_forward(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor batch_sizes, bool reverse) -> (Tensor output, Tensor h_n)");
+  m.def(
+      "rnn_tanh_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, "
+      "Tensor batch_sizes, bool reverse, Tensor output) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_w_ih, "
+      "Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
+  m.def(
+      "rnn_relu_forward(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor batch_sizes, bool reverse) -> (Tensor output, Tensor h_n)");
+  m.def(
+      "rnn_relu_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, "
+      "Tensor batch_sizes, bool reverse, Tensor output) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_w_ih, "
+      "Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
+}
+
+// `import fusedrnn._C` loads this library, whose static initialisers register
+// the ops above; the module itself only carries build facts.
+#ifndef FUSEDRNN_TORCH_VERSION
+#define FUSEDRNN_TORCH_VERSION "unknown"
+#endif
+#ifndef FUSEDRNN_CUDA_ARCHS
+#define FUSEDRNN_CUDA_ARCHS ""
+#endif
+
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fusedrnn compiled operators", -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  PyModule_AddStringConstant(module, "TORCH_VERSION", FUSEDRNN_TORCH_VERSION);
+  PyModule_AddStringConstant(module, "CUDA_ARCHS", FUSEDRNN_CUDA_ARCHS);
+#ifdef FUSEDRNN_WITH_CUDA
+  PyModule_AddIntConstant(module, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(module, "WITH_CUDA", 0);
+#endif
+  return module;
+}

@@ -1,0 +1,130 @@
+"""Build of fusedrnn and its compiled operator library, fusedrnn._C.
+
+The CPU sources are always built. The CUDA sources (csrc/cuda/) are built too
+when a CUDA toolkit is found and the installed torch is a CUDA build, decided
+from the toolkit and NOT from torch.cuda.is_available(), so a machine without
+a GPU still compiles (and so checks) the CUDA code.
+
+Environment switches:
+  FUSEDRNN_CUDA=0|1|auto   skip, force or auto-detect the CUDA build (default auto)
+  FUSEDRNN_CUDA_ARCHS      compute capabilities to build for, e.g. "9.0" or "8.0;9.0" (default "9.0")
+  CUDA_HOME                the toolkit folder; found from nvcc or /usr/local/cuda* otherwise
+  MAX_JOBS                 parallel compile jobs for ninja
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _is_toolkit(path):
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and (
+        glob.glob(os.path.join(path, "lib64", "libcudart.so*")) or glob.glob(os.path.join(path, "lib", "libcudart.so*"))
+    )
+
+
+def find_cuda_home():
+    """The real toolkit folder. A wrapper script for nvcc in a generic bin folder
+    (e.g. /usr/local/bin/nvcc) makes torch guess /usr/local, where libcudart is
+    missing, so check each candidate for the runtime library."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        try:  # a wrapper script: read the path it execs
+            with open(nvcc, "r", errors="ignore") as f:
+                for word in f.read(4096).split():
+                    if word.endswith("/bin/nvcc") and word.startswith("/"):
+                        candidates.append(os.path.dirname(os.path.dirname(word)))
+        except OSError:
+            pass
+    candidates.append("/usr/local/cuda")
+    candidates.extend(sorted(glob.glob("/usr/local/cuda-*"), reverse=True))
+    for c in candidates:
+        if _is_toolkit(c):
+            return os.path.realpath(c)
+    return None
+
+
+def cuda_wanted():
+    mode = os.environ.get("FUSEDRNN_CUDA", "auto").lower()
+    if mode in ("0", "false", "no", "off"):
+        return False, None, "FUSEDRNN_CUDA=0"
+    home = find_cuda_home()
+    import torch
+
+    if torch.version.cuda is None:
+        if mode in ("1", "true", "yes", "on"):
+            sys.exit("fusedrnn: FUSEDRNN_CUDA=1 but the installed torch is not a CUDA build")
+        return False, None, "torch is a CPU-only build"
+    if home is None:
+        if mode in ("1", "true", "yes", "on"):
+            sys.exit("fusedrnn: FUSEDRNN_CUDA=1 but no CUDA toolkit was found; set CUDA_HOME")
+        return False, None, "no CUDA toolkit found (set CUDA_HOME)"
+    return True, home, "CUDA toolkit at " + home
+
+
+def build_extension():
+    with_cuda, cuda_home, why = cuda_wanted()
+    if with_cuda:
+        # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
+        os.environ["CUDA_HOME"] = cuda_home
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("FUSEDRNN_CUDA_ARCHS", "9.0"))
+    import torch
+    from torch.utils import cpp_extension
+
+    print(f"fusedrnn: building CPU{' + CUDA' if with_cuda else ''} operators ({why})", flush=True)
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    define_macros = [("FUSEDRNN_TORCH_VERSION", '"' + torch.__version__ + '"')]
+    cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+    extra = {"cxx": cxx_flags}
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        define_macros += [("FUSEDRNN_WITH_CUDA", None), ("FUSEDRNN_CUDA_ARCHS", '"' + archs + '"')]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        # ATen's CUDA headers include cuBLAS/cuSPARSE headers that a bare toolkit may lack;
+        # torch's own CUDA dependency ships them.
+        try:
+            import nvidia
+
+            for base in nvidia.__path__:
+                for inc in glob.glob(os.path.join(base, "cu*", "include")) + glob.glob(
+                    os.path.join(base, "*", "include")
+                ):
+                    if os.path.isfile(os.path.join(inc, "cublas_v2.h")):
+                        include_dirs.append(inc)
+        except ImportError:
+            pass
+        ext_cls = cpp_extension.CUDAExtension
+    else:
+        ext_cls = cpp_extension.CppExtension
+    ext = ext_cls(
+        name="fusedrnn._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args=extra,
+    )
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = build_extension()
+
+setup(
+    name="fusedrnn",
+    version="0.1.0",
+    description="Fused LSTM/GRU/RNN layers for PyTorch: drop-in replacements for torch.nn, CPU and CUDA",
+    packages=["fusedrnn"],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    python_requires=">=3.9",
+    install_requires=["torch"],
+    extras_require={"test": ["pytest", "numpy"], "bench": ["tqdm", "matplotlib"]},
+)
