@@ -69,6 +69,21 @@ def cuda_wanted():
     return True, home, "CUDA toolkit at " + home
 
 
+def cpu_flags():
+    """SIMD flags for the CPU kernels. The pointwise loops are written to vectorise;
+    AVX2+FMA doubles their width over the SSE2 baseline. Used when the build machine
+    has them (a source build runs where it is built); FUSEDRNN_CPU_FLAGS overrides,
+    e.g. FUSEDRNN_CPU_FLAGS="" for a portable build."""
+    if "FUSEDRNN_CPU_FLAGS" in os.environ:
+        return os.environ["FUSEDRNN_CPU_FLAGS"].split()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return ["-mavx2", "-mfma"] if "avx2" in flags and "fma" in flags else []
+
+
 def build_extension():
     with_cuda, cuda_home, why = cuda_wanted()
     if with_cuda:
@@ -78,10 +93,12 @@ def build_extension():
     import torch
     from torch.utils import cpp_extension
 
-    print(f"fusedrnn: building CPU{' + CUDA' if with_cuda else ''} operators ({why})", flush=True)
+    print(f"fusedrnn: building CPU{' + CUDA' if with_cuda else ''} operators ({why}; CPU flags {cpu_flags()})",
+          flush=True)
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     define_macros = [("FUSEDRNN_TORCH_VERSION", '"' + torch.__version__ + '"')]
-    cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+    cxx_flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+    cxx_flags += cpu_flags()
     extra = {"cxx": cxx_flags}
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:

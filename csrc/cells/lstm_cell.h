@@ -34,7 +34,7 @@ struct LstmCell {
     p.c_state[k] = T(c);
     p.cells[k] = T(c);
     p.out[k] = T(h);
-    if (p.h_state != nullptr) p.h_state[k] = T(h);
+    p.h_state[k] = T(h);
   }
 
   template <typename T>

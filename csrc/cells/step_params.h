@@ -22,7 +22,8 @@ struct ForwardStepParams {
   // [batch, G*H]  h_{t-1} W_hh^T + b_hh (this step's recurrent GEMM).
   const T* hproj = nullptr;
   // [B, H]  the running hidden state: read as h_{t-1}, written as h_t.
-  // LSTM with projection: unused (the driver updates it after the projection GEMM).
+  // LSTM with projection: points at `out` (the driver updates the real state
+  // after the projection GEMM).
   T* h_state = nullptr;
   // [B, H]  LSTM only: the running cell state, c_{t-1} in, c_t out.
   T* c_state = nullptr;

@@ -73,7 +73,9 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
       p.hidden = H;
       p.gates = r.gates.template data_ptr<T>() + off * G * H;
       p.hproj = hproj.template const_data_ptr<T>();
-      p.h_state = has_proj ? nullptr : r.h_n.template data_ptr<T>();
+      // With projection the cell's output is r_t, not the state: let it write r_t
+      // twice to the same place, which keeps the cell free of branches.
+      p.h_state = has_proj ? proj_in.template data_ptr<T>() : r.h_n.template data_ptr<T>();
       p.out = has_proj ? proj_in.template data_ptr<T>() : r.output.template data_ptr<T>() + off * P;
       if (is_lstm) {
         p.c_state = r.c_n.template data_ptr<T>();
