@@ -219,6 +219,9 @@ class _RNNBase(nn.Module):
         else:
             x = input.transpose(0, 1) if self.batch_first else input
         steps, batch = x.shape[0], x.shape[1]
+        if steps == 0:
+            raise ValueError(f"{_name(self)}: expected sequence length to be larger than 0, got input of shape "
+                             f"{tuple(input.shape)}")
         h0, c0 = self._initial_state(hx, batch, x, batched)
         batch_sizes = torch.full((steps,), batch, dtype=torch.int64)
         out, h, c = self._run(x.reshape(steps * batch, x.shape[2]), batch_sizes, h0, c0)

@@ -27,7 +27,7 @@ namespace fusedrnn {
 // at t, which only happens in the reverse direction of a ragged batch).
 inline at::Tensor gather_previous_states(const at::Tensor& all, const at::Tensor& init, const StepSchedule& s,
                                          bool reverse) {
-  at::Tensor prev = at::empty_like(all, at::MemoryFormat::Contiguous);
+  at::Tensor prev = new_buffer(all.sizes(), all.options());
   const int64_t T = s.steps();
   if (T == 0) return prev;
   const int64_t B = s.batch[0];
@@ -69,17 +69,17 @@ BackwardOutputs layer_backward(const at::Tensor& grad_output, const at::Tensor& 
   const auto opts = saved.input.options();
 
   BackwardOutputs g;
-  at::Tensor dgates = at::empty({N, G * H}, opts);
+  at::Tensor dgates = new_buffer({N, G * H}, opts);
   // GRU's hidden-side gradient differs from the input side in the n gate.
-  at::Tensor dgates_h = is_gru ? at::empty({N, G * H}, opts) : dgates;
+  at::Tensor dgates_h = is_gru ? new_buffer({N, G * H}, opts) : dgates;
   at::Tensor h_prev = gather_previous_states(saved.output, saved.h0, sched, reverse);
   at::Tensor c_prev = is_lstm ? gather_previous_states(saved.cells, saved.c0, sched, reverse) : at::Tensor();
   at::Tensor dh_state = grad_h_n.clone(at::MemoryFormat::Contiguous);
   at::Tensor dc_state = is_lstm ? grad_c_n.clone(at::MemoryFormat::Contiguous) : at::Tensor();
   // With projection: dh of every token (for dW_hr), dr of this step, r of every token.
-  at::Tensor dh_all = has_proj ? at::empty({N, P}, opts) : at::Tensor();
-  at::Tensor dr = has_proj ? at::empty({B, H}, opts) : at::Tensor();
-  at::Tensor r_all = has_proj ? at::empty({N, H}, opts) : at::Tensor();
+  at::Tensor dh_all = has_proj ? new_buffer({N, P}, opts) : at::Tensor();
+  at::Tensor dr = has_proj ? new_buffer({B, H}, opts) : at::Tensor();
+  at::Tensor r_all = has_proj ? new_buffer({N, H}, opts) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.input.scalar_type(), "fusedrnn.layer_backward", [&] {
     using T = scalar_t;

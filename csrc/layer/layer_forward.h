@@ -15,11 +15,26 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <cstdlib>
+#include <limits>
+
 #include "../cells/step_params.h"
 #include "checks.h"
 #include "layer_tensors.h"
 
 namespace fusedrnn {
+
+// Every buffer a driver returns or reads back is allocated here. With
+// FUSEDRNN_POISON_OUTPUTS=1 in the environment (the test suite sets it) they
+// start as NaN, so an element that a kernel forgot to write fails the tests
+// instead of passing on whatever the memory held.
+inline at::Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  static const bool poison = [] {
+    const char* v = std::getenv("FUSEDRNN_POISON_OUTPUTS");
+    return v != nullptr && v[0] == '1';
+  }();
+  return poison ? at::full(sizes, std::numeric_limits<double>::quiet_NaN(), opts) : at::empty(sizes, opts);
+}
 
 // View of rows [start, start + count) of a 2-D tensor, skipping the view when
 // it would cover the whole tensor.
@@ -49,15 +64,15 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
   const auto opts = input.options();
 
   ForwardOutputs r;
-  r.gates = at::empty({N, G * H}, opts);
+  r.gates = new_buffer({N, G * H}, opts);
   linear_out(r.gates, input, w.w_ih, w.b_ih);
-  r.output = at::empty({N, P}, opts);
+  r.output = new_buffer({N, P}, opts);
   r.h_n = h0.clone(at::MemoryFormat::Contiguous);  // the running state; final state at the end
   r.c_n = is_lstm ? c0.clone(at::MemoryFormat::Contiguous) : at::Tensor();
-  r.cells = is_lstm ? at::empty({N, H}, opts) : at::empty({0}, opts);
-  r.hn = G == 3 ? at::empty({N, H}, opts) : at::empty({0}, opts);
-  at::Tensor hproj = at::empty({B, G * H}, opts);
-  at::Tensor proj_in = has_proj ? at::empty({B, H}, opts) : at::Tensor();  // r_t = o * tanh(c_t)
+  r.cells = is_lstm ? new_buffer({N, H}, opts) : at::empty({0}, opts);
+  r.hn = G == 3 ? new_buffer({N, H}, opts) : at::empty({0}, opts);
+  at::Tensor hproj = new_buffer({B, G * H}, opts);
+  at::Tensor proj_in = has_proj ? new_buffer({B, H}, opts) : at::Tensor();  // r_t = o * tanh(c_t)
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fusedrnn.layer_forward", [&] {
     using T = scalar_t;

@@ -1,0 +1,44 @@
+import os
+
+# Every buffer the kernels allocate starts as NaN (csrc/layer/layer_forward.h: new_buffer),
+# so an element that a kernel never writes fails a test. Read once, before the first op runs.
+os.environ.setdefault("FUSEDRNN_POISON_OUTPUTS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fusedrnn  # noqa: E402
+
+CUDA = torch.cuda.is_available() and fusedrnn.backends()["cuda"]
+requires_cuda = pytest.mark.skipif(
+    not CUDA, reason="needs an NVIDIA GPU and the CUDA build of fusedrnn (run benchmarks/gpu_check.sh on one)")
+
+# torch.nn class, fusedrnn class, extra constructor kwargs
+CELLS = {
+    "lstm": (torch.nn.LSTM, fusedrnn.LSTM, {}),
+    "lstm_proj": (torch.nn.LSTM, fusedrnn.LSTM, {"proj_size": 3}),
+    "gru": (torch.nn.GRU, fusedrnn.GRU, {}),
+    "rnn_tanh": (torch.nn.RNN, fusedrnn.RNN, {"nonlinearity": "tanh"}),
+    "rnn_relu": (torch.nn.RNN, fusedrnn.RNN, {"nonlinearity": "relu"}),
+}
+
+
+def tolerances(dtype):
+    """DESIGN.md: float64 max abs error 1e-10; float32 rtol 1e-4, atol 1e-5."""
+    if dtype == torch.float64:
+        return dict(rtol=0, atol=1e-10)
+    return dict(rtol=1e-4, atol=1e-5)
+
+
+def make_pair(cell, input_size=3, hidden_size=5, dtype=torch.float64, device="cpu", **kwargs):
+    """A torch.nn module and its fusedrnn twin holding the same weights."""
+    torch_cls, fused_cls, extra = CELLS[cell]
+    kwargs = {**extra, **kwargs}
+    ref = torch_cls(input_size, hidden_size, dtype=dtype, device=device, **kwargs)
+    ours = fused_cls(input_size, hidden_size, dtype=dtype, device=device, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def flat_state(state):
+    return list(state) if isinstance(state, tuple) else [state]
