@@ -76,12 +76,25 @@ def _reject_double_backward(name: str):
     torch.library.register_autograd(f"fusedrnn::{name}", backward, setup_context=setup_context)
 
 
+def _check_like(op: str, input: Tensor, **tensors) -> None:
+    """The fake kernels' share of the C++ checks (dtype and device agreement), so that
+    tracing and mixed meta/real calls fail as the real kernels would."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        torch._check(t.dtype == input.dtype,
+                     lambda: f"fusedrnn.{op}: {name} must have the dtype of input ({input.dtype}), got {t.dtype}")
+        torch._check(t.device == input.device,
+                     lambda: f"fusedrnn.{op}: {name} must be on the device of input ({input.device}), got {t.device}")
+
+
 def _register():
     lib = "fusedrnn::"
 
     # ---- fake kernels: shapes only ------------------------------------------------------
     @torch.library.register_fake(lib + "lstm_forward")
     def _lstm_fwd_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+        _check_like("lstm_forward", input, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
         n, h = input.shape[0], w_hh.shape[0] // 4
         return (input.new_empty(n, h0.shape[1]), torch.empty_like(h0), torch.empty_like(c0),
                 input.new_empty(n, 4 * h), input.new_empty(n, h))
@@ -96,6 +109,7 @@ def _register():
 
     @torch.library.register_fake(lib + "gru_forward")
     def _gru_fwd_fake(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse):
+        _check_like("gru_forward", input, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
         n, h = input.shape[0], w_hh.shape[0] // 3
         return input.new_empty(n, h), torch.empty_like(h0), input.new_empty(n, 3 * h), input.new_empty(n, h)
 
@@ -107,6 +121,7 @@ def _register():
     torch.library.register_fake(lib + "gru_backward", _simple_bwd_fake)
 
     def _rnn_fwd_fake(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse):
+        _check_like("rnn_forward", input, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
         return input.new_empty(input.shape[0], w_hh.shape[0]), torch.empty_like(h0)
 
     for act in ("tanh", "relu"):

@@ -303,10 +303,6 @@ class RNN(_RNNBase):
             raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
         super().__init__("RNN_TANH" if self.nonlinearity == "tanh" else "RNN_RELU", *args, **kwargs)
 
-    def extra_repr(self) -> str:
-        s = super().extra_repr()
-        return s + (", nonlinearity=relu" if self.nonlinearity != "tanh" else "")
-
 
 # ---- cells ------------------------------------------------------------------------------------
 

@@ -1,0 +1,162 @@
+"""The registered operators on their own: against fusedrnn.reference, gradcheck, opcheck,
+argument errors, and what happens on a second or double backward."""
+
+import pytest
+import torch
+
+import fusedrnn
+from fusedrnn import reference
+
+pytestmark = pytest.mark.skipif(not fusedrnn.backends()["compiled"], reason="compiled operators not loaded: "
+                                + str(fusedrnn.backends()["load_error"]))
+
+OPS = torch.ops.fusedrnn
+GATES = {"lstm": 4, "lstm_proj": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+I, H, P = 3, 4, 2
+# Ragged batch sorted by decreasing length (lengths 4, 3, 1): per-step batch sizes.
+RAGGED = torch.tensor([3, 2, 2, 1])
+UNIFORM = torch.tensor([3, 3, 3])
+
+
+def make_args(cell, batch_sizes, dtype=torch.float64, bias=True, requires_grad=False):
+    """Arguments of the forward op of `cell`, fresh random values."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(requires_grad)
+
+    n, b = int(batch_sizes.sum()), int(batch_sizes[0])
+    gh = GATES[cell] * H
+    state = P if cell == "lstm_proj" else H
+    x, h0 = rand(n, I), rand(b, state)
+    w_ih, w_hh = rand(gh, I) * 0.5, rand(gh, state) * 0.5
+    w_ih, w_hh = w_ih.detach().requires_grad_(requires_grad), w_hh.detach().requires_grad_(requires_grad)
+    b_ih, b_hh = (rand(gh), rand(gh)) if bias else (None, None)
+    if cell.startswith("lstm"):
+        w_hr = rand(P, H) if cell == "lstm_proj" else None
+        return OPS.lstm_forward, [x, h0, rand(b, H), w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes]
+    op = {"gru": OPS.gru_forward, "rnn_tanh": OPS.rnn_tanh_forward, "rnn_relu": OPS.rnn_relu_forward}[cell]
+    return op, [x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes]
+
+
+def reference_forward(cell, args, reverse):
+    if cell.startswith("lstm"):
+        return reference.lstm_layer(*args, reverse)
+    if cell == "gru":
+        return reference.gru_layer(*args, reverse)
+    return reference.rnn_layer(cell.split("_")[1], *args, reverse)
+
+
+CASES = [(c, bs, rev) for c in GATES for bs in ("ragged", "uniform") for rev in (False, True)]
+
+
+@pytest.mark.parametrize("cell,sizes,reverse", CASES)
+def test_forward_and_backward_match_reference(cell, sizes, reverse):
+    batch_sizes = RAGGED if sizes == "ragged" else UNIFORM
+    op, args = make_args(cell, batch_sizes, requires_grad=True)
+    outs = op(*args, reverse)
+    main = outs[:3] if cell.startswith("lstm") else outs[:2]
+    expected = reference_forward(cell, args, reverse)
+    for a, e in zip(main, expected):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
+    weights = [torch.randn_like(t) for t in main]
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    got = torch.autograd.grad(sum((t * w).sum() for t, w in zip(main, weights)), leaves)
+    want = torch.autograd.grad(sum((t * w).sum() for t, w in zip(expected, weights)), leaves)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cell,sizes,reverse", CASES)
+def test_gradcheck(cell, sizes, reverse):
+    batch_sizes = RAGGED if sizes == "ragged" else UNIFORM
+    op, args = make_args(cell, batch_sizes, requires_grad=True)
+    n_main = 3 if cell.startswith("lstm") else 2
+
+    def fn(*a):
+        return op(*a, batch_sizes, reverse)[:n_main]
+
+    assert torch.autograd.gradcheck(fn, args[:-1], eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_forward_op(cell, bias):
+    op, args = make_args(cell, RAGGED, bias=bias, requires_grad=True)
+    torch.library.opcheck(op, (*args, True))
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+def test_opcheck_backward_op(cell):
+    op, args = make_args(cell, RAGGED)
+    outs = op(*args, False)
+    grads = [torch.randn_like(t) for t in outs[: 3 if cell.startswith("lstm") else 2]]
+    if cell.startswith("lstm"):
+        x, h0, c0, w_ih, w_hh, _, _, w_hr, bs = args
+        bargs = (*grads, x, h0, c0, w_ih, w_hh, w_hr, bs, False, outs[0], outs[3], outs[4])
+        torch.library.opcheck(OPS.lstm_backward, bargs)
+    else:
+        x, h0, w_ih, w_hh, _, _, bs = args
+        saved = (outs[0], outs[2], outs[3]) if cell == "gru" else (outs[0],)
+        backward = {"gru": OPS.gru_backward, "rnn_tanh": OPS.rnn_tanh_backward,
+                    "rnn_relu": OPS.rnn_relu_backward}[cell]
+        torch.library.opcheck(backward, (*grads, x, h0, w_ih, w_hh, bs, False, *saved))
+
+
+def test_double_backward_raises():
+    op, args = make_args("gru", RAGGED, requires_grad=True)
+    out, h = op(*args, False)[:2]
+    (g,) = torch.autograd.grad(out.sum() + h.sum(), args[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+def test_second_backward_through_freed_graph_raises():
+    op, args = make_args("lstm", RAGGED, requires_grad=True)
+    out = op(*args, False)[0]
+    loss = out.sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+
+
+def _bad(cell, **changes):
+    op, args = make_args(cell, RAGGED)
+    names = {"lstm": ["input", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "batch_sizes"],
+             "gru": ["input", "h0", "w_ih", "w_hh", "b_ih", "b_hh", "batch_sizes"]}[cell]
+    for k, v in changes.items():
+        args[names.index(k)] = v
+    return op, args
+
+
+BAD = [
+    ("gru", {"input": torch.randn(6, 5, dtype=torch.float64)}, r"w_ih must have shape \[12, 5\]"),
+    ("gru", {"input": torch.randn(6, 3, 1, dtype=torch.float64)}, "input must be 2-D"),
+    ("gru", {"input": torch.ones(6, 3, dtype=torch.int64)}, "input must be float32, float64"),
+    ("gru", {"h0": torch.randn(3, 7, dtype=torch.float64)}, r"h0 must have shape \[3, 4\]"),
+    ("gru", {"h0": torch.randn(3, 4, dtype=torch.float32)}, "h0 must have the dtype of input"),
+    ("gru", {"h0": torch.randn(3, 4, dtype=torch.float64, device="meta")}, "h0 must be on the device of input"),
+    ("gru", {"b_ih": torch.randn(5, dtype=torch.float64)}, r"b_ih must have shape \[12\]"),
+    ("gru", {"batch_sizes": torch.tensor([3, 2, 2, 2])}, "must sum to the number of rows of input"),
+    ("gru", {"batch_sizes": torch.tensor([3, 1, 2, 2])}, "must be non-increasing"),
+    ("gru", {"batch_sizes": torch.tensor([3, 0, 2, 3])}, "must be non-increasing, positive"),
+    ("gru", {"batch_sizes": torch.tensor([2, 2, 2, 2])}, r"batch_sizes\[0\] must equal the batch size"),
+    ("gru", {"batch_sizes": torch.tensor([3.0, 2, 2, 1])}, "batch_sizes must be int64"),
+    ("lstm", {"c0": torch.randn(2, 4, dtype=torch.float64)}, r"c0 must have shape \[3, 4\]"),
+    ("lstm", {"w_hr": torch.randn(4, 4, dtype=torch.float64)}, "0 < proj_size < hidden_size"),
+]
+
+
+@pytest.mark.parametrize("cell,changes,message", BAD)
+def test_bad_arguments_raise_clear_errors(cell, changes, message):
+    op, args = _bad(cell, **changes)
+    with pytest.raises(RuntimeError, match=message):
+        op(*args, False)
+
+
+def test_backward_op_checks_saved_tensor_shapes():
+    op, args = make_args("gru", RAGGED)
+    out, h, gates, hn = op(*args, False)
+    x, h0, w_ih, w_hh, _, _, bs = args
+    with pytest.raises(RuntimeError, match=r"fusedrnn.gru_backward: gates must have shape \[8, 12\]"):
+        OPS.gru_backward(out, h, x, h0, w_ih, w_hh, bs, False, out, gates[:5], hn)
