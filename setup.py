@@ -115,7 +115,7 @@ def build_extension():
                 for inc in glob.glob(os.path.join(base, "cu*", "include")) + glob.glob(
                     os.path.join(base, "*", "include")
                 ):
-                    if os.path.isfile(os.path.join(inc, "cublas_v2.h")):
+                    if os.path.isfile(os.path.join(inc, "cublas_v2.h")) and inc not in include_dirs:
                         include_dirs.append(inc)
         except ImportError:
             pass

@@ -62,9 +62,10 @@ def markdown_table(headers: List[str], rows: List[List[str]]) -> str:
     return "\n".join(lines)
 
 
-def save(name: str, payload: dict, markdown: str) -> str:
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    base = os.path.join(RESULTS_DIR, name)
+def save(name: str, payload: dict, markdown: str, results_dir=None) -> str:
+    results_dir = results_dir or RESULTS_DIR
+    os.makedirs(results_dir, exist_ok=True)
+    base = os.path.join(results_dir, name)
     with open(base + ".json", "w") as f:
         json.dump(payload, f, indent=2)
     with open(base + ".md", "w") as f:

@@ -81,6 +81,7 @@ def bench_one(cell: str, config: str, device: str, dtype, reps: int, gen: torch.
         row[f"{mode}_nn_ms"] = t["torch.nn"] * 1e3
         row[f"{mode}_fused_ms"] = t["fusedrnn"] * 1e3
         row[f"{mode}_ratio"] = t["torch.nn"] / t["fusedrnn"]
+        row[f"{mode}_fused_us_per_step"] = t["fusedrnn"] * 1e6 / T
     return row
 
 
@@ -111,6 +112,7 @@ def main(argv=None):
     parser.add_argument("--cells", default="lstm,gru,rnn")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--out", default=None, help="results file name (default layers_<device>_<dtype>)")
+    parser.add_argument("--results-dir", default=None, help="where to save (default benchmarks/results)")
     args = parser.parse_args(argv)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -150,7 +152,7 @@ def main(argv=None):
     print(markdown)
     name = args.out or f"layers_{args.device}_{args.dtype}"
     base = save(name, {"machine": info, "device": args.device, "dtype": args.dtype, "rows": rows,
-                       "proportional_cost": proportional}, markdown)
+                       "proportional_cost": proportional}, markdown, args.results_dir)
     print(f"\nsaved {base}.json and {base}.md")
     return rows
 

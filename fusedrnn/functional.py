@@ -24,6 +24,12 @@ LayerWeights = Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optiona
 def layer(mode: str, input: Tensor, h0: Tensor, c0: Optional[Tensor], weights: LayerWeights, batch_sizes: Tensor,
           reverse: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """One layer, one direction. Returns (output [N, P], h_n [B, P], c_n [B, H] or None)."""
+    run_dtype = autocast_dtype(input.device.type)
+    if run_dtype is not None:
+        # The ops have no autocast rule of their own: cast their floating inputs here.
+        input, h0 = input.to(run_dtype), h0.to(run_dtype)
+        c0 = c0.to(run_dtype) if c0 is not None else None
+        weights = tuple(w.to(run_dtype) if w is not None else None for w in weights)  # type: ignore[assignment]
     w_ih, w_hh, b_ih, b_hh, w_hr = weights
     if mode == "LSTM":
         assert c0 is not None
@@ -34,6 +40,13 @@ def layer(mode: str, input: Tensor, h0: Tensor, c0: Optional[Tensor], weights: L
         out, h = _ops.rnn_layer("tanh" if mode == "RNN_TANH" else "relu", input, h0, w_ih, w_hh, b_ih, b_hh,
                                 batch_sizes, reverse)
     return out, h, None
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype to run in under torch.autocast on CUDA (as nn.LSTM does there), else None."""
+    if device_type == "cuda" and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def rnn_packed(mode: str, data: Tensor, batch_sizes: Tensor, hx: Tensor, cx: Optional[Tensor],

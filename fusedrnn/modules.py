@@ -156,7 +156,7 @@ class _RNNBase(nn.Module):
             raise ValueError(f"{name}: input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                              f"got {input.size(-1)}")
         weight = self.weight_ih_l0
-        if input.dtype != weight.dtype:
+        if input.dtype != weight.dtype and functional.autocast_dtype(input.device.type) is None:
             raise TypeError(f"{name}: input must have the dtype of the module's parameters ({weight.dtype}), "
                             f"got {input.dtype}")
         if input.device != weight.device:
@@ -178,7 +178,7 @@ class _RNNBase(nn.Module):
                              "tensor")
         if tuple(state.shape) != tuple(expected):
             raise ValueError(f"{name}: expected {arg} of size {tuple(expected)}, got {tuple(state.shape)}")
-        if state.dtype != input.dtype:
+        if state.dtype != input.dtype and functional.autocast_dtype(input.device.type) is None:
             raise TypeError(f"{name}: {arg} must have the dtype of input ({input.dtype}), got {state.dtype}")
         if state.device != input.device:
             raise RuntimeError(f"{name}: {arg} must be on the device of input ({input.device}), got {state.device}")
@@ -349,7 +349,8 @@ class _CellBase(nn.Module):
         expected = (input.shape[0], self.hidden_size) if batched else (self.hidden_size,)
         if tuple(state.shape) != expected:
             raise ValueError(f"{name}: expected {arg} of size {expected}, got {tuple(state.shape)}")
-        if state.dtype != input.dtype or state.device != input.device:
+        autocast = functional.autocast_dtype(input.device.type) is not None
+        if (state.dtype != input.dtype and not autocast) or state.device != input.device:
             raise TypeError(f"{name}: {arg} must have the dtype and device of input ({input.dtype}, "
                             f"{input.device}), got ({state.dtype}, {state.device})")
         return state if batched else state.unsqueeze(0)
@@ -365,7 +366,8 @@ class _CellBase(nn.Module):
         if input.size(-1) != self.input_size:
             raise ValueError(f"{name}: input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                              f"got {input.size(-1)}")
-        if input.dtype != self.weight_ih.dtype or input.device != self.weight_ih.device:
+        autocast = functional.autocast_dtype(input.device.type) is not None
+        if (input.dtype != self.weight_ih.dtype and not autocast) or input.device != self.weight_ih.device:
             raise TypeError(f"{name}: input must have the dtype and device of the module's parameters "
                             f"({self.weight_ih.dtype}, {self.weight_ih.device}), got ({input.dtype}, {input.device})")
         batched = input.dim() == 2

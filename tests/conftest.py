@@ -12,6 +12,12 @@ import fusedrnn  # noqa: E402
 CUDA = torch.cuda.is_available() and fusedrnn.backends()["cuda"]
 requires_cuda = pytest.mark.skipif(
     not CUDA, reason="needs an NVIDIA GPU and the CUDA build of fusedrnn (run benchmarks/gpu_check.sh on one)")
+# Every test runs on the CPU, and on CUDA where there is a GPU (skipped, saying why, elsewhere).
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+# DESIGN.md: parity is judged with TF32 off on both sides.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
 
 # torch.nn class, fusedrnn class, extra constructor kwargs
 CELLS = {

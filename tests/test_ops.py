@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fusedrnn
+from conftest import DEVICES
 from fusedrnn import reference
 
 pytestmark = pytest.mark.skipif(not fusedrnn.backends()["compiled"], reason="compiled operators not loaded: "
@@ -18,12 +19,12 @@ RAGGED = torch.tensor([3, 2, 2, 1])
 UNIFORM = torch.tensor([3, 3, 3])
 
 
-def make_args(cell, batch_sizes, dtype=torch.float64, bias=True, requires_grad=False):
-    """Arguments of the forward op of `cell`, fresh random values."""
+def make_args(cell, batch_sizes, dtype=torch.float64, bias=True, requires_grad=False, device="cpu"):
+    """Arguments of the forward op of `cell`, fresh random values (batch_sizes stays on the CPU)."""
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape):
-        return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(requires_grad)
+        return torch.randn(*shape, generator=g, dtype=dtype).to(device).requires_grad_(requires_grad)
 
     n, b = int(batch_sizes.sum()), int(batch_sizes[0])
     gh = GATES[cell] * H
@@ -50,10 +51,11 @@ def reference_forward(cell, args, reverse):
 CASES = [(c, bs, rev) for c in GATES for bs in ("ragged", "uniform") for rev in (False, True)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cell,sizes,reverse", CASES)
-def test_forward_and_backward_match_reference(cell, sizes, reverse):
+def test_forward_and_backward_match_reference(cell, sizes, reverse, device):
     batch_sizes = RAGGED if sizes == "ragged" else UNIFORM
-    op, args = make_args(cell, batch_sizes, requires_grad=True)
+    op, args = make_args(cell, batch_sizes, requires_grad=True, device=device)
     outs = op(*args, reverse)
     main = outs[:3] if cell.startswith("lstm") else outs[:2]
     expected = reference_forward(cell, args, reverse)
@@ -67,10 +69,11 @@ def test_forward_and_backward_match_reference(cell, sizes, reverse):
         torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cell,sizes,reverse", CASES)
-def test_gradcheck(cell, sizes, reverse):
+def test_gradcheck(cell, sizes, reverse, device):
     batch_sizes = RAGGED if sizes == "ragged" else UNIFORM
-    op, args = make_args(cell, batch_sizes, requires_grad=True)
+    op, args = make_args(cell, batch_sizes, requires_grad=True, device=device)
     n_main = 3 if cell.startswith("lstm") else 2
 
     def fn(*a):
@@ -79,16 +82,18 @@ def test_gradcheck(cell, sizes, reverse):
     assert torch.autograd.gradcheck(fn, args[:-1], eps=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cell", list(GATES))
 @pytest.mark.parametrize("bias", [True, False])
-def test_opcheck_forward_op(cell, bias):
-    op, args = make_args(cell, RAGGED, bias=bias, requires_grad=True)
+def test_opcheck_forward_op(cell, bias, device):
+    op, args = make_args(cell, RAGGED, bias=bias, requires_grad=True, device=device)
     torch.library.opcheck(op, (*args, True))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cell", list(GATES))
-def test_opcheck_backward_op(cell):
-    op, args = make_args(cell, RAGGED)
+def test_opcheck_backward_op(cell, device):
+    op, args = make_args(cell, RAGGED, device=device)
     outs = op(*args, False)
     grads = [torch.randn_like(t) for t in outs[: 3 if cell.startswith("lstm") else 2]]
     if cell.startswith("lstm"):

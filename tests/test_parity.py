@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from conftest import CELLS, flat_state, make_pair, tolerances
+from conftest import CELLS, DEVICES, flat_state, make_pair, tolerances
 
 T, B, I, H = 5, 3, 3, 5
 LENGTHS = [4, 5, 2]  # unsorted on purpose: enforce_sorted=False must sort and unsort
@@ -23,9 +23,9 @@ def _run(module, x, hx, kind, batch_first):
     out_data = out.data if isinstance(out, PackedSequence) else out
     states = flat_state(state)
     gen = torch.Generator().manual_seed(1234)
-    loss = (out_data * torch.randn(out_data.shape, generator=gen, dtype=x.dtype)).sum()
+    loss = (out_data * torch.randn(out_data.shape, generator=gen, dtype=x.dtype).to(x.device)).sum()
     for s in states:
-        loss = loss + (s * torch.randn(s.shape, generator=gen, dtype=x.dtype)).sum()
+        loss = loss + (s * torch.randn(s.shape, generator=gen, dtype=x.dtype).to(x.device)).sum()
     leaves = [x] + (flat_state(hx) if hx is not None else []) + list(module.parameters())
     grads = torch.autograd.grad(loss, leaves)
     return [out_data] + states + list(grads)
@@ -35,23 +35,24 @@ MATRIX = list(itertools.product(CELLS, [1, 3], [False, True], [False, True], [Tr
                                 [torch.float64, torch.float32], ["train", "eval"]))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cell,num_layers,bidirectional,batch_first,bias,kind,dtype,mode", MATRIX)
-def test_module_matches_torch_nn(cell, num_layers, bidirectional, batch_first, bias, kind, dtype, mode):
+def test_module_matches_torch_nn(cell, num_layers, bidirectional, batch_first, bias, kind, dtype, mode, device):
     torch.manual_seed(hash((cell, num_layers, bidirectional, batch_first, bias, kind)) % 2**31)
-    ref, ours = make_pair(cell, I, H, dtype=dtype, num_layers=num_layers, bidirectional=bidirectional,
-                          batch_first=batch_first, bias=bias)
+    ref, ours = make_pair(cell, I, H, dtype=dtype, device=device, num_layers=num_layers,
+                          bidirectional=bidirectional, batch_first=batch_first, bias=bias)
     ref.train(mode == "train")
     ours.train(mode == "train")
     shape = (T, I) if kind.startswith("unbatched") else ((B, T, I) if batch_first else (T, B, I))
-    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
     hx = None
     if kind.endswith("_hx"):
         d = (2 if bidirectional else 1) * num_layers
         real = ours.proj_size or H
         batch_shape = () if kind.startswith("unbatched") else (B,)
-        h = torch.randn((d, *batch_shape, real), dtype=dtype, requires_grad=True)
+        h = torch.randn((d, *batch_shape, real), dtype=dtype, device=device, requires_grad=True)
         if cell.startswith("lstm"):
-            hx = (h, torch.randn((d, *batch_shape, H), dtype=dtype, requires_grad=True))
+            hx = (h, torch.randn((d, *batch_shape, H), dtype=dtype, device=device, requires_grad=True))
         else:
             hx = h
     expected = _run(ref, x, hx, kind, batch_first)
@@ -62,11 +63,12 @@ def test_module_matches_torch_nn(cell, num_layers, bidirectional, batch_first, b
         torch.testing.assert_close(a, e, **tolerances(dtype), msg=lambda m: f"tensor {k}: {m}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("batched,given_hx", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_cell_matches_torch_nn(cell, dtype, batched, given_hx, bias):
+def test_cell_matches_torch_nn(cell, dtype, batched, given_hx, bias, device):
     import fusedrnn
 
     torch_cls = {"lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell, "rnn_tanh": torch.nn.RNNCell,
@@ -75,16 +77,16 @@ def test_cell_matches_torch_nn(cell, dtype, batched, given_hx, bias):
                  "rnn_relu": fusedrnn.RNNCell}[cell]
     kwargs = {"nonlinearity": cell.split("_")[1]} if cell.startswith("rnn") else {}
     torch.manual_seed(7)
-    ref = torch_cls(I, H, bias=bias, dtype=dtype, **kwargs)
-    ours = fused_cls(I, H, bias=bias, dtype=dtype, **kwargs)
+    ref = torch_cls(I, H, bias=bias, dtype=dtype, device=device, **kwargs)
+    ours = fused_cls(I, H, bias=bias, dtype=dtype, device=device, **kwargs)
     ours.load_state_dict(ref.state_dict())
     batch = (B,) if batched else ()
-    x = torch.randn(*batch, I, dtype=dtype, requires_grad=True)
+    x = torch.randn(*batch, I, dtype=dtype, device=device, requires_grad=True)
     hx = None
     if given_hx:
-        hx = torch.randn(*batch, H, dtype=dtype, requires_grad=True)
+        hx = torch.randn(*batch, H, dtype=dtype, device=device, requires_grad=True)
         if cell == "lstm":
-            hx = (hx, torch.randn(*batch, H, dtype=dtype, requires_grad=True))
+            hx = (hx, torch.randn(*batch, H, dtype=dtype, device=device, requires_grad=True))
 
     def run(m):
         out = flat_state(m(x, hx) if hx is not None else m(x))

@@ -15,6 +15,11 @@
 namespace fusedrnn {
 
 struct CpuPointwise {
+  // Nothing to select on the CPU (the CUDA policy switches to the input's device).
+  struct DeviceGuard {
+    explicit DeviceGuard(at::Device) {}
+  };
+
   // Rows per task: about 16k elements, below which threading costs more than it saves.
   static int64_t grain(int64_t hidden) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, hidden)); }
 

@@ -82,6 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
     const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
     const at::Tensor& batch_sizes, bool reverse) {
   constexpr const char* op = "lstm_forward";
+  const typename Pointwise::DeviceGuard device_guard(input.device());
   const LayerWeights w = check_layer(op, 4, input, h0, &c0, w_ih, w_hh, b_ih, b_hh, w_hr);
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
   ForwardOutputs r = layer_forward<LstmCell, Pointwise>(input, h0, c0, w, s, reverse);
@@ -93,6 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& batch_sizes, bool reverse) {
   constexpr const char* op = "gru_forward";
+  const typename Pointwise::DeviceGuard device_guard(input.device());
   const LayerWeights w = check_layer(op, 3, input, h0, nullptr, w_ih, w_hh, b_ih, b_hh, std::nullopt);
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
   ForwardOutputs r = layer_forward<GruCell, Pointwise>(input, h0, at::Tensor(), w, s, reverse);
@@ -105,6 +107,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& input, const at
                                                const OptTensor& b_ih, const OptTensor& b_hh,
                                                const at::Tensor& batch_sizes, bool reverse) {
   const char* op = Cell::kRelu ? "rnn_relu_forward" : "rnn_tanh_forward";
+  const typename Pointwise::DeviceGuard device_guard(input.device());
   const LayerWeights w = check_layer(op, 1, input, h0, nullptr, w_ih, w_hh, b_ih, b_hh, std::nullopt);
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
   ForwardOutputs r = layer_forward<Cell, Pointwise>(input, h0, at::Tensor(), w, s, reverse);
@@ -122,6 +125,7 @@ lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const a
               const at::Tensor& w_hh, const OptTensor& w_hr, const at::Tensor& batch_sizes, bool reverse,
               const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
   constexpr const char* op = "lstm_backward";
+  const typename Pointwise::DeviceGuard device_guard(input.device());
   const LayerWeights w = check_layer(op, 4, input, h0, &c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
   const int64_t N = input.size(0), B = h0.size(0), P = h0.size(1), H = w_hh.size(0) / 4;
@@ -143,6 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& batch_sizes, bool reverse,
     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& hn) {
   constexpr const char* op = "gru_backward";
+  const typename Pointwise::DeviceGuard device_guard(input.device());
   const LayerWeights w = check_layer(op, 3, input, h0, nullptr, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt);
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
   const int64_t N = input.size(0), B = h0.size(0), H = h0.size(1);
@@ -163,6 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& batch_sizes, bool reverse,
     const at::Tensor& output) {
   const char* op = Cell::kRelu ? "rnn_relu_backward" : "rnn_tanh_backward";
+  const typename Pointwise::DeviceGuard device_guard(input.device());
   const LayerWeights w = check_layer(op, 1, input, h0, nullptr, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt);
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
   const int64_t N = input.size(0), B = h0.size(0), H = h0.size(1);

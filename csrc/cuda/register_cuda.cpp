@@ -1,0 +1,34 @@
+// CUDA implementations of every fusedrnn op: the device-generic layer drivers
+// (csrc/layer/) with the CUDA pointwise kernels. GEMMs go through ATen, i.e.
+// cuBLAS on ATen's handle and the current stream; the kernels launch on the
+// current stream too, so the ops are correct on any stream and capturable in
+// CUDA graphs.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../layer/layer_ops.h"
+#include "pointwise_launch.h"
+
+namespace fusedrnn {
+
+struct CudaPointwise {
+  using DeviceGuard = c10::cuda::OptionalCUDAGuard;
+
+  template <typename Cell, typename T>
+  static void forward(const ForwardStepParams<T>& p) {
+    const cudaError_t err = launch_forward_step<Cell, T>(p, at::cuda::getCurrentCUDAStream());
+    C10_CUDA_CHECK(err);
+  }
+
+  template <typename Cell, typename T>
+  static void backward(const BackwardStepParams<T>& p) {
+    const cudaError_t err = launch_backward_step<Cell, T>(p, at::cuda::getCurrentCUDAStream());
+    C10_CUDA_CHECK(err);
+  }
+};
+
+}  // namespace fusedrnn
+
+TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) { fusedrnn::register_layer_ops<fusedrnn::CudaPointwise>(m); }
