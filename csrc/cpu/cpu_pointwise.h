@@ -9,8 +9,11 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../cells/step_params.h"
+#include "../layer/layer_forward.h"
+#include "cpu_blas.h"
 
 namespace fusedrnn {
 
@@ -19,6 +22,23 @@ struct CpuPointwise {
   struct DeviceGuard {
     explicit DeviceGuard(at::Device) {}
   };
+
+  // The per-step GEMM: straight to BLAS for float and double (cpu_blas.h), ATen otherwise.
+  template <typename T>
+  static void matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
+                     bool accumulate) {
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+      const bool row_major = out.stride(1) == 1 && a.stride(1) == 1 && b.stride(1) == 1 &&
+                             (!bias.defined() || bias.is_contiguous());
+      if (row_major && blas_matmul<T>(a.size(0), b.size(1), a.size(1), a.template const_data_ptr<T>(), a.stride(0),
+                                      b.template const_data_ptr<T>(), b.stride(0),
+                                      bias.defined() ? bias.template const_data_ptr<T>() : nullptr, accumulate,
+                                      out.template data_ptr<T>(), out.stride(0))) {
+        return;
+      }
+    }
+    aten_matmul(out, a, b, bias, accumulate);
+  }
 
   // Rows per task: about 16k elements, below which threading costs more than it saves.
   static int64_t grain(int64_t hidden) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, hidden)); }

@@ -16,6 +16,12 @@ namespace fusedrnn {
 struct CudaPointwise {
   using DeviceGuard = c10::cuda::OptionalCUDAGuard;
 
+  template <typename T>
+  static void matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
+                     bool accumulate) {
+    aten_matmul(out, a, b, bias, accumulate);
+  }
+
   template <typename Cell, typename T>
   static void forward(const ForwardStepParams<T>& p) {
     const cudaError_t err = launch_forward_step<Cell, T>(p, at::cuda::getCurrentCUDAStream());

@@ -117,12 +117,9 @@ BackwardOutputs layer_backward(const at::Tensor& grad_output, const at::Tensor& 
       p.grad_gates = dgates.template data_ptr<T>() + off * G * H;
       Pointwise::template backward<Cell, T>(p);
 
+      // dh_{t-1} = dgates_h W_hh; GRU adds it to the direct z * dh path its cell wrote.
       at::Tensor dh_prev = rows(dh_state, 0, bs);
-      if (is_gru) {
-        dh_prev.addmm_(rows(dgates_h, off, bs), w.w_hh);  // + the direct z * dh path written by the cell
-      } else {
-        at::mm_out(dh_prev, rows(dgates, off, bs), w.w_hh);
-      }
+      Pointwise::template matmul<T>(dh_prev, rows(dgates_h, off, bs), w.w_hh, at::Tensor(), is_gru);
     }
   });
 

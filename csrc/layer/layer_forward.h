@@ -51,6 +51,19 @@ inline void linear_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b
   }
 }
 
+// out = a @ b (+ bias broadcast over rows) (+ out when accumulate), through
+// ATen: the devices' default per-step GEMM (cuBLAS on CUDA).
+inline void aten_matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
+                        bool accumulate) {
+  if (accumulate) {
+    out.addmm_(a, b);
+  } else if (bias.defined()) {
+    at::addmm_out(out, bias, a, b);
+  } else {
+    at::mm_out(out, a, b);
+  }
+}
+
 template <typename Cell, typename Pointwise>
 ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
                              const LayerWeights& w, const StepSchedule& sched, bool reverse) {
@@ -73,6 +86,8 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
   r.hn = G == 3 ? new_buffer({N, H}, opts) : at::empty({0}, opts);
   at::Tensor hproj = new_buffer({B, G * H}, opts);
   at::Tensor proj_in = has_proj ? new_buffer({B, H}, opts) : at::Tensor();  // r_t = o * tanh(c_t)
+  // W_hh^T, once: the per-step GEMM then reads both operands row by row.
+  const at::Tensor w_hh_t = w.w_hh.t().contiguous();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fusedrnn.layer_forward", [&] {
     using T = scalar_t;
@@ -81,7 +96,7 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
       const int64_t bs = sched.batch[t];
       const int64_t off = sched.offset[t];
       at::Tensor hproj_t = rows(hproj, 0, bs);
-      linear_out(hproj_t, rows(r.h_n, 0, bs), w.w_hh, w.b_hh);
+      Pointwise::template matmul<T>(hproj_t, rows(r.h_n, 0, bs), w_hh_t, w.b_hh, false);
 
       ForwardStepParams<T> p;
       p.batch = bs;
