@@ -14,6 +14,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "../cells/step_params.h"
 #include "checks.h"
 #include "layer_forward.h"
@@ -44,13 +47,30 @@ inline at::Tensor gather_previous_states(const at::Tensor& all, const at::Tensor
     }
     return prev;
   }
+  if (!all.device().is_cpu()) {
+    // On a GPU the index would be a host-to-device copy, which a CUDA graph
+    // capture forbids: copy step by step instead (two small copies per step).
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t src = reverse ? t + 1 : t - 1;
+      const int64_t bs = s.batch[t];
+      const int64_t carried = (src < 0 || src >= T) ? 0 : std::min(bs, s.batch[src]);
+      if (carried > 0) rows(prev, s.offset[t], carried).copy_(rows(all, s.offset[src], carried));
+      if (carried < bs) rows(prev, s.offset[t] + carried, bs - carried).copy_(rows(init, carried, bs - carried));
+    }
+    return prev;
+  }
+  // On the CPU: one gather over [all; init] with a row index, instead of two
+  // small copies per step (which cost more than the step's GEMM at small batch).
+  const int64_t N = all.size(0);
+  std::vector<int64_t> index(N);
   for (int64_t t = 0; t < T; ++t) {
     const int64_t src = reverse ? t + 1 : t - 1;
-    const int64_t bs = s.batch[t];
-    const int64_t carried = (src < 0 || src >= T) ? 0 : std::min(bs, s.batch[src]);
-    if (carried > 0) rows(prev, s.offset[t], carried).copy_(rows(all, s.offset[src], carried));
-    if (carried < bs) rows(prev, s.offset[t] + carried, bs - carried).copy_(rows(init, carried, bs - carried));
+    const int64_t carried = (src < 0 || src >= T) ? 0 : std::min(s.batch[t], s.batch[src]);
+    for (int64_t b = 0; b < s.batch[t]; ++b) {
+      index[s.offset[t] + b] = b < carried ? s.offset[src] + b : N + b;
+    }
   }
+  at::index_select_out(prev, at::cat({all, init}), 0, at::tensor(index, at::TensorOptions().dtype(at::kLong)));
   return prev;
 }
 
