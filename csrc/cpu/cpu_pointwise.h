@@ -14,6 +14,7 @@
 #include "../cells/step_params.h"
 #include "../layer/layer_forward.h"
 #include "cpu_blas.h"
+#include "small_gemm.h"
 
 namespace fusedrnn {
 
@@ -23,13 +24,22 @@ struct CpuPointwise {
     explicit DeviceGuard(at::Device) {}
   };
 
-  // The per-step GEMM: straight to BLAS for float and double (cpu_blas.h), ATen otherwise.
+  // The per-step GEMM: a few float rows in our small-GEMM kernel (small_gemm.h),
+  // otherwise straight to BLAS for float and double (cpu_blas.h), else ATen.
   template <typename T>
   static void matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
                      bool accumulate) {
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
       const bool row_major = out.stride(1) == 1 && a.stride(1) == 1 && b.stride(1) == 1 &&
                              (!bias.defined() || bias.is_contiguous());
+      if constexpr (std::is_same_v<T, float>) {
+        if (row_major && a.size(0) >= kSmallGemmMinRows && a.size(0) <= kSmallGemmMaxRows) {
+          small_gemm(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0),
+                     b.const_data_ptr<float>(), b.stride(0), bias.defined() ? bias.const_data_ptr<float>() : nullptr,
+                     accumulate, out.data_ptr<float>(), out.stride(0));
+          return;
+        }
+      }
       if (row_major && blas_matmul<T>(a.size(0), b.size(1), a.size(1), a.template const_data_ptr<T>(), a.stride(0),
                                       b.template const_data_ptr<T>(), b.stride(0),
                                       bias.defined() ? bias.template const_data_ptr<T>() : nullptr, accumulate,
