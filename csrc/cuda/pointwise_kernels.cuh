@@ -20,36 +20,40 @@ inline int64_t pointwise_blocks(int64_t elements) {
   return std::min<int64_t>((elements + kPointwiseThreads - 1) / kPointwiseThreads, 4096);
 }
 
+// The cell's forward or backward, chosen by the params type.
 template <typename Cell, typename T>
-__global__ void __launch_bounds__(kPointwiseThreads) forward_step_kernel(const ForwardStepParams<T> p) {
+__device__ __forceinline__ void apply_cell(const ForwardStepParams<T>& p, int64_t b, int64_t j) {
+  Cell::forward(p, b, j);
+}
+template <typename Cell, typename T>
+__device__ __forceinline__ void apply_cell(const BackwardStepParams<T>& p, int64_t b, int64_t j) {
+  Cell::backward(p, b, j);
+}
+
+template <typename Cell, typename Params>
+__global__ void __launch_bounds__(kPointwiseThreads) step_kernel(const Params p) {
   const int64_t n = p.batch * p.hidden;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    Cell::forward(p, i / p.hidden, i % p.hidden);
+    apply_cell<Cell>(p, i / p.hidden, i % p.hidden);
   }
 }
 
-template <typename Cell, typename T>
-__global__ void __launch_bounds__(kPointwiseThreads) backward_step_kernel(const BackwardStepParams<T> p) {
+template <typename Cell, typename Params>
+cudaError_t launch_step(const Params& p, cudaStream_t stream) {
   const int64_t n = p.batch * p.hidden;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    Cell::backward(p, i / p.hidden, i % p.hidden);
-  }
+  if (n == 0) return cudaSuccess;
+  step_kernel<Cell, Params><<<pointwise_blocks(n), kPointwiseThreads, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 template <typename Cell, typename T>
 cudaError_t launch_forward_step(const ForwardStepParams<T>& p, cudaStream_t stream) {
-  const int64_t n = p.batch * p.hidden;
-  if (n == 0) return cudaSuccess;
-  forward_step_kernel<Cell, T><<<pointwise_blocks(n), kPointwiseThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_step<Cell>(p, stream);
 }
 
 template <typename Cell, typename T>
 cudaError_t launch_backward_step(const BackwardStepParams<T>& p, cudaStream_t stream) {
-  const int64_t n = p.batch * p.hidden;
-  if (n == 0) return cudaSuccess;
-  backward_step_kernel<Cell, T><<<pointwise_blocks(n), kPointwiseThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_step<Cell>(p, stream);
 }
 
 // Explicit instantiations for every dtype the ops dispatch on.
