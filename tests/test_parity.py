@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from conftest import CELLS, DEVICES, flat_state, make_pair, tolerances
+from conftest import CELLS, DEVICES, flat_state, make_pair, requires_cuda, tolerances
 
 T, B, I, H = 5, 3, 3, 5
 LENGTHS = [4, 5, 2]  # unsorted on purpose: enforce_sorted=False must sort and unsort
@@ -96,3 +96,24 @@ def test_cell_matches_torch_nn(cell, dtype, batched, given_hx, bias, device):
 
     for e, a in zip(run(ref), run(ours)):
         torch.testing.assert_close(a, e, **tolerances(dtype))
+
+
+HALF_CASES = [("cpu", torch.bfloat16)] + [pytest.param("cuda", dt, marks=requires_cuda)
+                                        for dt in (torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("device,dtype", HALF_CASES)
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_half_precision_error_at_most_twice_torch_nn(cell, device, dtype):
+    """DESIGN.md: in float16/bfloat16 our error against a float64 reference is at most 2x the
+    error of torch.nn in the same dtype (cell math accumulates in float32)."""
+    torch.manual_seed(0)
+    ref64, _ = make_pair(cell, 32, 64, dtype=torch.float64, device=device, num_layers=2)
+    ref_lp, ours_lp = make_pair(cell, 32, 64, dtype=dtype, device=device, num_layers=2)
+    ref_lp.load_state_dict(ref64.state_dict())
+    ours_lp.load_state_dict(ref64.state_dict())
+    x = torch.randn(50, 16, 32, dtype=torch.float64, device=device)
+    exact = ref64(x)[0]
+    err_nn = (ref_lp(x.to(dtype))[0].double() - exact).abs().max().item()
+    err_ours = (ours_lp(x.to(dtype))[0].double() - exact).abs().max().item()
+    assert err_ours <= 2 * err_nn, (err_ours, err_nn)
