@@ -3,6 +3,6 @@
 #include <torch/library.h>
 
 #include "../layer/layer_ops.h"
-#include "cpu_pointwise.h"
+#include "cpu_device.h"
 
-TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) { fusedrnn::register_layer_ops<fusedrnn::CpuPointwise>(m); }
+TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) { fusedrnn::register_layer_ops<fusedrnn::CpuDevice>(m); }

@@ -13,7 +13,7 @@
 
 namespace fusedrnn {
 
-struct CudaPointwise {
+struct CudaDevice {
   using DeviceGuard = c10::cuda::OptionalCUDAGuard;
 
   template <typename T>
@@ -37,4 +37,4 @@ struct CudaPointwise {
 
 }  // namespace fusedrnn
 
-TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) { fusedrnn::register_layer_ops<fusedrnn::CudaPointwise>(m); }
+TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) { fusedrnn::register_layer_ops<fusedrnn::CudaDevice>(m); }

@@ -74,7 +74,7 @@ inline at::Tensor gather_previous_states(const at::Tensor& all, const at::Tensor
   return prev;
 }
 
-template <typename Cell, typename Pointwise>
+template <typename Cell, typename Device>
 BackwardOutputs layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                                const SavedForBackward& saved, const LayerWeights& w, const StepSchedule& sched,
                                bool reverse) {
@@ -135,11 +135,11 @@ BackwardOutputs layer_backward(const at::Tensor& grad_output, const at::Tensor& 
       }
       p.out = saved.output.template const_data_ptr<T>() + off * P;
       p.grad_gates = dgates.template data_ptr<T>() + off * G * H;
-      Pointwise::template backward<Cell, T>(p);
+      Device::template backward<Cell, T>(p);
 
       // dh_{t-1} = dgates_h W_hh; GRU adds it to the direct z * dh path its cell wrote.
       at::Tensor dh_prev = rows(dh_state, 0, bs);
-      Pointwise::template matmul<T>(dh_prev, rows(dgates_h, off, bs), w.w_hh, at::Tensor(), is_gru);
+      Device::template matmul<T>(dh_prev, rows(dgates_h, off, bs), w.w_hh, at::Tensor(), is_gru);
     }
   });
 

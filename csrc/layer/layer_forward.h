@@ -2,12 +2,14 @@
 //
 //   1. input projection of every time step as ONE GEMM:  gates = X W_ih^T + b_ih
 //   2. per step: one recurrent GEMM on the active rows   hproj = h W_hh^T + b_hh
-//                one fused pointwise step (Cell::forward, via Pointwise)
+//                one fused pointwise step (Cell::forward, via Device)
 //                [LSTM proj_size > 0: one projection GEMM h_t = r_t W_hr^T]
 //
-// The driver is device-generic: the GEMMs go through ATen (MKL/oneDNN on the
-// CPU, cuBLAS on the current stream on CUDA) and `Pointwise` supplies the
-// device's loop or kernel launch around the shared per-element cell math.
+// The driver is device-generic. The large GEMMs go through ATen (MKL on the
+// CPU, cuBLAS on the current stream on CUDA); the `Device` policy supplies the
+// per-step GEMM (Device::matmul) and the pointwise loop or kernel launch around
+// the shared per-element cell math (Device::forward / backward):
+// cpu/cpu_device.h and cuda/register_cuda.cpp.
 // All buffers are allocated once before the time loop; nothing is allocated
 // per step except ATen's view objects.
 #pragma once
@@ -42,15 +44,6 @@ inline at::Tensor rows(const at::Tensor& t, int64_t start, int64_t count) {
   return (start == 0 && count == t.size(0)) ? t : t.narrow(0, start, count);
 }
 
-// out = a @ b^T (+ bias broadcast over rows), written into `out`.
-inline void linear_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
-  if (bias.defined()) {
-    at::addmm_out(out, bias, a, b.t());
-  } else {
-    at::mm_out(out, a, b.t());
-  }
-}
-
 // out = a @ b (+ bias broadcast over rows) (+ out when accumulate), through
 // ATen: the devices' default per-step GEMM (cuBLAS on CUDA).
 inline void aten_matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
@@ -64,7 +57,7 @@ inline void aten_matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& 
   }
 }
 
-template <typename Cell, typename Pointwise>
+template <typename Cell, typename Device>
 ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
                              const LayerWeights& w, const StepSchedule& sched, bool reverse) {
   constexpr int64_t G = Cell::kGates;
@@ -78,7 +71,7 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
 
   ForwardOutputs r;
   r.gates = new_buffer({N, G * H}, opts);
-  linear_out(r.gates, input, w.w_ih, w.b_ih);
+  aten_matmul(r.gates, input, w.w_ih.t(), w.b_ih, false);
   r.output = new_buffer({N, P}, opts);
   r.h_n = h0.clone(at::MemoryFormat::Contiguous);  // the running state; final state at the end
   r.c_n = is_lstm ? c0.clone(at::MemoryFormat::Contiguous) : at::Tensor();
@@ -96,7 +89,7 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
       const int64_t bs = sched.batch[t];
       const int64_t off = sched.offset[t];
       at::Tensor hproj_t = rows(hproj, 0, bs);
-      Pointwise::template matmul<T>(hproj_t, rows(r.h_n, 0, bs), w_hh_t, w.b_hh, false);
+      Device::template matmul<T>(hproj_t, rows(r.h_n, 0, bs), w_hh_t, w.b_hh, false);
 
       ForwardStepParams<T> p;
       p.batch = bs;
@@ -112,7 +105,7 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
         p.cells = r.cells.template data_ptr<T>() + off * H;
       }
       if (G == 3) p.hn = r.hn.template data_ptr<T>() + off * H;
-      Pointwise::template forward<Cell, T>(p);
+      Device::template forward<Cell, T>(p);
 
       if (has_proj) {
         at::Tensor out_t = rows(r.output, off, bs);

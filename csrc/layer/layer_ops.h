@@ -1,7 +1,7 @@
 // The operator entry points, one forward and one backward per cell type, with
 // exactly the signatures of the schemas in csrc/ops.cpp. They validate every
 // argument, then call the device-generic drivers. Each device registers them
-// with its own Pointwise policy (cpu/register_cpu.cpp, cuda/register_cuda.cpp).
+// with its own Device policy (cpu/cpu_device.h, cuda/register_cuda.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -76,41 +76,41 @@ inline void check_saved(const char* op, const char* name, const at::Tensor& t, c
 // Forward ops
 // ---------------------------------------------------------------------------
 
-template <typename Pointwise>
+template <typename Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
     const at::Tensor& batch_sizes, bool reverse) {
   constexpr const char* op = "lstm_forward";
-  const typename Pointwise::DeviceGuard device_guard(input.device());
+  const typename Device::DeviceGuard device_guard(input.device());
   const LayerWeights w = check_layer(op, 4, input, h0, &c0, w_ih, w_hh, b_ih, b_hh, w_hr);
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
-  ForwardOutputs r = layer_forward<LstmCell, Pointwise>(input, h0, c0, w, s, reverse);
+  ForwardOutputs r = layer_forward<LstmCell, Device>(input, h0, c0, w, s, reverse);
   return {r.output, r.h_n, r.c_n, r.gates, r.cells};
 }
 
-template <typename Pointwise>
+template <typename Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& batch_sizes, bool reverse) {
   constexpr const char* op = "gru_forward";
-  const typename Pointwise::DeviceGuard device_guard(input.device());
+  const typename Device::DeviceGuard device_guard(input.device());
   const LayerWeights w = check_layer(op, 3, input, h0, nullptr, w_ih, w_hh, b_ih, b_hh, std::nullopt);
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
-  ForwardOutputs r = layer_forward<GruCell, Pointwise>(input, h0, at::Tensor(), w, s, reverse);
+  ForwardOutputs r = layer_forward<GruCell, Device>(input, h0, at::Tensor(), w, s, reverse);
   return {r.output, r.h_n, r.gates, r.hn};
 }
 
-template <typename Cell, typename Pointwise>
+template <typename Cell, typename Device>
 std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& input, const at::Tensor& h0,
                                                const at::Tensor& w_ih, const at::Tensor& w_hh,
                                                const OptTensor& b_ih, const OptTensor& b_hh,
                                                const at::Tensor& batch_sizes, bool reverse) {
   const char* op = Cell::kRelu ? "rnn_relu_forward" : "rnn_tanh_forward";
-  const typename Pointwise::DeviceGuard device_guard(input.device());
+  const typename Device::DeviceGuard device_guard(input.device());
   const LayerWeights w = check_layer(op, 1, input, h0, nullptr, w_ih, w_hh, b_ih, b_hh, std::nullopt);
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
-  ForwardOutputs r = layer_forward<Cell, Pointwise>(input, h0, at::Tensor(), w, s, reverse);
+  ForwardOutputs r = layer_forward<Cell, Device>(input, h0, at::Tensor(), w, s, reverse);
   return {r.output, r.h_n};
 }
 
@@ -118,14 +118,14 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& input, const at
 // Backward ops
 // ---------------------------------------------------------------------------
 
-template <typename Pointwise>
+template <typename Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
               const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
               const at::Tensor& w_hh, const OptTensor& w_hr, const at::Tensor& batch_sizes, bool reverse,
               const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
   constexpr const char* op = "lstm_backward";
-  const typename Pointwise::DeviceGuard device_guard(input.device());
+  const typename Device::DeviceGuard device_guard(input.device());
   const LayerWeights w = check_layer(op, 4, input, h0, &c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
   const int64_t N = input.size(0), B = h0.size(0), P = h0.size(1), H = w_hh.size(0) / 4;
@@ -137,17 +137,17 @@ lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const a
   check_saved(op, "cells", cells, input, {N, H});
   SavedForBackward saved{input, h0, c0, output.contiguous(), gates.contiguous(), cells.contiguous(), {}};
   BackwardOutputs g =
-      layer_backward<LstmCell, Pointwise>(grad_output.contiguous(), grad_h_n, grad_c_n, saved, w, s, reverse);
+      layer_backward<LstmCell, Device>(grad_output.contiguous(), grad_h_n, grad_c_n, saved, w, s, reverse);
   return {g.grad_input, g.grad_h0, g.grad_c0, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh, g.grad_w_hr};
 }
 
-template <typename Pointwise>
+template <typename Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input, const at::Tensor& h0,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& batch_sizes, bool reverse,
     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& hn) {
   constexpr const char* op = "gru_backward";
-  const typename Pointwise::DeviceGuard device_guard(input.device());
+  const typename Device::DeviceGuard device_guard(input.device());
   const LayerWeights w = check_layer(op, 3, input, h0, nullptr, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt);
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
   const int64_t N = input.size(0), B = h0.size(0), H = h0.size(1);
@@ -158,17 +158,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_saved(op, "hn", hn, input, {N, H});
   SavedForBackward saved{input, h0, {}, output.contiguous(), gates.contiguous(), {}, hn.contiguous()};
   BackwardOutputs g =
-      layer_backward<GruCell, Pointwise>(grad_output.contiguous(), grad_h_n, at::Tensor(), saved, w, s, reverse);
+      layer_backward<GruCell, Device>(grad_output.contiguous(), grad_h_n, at::Tensor(), saved, w, s, reverse);
   return {g.grad_input, g.grad_h0, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh};
 }
 
-template <typename Cell, typename Pointwise>
+template <typename Cell, typename Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input, const at::Tensor& h0,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& batch_sizes, bool reverse,
     const at::Tensor& output) {
   const char* op = Cell::kRelu ? "rnn_relu_backward" : "rnn_tanh_backward";
-  const typename Pointwise::DeviceGuard device_guard(input.device());
+  const typename Device::DeviceGuard device_guard(input.device());
   const LayerWeights w = check_layer(op, 1, input, h0, nullptr, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt);
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
   const int64_t N = input.size(0), B = h0.size(0), H = h0.size(1);
@@ -177,21 +177,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_saved(op, "output", output, input, {N, H});
   SavedForBackward saved{input, h0, {}, output.contiguous(), {}, {}, {}};  // RNN needs only h_t
   BackwardOutputs g =
-      layer_backward<Cell, Pointwise>(grad_output.contiguous(), grad_h_n, at::Tensor(), saved, w, s, reverse);
+      layer_backward<Cell, Device>(grad_output.contiguous(), grad_h_n, at::Tensor(), saved, w, s, reverse);
   return {g.grad_input, g.grad_h0, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh};
 }
 
 // Registers every op's implementation for one dispatch key.
-template <typename Pointwise>
+template <typename Device>
 void register_layer_ops(torch::Library& m) {
-  m.impl("lstm_forward", &lstm_forward<Pointwise>);
-  m.impl("lstm_backward", &lstm_backward<Pointwise>);
-  m.impl("gru_forward", &gru_forward<Pointwise>);
-  m.impl("gru_backward", &gru_backward<Pointwise>);
-  m.impl("rnn_tanh_forward", &rnn_forward<RnnTanhCell, Pointwise>);
-  m.impl("rnn_tanh_backward", &rnn_backward<RnnTanhCell, Pointwise>);
-  m.impl("rnn_relu_forward", &rnn_forward<RnnReluCell, Pointwise>);
-  m.impl("rnn_relu_backward", &rnn_backward<RnnReluCell, Pointwise>);
+  m.impl("lstm_forward", &lstm_forward<Device>);
+  m.impl("lstm_backward", &lstm_backward<Device>);
+  m.impl("gru_forward", &gru_forward<Device>);
+  m.impl("gru_backward", &gru_backward<Device>);
+  m.impl("rnn_tanh_forward", &rnn_forward<RnnTanhCell, Device>);
+  m.impl("rnn_tanh_backward", &rnn_backward<RnnTanhCell, Device>);
+  m.impl("rnn_relu_forward", &rnn_forward<RnnReluCell, Device>);
+  m.impl("rnn_relu_backward", &rnn_backward<RnnReluCell, Device>);
 }
 
 }  // namespace fusedrnn

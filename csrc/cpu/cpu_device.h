@@ -1,9 +1,12 @@
-// The CPU pointwise step: the shared per-element cell math in a loop over the
-// active rows, split across threads by at::parallel_for when a step is large
-// enough to pay for it. The inner loop over hidden units is a SIMD loop
-// (`omp simd`, compiled with -fopenmp-simd: no OpenMP runtime involved); the
-// float activations are written so that it vectorises (cells/cell_common.h). Each element is independent, so the result does not
-// depend on the number of threads.
+// The CPU device policy of the layer drivers (csrc/layer/):
+// - the per-step GEMM (matmul): few float rows in our small-GEMM kernel,
+//   otherwise straight to BLAS, otherwise ATen (see benchmarks/NOTES.md);
+// - the pointwise step: the shared per-element cell math in a loop over the
+//   active rows, split across threads by at::parallel_for when a step is large
+//   enough to pay for it. The inner loop over hidden units is a SIMD loop
+//   (`omp simd`, compiled with -fopenmp-simd: no OpenMP runtime involved); the
+//   float activations are written so that it vectorises (cells/cell_common.h).
+//   Each element is independent, so results do not depend on the thread count.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -18,7 +21,7 @@
 
 namespace fusedrnn {
 
-struct CpuPointwise {
+struct CpuDevice {
   // Nothing to select on the CPU (the CUDA policy switches to the input's device).
   struct DeviceGuard {
     explicit DeviceGuard(at::Device) {}
