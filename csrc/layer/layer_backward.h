@@ -47,13 +47,18 @@ inline at::Tensor gather_previous_states(const at::Tensor& all, const at::Tensor
     }
     return prev;
   }
+  // How many of step t's rows continue sequences that were running at `src`
+  // (the previously processed step); the rest start from `init`.
+  auto carried_rows = [&](int64_t t, int64_t src) -> int64_t {
+    return (src < 0 || src >= T) ? 0 : std::min(s.batch[t], s.batch[src]);
+  };
   if (!all.device().is_cpu()) {
     // On a GPU the index would be a host-to-device copy, which a CUDA graph
     // capture forbids: copy step by step instead (two small copies per step).
     for (int64_t t = 0; t < T; ++t) {
       const int64_t src = reverse ? t + 1 : t - 1;
       const int64_t bs = s.batch[t];
-      const int64_t carried = (src < 0 || src >= T) ? 0 : std::min(bs, s.batch[src]);
+      const int64_t carried = carried_rows(t, src);
       if (carried > 0) rows(prev, s.offset[t], carried).copy_(rows(all, s.offset[src], carried));
       if (carried < bs) rows(prev, s.offset[t] + carried, bs - carried).copy_(rows(init, carried, bs - carried));
     }
@@ -65,7 +70,7 @@ inline at::Tensor gather_previous_states(const at::Tensor& all, const at::Tensor
   std::vector<int64_t> index(N);
   for (int64_t t = 0; t < T; ++t) {
     const int64_t src = reverse ? t + 1 : t - 1;
-    const int64_t carried = (src < 0 || src >= T) ? 0 : std::min(s.batch[t], s.batch[src]);
+    const int64_t carried = carried_rows(t, src);
     for (int64_t b = 0; b < s.batch[t]; ++b) {
       index[s.offset[t] + b] = b < carried ? s.offset[src] + b : N + b;
     }
