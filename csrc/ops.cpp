@@ -12,7 +12,9 @@
 // activated gates; LSTM: the cell states; GRU: W_hn h + b_hn), so backward
 // never recomputes the forward. Backward ops return a gradient for every
 // differentiable input; bias gradients are returned even without a bias
-// (callers drop them), grad_w_hr is empty without projection.
+// (callers drop them), grad_w_hr is empty without projection, and grad_input
+// is empty when need_grad_input is false (its GEMM, a sixth of an LSTM's
+// training FLOPs, is skipped: a first layer fed raw features needs none).
 //
 // Implementations: cpu/register_cpu.cpp (CPU), cuda/register_cuda.cpp (CUDA).
 // Fake kernels and autograd are registered in Python (fusedrnn/_ops.py).
@@ -26,30 +28,30 @@ TORCH_LIBRARY(fusedrnn, m) {
       "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
   m.def(
       "lstm_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, Tensor h0, Tensor c0, "
-      "Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor batch_sizes, bool reverse, Tensor output, Tensor gates, "
-      "Tensor cells) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
-      "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");
+      "Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor batch_sizes, bool reverse, bool need_grad_input, "
+      "Tensor output, Tensor gates, Tensor cells) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
+      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");
   m.def(
       "gru_forward(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
       "Tensor batch_sizes, bool reverse) -> (Tensor output, Tensor h_n, Tensor gates, Tensor hn)");
   m.def(
       "gru_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, "
-      "Tensor batch_sizes, bool reverse, Tensor output, Tensor gates, Tensor hn) -> (Tensor grad_input, "
-      "Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
+      "Tensor batch_sizes, bool reverse, bool need_grad_input, Tensor output, Tensor gates, Tensor hn) -> "
+      "(Tensor grad_input, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
   m.def(
       "rnn_tanh_forward(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
       "Tensor batch_sizes, bool reverse) -> (Tensor output, Tensor h_n)");
   m.def(
       "rnn_tanh_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, "
-      "Tensor batch_sizes, bool reverse, Tensor output) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_w_ih, "
-      "Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
+      "Tensor batch_sizes, bool reverse, bool need_grad_input, Tensor output) -> (Tensor grad_input, "
+      "Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
   m.def(
       "rnn_relu_forward(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
       "Tensor batch_sizes, bool reverse) -> (Tensor output, Tensor h_n)");
   m.def(
       "rnn_relu_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, "
-      "Tensor batch_sizes, bool reverse, Tensor output) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_w_ih, "
-      "Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
+      "Tensor batch_sizes, bool reverse, bool need_grad_input, Tensor output) -> (Tensor grad_input, "
+      "Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
 }
 
 // `import fusedrnn._C` loads this library, whose static initialisers register

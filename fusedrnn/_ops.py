@@ -88,6 +88,11 @@ def _check_like(op: str, input: Tensor, **tensors) -> None:
                      lambda: f"fusedrnn.{op}: {name} must be on the device of input ({input.device}), got {t.device}")
 
 
+def _grad_input_like(input: Tensor, needed: bool) -> Tensor:
+    # The backward ops skip the input-gradient GEMM when it is not needed and return an empty tensor.
+    return torch.empty_like(input) if needed else input.new_empty(0)
+
+
 def _register():
     lib = "fusedrnn::"
 
@@ -101,9 +106,9 @@ def _register():
 
     @torch.library.register_fake(lib + "lstm_backward")
     def _lstm_bwd_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes,
-                       reverse, output, gates, cells):
+                       reverse, need_grad_input, output, gates, cells):
         g = w_hh.shape[0]
-        return (torch.empty_like(input), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_ih),
+        return (_grad_input_like(input, need_grad_input), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_ih),
                 torch.empty_like(w_hh), input.new_empty(g), input.new_empty(g),
                 torch.empty_like(w_hr) if w_hr is not None else input.new_empty(0))
 
@@ -113,9 +118,10 @@ def _register():
         n, h = input.shape[0], w_hh.shape[0] // 3
         return input.new_empty(n, h), torch.empty_like(h0), input.new_empty(n, 3 * h), input.new_empty(n, h)
 
-    def _simple_bwd_fake(grad_output, grad_h_n, input, h0, w_ih, w_hh, batch_sizes, reverse, output, *saved):
+    def _simple_bwd_fake(grad_output, grad_h_n, input, h0, w_ih, w_hh, batch_sizes, reverse, need_grad_input,
+                         output, *saved):
         g = w_hh.shape[0]
-        return (torch.empty_like(input), torch.empty_like(h0), torch.empty_like(w_ih), torch.empty_like(w_hh),
+        return (_grad_input_like(input, need_grad_input), torch.empty_like(h0), torch.empty_like(w_ih), torch.empty_like(w_hh),
                 input.new_empty(g), input.new_empty(g))
 
     torch.library.register_fake(lib + "gru_backward", _simple_bwd_fake)
@@ -143,9 +149,9 @@ def _register():
         input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, out, gates, cells = ctx.saved_tensors
         gi, gh0, gc0, gwih, gwhh, gbih, gbhh, gwhr = torch.ops.fusedrnn.lstm_backward(
             _zeros_like_if_none(g_out, out), _zeros_like_if_none(g_hn, h0), _zeros_like_if_none(g_cn, c0),
-            input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse, out, gates, cells)
+            input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse, ctx.needs_input_grad[0], out, gates, cells)
         gbih, gbhh = _bias_grads(ctx, gbih, gbhh)
-        return gi, gh0, gc0, gwih, gwhh, gbih, gbhh, (gwhr if w_hr is not None else None), None, None
+        return (gi if ctx.needs_input_grad[0] else None), gh0, gc0, gwih, gwhh, gbih, gbhh, (gwhr if w_hr is not None else None), None, None
 
     torch.library.register_autograd(lib + "lstm_forward", _lstm_backward, setup_context=_lstm_setup)
 
@@ -160,9 +166,9 @@ def _register():
         input, h0, w_ih, w_hh, batch_sizes, out, gates, hn = ctx.saved_tensors
         gi, gh0, gwih, gwhh, gbih, gbhh = torch.ops.fusedrnn.gru_backward(
             _zeros_like_if_none(g_out, out), _zeros_like_if_none(g_hn, h0), input, h0, w_ih, w_hh,
-            batch_sizes, ctx.reverse, out, gates, hn)
+            batch_sizes, ctx.reverse, ctx.needs_input_grad[0], out, gates, hn)
         gbih, gbhh = _bias_grads(ctx, gbih, gbhh)
-        return gi, gh0, gwih, gwhh, gbih, gbhh, None, None
+        return (gi if ctx.needs_input_grad[0] else None), gh0, gwih, gwhh, gbih, gbhh, None, None
 
     torch.library.register_autograd(lib + "gru_forward", _gru_backward, setup_context=_gru_setup)
 
@@ -178,9 +184,9 @@ def _register():
             input, h0, w_ih, w_hh, batch_sizes, out = ctx.saved_tensors
             gi, gh0, gwih, gwhh, gbih, gbhh = backward_op(
                 _zeros_like_if_none(g_out, out), _zeros_like_if_none(g_hn, h0), input, h0, w_ih, w_hh,
-                batch_sizes, ctx.reverse, out)
+                batch_sizes, ctx.reverse, ctx.needs_input_grad[0], out)
             gbih, gbhh = _bias_grads(ctx, gbih, gbhh)
-            return gi, gh0, gwih, gwhh, gbih, gbhh, None, None
+            return (gi if ctx.needs_input_grad[0] else None), gh0, gwih, gwhh, gbih, gbhh, None, None
 
         torch.library.register_autograd(f"{lib}rnn_{act}_forward", backward, setup_context=setup)
 

@@ -1,8 +1,12 @@
 import os
+import tempfile
 
 # Every buffer the kernels allocate starts as NaN (csrc/layer/layer_forward.h: new_buffer),
 # so an element that a kernel never writes fails a test. Read once, before the first op runs.
 os.environ.setdefault("FUSEDRNN_POISON_OUTPUTS", "1")
+# A fresh TorchInductor cache per run: its cache keys do not cover a custom op's schema, so code
+# compiled against an earlier build of fusedrnn could otherwise be reused after a schema change.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fusedrnn-inductor-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

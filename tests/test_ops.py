@@ -92,20 +92,21 @@ def test_opcheck_forward_op(cell, bias, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cell", list(GATES))
-def test_opcheck_backward_op(cell, device):
+@pytest.mark.parametrize("need_grad_input", [True, False])
+def test_opcheck_backward_op(cell, device, need_grad_input):
     op, args = make_args(cell, RAGGED, device=device)
     outs = op(*args, False)
     grads = [torch.randn_like(t) for t in outs[: 3 if cell.startswith("lstm") else 2]]
     if cell.startswith("lstm"):
         x, h0, c0, w_ih, w_hh, _, _, w_hr, bs = args
-        bargs = (*grads, x, h0, c0, w_ih, w_hh, w_hr, bs, False, outs[0], outs[3], outs[4])
+        bargs = (*grads, x, h0, c0, w_ih, w_hh, w_hr, bs, False, need_grad_input, outs[0], outs[3], outs[4])
         torch.library.opcheck(OPS.lstm_backward, bargs)
     else:
         x, h0, w_ih, w_hh, _, _, bs = args
         saved = (outs[0], outs[2], outs[3]) if cell == "gru" else (outs[0],)
         backward = {"gru": OPS.gru_backward, "rnn_tanh": OPS.rnn_tanh_backward,
                     "rnn_relu": OPS.rnn_relu_backward}[cell]
-        torch.library.opcheck(backward, (*grads, x, h0, w_ih, w_hh, bs, False, *saved))
+        torch.library.opcheck(backward, (*grads, x, h0, w_ih, w_hh, bs, False, need_grad_input, *saved))
 
 
 def test_double_backward_raises():
@@ -164,4 +165,22 @@ def test_backward_op_checks_saved_tensor_shapes():
     out, h, gates, hn = op(*args, False)
     x, h0, w_ih, w_hh, _, _, bs = args
     with pytest.raises(RuntimeError, match=r"fusedrnn.gru_backward: gates must have shape \[8, 12\]"):
-        OPS.gru_backward(out, h, x, h0, w_ih, w_hh, bs, False, out, gates[:5], hn)
+        OPS.gru_backward(out, h, x, h0, w_ih, w_hh, bs, False, True, out, gates[:5], hn)
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+def test_input_gradient_skipped_when_not_needed_and_others_unchanged(cell):
+    """A layer fed data that needs no gradient skips the dX GEMM; the weight and state
+    gradients are the same as when dX is computed."""
+    op, args = make_args(cell, RAGGED, requires_grad=True)
+    n_main = 3 if cell.startswith("lstm") else 2
+
+    def grads(input_requires_grad):
+        a = [t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t for t in args]
+        a[0].requires_grad_(input_requires_grad)
+        outs = op(*a, False)[:n_main]
+        leaves = [t for t in a[1:-1] if isinstance(t, torch.Tensor) and t.requires_grad]
+        return torch.autograd.grad(sum((o * (k + 1)).sum() for k, o in enumerate(outs)), leaves)
+
+    for with_dx, without_dx in zip(grads(True), grads(False)):
+        assert torch.equal(with_dx, without_dx)

@@ -7,7 +7,7 @@
 //             [LSTM proj_size > 0: dr_t = dh_t W_hr before the pointwise step]
 //   after the loop, the parameter and input gradients as a few large GEMMs
 //   over all tokens at once:
-//             dX = dgates W_ih,  dW_ih = dgates^T X,  dW_hh = dgates_h^T H_prev,
+//             dX = dgates W_ih (when asked for),  dW_ih = dgates^T X,  dW_hh = dgates_h^T H_prev,
 //             db = column sums,  dW_hr = dH^T R.
 #pragma once
 
@@ -82,7 +82,7 @@ inline at::Tensor gather_previous_states(const at::Tensor& all, const at::Tensor
 template <typename Cell, typename Device>
 BackwardOutputs layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                                const SavedForBackward& saved, const LayerWeights& w, const StepSchedule& sched,
-                               bool reverse) {
+                               bool reverse, bool need_grad_input) {
   constexpr int64_t G = Cell::kGates;
   const int64_t N = saved.input.size(0);
   const int64_t B = saved.h0.size(0);
@@ -148,7 +148,7 @@ BackwardOutputs layer_backward(const at::Tensor& grad_output, const at::Tensor& 
     }
   });
 
-  g.grad_input = at::mm(dgates, w.w_ih);
+  g.grad_input = need_grad_input ? at::mm(dgates, w.w_ih) : at::empty({0}, opts);
   g.grad_w_ih = at::mm(dgates.t(), saved.input);
   g.grad_w_hh = at::mm(dgates_h.t(), h_prev);
   g.grad_b_ih = dgates.sum(0);

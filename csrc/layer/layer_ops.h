@@ -123,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
               const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
               const at::Tensor& w_hh, const OptTensor& w_hr, const at::Tensor& batch_sizes, bool reverse,
-              const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
+              bool need_grad_input, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
   constexpr const char* op = "lstm_backward";
   const typename Device::DeviceGuard device_guard(input.device());
   const LayerWeights w = check_layer(op, 4, input, h0, &c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
@@ -137,7 +137,8 @@ lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const a
   check_saved(op, "cells", cells, input, {N, H});
   SavedForBackward saved{input, h0, c0, output.contiguous(), gates.contiguous(), cells.contiguous(), {}};
   BackwardOutputs g =
-      layer_backward<LstmCell, Device>(grad_output.contiguous(), grad_h_n, grad_c_n, saved, w, s, reverse);
+      layer_backward<LstmCell, Device>(grad_output.contiguous(), grad_h_n, grad_c_n, saved, w, s, reverse,
+                                          need_grad_input);
   return {g.grad_input, g.grad_h0, g.grad_c0, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh, g.grad_w_hr};
 }
 
@@ -145,7 +146,7 @@ template <typename Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input, const at::Tensor& h0,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& batch_sizes, bool reverse,
-    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& hn) {
+    bool need_grad_input, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& hn) {
   constexpr const char* op = "gru_backward";
   const typename Device::DeviceGuard device_guard(input.device());
   const LayerWeights w = check_layer(op, 3, input, h0, nullptr, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt);
@@ -158,7 +159,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_saved(op, "hn", hn, input, {N, H});
   SavedForBackward saved{input, h0, {}, output.contiguous(), gates.contiguous(), {}, hn.contiguous()};
   BackwardOutputs g =
-      layer_backward<GruCell, Device>(grad_output.contiguous(), grad_h_n, at::Tensor(), saved, w, s, reverse);
+      layer_backward<GruCell, Device>(grad_output.contiguous(), grad_h_n, at::Tensor(), saved, w, s, reverse,
+                                          need_grad_input);
   return {g.grad_input, g.grad_h0, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh};
 }
 
@@ -166,7 +168,7 @@ template <typename Cell, typename Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input, const at::Tensor& h0,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& batch_sizes, bool reverse,
-    const at::Tensor& output) {
+    bool need_grad_input, const at::Tensor& output) {
   const char* op = Cell::kRelu ? "rnn_relu_backward" : "rnn_tanh_backward";
   const typename Device::DeviceGuard device_guard(input.device());
   const LayerWeights w = check_layer(op, 1, input, h0, nullptr, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt);
@@ -177,7 +179,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_saved(op, "output", output, input, {N, H});
   SavedForBackward saved{input, h0, {}, output.contiguous(), {}, {}, {}};  // RNN needs only h_t
   BackwardOutputs g =
-      layer_backward<Cell, Device>(grad_output.contiguous(), grad_h_n, at::Tensor(), saved, w, s, reverse);
+      layer_backward<Cell, Device>(grad_output.contiguous(), grad_h_n, at::Tensor(), saved, w, s, reverse,
+                                          need_grad_input);
   return {g.grad_input, g.grad_h0, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh};
 }
 
