@@ -32,12 +32,15 @@ step() {
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+# compute-sanitizer ships with the toolkit and is not always on PATH.
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+SANITIZER=${SANITIZER:-compute-sanitizer}
 step build pip install --no-build-isolation --no-deps -q -e .
 python -c "import fusedrnn, torch; print(fusedrnn.backends(), torch.cuda.get_device_name())"
 step cuda-tests python -m pytest -q -x -p no:cacheprovider -k cuda tests/test_cuda.py tests/test_ops.py tests/test_parity.py \
   --junitxml="$REPORT_DIR/gpu_tests.xml"
-step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitize_cuda.py
-step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/sanitize_cuda.py
+step memcheck "$SANITIZER" --tool memcheck --error-exitcode 1 python benchmarks/sanitize_cuda.py
+step racecheck "$SANITIZER" --tool racecheck --error-exitcode 1 python benchmarks/sanitize_cuda.py
 step bench-float32 python -m benchmarks.layers --device cuda --configs sentiment,fastrnns,skewed,small_batch \
   --reps 15 --out gpu_layers_float32 --results-dir "$REPORT_DIR"
 step bench-bfloat16 python -m benchmarks.layers --device cuda --dtype bfloat16 --configs sentiment,fastrnns \
