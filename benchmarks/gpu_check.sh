@@ -35,7 +35,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
 # compute-sanitizer ships with the toolkit and is not always on PATH.
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
 SANITIZER=${SANITIZER:-compute-sanitizer}
-step build pip install --no-build-isolation --no-deps -q -e .
+# Editable install; an older setuptools without PEP 660 support falls back to an in-place build.
+step build bash -c "pip install --no-build-isolation --no-deps -q -e . || python setup.py build_ext --inplace"
 python -c "import fusedrnn, torch; print(fusedrnn.backends(), torch.cuda.get_device_name())"
 step cuda-tests python -m pytest -q -x -p no:cacheprovider -k cuda tests/test_cuda.py tests/test_ops.py tests/test_parity.py \
   --junitxml="$REPORT_DIR/gpu_tests.xml"
