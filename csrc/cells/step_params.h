@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "cell_common.h"  // FUSEDRNN_HOST_DEVICE
+
 namespace fusedrnn {
 
 template <typename T>
@@ -66,5 +68,16 @@ struct BackwardStepParams {
   // [batch, H]  LSTM with projection: r_t = o * tanh(c_t), for grad of W_hr.
   T* r_out = nullptr;
 };
+
+// The cell's forward or backward step on element (b, j), chosen by the params
+// type, so one loop (CPU) or one kernel (CUDA) serves both directions.
+template <typename Cell, typename T>
+FUSEDRNN_HOST_DEVICE void apply_cell(const ForwardStepParams<T>& p, int64_t b, int64_t j) {
+  Cell::forward(p, b, j);
+}
+template <typename Cell, typename T>
+FUSEDRNN_HOST_DEVICE void apply_cell(const BackwardStepParams<T>& p, int64_t b, int64_t j) {
+  Cell::backward(p, b, j);
+}
 
 }  // namespace fusedrnn

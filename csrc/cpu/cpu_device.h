@@ -56,26 +56,26 @@ struct CpuDevice {
   // Rows per task: about 16k elements, below which threading costs more than it saves.
   static int64_t grain(int64_t hidden) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, hidden)); }
 
-  template <typename Cell, typename T>
-  static void forward(const ForwardStepParams<T>& p) {
+  // One step over the active rows, forward or backward (apply_cell picks by the params type).
+  template <typename Cell, typename Params>
+  static void run_step(const Params& p) {
     at::parallel_for(0, p.batch, grain(p.hidden), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        const ForwardStepParams<T> q = p;  // a local copy: stores cannot alias its fields
+        const Params q = p;  // a local copy: stores cannot alias its fields
 #pragma omp simd
-        for (int64_t j = 0; j < q.hidden; ++j) Cell::forward(q, b, j);
+        for (int64_t j = 0; j < q.hidden; ++j) apply_cell<Cell>(q, b, j);
       }
     });
   }
 
   template <typename Cell, typename T>
+  static void forward(const ForwardStepParams<T>& p) {
+    run_step<Cell>(p);
+  }
+
+  template <typename Cell, typename T>
   static void backward(const BackwardStepParams<T>& p) {
-    at::parallel_for(0, p.batch, grain(p.hidden), [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const BackwardStepParams<T> q = p;
-#pragma omp simd
-        for (int64_t j = 0; j < q.hidden; ++j) Cell::backward(q, b, j);
-      }
-    });
+    run_step<Cell>(p);
   }
 };
 

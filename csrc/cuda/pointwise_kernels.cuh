@@ -20,16 +20,6 @@ inline int64_t pointwise_blocks(int64_t elements) {
   return std::min<int64_t>((elements + kPointwiseThreads - 1) / kPointwiseThreads, 4096);
 }
 
-// The cell's forward or backward, chosen by the params type.
-template <typename Cell, typename T>
-__device__ __forceinline__ void apply_cell(const ForwardStepParams<T>& p, int64_t b, int64_t j) {
-  Cell::forward(p, b, j);
-}
-template <typename Cell, typename T>
-__device__ __forceinline__ void apply_cell(const BackwardStepParams<T>& p, int64_t b, int64_t j) {
-  Cell::backward(p, b, j);
-}
-
 template <typename Cell, typename Params>
 __global__ void __launch_bounds__(kPointwiseThreads) step_kernel(const Params p) {
   const int64_t n = p.batch * p.hidden;
