@@ -28,6 +28,57 @@ def _name(module: nn.Module) -> str:
     return f"fusedrnn.{type(module).__name__}"
 
 
+def _reset_uniform(module: nn.Module) -> None:
+    """torch.nn's initialisation of every recurrent weight: U(-1/sqrt(hidden), 1/sqrt(hidden))."""
+    stdv = 1.0 / math.sqrt(module.hidden_size) if module.hidden_size > 0 else 0
+    for weight in module.parameters():
+        nn.init.uniform_(weight, -stdv, stdv)
+
+
+def _check_input(module: nn.Module, input, dims: Tuple[int, ...], what: str, weight: Tensor) -> None:
+    """The input checks shared by layers and cells: a floating tensor of `dims` dimensions, its last
+    one input_size, on the parameters' device and (outside CUDA autocast) of their dtype."""
+    name = _name(module)
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{name}: input must be a Tensor or a PackedSequence, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"{name}: input must be a floating-point tensor, got dtype {input.dtype}")
+    if input.dim() not in dims:
+        raise ValueError(f"{name}: expected input to be {what}, got {input.dim()}-D input of shape "
+                         f"{tuple(input.shape)}")
+    if input.size(-1) != module.input_size:
+        raise ValueError(f"{name}: input.size(-1) must be equal to input_size. Expected {module.input_size}, "
+                         f"got {input.size(-1)}")
+    if input.dtype != weight.dtype and functional.autocast_dtype(input.device.type) is None:
+        raise TypeError(f"{name}: input must have the dtype of the module's parameters ({weight.dtype}), "
+                        f"got {input.dtype}")
+    if input.device != weight.device:
+        raise RuntimeError(f"{name}: input is on {input.device} but the module's parameters are on {weight.device}")
+
+
+def _check_state(module: nn.Module, state, arg: str, expected: Tuple[int, ...], input: Tensor) -> None:
+    """An initial state: a tensor of the expected shape, with input's device and (outside CUDA autocast) dtype."""
+    name = _name(module)
+    if tuple(state.shape) != tuple(expected):
+        raise ValueError(f"{name}: expected {arg} of size {tuple(expected)}, got {tuple(state.shape)}")
+    if state.dtype != input.dtype and functional.autocast_dtype(input.device.type) is None:
+        raise TypeError(f"{name}: {arg} must have the dtype of input ({input.dtype}), got {state.dtype}")
+    if state.device != input.device:
+        raise RuntimeError(f"{name}: {arg} must be on the device of input ({input.device}), got {state.device}")
+
+
+def _as_tensor_state(module: nn.Module, state, arg: str) -> Tensor:
+    if not isinstance(state, Tensor):
+        raise TypeError(f"{_name(module)}: {arg} must be a Tensor, got {type(state).__name__}")
+    return state
+
+
+def _split_lstm_state(module: nn.Module, hx) -> Tuple[object, object]:
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+        raise TypeError(f"{_name(module)}: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
+    return hx[0], hx[1]
+
+
 class _RNNBase(nn.Module):
     """Shared machinery of LSTM, GRU and RNN (torch.nn.RNNBase's contract)."""
 
@@ -96,9 +147,7 @@ class _RNNBase(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
+        _reset_uniform(self)
 
     def flatten_parameters(self) -> None:
         """No-op, kept for drop-in compatibility: the fused kernels take the weights as they are."""
@@ -142,32 +191,14 @@ class _RNNBase(nn.Module):
         return (self.num_layers * d, batch, real), (self.num_layers * d, batch, self.hidden_size)
 
     def _check_input(self, input: Tensor, packed: bool) -> None:
-        name = _name(self)
-        if not isinstance(input, Tensor):
-            raise TypeError(f"{name}: input must be a Tensor or a PackedSequence, got {type(input).__name__}")
-        if not input.is_floating_point():
-            raise TypeError(f"{name}: input must be a floating-point tensor, got dtype {input.dtype}")
-        expected_dims = (2,) if packed else (2, 3)
-        if input.dim() not in expected_dims:
-            what = "2-D packed data" if packed else "2-D (unbatched) or 3-D (batched)"
-            raise ValueError(f"{name}: expected input to be {what}, got {input.dim()}-D input of shape "
-                             f"{tuple(input.shape)}")
-        if input.size(-1) != self.input_size:
-            raise ValueError(f"{name}: input.size(-1) must be equal to input_size. Expected {self.input_size}, "
-                             f"got {input.size(-1)}")
-        weight = self.weight_ih_l0
-        if input.dtype != weight.dtype and functional.autocast_dtype(input.device.type) is None:
-            raise TypeError(f"{name}: input must have the dtype of the module's parameters ({weight.dtype}), "
-                            f"got {input.dtype}")
-        if input.device != weight.device:
-            raise RuntimeError(f"{name}: input is on {input.device} but the module's parameters are on "
-                               f"{weight.device}")
+        if packed:
+            _check_input(self, input, (2,), "2-D packed data", self.weight_ih_l0)
+        else:
+            _check_input(self, input, (2, 3), "2-D (unbatched) or 3-D (batched)", self.weight_ih_l0)
 
-    def _check_state(self, state: Tensor, arg: str, expected: Tuple[int, ...], input: Tensor,
-                     batched: bool) -> Tensor:
+    def _check_state(self, state, arg: str, expected: Tuple[int, ...], input: Tensor, batched: bool) -> Tensor:
         name = _name(self)
-        if not isinstance(state, Tensor):
-            raise TypeError(f"{name}: {arg} must be a Tensor, got {type(state).__name__}")
+        state = _as_tensor_state(self, state, arg)
         if not batched:
             if state.dim() != 2:
                 raise ValueError(f"{name}: for unbatched 2-D input, {arg} should also be 2-D but got "
@@ -176,12 +207,7 @@ class _RNNBase(nn.Module):
         elif state.dim() != 3:
             raise ValueError(f"{name}: for batched 3-D input, {arg} should also be 3-D but got {state.dim()}-D "
                              "tensor")
-        if tuple(state.shape) != tuple(expected):
-            raise ValueError(f"{name}: expected {arg} of size {tuple(expected)}, got {tuple(state.shape)}")
-        if state.dtype != input.dtype and functional.autocast_dtype(input.device.type) is None:
-            raise TypeError(f"{name}: {arg} must have the dtype of input ({input.dtype}), got {state.dtype}")
-        if state.device != input.device:
-            raise RuntimeError(f"{name}: {arg} must be on the device of input ({input.device}), got {state.device}")
+        _check_state(self, state, arg, expected, input)
         return state
 
     def _initial_state(self, hx, batch: int, input: Tensor, batched: bool) -> Tuple[Tensor, Optional[Tensor]]:
@@ -191,11 +217,9 @@ class _RNNBase(nn.Module):
             c = torch.zeros(c_shape, dtype=input.dtype, device=input.device) if self._is_lstm else None
             return h, c
         if self._is_lstm:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError(f"{_name(self)}: hx must be a tuple (h_0, c_0) of two tensors, got "
-                                f"{type(hx).__name__}")
-            return (self._check_state(hx[0], "h_0", h_shape, input, batched),
-                    self._check_state(hx[1], "c_0", c_shape, input, batched))
+            h, c = _split_lstm_state(self, hx)
+            return (self._check_state(h, "h_0", h_shape, input, batched),
+                    self._check_state(c, "c_0", c_shape, input, batched))
         return self._check_state(hx, "hx", h_shape, input, batched), None
 
     def _run(self, data: Tensor, batch_sizes: Tensor, h: Tensor, c: Optional[Tensor]):
@@ -330,9 +354,7 @@ class _CellBase(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
+        _reset_uniform(self)
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
@@ -343,33 +365,13 @@ class _CellBase(nn.Module):
         return s.format(**self.__dict__)
 
     def _check(self, input: Tensor, state, arg: str, batched: bool) -> Tensor:
-        name = _name(self)
-        if not isinstance(state, Tensor):
-            raise TypeError(f"{name}: {arg} must be a Tensor, got {type(state).__name__}")
+        state = _as_tensor_state(self, state, arg)
         expected = (input.shape[0], self.hidden_size) if batched else (self.hidden_size,)
-        if tuple(state.shape) != expected:
-            raise ValueError(f"{name}: expected {arg} of size {expected}, got {tuple(state.shape)}")
-        autocast = functional.autocast_dtype(input.device.type) is not None
-        if (state.dtype != input.dtype and not autocast) or state.device != input.device:
-            raise TypeError(f"{name}: {arg} must have the dtype and device of input ({input.dtype}, "
-                            f"{input.device}), got ({state.dtype}, {state.device})")
+        _check_state(self, state, arg, expected, input)
         return state if batched else state.unsqueeze(0)
 
     def _step(self, input: Tensor, hx):
-        name = _name(self)
-        if not isinstance(input, Tensor) or not input.is_floating_point():
-            raise TypeError(f"{name}: input must be a floating-point tensor, got "
-                            f"{getattr(input, 'dtype', type(input).__name__)}")
-        if input.dim() not in (1, 2):
-            raise ValueError(f"{name}: expected input to be 1-D (unbatched) or 2-D (batched), got "
-                             f"{input.dim()}-D input of shape {tuple(input.shape)}")
-        if input.size(-1) != self.input_size:
-            raise ValueError(f"{name}: input.size(-1) must be equal to input_size. Expected {self.input_size}, "
-                             f"got {input.size(-1)}")
-        autocast = functional.autocast_dtype(input.device.type) is not None
-        if (input.dtype != self.weight_ih.dtype and not autocast) or input.device != self.weight_ih.device:
-            raise TypeError(f"{name}: input must have the dtype and device of the module's parameters "
-                            f"({self.weight_ih.dtype}, {self.weight_ih.device}), got ({input.dtype}, {input.device})")
+        _check_input(self, input, (1, 2), "1-D (unbatched) or 2-D (batched)", self.weight_ih)
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
         batch = x.shape[0]
@@ -378,9 +380,8 @@ class _CellBase(nn.Module):
             h0 = x.new_zeros(batch, self.hidden_size)
             c0 = x.new_zeros(batch, self.hidden_size) if is_lstm else None
         elif is_lstm:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError(f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
-            h0, c0 = self._check(input, hx[0], "h_0", batched), self._check(input, hx[1], "c_0", batched)
+            h, c = _split_lstm_state(self, hx)
+            h0, c0 = self._check(input, h, "h_0", batched), self._check(input, c, "c_0", batched)
         else:
             h0, c0 = self._check(input, hx, "hx", batched), None
         weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)

@@ -184,7 +184,19 @@ def _gru():
     return fusedrnn.GRU(3, 5, num_layers=2)
 
 
+def _lstm_cell():
+    return fusedrnn.LSTMCell(3, 5)
+
+
 BAD_INPUTS = [
+    (_lstm_cell, lambda: (torch.randn(2, 4),), ValueError, "input.size\\(-1\\) must be equal to input_size"),
+    (_lstm_cell, lambda: (torch.randn(2, 3, 1),), ValueError, "1-D \\(unbatched\\) or 2-D \\(batched\\), got 3-D"),
+    (_lstm_cell, lambda: (torch.ones(2, 3, dtype=torch.int64),), TypeError, "floating-point tensor"),
+    (_lstm_cell, lambda: (torch.randn(2, 3), torch.randn(2, 5)), TypeError, "hx must be a tuple \\(h_0, c_0\\)"),
+    (_lstm_cell, lambda: (torch.randn(2, 3), (torch.randn(2, 5), torch.randn(3, 5))), ValueError,
+     "expected c_0 of size \\(2, 5\\)"),
+    (_lstm_cell, lambda: (torch.randn(2, 3), (torch.randn(2, 5), torch.randn(2, 5, dtype=torch.float64))), TypeError,
+     "c_0 must have the dtype of input"),
     (_gru, lambda: (torch.randn(4, 2, 7),), ValueError, "input.size\\(-1\\) must be equal to input_size"),
     (_gru, lambda: (torch.randn(4),), ValueError, "2-D \\(unbatched\\) or 3-D \\(batched\\), got 1-D"),
     (_gru, lambda: (torch.randn(4, 2, 3, 1),), ValueError, "got 4-D"),
