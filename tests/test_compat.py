@@ -24,4 +24,5 @@ def test_gradients_with_nan_input_equal_torch_nn(cell):
     for (name, _), expected, got in zip(ref.named_parameters(), *grads):
         assert torch.equal(expected.isnan(), got.isnan()), name
         torch.testing.assert_close(got.nan_to_num(0.0), expected.nan_to_num(0.0), rtol=0, atol=1e-10, msg=name)
-    assert grads[1][2].isfinite().all()  # bias_ih_l0: where zeroing the gradient would show
+    if cell == "rnn_relu":
+        assert grads[1][2].isfinite().all()  # bias_ih_l0: where zeroing the gradient would show
