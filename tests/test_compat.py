@@ -2,12 +2,18 @@
 torch.nn's exception types, relu's gradient at NaN, and fake kernels that describe the real
 outputs. Every test compares with torch.nn or a float64 reference."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 
 import fusedrnn
 from conftest import CELLS, flat_state, make_pair
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---- relu RNN: the gradient passes through a NaN pre-activation, as torch.relu's does ----------
@@ -470,3 +476,23 @@ def test_scripted_modules_check_their_input():
         scripted(x, torch.randn(1, 3, 4), c, lengths)
     with pytest.raises(Exception, match="fusedrnn.GRU: input.size\\(-1\\) must be equal to input_size"):
         scripted(torch.randn(5, 2, 7), h, c, lengths)
+
+
+def test_torch_jit_script_without_the_compiled_library_names_the_alternatives():
+    """The reference fallback is plain PyTorch, which TorchScript could not compile into the same
+    module; scripting says so and names what works instead."""
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['fusedrnn._C'] = None  # makes `from . import _C` fail\n"
+        "warnings.simplefilter('ignore')\n"
+        "import torch, fusedrnn\n"
+        "model = torch.nn.Sequential(fusedrnn.GRU(3, 4))\n"
+        "try:\n"
+        "    torch.jit.script(model)\n"
+        "except RuntimeError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "refused: fusedrnn.GRU: torch.jit.script needs fusedrnn's compiled operators" in result.stdout
+    assert "torch.jit.trace, torch.compile and torch.export work without them" in result.stdout

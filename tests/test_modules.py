@@ -165,6 +165,23 @@ def test_nan_in_input_propagates_like_torch_nn(cell):
     assert o2.isnan().any()
 
 
+def test_parametrized_weights_match_torch_nn():
+    """The modules look their weights up on every call (TorchScript alone gets a fixed list), so a
+    parametrization such as weight_norm takes effect, and its parameters get gradients."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    ref, ours = make_pair("gru", 3, 5, num_layers=2)
+    for m in (ref, ours):
+        weight_norm(m, "weight_hh_l1")
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    expected, got = ref(x)[0], ours(x)[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    g_ref = torch.autograd.grad(expected.sum(), list(ref.parametrizations.weight_hh_l1.parameters()))
+    g_ours = torch.autograd.grad(got.sum(), list(ours.parametrizations.weight_hh_l1.parameters()))
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
 def test_lengths_keyword_matches_packing_by_hand():
     ref, ours = make_pair("gru", 3, 5, batch_first=True, num_layers=2, bidirectional=True)
     x = torch.randn(4, 6, 3, dtype=torch.float64)
@@ -204,7 +221,8 @@ BAD_INPUTS = [
     (_gru, lambda: (torch.randn(4, 2, 7),), RuntimeError, "input.size\\(-1\\) must be equal to input_size"),
     (_gru, lambda: (torch.randn(4),), ValueError, "2-D \\(unbatched\\) or 3-D \\(batched\\), got 1-D"),
     (_gru, lambda: (torch.randn(4, 2, 3, 1),), ValueError, "got 4-D"),
-    (_gru, lambda: (torch.ones(4, 2, 3, dtype=torch.int64),), ValueError, "input dtype \\(torch.int64\\) does not match"),
+    (_gru, lambda: (torch.ones(4, 2, 3, dtype=torch.int64),), ValueError,
+     "input dtype \\(torch.int64\\) does not match"),
     (_gru, lambda: (torch.randn(4, 2, 3, dtype=torch.float64),), ValueError, "input.to\\(torch.float32\\)"),
     (_gru, lambda: (torch.randn(4, 2, 3), torch.randn(2, 3, 5)), RuntimeError,
      "expected hx of size \\(2, 2, 5\\), got \\(2, 3, 5\\)"),
