@@ -65,7 +65,9 @@ def _check_input(name: str, is_cell: bool, input: Tensor, dims: List[int], what:
                                                                         input.device.type):
         message = (f"{name}: input dtype ({input.dtype}) does not match the module's parameters' dtype "
                    f"({weight.dtype}); convert one of them, e.g. input.to({weight.dtype})")
-        if is_cell:
+        # torch.nn's layers check this themselves (ValueError) except under autocast, where the op
+        # fails (RuntimeError), as its cells' ops always do.
+        if is_cell or functional.autocast_dtype(input.device.type) is not None:
             raise RuntimeError(message)
         raise ValueError(message)
     if input.size(-1) != input_size:
