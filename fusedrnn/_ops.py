@@ -76,10 +76,9 @@ def _register_autograd(name: str, backward, setup_context) -> None:
       whose forward takes `ctx` (torch.func refuses it: "must override the setup_context staticmethod"),
       and it runs inside the Autograd dispatch key, below the functorch layers that would have to see it.
 
-    `generate_vmap_rule` lets vmap run forward and backward over batched tensors. The ops have no
-    batching rule of their own, so vmap runs them once per batch element (torch's batching fallback,
-    which warns once about performance): correct, not fast. There is no forward-mode formula (jvp), so
-    torch.func.jvp / jacfwd / hessian raise instead of returning zero tangents.
+    `generate_vmap_rule` lets vmap run forward and backward over batched tensors; the ops themselves
+    are vmapped by a loop (_register_vmap_loop): correct, not fast. There is no forward-mode formula
+    (jvp), so torch.func.jvp / jacfwd / hessian raise instead of returning zero tangents.
     """
     torch.library.register_autograd(f"fusedrnn::{name}", backward, setup_context=setup_context)
     op = getattr(torch.ops.fusedrnn, name).default
