@@ -123,6 +123,7 @@ def test_torch_func_vmap_over_parameters_equals_a_loop():
     torch.testing.assert_close(batched, looped, rtol=0, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func's jvp scripts a helper
 def test_torch_func_forward_mode_and_nested_grad_raise_instead_of_returning_zeros():
     """No forward-mode formula (jvp) and no double backward: both say so. (torch.nn's CPU RNNs are
     composite ops, so jacfwd and hessian work there.)"""
@@ -413,7 +414,7 @@ def _script_inputs(model):
     return x, torch.randn(layers, 2, real), torch.randn(layers, 2, 4), torch.tensor([3, 5])
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated", "ignore:`torch.jit.load` is deprecated")
 @pytest.mark.parametrize("kind", list(SCRIPTED))
 def test_torch_jit_script_equals_eager_forward_backward_and_after_save_load(kind, tmp_path):
     torch.manual_seed(0)
