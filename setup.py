@@ -48,9 +48,9 @@ def import_build_torch():
     except ImportError:
         if BUILD_COMMANDS.isdisjoint(sys.argv[1:]):
             return None
-        sys.exit("fusedrnn: building the compiled library needs torch installed, the same torch that will "
-                 "import it. Install torch first, then build with the installed torch: "
-                 "pip install --no-build-isolation .")
+        sys.exit("fusedrnn: the build cannot import torch. The compiled library must be built against the "
+                 "torch that will import it: install torch, then build with `pip install --no-build-isolation .` "
+                 "(pip's default build isolation hides the installed torch).")
     version = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
     if version < TORCH_MIN:
         sys.exit(f"fusedrnn: torch {torch.__version__} is older than the oldest supported release, "
