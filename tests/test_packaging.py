@@ -48,10 +48,15 @@ def sdist(tmp_path_factory):
     """The sdist, packed on a machine WITHOUT torch (a `torch` that fails to import shadows the
     installed one), so its contents cannot depend on what this machine could compile."""
     tmp = tmp_path_factory.mktemp("sdist")
+    # From a copy without build outputs, as a fresh checkout: setuptools also ships whatever an
+    # existing fusedrnn.egg-info/SOURCES.txt lists, which would hide a gap in MANIFEST.in.
+    source = tmp / "checkout"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "*.so", "*.o"))
     no_torch = _fake_torch_dir(tmp, "raise ImportError('No module named torch (hidden by the sdist test)')\n")
     env = dict(os.environ, PYTHONPATH=no_torch)
-    result = _run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp / "dist"), ROOT],
-                  timeout=300, env=env, cwd=ROOT)
+    result = _run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp / "dist"),
+                   str(source)], timeout=300, env=env, cwd=tmp)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     path = tmp / "dist" / f"fusedrnn-{VERSION}.tar.gz"
     assert path.is_file(), os.listdir(tmp / "dist")
@@ -236,6 +241,35 @@ def test_library_built_against_another_torch_is_refused_before_loading(tmp_path)
     message = _import_copy(tmp_path)  # also asserts fusedrnn._C was never loaded
     assert f"compiled against torch {_other_torch(built)}, but torch {torch.__version__} is installed" in message
     assert "rebuild fusedrnn against the installed torch" in message and "pip install --no-build-isolation" in message
+
+
+@pytest.mark.skipif(not _ops.COMPILED, reason="needs the compiled library: " + str(_ops.LOAD_ERROR))
+@pytest.mark.parametrize("built_against", ["this torch", "another torch"])
+def test_library_built_before_build_info_was_recorded(built_against, tmp_path):
+    """A library from before csrc/build_info.cpp carries no build facts: it is loaded, and the
+    version it reports once loaded decides (the check that came before the pre-load one)."""
+    package = _package_copy(tmp_path, with_library=True)
+    library = glob.glob(os.path.join(package, "_C*"))[0]
+    with open(library, "rb") as f:
+        data = f.read().replace(b"fusedrnn-build-info:", b"fusedrnn-build-xxxx:")
+    if built_against == "another torch":
+        data = data.replace(torch.__version__.encode(), _other_torch(torch.__version__).encode())
+    with open(library, "wb") as f:
+        f.write(data)
+    assert _ops._read_build_info(library) is None
+    code = ("import warnings\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import fusedrnn\n"
+            "print(fusedrnn.backends()['compiled'], [str(w.message) for w in caught if 'fusedrnn' in str(w.message)])\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = _run([sys.executable, "-c", code], timeout=120, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    if built_against == "this torch":
+        assert result.stdout.strip() == "True []", result.stdout
+    else:
+        assert result.stdout.startswith("False ["), result.stdout
+        assert f"compiled against torch {_other_torch(torch.__version__)}" in result.stdout, result.stdout
 
 
 def test_unloadable_library_reports_the_loaders_error(tmp_path):
