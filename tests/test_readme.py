@@ -1,7 +1,8 @@
 """The README runs as written and says what the committed results say.
 
 - Every ```python block of README.md runs, on its own, in a fresh interpreter (so a snippet
-  added later is tested too).
+  added later is tested too). A block with a line `# requires: cuda` is skipped, saying so,
+  where there is no GPU.
 - The quick start's test command is exactly what .ci/run runs.
 - The numbers in "Measured speed" are generated from benchmarks/results/ between
   `<!-- begin generated: NAME -->` and `<!-- end generated: NAME -->` markers; after new
@@ -15,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -48,6 +50,8 @@ def test_readme_has_python_snippets():
 
 @pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)), ids=lambda i: f"block{i}")
 def test_python_snippet_runs_as_written(index, tmp_path):
+    if re.search(r"^# requires: cuda", PYTHON_BLOCKS[index], re.M) and not torch.cuda.is_available():
+        pytest.skip("this README block is marked '# requires: cuda' and there is no GPU here")
     # A fresh interpreter in an empty folder, with this checkout's fusedrnn importable: the
     # snippet must define everything it uses and must not depend on the working directory.
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
