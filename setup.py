@@ -27,11 +27,11 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-# Supported torch: the oldest release we test (the GPU machines run 2.11; CI runs 2.14.1).
-# Newer releases are expected to work once fusedrnn is rebuilt against them.
+# The oldest supported torch: the release the GPU machines run (CI runs 2.14.1). Newer releases
+# are expected to work once fusedrnn is rebuilt against them.
 TORCH_MIN = (2, 11)
-# Commands that compile; the others (sdist, egg_info, dist_info, ...) only describe or pack the
-# sources and so run without torch.
+# Commands that compile. The others (sdist, egg_info, dist_info, ...) only describe or pack the
+# sources, so they never import torch and their output cannot depend on this machine.
 BUILD_COMMANDS = {"build", "build_ext", "bdist", "bdist_wheel", "bdist_egg", "editable_wheel", "install", "develop"}
 
 
@@ -42,12 +42,12 @@ def package_version():
 
 
 def import_build_torch():
-    """The installed torch, checked to be one we support; None when only metadata is asked for."""
+    """The installed torch, checked to be one we support; None for a command that does not compile."""
+    if BUILD_COMMANDS.isdisjoint(sys.argv[1:]):
+        return None
     try:
         import torch
     except ImportError:
-        if BUILD_COMMANDS.isdisjoint(sys.argv[1:]):
-            return None
         sys.exit("fusedrnn: the build cannot import torch. The compiled library must be built against the "
                  "torch that will import it: install torch, then build with `pip install --no-build-isolation .` "
                  "(pip's default build isolation hides the installed torch).")
