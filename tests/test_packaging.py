@@ -74,7 +74,8 @@ def test_sdist_ships_every_source_file(sdist):
     expected = set()
     for folder in ("csrc", "fusedrnn", "tests", "benchmarks"):
         for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, folder)):
-            dirnames[:] = [d for d in dirnames if d not in ("__pycache__", "data")]
+            # benchmarks/data (downloaded) and benchmarks/runs (local results) are not sources.
+            dirnames[:] = [d for d in dirnames if d not in ("__pycache__", "data", "runs")]
             expected |= {os.path.relpath(os.path.join(dirpath, f), ROOT) for f in filenames
                          if not f.endswith(NOT_SOURCES)}
     expected |= {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md"}
