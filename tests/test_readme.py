@@ -120,7 +120,7 @@ def generated_blocks() -> dict:
     fused = polarity["runs"]["fusedrnn packed"]
     return {
         "layers": "\n".join([
-            f"`python -m benchmarks.layers`, CPU float32 ([{LAYERS}.md](benchmarks/results/{LAYERS}.md)).",
+            f"`python -m benchmarks.layers --publish`, CPU float32 ([{LAYERS}.md](benchmarks/results/{LAYERS}.md)).",
             "",
             _md_tables(_load(LAYERS, "md")),
             "",
@@ -128,7 +128,7 @@ def generated_blocks() -> dict:
         ]),
         "skewed": (
             "A separate run of the skewed configuration alone (`python -m benchmarks.layers --configs skewed "
-            f"--reps 9`, lengths drawn from a fixed seed, {skewed['proportional_cost'][0]['token_fraction']:.2f} "
+            f"--reps 9 --publish`, lengths drawn from a fixed seed, {skewed['proportional_cost'][0]['token_fraction']:.2f} "
             f"of the tokens; [results](benchmarks/results/{SKEWED}.md)) measured ragged / full time of "
             + ", ".join(f"{c['cell'].upper()} {c['time_fraction']:.2f}" for c in skewed["proportional_cost"]) + "."
         ),
