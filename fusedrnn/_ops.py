@@ -9,7 +9,7 @@ import importlib.util
 import mmap
 import os
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Type
 
 import torch
 from torch import Tensor
@@ -121,6 +121,75 @@ def _zeros_like_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
     return torch.zeros_like(like) if grad is None else grad
 
 
+# Python autograd.Functions twinning each op's registered autograd, used inside the functorch
+# transforms (torch.func.grad, vjp, jacrev, vmap). Filled by _register_autograd.
+_FUNCTORCH_FUNCTIONS: Dict[str, Type[torch.autograd.Function]] = {}
+
+
+def _register_autograd(name: str, backward, setup_context) -> None:
+    """Registers `backward` / `setup_context` as the op's autograd formula twice, from one source:
+
+    - with torch.library.register_autograd, for autograd through the dispatcher (eager, torch.compile,
+      torch.export, TorchScript, direct torch.ops calls);
+    - as a new-style torch.autograd.Function, which the layer functions below call while a functorch
+      transform is active. The dispatcher's formula cannot serve torch.func: it is an autograd.Function
+      whose forward takes `ctx` (torch.func refuses it: "must override the setup_context staticmethod"),
+      and it runs inside the Autograd dispatch key, below the functorch layers that would have to see it.
+
+    `generate_vmap_rule` lets vmap run forward and backward over batched tensors; the ops themselves
+    are vmapped by a loop (_register_vmap_loop): correct, not fast. There is no forward-mode formula
+    (jvp), so torch.func.jvp / jacfwd / hessian raise instead of returning zero tangents.
+    """
+    torch.library.register_autograd(f"fusedrnn::{name}", backward, setup_context=setup_context)
+    op = getattr(torch.ops.fusedrnn, name).default
+
+    class Function(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(*args):
+            return op(*args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup_context(ctx, inputs, output)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    Function.__name__ = Function.__qualname__ = f"FusedRNN_{name}"
+    _FUNCTORCH_FUNCTIONS[name] = Function
+
+
+def _functorch_active() -> bool:
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+def _call(name: str, *args):
+    """Runs op `name`, through its autograd.Function twin while a functorch transform is active."""
+    if _functorch_active():
+        return _FUNCTORCH_FUNCTIONS[name].apply(*args)
+    return getattr(torch.ops.fusedrnn, name)(*args)
+
+
+def _register_vmap_loop(name: str) -> None:
+    """vmap over op `name`: one call per batch element, outputs stacked along dim 0. This is what
+    torch's batching fallback does, minus its warning that asks users to report a missing rule to
+    PyTorch. (Folding the vmapped dimension into the recurrent batch would be faster, but not for
+    the weight gradients, which vmap wants per element.)"""
+    op = getattr(torch.ops.fusedrnn, name).default
+
+    def rule(info, in_dims, *args):
+        results = []
+        for i in range(info.batch_size):
+            results.append(op(*[a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)]))
+        stacked = tuple(torch.stack(outputs) for outputs in zip(*results))
+        return stacked, (0,) * len(stacked)
+
+    torch.library.register_vmap(f"fusedrnn::{name}", rule)
+
+
 def _reject_double_backward(name: str):
     """Autograd for a backward op: differentiating a gradient again is not
     implemented, so say so instead of silently returning zeros."""
@@ -131,9 +200,10 @@ def _reject_double_backward(name: str):
     def backward(ctx, *grads):
         raise RuntimeError(
             f"fusedrnn.{name}: double backward (differentiating through a gradient computed with "
-            "create_graph=True) is not supported by fusedrnn's fused kernels")
+            "create_graph=True, or nesting torch.func.grad / jacrev / hessian) is not supported by "
+            "fusedrnn's fused kernels")
 
-    torch.library.register_autograd(f"fusedrnn::{name}", backward, setup_context=setup_context)
+    _register_autograd(name, backward, setup_context)
 
 
 def _check_like(op: str, input: Tensor, **tensors) -> None:
@@ -150,7 +220,13 @@ def _check_like(op: str, input: Tensor, **tensors) -> None:
 
 def _grad_input_like(input: Tensor, needed: bool) -> Tensor:
     # The backward ops skip the input-gradient GEMM when it is not needed and return an empty tensor.
-    return torch.empty_like(input) if needed else input.new_empty(0)
+    return _fresh(input) if needed else input.new_empty(0)
+
+
+def _fresh(like: Tensor) -> Tensor:
+    """A new contiguous tensor of like's shape: the real ops allocate every output afresh, so a
+    fake output must not inherit a permuted argument's strides as torch.empty_like would."""
+    return like.new_empty(like.shape)
 
 
 def _register():
@@ -161,34 +237,34 @@ def _register():
     def _lstm_fwd_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
         _check_like("lstm_forward", input, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
         n, h = input.shape[0], w_hh.shape[0] // 4
-        return (input.new_empty(n, h0.shape[1]), torch.empty_like(h0), torch.empty_like(c0),
+        return (input.new_empty(n, h0.shape[1]), _fresh(h0), _fresh(c0),
                 input.new_empty(n, 4 * h), input.new_empty(n, h))
 
     @torch.library.register_fake(lib + "lstm_backward")
     def _lstm_bwd_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes,
                        reverse, need_grad_input, output, gates, cells):
         g = w_hh.shape[0]
-        return (_grad_input_like(input, need_grad_input), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_ih),
-                torch.empty_like(w_hh), input.new_empty(g), input.new_empty(g),
-                torch.empty_like(w_hr) if w_hr is not None else input.new_empty(0))
+        return (_grad_input_like(input, need_grad_input), _fresh(h0), _fresh(c0), _fresh(w_ih),
+                _fresh(w_hh), input.new_empty(g), input.new_empty(g),
+                _fresh(w_hr) if w_hr is not None else input.new_empty(0))
 
     @torch.library.register_fake(lib + "gru_forward")
     def _gru_fwd_fake(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse):
         _check_like("gru_forward", input, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
         n, h = input.shape[0], w_hh.shape[0] // 3
-        return input.new_empty(n, h), torch.empty_like(h0), input.new_empty(n, 3 * h), input.new_empty(n, h)
+        return input.new_empty(n, h), _fresh(h0), input.new_empty(n, 3 * h), input.new_empty(n, h)
 
     def _simple_bwd_fake(grad_output, grad_h_n, input, h0, w_ih, w_hh, batch_sizes, reverse, need_grad_input,
                          output, *saved):
         g = w_hh.shape[0]
-        return (_grad_input_like(input, need_grad_input), torch.empty_like(h0), torch.empty_like(w_ih), torch.empty_like(w_hh),
+        return (_grad_input_like(input, need_grad_input), _fresh(h0), _fresh(w_ih), _fresh(w_hh),
                 input.new_empty(g), input.new_empty(g))
 
     torch.library.register_fake(lib + "gru_backward", _simple_bwd_fake)
 
     def _rnn_fwd_fake(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse):
         _check_like("rnn_forward", input, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
-        return input.new_empty(input.shape[0], w_hh.shape[0]), torch.empty_like(h0)
+        return input.new_empty(input.shape[0], w_hh.shape[0]), _fresh(h0)
 
     for act in ("tanh", "relu"):
         torch.library.register_fake(f"{lib}rnn_{act}_forward", _rnn_fwd_fake)
@@ -207,13 +283,14 @@ def _register():
 
     def _lstm_backward(ctx, g_out, g_hn, g_cn, _g_gates, _g_cells):
         input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, out, gates, cells = ctx.saved_tensors
-        gi, gh0, gc0, gwih, gwhh, gbih, gbhh, gwhr = torch.ops.fusedrnn.lstm_backward(
+        gi, gh0, gc0, gwih, gwhh, gbih, gbhh, gwhr = _call(
+            "lstm_backward",
             _zeros_like_if_none(g_out, out), _zeros_like_if_none(g_hn, h0), _zeros_like_if_none(g_cn, c0),
             input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse, ctx.needs_input_grad[0], out, gates, cells)
         gbih, gbhh = _bias_grads(ctx, gbih, gbhh)
         return (gi if ctx.needs_input_grad[0] else None), gh0, gc0, gwih, gwhh, gbih, gbhh, (gwhr if w_hr is not None else None), None, None
 
-    torch.library.register_autograd(lib + "lstm_forward", _lstm_backward, setup_context=_lstm_setup)
+    _register_autograd("lstm_forward", _lstm_backward, _lstm_setup)
 
     def _gru_setup(ctx, inputs, output):
         input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse = inputs
@@ -224,16 +301,16 @@ def _register():
 
     def _gru_backward(ctx, g_out, g_hn, _g_gates, _g_hn_pre):
         input, h0, w_ih, w_hh, batch_sizes, out, gates, hn = ctx.saved_tensors
-        gi, gh0, gwih, gwhh, gbih, gbhh = torch.ops.fusedrnn.gru_backward(
+        gi, gh0, gwih, gwhh, gbih, gbhh = _call(
+            "gru_backward",
             _zeros_like_if_none(g_out, out), _zeros_like_if_none(g_hn, h0), input, h0, w_ih, w_hh,
             batch_sizes, ctx.reverse, ctx.needs_input_grad[0], out, gates, hn)
         gbih, gbhh = _bias_grads(ctx, gbih, gbhh)
         return (gi if ctx.needs_input_grad[0] else None), gh0, gwih, gwhh, gbih, gbhh, None, None
 
-    torch.library.register_autograd(lib + "gru_forward", _gru_backward, setup_context=_gru_setup)
+    _register_autograd("gru_forward", _gru_backward, _gru_setup)
 
     def _rnn_autograd(act):
-        backward_op = getattr(torch.ops.fusedrnn, f"rnn_{act}_backward")
 
         def setup(ctx, inputs, output):
             input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse = inputs
@@ -242,19 +319,21 @@ def _register():
 
         def backward(ctx, g_out, g_hn):
             input, h0, w_ih, w_hh, batch_sizes, out = ctx.saved_tensors
-            gi, gh0, gwih, gwhh, gbih, gbhh = backward_op(
+            gi, gh0, gwih, gwhh, gbih, gbhh = _call(
+                f"rnn_{act}_backward",
                 _zeros_like_if_none(g_out, out), _zeros_like_if_none(g_hn, h0), input, h0, w_ih, w_hh,
                 batch_sizes, ctx.reverse, ctx.needs_input_grad[0], out)
             gbih, gbhh = _bias_grads(ctx, gbih, gbhh)
             return (gi if ctx.needs_input_grad[0] else None), gh0, gwih, gwhh, gbih, gbhh, None, None
 
-        torch.library.register_autograd(f"{lib}rnn_{act}_forward", backward, setup_context=setup)
+        _register_autograd(f"rnn_{act}_forward", backward, setup)
 
     for act in ("tanh", "relu"):
         _rnn_autograd(act)
     for name in OPS:
         if name.endswith("_backward"):
             _reject_double_backward(name)
+        _register_vmap_loop(name)
 
 
 if COMPILED:
@@ -262,12 +341,19 @@ if COMPILED:
 
 
 # ---- one layer, one direction: the compiled op, or the reference ----------------------------
+# TorchScript compiles only the torch.ops calls: torch.jit.is_scripting() is a compile-time
+# constant there, so the eager-only branches (reference fallback, functorch) are never compiled.
 
 def lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                b_hh: Optional[Tensor], w_hr: Optional[Tensor], batch_sizes: Tensor,
                reverse: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    if not COMPILED:
-        return reference.lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+    if not torch.jit.is_scripting():
+        if not COMPILED:
+            return reference.lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+        if _functorch_active():
+            out, h, c, _, _ = _FUNCTORCH_FUNCTIONS["lstm_forward"].apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                                                         w_hr, batch_sizes, reverse)
+            return out, h, c
     out, h, c, _, _ = torch.ops.fusedrnn.lstm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
                                                       reverse)
     return out, h, c
@@ -275,15 +361,26 @@ def lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
 
 def gru_layer(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
               b_hh: Optional[Tensor], batch_sizes: Tensor, reverse: bool) -> Tuple[Tensor, Tensor]:
-    if not COMPILED:
-        return reference.gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
+    if not torch.jit.is_scripting():
+        if not COMPILED:
+            return reference.gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
+        if _functorch_active():
+            out, h, _, _ = _FUNCTORCH_FUNCTIONS["gru_forward"].apply(input, h0, w_ih, w_hh, b_ih, b_hh,
+                                                                     batch_sizes, reverse)
+            return out, h
     out, h, _, _ = torch.ops.fusedrnn.gru_forward(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
     return out, h
 
 
 def rnn_layer(nonlinearity: str, input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
               b_hh: Optional[Tensor], batch_sizes: Tensor, reverse: bool) -> Tuple[Tensor, Tensor]:
-    if not COMPILED:
-        return reference.rnn_layer(nonlinearity, input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
-    op = torch.ops.fusedrnn.rnn_tanh_forward if nonlinearity == "tanh" else torch.ops.fusedrnn.rnn_relu_forward
-    return op(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
+    if not torch.jit.is_scripting():
+        if not COMPILED:
+            return reference.rnn_layer(nonlinearity, input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
+        if _functorch_active():
+            out, h = _FUNCTORCH_FUNCTIONS[f"rnn_{nonlinearity}_forward"].apply(input, h0, w_ih, w_hh, b_ih, b_hh,
+                                                                               batch_sizes, reverse)
+            return out, h
+    if nonlinearity == "tanh":
+        return torch.ops.fusedrnn.rnn_tanh_forward(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
+    return torch.ops.fusedrnn.rnn_relu_forward(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)

@@ -6,7 +6,7 @@ a PackedSequence holds and what a full-length [T, B, F] batch is once
 reshaped. The modules (fusedrnn.modules) turn user input into this form.
 """
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,36 +21,73 @@ GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 LayerWeights = Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]
 
 
+# ---- autocast ---------------------------------------------------------------------------------
+# One contract on every device: under torch.autocast for the input's device type, the layers run
+# in the autocast dtype. As autocast does for every op it casts, floating tensors (input, states,
+# weights) of any precision but float64 are cast to that dtype and float64 ones are left alone; so
+# a float64 model with float64 input stays float64, and float64 mixed with anything else is a
+# dtype mismatch, as outside autocast. The ops have no autocast kernel: the casts happen here.
+# (torch.nn is not consistent: on the CPU, nn.LSTM fails on float32 input under bfloat16 autocast
+# while nn.GRU and the cells run float32 and nn.RNN runs bfloat16; nn's CUDA RNNs return float16
+# under bfloat16 autocast.) TorchScript does not see autocast: scripted modules run in their
+# parameters' dtype.
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype the layers run in under torch.autocast for `device_type`, or None outside autocast."""
+    if not torch.jit.is_scripting():
+        # is_autocast_enabled raises for device types autocast does not know (e.g. "meta").
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def run_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype a floating tensor of `dtype` on `device_type` runs in (see the contract above)."""
+    cast_to = autocast_dtype(device_type)
+    if cast_to is None or dtype == torch.float64:
+        return dtype
+    return cast_to
+
+
+def same_run_dtype(a: torch.dtype, b: torch.dtype, device_type: str) -> bool:
+    return run_dtype(a, device_type) == run_dtype(b, device_type)
+
+
+def _autocast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == torch.float64 else t.to(dtype)
+
+
+def _autocast_optional(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else _autocast(t, dtype)
+
+
+# ---- layers -----------------------------------------------------------------------------------
+
 def layer(mode: str, input: Tensor, h0: Tensor, c0: Optional[Tensor], weights: LayerWeights, batch_sizes: Tensor,
           reverse: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """One layer, one direction. Returns (output [N, P], h_n [B, P], c_n [B, H] or None)."""
-    run_dtype = autocast_dtype(input.device.type)
-    if run_dtype is not None:
-        # The ops have no autocast rule of their own: cast their floating inputs here.
-        input, h0 = input.to(run_dtype), h0.to(run_dtype)
-        c0 = c0.to(run_dtype) if c0 is not None else None
-        weights = tuple(w.to(run_dtype) if w is not None else None for w in weights)  # type: ignore[assignment]
     w_ih, w_hh, b_ih, b_hh, w_hr = weights
+    if not torch.jit.is_scripting():
+        cast_to = autocast_dtype(input.device.type)
+        if cast_to is not None:
+            input, h0, w_ih, w_hh = (_autocast(input, cast_to), _autocast(h0, cast_to), _autocast(w_ih, cast_to),
+                                     _autocast(w_hh, cast_to))
+            c0, b_ih, b_hh, w_hr = (_autocast_optional(c0, cast_to), _autocast_optional(b_ih, cast_to),
+                                    _autocast_optional(b_hh, cast_to), _autocast_optional(w_hr, cast_to))
     if mode == "LSTM":
         assert c0 is not None
         return _ops.lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
     if mode == "GRU":
         out, h = _ops.gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
+    elif mode == "RNN_TANH":
+        out, h = _ops.rnn_layer("tanh", input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
     else:
-        out, h = _ops.rnn_layer("tanh" if mode == "RNN_TANH" else "relu", input, h0, w_ih, w_hh, b_ih, b_hh,
-                                batch_sizes, reverse)
+        out, h = _ops.rnn_layer("relu", input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
     return out, h, None
 
 
-def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The dtype to run in under torch.autocast on CUDA (as nn.LSTM does there), else None."""
-    if device_type == "cuda" and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
 def rnn_packed(mode: str, data: Tensor, batch_sizes: Tensor, hx: Tensor, cx: Optional[Tensor],
-               weights: Sequence[LayerWeights], num_layers: int, bidirectional: bool, dropout: float,
+               weights: List[LayerWeights], num_layers: int, bidirectional: bool, dropout: float,
                training: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """A stack of `num_layers` (bi)directional layers over packed data.
 
@@ -62,11 +99,13 @@ def rnn_packed(mode: str, data: Tensor, batch_sizes: Tensor, hx: Tensor, cx: Opt
     c_n: List[Tensor] = []
     x = data
     for layer_index in range(num_layers):
-        outputs = []
+        outputs: List[Tensor] = []
         for direction in range(num_directions):
             k = layer_index * num_directions + direction
-            out, h, c = layer(mode, x, hx[k], cx[k] if cx is not None else None, weights[k], batch_sizes,
-                              reverse=direction == 1)
+            c0: Optional[Tensor] = None
+            if cx is not None:
+                c0 = cx[k]
+            out, h, c = layer(mode, x, hx[k], c0, weights[k], batch_sizes, direction == 1)
             outputs.append(out)
             h_n.append(h)
             if c is not None:
@@ -74,4 +113,7 @@ def rnn_packed(mode: str, data: Tensor, batch_sizes: Tensor, hx: Tensor, cx: Opt
         x = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=1)
         if dropout > 0 and training and layer_index < num_layers - 1:
             x = F.dropout(x, p=dropout, training=True)
-    return x, torch.stack(h_n), (torch.stack(c_n) if c_n else None)
+    c_stack: Optional[Tensor] = None
+    if len(c_n) > 0:
+        c_stack = torch.stack(c_n)
+    return x, torch.stack(h_n), c_stack

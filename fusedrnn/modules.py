@@ -5,27 +5,35 @@ order and initialisation as torch.nn, so a state_dict moves both ways without
 conversion and the same seed gives the same weights. forward() accepts what
 torch.nn accepts (batched 3-D, unbatched 2-D, PackedSequence, optional hx) and
 returns the same structure; it additionally takes `lengths=` for padded
-variable-length batches.
+variable-length batches. Mistakes raise the exception type torch.nn raises for
+the same mistake, with a message that says what was expected and what came.
 
 These classes deliberately do NOT subclass torch.nn.RNNBase: TorchDynamo
 refuses nn.LSTM/GRU/RNN instances, while these compile with fullgraph=True.
+
+TorchScript: forward and everything it calls is written in the TorchScript
+subset, with torch.nn's @overload pattern for Tensor / PackedSequence input.
+What only eager Python can do (non-tensor arguments, autocast, parametrized
+weights) sits behind `torch.jit.is_scripting()`, a compile-time constant there.
 """
 
 import math
 import numbers
 import warnings
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, overload
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import functional
-from .functional import GATES
+from . import _ops, functional
+from .functional import GATES, LayerWeights
 
 
-def _name(module: nn.Module) -> str:
-    return f"fusedrnn.{type(module).__name__}"
+class NotATensorError(TypeError, AttributeError):
+    """A non-tensor passed where a tensor belongs. A TypeError by meaning; also an AttributeError
+    because that is what torch.nn raises for the same mistake (it calls `.dim()` on whatever it
+    was given), so code written against torch.nn catches it too."""
 
 
 def _reset_uniform(module: nn.Module) -> None:
@@ -35,55 +43,67 @@ def _reset_uniform(module: nn.Module) -> None:
         nn.init.uniform_(weight, -stdv, stdv)
 
 
-def _check_input(module: nn.Module, input, dims: Tuple[int, ...], what: str, weight: Tensor) -> None:
-    """The input checks shared by layers and cells: a floating tensor of `dims` dimensions, its last
-    one input_size, on the parameters' device and (outside CUDA autocast) of their dtype."""
-    name = _name(module)
-    if not isinstance(input, Tensor):
-        raise TypeError(f"{name}: input must be a Tensor or a PackedSequence, got {type(input).__name__}")
-    if not input.is_floating_point():
-        raise TypeError(f"{name}: input must be a floating-point tensor, got dtype {input.dtype}")
+def _size(shape: List[int]) -> str:
+    """A shape as `(2, 3)`, the same in eager Python and TorchScript."""
+    return "(" + ", ".join([str(s) for s in shape]) + ")"
+
+
+def _require_tensor(name: str, value, arg: str) -> None:
+    if not isinstance(value, Tensor):
+        raise NotATensorError(f"{name}: {arg} must be a Tensor, got {type(value).__name__}")
+
+
+def _check_input(name: str, is_cell: bool, input: Tensor, dims: List[int], what: str, input_size: int,
+                 weight: Tensor) -> None:
+    """The input checks shared by layers and cells: a floating tensor of `dims` dimensions, its last one
+    input_size, on the parameters' device and of their dtype (or, under autocast, running in the same
+    dtype). Exception types are torch.nn's for each mistake, which differ between layers and cells."""
     if input.dim() not in dims:
         raise ValueError(f"{name}: expected input to be {what}, got {input.dim()}-D input of shape "
-                         f"{tuple(input.shape)}")
-    if input.size(-1) != module.input_size:
-        raise ValueError(f"{name}: input.size(-1) must be equal to input_size. Expected {module.input_size}, "
-                         f"got {input.size(-1)}")
-    if input.dtype != weight.dtype and functional.autocast_dtype(input.device.type) is None:
-        raise TypeError(f"{name}: input must have the dtype of the module's parameters ({weight.dtype}), "
-                        f"got {input.dtype}")
+                         f"{_size(input.shape)}")
+    if not input.is_floating_point() or not functional.same_run_dtype(input.dtype, weight.dtype,
+                                                                        input.device.type):
+        message = (f"{name}: input dtype ({input.dtype}) does not match the module's parameters' dtype "
+                   f"({weight.dtype}); convert one of them, e.g. input.to({weight.dtype})")
+        # torch.nn's layers check this themselves (ValueError) except under autocast, where the op
+        # fails (RuntimeError), as its cells' ops always do.
+        if is_cell or functional.autocast_dtype(input.device.type) is not None:
+            raise RuntimeError(message)
+        raise ValueError(message)
+    if input.size(-1) != input_size:
+        raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size. Expected {input_size}, "
+                           f"got {input.size(-1)}")
     if input.device != weight.device:
-        raise RuntimeError(f"{name}: input is on {input.device} but the module's parameters are on {weight.device}")
+        raise RuntimeError(f"{name}: input is on {input.device} but the module's parameters are on "
+                           f"{weight.device}")
 
 
-def _check_state(module: nn.Module, state, arg: str, expected: Tuple[int, ...], input: Tensor) -> None:
-    """An initial state: a tensor of the expected shape, with input's device and (outside CUDA autocast) dtype."""
-    name = _name(module)
-    if tuple(state.shape) != tuple(expected):
-        raise ValueError(f"{name}: expected {arg} of size {tuple(expected)}, got {tuple(state.shape)}")
-    if state.dtype != input.dtype and functional.autocast_dtype(input.device.type) is None:
-        raise TypeError(f"{name}: {arg} must have the dtype of input ({input.dtype}), got {state.dtype}")
+def _check_state(name: str, state: Tensor, arg: str, expected: List[int], input: Tensor) -> None:
+    """An initial state: a tensor of the expected shape, on input's device, of input's dtype (or, under
+    autocast, running in the same dtype). torch.nn raises RuntimeError for each of these mistakes."""
+    if list(state.shape) != expected:
+        raise RuntimeError(f"{name}: expected {arg} of size {_size(expected)}, got {_size(state.shape)}")
+    if not functional.same_run_dtype(state.dtype, input.dtype, input.device.type):
+        raise RuntimeError(f"{name}: {arg} must have the dtype of input ({input.dtype}), got {state.dtype}")
     if state.device != input.device:
         raise RuntimeError(f"{name}: {arg} must be on the device of input ({input.device}), got {state.device}")
 
 
-def _as_tensor_state(module: nn.Module, state, arg: str) -> Tensor:
-    if not isinstance(state, Tensor):
-        raise TypeError(f"{_name(module)}: {arg} must be a Tensor, got {type(state).__name__}")
-    return state
-
-
-def _split_lstm_state(module: nn.Module, hx) -> Tuple[object, object]:
+def _check_lstm_state_pair(name: str, hx, exception) -> None:
     if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-        raise TypeError(f"{_name(module)}: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
-    return hx[0], hx[1]
+        raise exception(f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
 
 
 class _RNNBase(nn.Module):
     """Shared machinery of LSTM, GRU and RNN (torch.nn.RNNBase's contract)."""
 
     __constants__ = ["mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
-                     "bidirectional", "proj_size"]
+                     "bidirectional", "proj_size", "_type_name"]
+    __jit_unused_properties__ = ["all_weights"]
+    _type_name = "fusedrnn.RNNBase"  # each class's name in messages (a TorchScript constant)
+    # The weights as TorchScript sees them, set by __prepare_scriptable__; eager code reads the
+    # attributes on every call instead, so that parametrizations and reassigned weights take effect.
+    _script_weights: List[LayerWeights]
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
@@ -156,12 +176,22 @@ class _RNNBase(nn.Module):
     def all_weights(self) -> List[List[nn.Parameter]]:
         return [[getattr(self, name) for name in names] for names in self._all_weights]
 
-    def _layer_weights(self) -> List[functional.LayerWeights]:
+    def _layer_weights(self) -> List[LayerWeights]:
         out = []
         for names in self._all_weights:
             w = {n.split("_l")[0]: getattr(self, n) for n in names}
             out.append((w["weight_ih"], w["weight_hh"], w.get("bias_ih"), w.get("bias_hh"), w.get("weight_hr")))
         return out
+
+    def __prepare_scriptable__(self):
+        """Called by torch.jit.script before compiling: TorchScript cannot look attributes up by a
+        computed name, so it gets the weights as a list, holding the same Parameter objects."""
+        if not _ops.COMPILED:
+            raise RuntimeError(f"{self._type_name}: torch.jit.script needs fusedrnn's compiled operators, which "
+                               f"could not be loaded ({_ops.LOAD_ERROR}); torch.jit.trace, torch.compile and "
+                               "torch.export work without them")
+        self._script_weights = self._layer_weights()
+        return self
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
@@ -180,141 +210,213 @@ class _RNNBase(nn.Module):
         return s.format(**self.__dict__)
 
     # ---- forward -------------------------------------------------------------------------
+    # The class-specific forward() splits hx into (h_0, c_0) and calls _forward_tensor or
+    # _forward_packed; both return (output, h_n, c_n or None).
 
-    @property
-    def _is_lstm(self) -> bool:
-        return self.mode == "LSTM"
-
-    def _state_shapes(self, batch: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-        d = 2 if self.bidirectional else 1
-        real = self.proj_size if self.proj_size > 0 else self.hidden_size
-        return (self.num_layers * d, batch, real), (self.num_layers * d, batch, self.hidden_size)
+    def _weights(self) -> List[LayerWeights]:
+        if torch.jit.is_scripting():
+            return self._script_weights
+        return self._layer_weights()
 
     def _check_input(self, input: Tensor, packed: bool) -> None:
+        if not torch.jit.is_scripting():
+            _require_tensor(self._type_name, input, "input")
         if packed:
-            _check_input(self, input, (2,), "2-D packed data", self.weight_ih_l0)
+            _check_input(self._type_name, False, input, [2], "2-D packed data", self.input_size, self.weight_ih_l0)
         else:
-            _check_input(self, input, (2, 3), "2-D (unbatched) or 3-D (batched)", self.weight_ih_l0)
+            _check_input(self._type_name, False, input, [2, 3], "2-D (unbatched) or 3-D (batched)",
+                         self.input_size, self.weight_ih_l0)
 
-    def _check_state(self, state, arg: str, expected: Tuple[int, ...], input: Tensor, batched: bool) -> Tensor:
-        name = _name(self)
-        state = _as_tensor_state(self, state, arg)
+    def _initial_state(self, h0: Optional[Tensor], c0: Optional[Tensor], batch: int, input: Tensor,
+                       batched: bool) -> Tuple[Tensor, Optional[Tensor], bool]:
+        """(h_0, c_0 or None, given): the caller's states checked and made batched, or zeros."""
+        d = 2 if self.bidirectional else 1
+        real_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        is_lstm = self.mode == "LSTM"
+        if h0 is None:
+            h = torch.zeros((self.num_layers * d, batch, real_size), dtype=input.dtype, device=input.device)
+            c: Optional[Tensor] = None
+            if is_lstm:
+                c = torch.zeros((self.num_layers * d, batch, self.hidden_size), dtype=input.dtype,
+                                device=input.device)
+            return h, c, False
+        h = self._check_state(h0, "h_0" if is_lstm else "hx", [self.num_layers * d, batch, real_size], input,
+                              batched)
+        if c0 is not None:
+            c0 = self._check_state(c0, "c_0", [self.num_layers * d, batch, self.hidden_size], input, batched)
+        return h, c0, True
+
+    def _check_state(self, state: Tensor, arg: str, expected: List[int], input: Tensor, batched: bool) -> Tensor:
+        name = self._type_name
+        if not torch.jit.is_scripting():
+            _require_tensor(name, state, arg)
         if not batched:
             if state.dim() != 2:
-                raise ValueError(f"{name}: for unbatched 2-D input, {arg} should also be 2-D but got "
-                                 f"{state.dim()}-D tensor")
+                raise RuntimeError(f"{name}: for unbatched 2-D input, {arg} should also be 2-D but got "
+                                   f"{state.dim()}-D tensor")
             state = state.unsqueeze(1)
         elif state.dim() != 3:
-            raise ValueError(f"{name}: for batched 3-D input, {arg} should also be 3-D but got {state.dim()}-D "
-                             "tensor")
-        _check_state(self, state, arg, expected, input)
+            raise RuntimeError(f"{name}: for batched 3-D input, {arg} should also be 3-D but got {state.dim()}-D "
+                               "tensor")
+        _check_state(name, state, arg, expected, input)
         return state
 
-    def _initial_state(self, hx, batch: int, input: Tensor, batched: bool) -> Tuple[Tensor, Optional[Tensor]]:
-        h_shape, c_shape = self._state_shapes(batch)
-        if hx is None:
-            h = torch.zeros(h_shape, dtype=input.dtype, device=input.device)
-            c = torch.zeros(c_shape, dtype=input.dtype, device=input.device) if self._is_lstm else None
-            return h, c
-        if self._is_lstm:
-            h, c = _split_lstm_state(self, hx)
-            return (self._check_state(h, "h_0", h_shape, input, batched),
-                    self._check_state(c, "c_0", c_shape, input, batched))
-        return self._check_state(hx, "hx", h_shape, input, batched), None
-
-    def _run(self, data: Tensor, batch_sizes: Tensor, h: Tensor, c: Optional[Tensor]):
-        return functional.rnn_packed(self.mode, data, batch_sizes, h, c, self._layer_weights(), self.num_layers,
+    def _run(self, data: Tensor, batch_sizes: Tensor, h: Tensor,
+             c: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        return functional.rnn_packed(self.mode, data, batch_sizes, h, c, self._weights(), self.num_layers,
                                      self.bidirectional, self.dropout, self.training)
 
-    def _pack_state(self, h: Tensor, c: Optional[Tensor]):
-        return (h, c) if self._is_lstm else h
-
-    def forward(self, input: Union[Tensor, PackedSequence], hx=None, *, lengths: Optional[Tensor] = None):
-        if isinstance(input, PackedSequence):
-            if lengths is not None:
-                raise ValueError(f"{_name(self)}: lengths must not be given with a PackedSequence input")
-            return self._forward_packed(input, hx)
+    def _forward_tensor(self, input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor],
+                        lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         if lengths is not None:
-            return self._forward_lengths(input, hx, lengths)
+            return self._forward_lengths(input, h0, c0, lengths)
         self._check_input(input, packed=False)
         batched = input.dim() == 3
         if not batched:
             x = input.unsqueeze(1)
+        elif self.batch_first:
+            x = input.transpose(0, 1)
         else:
-            x = input.transpose(0, 1) if self.batch_first else input
+            x = input
         steps, batch = x.shape[0], x.shape[1]
         if steps == 0:
-            raise ValueError(f"{_name(self)}: expected sequence length to be larger than 0, got input of shape "
-                             f"{tuple(input.shape)}")
-        h0, c0 = self._initial_state(hx, batch, x, batched)
+            raise RuntimeError(f"{self._type_name}: expected sequence length to be larger than 0, got input of "
+                               f"shape {_size(input.shape)}")
+        h, c, _ = self._initial_state(h0, c0, batch, x, batched)
         batch_sizes = torch.full((steps,), batch, dtype=torch.int64)
-        out, h, c = self._run(x.reshape(steps * batch, x.shape[2]), batch_sizes, h0, c0)
+        out, h, c = self._run(x.reshape(steps * batch, x.shape[2]), batch_sizes, h, c)
         out = out.view(steps, batch, out.shape[-1])
         if not batched:
             out, h = out.squeeze(1), h.squeeze(1)
-            c = c.squeeze(1) if c is not None else None
+            if c is not None:
+                c = c.squeeze(1)
         elif self.batch_first:
             out = out.transpose(0, 1)
-        return out, self._pack_state(h, c)
+        return out, h, c
 
-    def _forward_packed(self, input: PackedSequence, hx):
-        data, batch_sizes, sorted_indices, unsorted_indices = input
+    def _forward_packed(self, input: PackedSequence, h0: Optional[Tensor],
+                        c0: Optional[Tensor]) -> Tuple[PackedSequence, Tensor, Optional[Tensor]]:
+        data, batch_sizes = input.data, input.batch_sizes
+        sorted_indices, unsorted_indices = input.sorted_indices, input.unsorted_indices
         self._check_input(data, packed=True)
-        batch = int(batch_sizes[0]) if batch_sizes.numel() else 0
-        if hx is not None and sorted_indices is not None:
+        batch = int(batch_sizes[0]) if batch_sizes.numel() > 0 else 0
+        h, c, given = self._initial_state(h0, c0, batch, data, batched=True)
+        if given and sorted_indices is not None:
             # hx is given in the caller's batch order; the packed data is sorted by length.
-            if self._is_lstm and isinstance(hx, (tuple, list)) and len(hx) == 2:
-                hx = tuple(s.index_select(1, sorted_indices) if isinstance(s, Tensor) and s.dim() == 3 else s
-                           for s in hx)
-            elif isinstance(hx, Tensor) and hx.dim() == 3:
-                hx = hx.index_select(1, sorted_indices)
-        h0, c0 = self._initial_state(hx, batch, data, batched=True)
-        out, h, c = self._run(data, batch_sizes, h0, c0)
+            h = h.index_select(1, sorted_indices)
+            if c is not None:
+                c = c.index_select(1, sorted_indices)
+        out, h, c = self._run(data, batch_sizes, h, c)
         if unsorted_indices is not None:
             h = h.index_select(1, unsorted_indices)
-            c = c.index_select(1, unsorted_indices) if c is not None else None
-        return PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), self._pack_state(h, c)
+            if c is not None:
+                c = c.index_select(1, unsorted_indices)
+        return PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), h, c
 
-    def _forward_lengths(self, input: Tensor, hx, lengths: Tensor):
+    def _forward_lengths(self, input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor],
+                         lengths: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """Padded batch plus per-sequence lengths: runs only the real tokens and returns a padded
         output (zeros past each length) and the state at each sequence's last real step."""
-        name = _name(self)
+        name = self._type_name
         self._check_input(input, packed=False)
         if input.dim() != 3:
             raise ValueError(f"{name}: lengths needs batched 3-D input, got {input.dim()}-D")
-        steps, batch = (input.shape[1], input.shape[0]) if self.batch_first else (input.shape[0], input.shape[1])
-        lengths = torch.as_tensor(lengths)
+        if self.batch_first:
+            steps, batch = input.shape[1], input.shape[0]
+        else:
+            steps, batch = input.shape[0], input.shape[1]
+        if not torch.jit.is_scripting():
+            lengths = torch.as_tensor(lengths)
         if lengths.dim() != 1 or lengths.numel() != batch or lengths.is_floating_point():
             raise ValueError(f"{name}: lengths must be a 1-D integer tensor of {batch} sequence lengths, got "
-                             f"{lengths.dtype} of shape {tuple(lengths.shape)}")
-        lengths = lengths.to("cpu", torch.int64)
-        if batch and (int(lengths.min()) < 1 or int(lengths.max()) > steps):
+                             f"{lengths.dtype} of shape {_size(lengths.shape)}")
+        lengths = lengths.to(device=torch.device("cpu"), dtype=torch.int64)
+        if batch > 0 and (int(lengths.min()) < 1 or int(lengths.max()) > steps):
             raise ValueError(f"{name}: every length must be in [1, {steps}] (the padded sequence length), got "
                              f"min {int(lengths.min())} and max {int(lengths.max())}")
         packed = pack_padded_sequence(input, lengths, batch_first=self.batch_first, enforce_sorted=False)
-        out, state = self._forward_packed(packed, hx)
+        out, h, c = self._forward_packed(packed, h0, c0)
         padded, _ = pad_packed_sequence(out, batch_first=self.batch_first, total_length=steps)
-        return padded, state
+        return padded, h, c
+
+
+def _no_lengths_with_packed(name: str, lengths: Optional[Tensor]) -> None:
+    if lengths is not None:
+        raise ValueError(f"{name}: lengths must not be given with a PackedSequence input")
 
 
 class LSTM(_RNNBase):
     """Drop-in for torch.nn.LSTM (gates i, f, g, o; proj_size supported)."""
 
+    _type_name = "fusedrnn.LSTM"
+
     def __init__(self, *args, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
+
+    @overload  # type: ignore[override]
+    @torch._jit_internal._overload_method  # noqa: F811
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None,
+                lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:  # noqa: F811
+        pass
+
+    @overload
+    @torch._jit_internal._overload_method  # noqa: F811
+    def forward(self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]] = None,  # noqa: F811
+                lengths: Optional[Tensor] = None) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
+        pass
+
+    def forward(self, input, hx=None, lengths=None):  # noqa: F811
+        h0: Optional[Tensor] = None
+        c0: Optional[Tensor] = None
+        if hx is not None:
+            if not torch.jit.is_scripting():
+                _check_lstm_state_pair(self._type_name, hx, RuntimeError)  # torch.nn.LSTM's type for it
+            h0, c0 = hx[0], hx[1]
+        if isinstance(input, PackedSequence):
+            _no_lengths_with_packed(self._type_name, lengths)
+            packed, h, c = self._forward_packed(input, h0, c0)
+            assert c is not None
+            return packed, (h, c)
+        out, h, c = self._forward_tensor(input, h0, c0, lengths)
+        assert c is not None
+        return out, (h, c)
 
 
 class GRU(_RNNBase):
     """Drop-in for torch.nn.GRU (PyTorch's / cuDNN's variant: reset applied after the W_hn matmul)."""
+
+    _type_name = "fusedrnn.GRU"
 
     def __init__(self, *args, **kwargs):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
 
+    @overload  # type: ignore[override]
+    @torch._jit_internal._overload_method  # noqa: F811
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:  # noqa: F811
+        pass
+
+    @overload
+    @torch._jit_internal._overload_method  # noqa: F811
+    def forward(self, input: PackedSequence, hx: Optional[Tensor] = None,  # noqa: F811
+                lengths: Optional[Tensor] = None) -> Tuple[PackedSequence, Tensor]:
+        pass
+
+    def forward(self, input, hx=None, lengths=None):  # noqa: F811
+        if isinstance(input, PackedSequence):
+            _no_lengths_with_packed(self._type_name, lengths)
+            packed, h, _ = self._forward_packed(input, hx, None)
+            return packed, h
+        out, h, _ = self._forward_tensor(input, hx, None, lengths)
+        return out, h
+
 
 class RNN(_RNNBase):
     """Drop-in for torch.nn.RNN (Elman network, nonlinearity 'tanh' or 'relu')."""
+
+    _type_name = "fusedrnn.RNN"
 
     def __init__(self, *args, **kwargs):
         if "proj_size" in kwargs:
@@ -327,13 +429,34 @@ class RNN(_RNNBase):
             raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
         super().__init__("RNN_TANH" if self.nonlinearity == "tanh" else "RNN_RELU", *args, **kwargs)
 
+    @overload  # type: ignore[override]
+    @torch._jit_internal._overload_method  # noqa: F811
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:  # noqa: F811
+        pass
+
+    @overload
+    @torch._jit_internal._overload_method  # noqa: F811
+    def forward(self, input: PackedSequence, hx: Optional[Tensor] = None,  # noqa: F811
+                lengths: Optional[Tensor] = None) -> Tuple[PackedSequence, Tensor]:
+        pass
+
+    def forward(self, input, hx=None, lengths=None):  # noqa: F811
+        if isinstance(input, PackedSequence):
+            _no_lengths_with_packed(self._type_name, lengths)
+            packed, h, _ = self._forward_packed(input, hx, None)
+            return packed, h
+        out, h, _ = self._forward_tensor(input, hx, None, lengths)
+        return out, h
+
 
 # ---- cells ------------------------------------------------------------------------------------
 
 class _CellBase(nn.Module):
     """One time step: runs the layer op over a one-step sequence."""
 
-    __constants__ = ["input_size", "hidden_size", "bias"]
+    __constants__ = ["mode", "input_size", "hidden_size", "bias", "_type_name"]
+    _type_name = "fusedrnn.RNNCellBase"
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, bias: bool, device=None, dtype=None):
         super().__init__()
@@ -356,6 +479,13 @@ class _CellBase(nn.Module):
     def reset_parameters(self) -> None:
         _reset_uniform(self)
 
+    def __prepare_scriptable__(self):
+        if not _ops.COMPILED:
+            raise RuntimeError(f"{self._type_name}: torch.jit.script needs fusedrnn's compiled operators, which "
+                               f"could not be loaded ({_ops.LOAD_ERROR}); torch.jit.trace, torch.compile and "
+                               "torch.export work without them")
+        return self
+
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
         if "bias" in self.__dict__ and self.bias is not True:
@@ -364,57 +494,80 @@ class _CellBase(nn.Module):
             s += ", nonlinearity={nonlinearity}"
         return s.format(**self.__dict__)
 
-    def _check(self, input: Tensor, state, arg: str, batched: bool) -> Tensor:
-        state = _as_tensor_state(self, state, arg)
-        expected = (input.shape[0], self.hidden_size) if batched else (self.hidden_size,)
-        _check_state(self, state, arg, expected, input)
+    def _check_state(self, input: Tensor, state: Tensor, arg: str, batched: bool) -> Tensor:
+        if not torch.jit.is_scripting():
+            _require_tensor(self._type_name, state, arg)
+        if batched:
+            expected = [input.shape[0], self.hidden_size]
+        else:
+            expected = [self.hidden_size]
+        _check_state(self._type_name, state, arg, expected, input)
         return state if batched else state.unsqueeze(0)
 
-    def _step(self, input: Tensor, hx):
-        _check_input(self, input, (1, 2), "1-D (unbatched) or 2-D (batched)", self.weight_ih)
+    def _step(self, input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        if not torch.jit.is_scripting():
+            _require_tensor(self._type_name, input, "input")
+        _check_input(self._type_name, True, input, [1, 2], "1-D (unbatched) or 2-D (batched)", self.input_size,
+                     self.weight_ih)
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
         batch = x.shape[0]
         is_lstm = self.mode == "LSTM"
-        if hx is None:
-            h0 = x.new_zeros(batch, self.hidden_size)
-            c0 = x.new_zeros(batch, self.hidden_size) if is_lstm else None
-        elif is_lstm:
-            h, c = _split_lstm_state(self, hx)
-            h0, c0 = self._check(input, h, "h_0", batched), self._check(input, c, "c_0", batched)
+        c: Optional[Tensor] = None
+        if h0 is None:
+            h = x.new_zeros(batch, self.hidden_size)
+            if is_lstm:
+                c = x.new_zeros(batch, self.hidden_size)
         else:
-            h0, c0 = self._check(input, hx, "hx", batched), None
-        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
+            h = self._check_state(input, h0, "h_0" if is_lstm else "hx", batched)
+            if c0 is not None:
+                c = self._check_state(input, c0, "c_0", batched)
+        weights: LayerWeights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
         batch_sizes = torch.full((1,), batch, dtype=torch.int64)
-        _, h, c = functional.layer(self.mode, x, h0, c0, weights, batch_sizes, reverse=False)
+        _, h, c = functional.layer(self.mode, x, h, c, weights, batch_sizes, False)
         if not batched:
             h = h.squeeze(0)
-            c = c.squeeze(0) if c is not None else None
-        return (h, c) if is_lstm else h
+            if c is not None:
+                c = c.squeeze(0)
+        return h, c
 
 
 class LSTMCell(_CellBase):
     """Drop-in for torch.nn.LSTMCell."""
 
+    _type_name = "fusedrnn.LSTMCell"
+
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None):
         super().__init__("LSTM", input_size, hidden_size, bias, device, dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
-        return self._step(input, hx)
+        h0: Optional[Tensor] = None
+        c0: Optional[Tensor] = None
+        if hx is not None:
+            if not torch.jit.is_scripting():
+                _check_lstm_state_pair(self._type_name, hx, TypeError)  # torch.nn.LSTMCell's type for it
+            h0, c0 = hx[0], hx[1]
+        h, c = self._step(input, h0, c0)
+        assert c is not None
+        return h, c
 
 
 class GRUCell(_CellBase):
     """Drop-in for torch.nn.GRUCell."""
 
+    _type_name = "fusedrnn.GRUCell"
+
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None):
         super().__init__("GRU", input_size, hidden_size, bias, device, dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
-        return self._step(input, hx)
+        return self._step(input, hx, None)[0]
 
 
 class RNNCell(_CellBase):
     """Drop-in for torch.nn.RNNCell."""
+
+    _type_name = "fusedrnn.RNNCell"
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
                  device=None, dtype=None):
@@ -425,4 +578,4 @@ class RNNCell(_CellBase):
                          device, dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
-        return self._step(input, hx)
+        return self._step(input, hx, None)[0]

@@ -165,6 +165,23 @@ def test_nan_in_input_propagates_like_torch_nn(cell):
     assert o2.isnan().any()
 
 
+def test_parametrized_weights_match_torch_nn():
+    """The modules look their weights up on every call (TorchScript alone gets a fixed list), so a
+    parametrization such as weight_norm takes effect, and its parameters get gradients."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    ref, ours = make_pair("gru", 3, 5, num_layers=2)
+    for m in (ref, ours):
+        weight_norm(m, "weight_hh_l1")
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    expected, got = ref(x)[0], ours(x)[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    g_ref = torch.autograd.grad(expected.sum(), list(ref.parametrizations.weight_hh_l1.parameters()))
+    g_ours = torch.autograd.grad(got.sum(), list(ours.parametrizations.weight_hh_l1.parameters()))
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
 def test_lengths_keyword_matches_packing_by_hand():
     ref, ours = make_pair("gru", 3, 5, batch_first=True, num_layers=2, bidirectional=True)
     x = torch.randn(4, 6, 3, dtype=torch.float64)
@@ -188,30 +205,37 @@ def _lstm_cell():
     return fusedrnn.LSTMCell(3, 5)
 
 
+# Exception types are torch.nn's for the same mistake (tests/test_compat.py checks that against
+# torch.nn itself); this table checks our messages.
 BAD_INPUTS = [
-    (_lstm_cell, lambda: (torch.randn(2, 4),), ValueError, "input.size\\(-1\\) must be equal to input_size"),
+    (_lstm_cell, lambda: (torch.randn(2, 4),), RuntimeError, "input.size\\(-1\\) must be equal to input_size"),
     (_lstm_cell, lambda: (torch.randn(2, 3, 1),), ValueError, "1-D \\(unbatched\\) or 2-D \\(batched\\), got 3-D"),
-    (_lstm_cell, lambda: (torch.ones(2, 3, dtype=torch.int64),), TypeError, "floating-point tensor"),
+    (_lstm_cell, lambda: (torch.ones(2, 3, dtype=torch.int64),), RuntimeError,
+     "input dtype \\(torch.int64\\) does not match the module's parameters' dtype \\(torch.float32\\)"),
     (_lstm_cell, lambda: (torch.randn(2, 3), torch.randn(2, 5)), TypeError, "hx must be a tuple \\(h_0, c_0\\)"),
-    (_lstm_cell, lambda: (torch.randn(2, 3), (torch.randn(2, 5), torch.randn(3, 5))), ValueError,
-     "expected c_0 of size \\(2, 5\\)"),
-    (_lstm_cell, lambda: (torch.randn(2, 3), (torch.randn(2, 5), torch.randn(2, 5, dtype=torch.float64))), TypeError,
-     "c_0 must have the dtype of input"),
-    (_gru, lambda: (torch.randn(4, 2, 7),), ValueError, "input.size\\(-1\\) must be equal to input_size"),
+    (_lstm_cell, lambda: (torch.randn(2, 3), (torch.randn(2, 5), torch.randn(3, 5))), RuntimeError,
+     "expected c_0 of size \\(2, 5\\), got \\(3, 5\\)"),
+    (_lstm_cell, lambda: (torch.randn(2, 3), (torch.randn(2, 5), torch.randn(2, 5, dtype=torch.float64))),
+     RuntimeError, "c_0 must have the dtype of input"),
+    (_lstm_cell, lambda: ([1.0, 2.0, 3.0],), TypeError, "input must be a Tensor, got list"),
+    (_gru, lambda: (torch.randn(4, 2, 7),), RuntimeError, "input.size\\(-1\\) must be equal to input_size"),
     (_gru, lambda: (torch.randn(4),), ValueError, "2-D \\(unbatched\\) or 3-D \\(batched\\), got 1-D"),
     (_gru, lambda: (torch.randn(4, 2, 3, 1),), ValueError, "got 4-D"),
-    (_gru, lambda: (torch.ones(4, 2, 3, dtype=torch.int64),), TypeError, "floating-point tensor, got dtype torch.int64"),
-    (_gru, lambda: (torch.randn(4, 2, 3, dtype=torch.float64),), TypeError, "dtype of the module's parameters"),
-    (_gru, lambda: (torch.randn(4, 2, 3), torch.randn(2, 3, 5)), ValueError, "expected hx of size \\(2, 2, 5\\)"),
-    (_gru, lambda: (torch.randn(4, 2, 3), torch.randn(2, 5)), ValueError, "hx should also be 3-D"),
-    (_gru, lambda: (torch.randn(4, 3), torch.randn(2, 1, 5)), ValueError, "hx should also be 2-D"),
-    (_gru, lambda: (torch.randn(4, 2, 3), torch.randn(2, 2, 5, dtype=torch.float64)), TypeError,
+    (_gru, lambda: (torch.ones(4, 2, 3, dtype=torch.int64),), ValueError,
+     "input dtype \\(torch.int64\\) does not match"),
+    (_gru, lambda: (torch.randn(4, 2, 3, dtype=torch.float64),), ValueError, "input.to\\(torch.float32\\)"),
+    (_gru, lambda: (torch.randn(4, 2, 3), torch.randn(2, 3, 5)), RuntimeError,
+     "expected hx of size \\(2, 2, 5\\), got \\(2, 3, 5\\)"),
+    (_gru, lambda: (torch.randn(4, 2, 3), torch.randn(2, 5)), RuntimeError, "hx should also be 3-D"),
+    (_gru, lambda: (torch.randn(4, 3), torch.randn(2, 1, 5)), RuntimeError, "hx should also be 2-D"),
+    (_gru, lambda: (torch.randn(4, 2, 3), torch.randn(2, 2, 5, dtype=torch.float64)), RuntimeError,
      "hx must have the dtype of input"),
     (_gru, lambda: (torch.randn(4, 2, 3), torch.randn(2, 2, 5, device="meta")), RuntimeError,
      "hx must be on the device of input"),
-    (_gru, lambda: (torch.randn(0, 2, 3),), ValueError, "sequence length to be larger than 0"),
-    (_lstm, lambda: (torch.randn(4, 2, 3), torch.randn(2, 2, 5)), TypeError, "hx must be a tuple \\(h_0, c_0\\)"),
-    (_lstm, lambda: (torch.randn(4, 2, 3), (torch.randn(2, 2, 5), torch.randn(2, 2, 4))), ValueError,
+    (_gru, lambda: (torch.randn(0, 2, 3),), RuntimeError, "sequence length to be larger than 0"),
+    (_gru, lambda: (torch.randn(4, 2, 3), 3), TypeError, "hx must be a Tensor, got int"),
+    (_lstm, lambda: (torch.randn(4, 2, 3), torch.randn(2, 2, 5)), RuntimeError, "hx must be a tuple \\(h_0, c_0\\)"),
+    (_lstm, lambda: (torch.randn(4, 2, 3), (torch.randn(2, 2, 5), torch.randn(2, 2, 4))), RuntimeError,
      "expected c_0 of size \\(2, 2, 5\\)"),
 ]
 

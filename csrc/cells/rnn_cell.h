@@ -29,8 +29,10 @@ struct RnnCell {
     const int64_t k = b * p.hidden + j;
     const A dh = A(p.grad_out[k]) + A(p.grad_h_state[k]);
     const A h = A(p.out[k]);
-    // Derivatives from the output alone: tanh' = 1 - h^2, relu' = [h > 0].
-    p.grad_gates[k] = T(kRelu ? (h > A(0) ? dh : A(0)) : dh * (A(1) - h * h));
+    // Derivatives from the output alone: tanh' = 1 - h^2, relu' = [h > 0]. relu is written as
+    // torch's threshold_backward(grad, result, 0) is, `h <= 0 ? 0 : grad`, so that a NaN
+    // pre-activation (h = relu(NaN) = NaN) passes the gradient through as torch.relu does.
+    p.grad_gates[k] = T(kRelu ? (h <= A(0) ? A(0) : dh) : dh * (A(1) - h * h));
   }
 };
 
