@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import functional
+from . import functional, onnx
 from .functional import GATES
 
 
@@ -230,6 +230,8 @@ class _RNNBase(nn.Module):
         return (h, c) if self._is_lstm else h
 
     def forward(self, input: Union[Tensor, PackedSequence], hx=None, *, lengths: Optional[Tensor] = None):
+        if isinstance(input, PackedSequence) or lengths is not None:
+            onnx.reject_variable_lengths(_name(self))
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError(f"{_name(self)}: lengths must not be given with a PackedSequence input")

@@ -162,6 +162,17 @@ def _layer_graph(e: _Emitter, op_name: str, input, h0, c0, w_ih, w_hh, b_ih, b_h
     return output, h_n
 
 
+def reject_variable_lengths(module_name: str) -> None:
+    """Raises inside an ONNX export that traces a PackedSequence or `lengths=` input (the modules call
+    this). Neither exporter can capture it: torch.export cannot trace the data-dependent packing
+    (nor can it for torch.nn), and the TorchScript exporter pairs packing only with torch.nn's RNN ops."""
+    torch_onnx = sys.modules.get("torch.onnx")  # not imported: not exporting
+    if torch_onnx is not None and torch_onnx.is_in_onnx_export():
+        raise RuntimeError(
+            f"{module_name}: a PackedSequence or lengths= input cannot be exported to ONNX; export the model on "
+            "a padded batch instead (the ONNX model then runs every sequence for the padded length)")
+
+
 # ---- the torch.export-based exporter (dynamo=True): onnxscript, traced ---------------------------
 
 class _OnnxscriptEmitter(_Emitter):

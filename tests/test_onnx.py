@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fusedrnn
 from conftest import tolerances
@@ -249,3 +249,25 @@ def test_registration_is_automatic_and_lazy():
     result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+class PackedInput(nn.Module):
+    def __init__(self, lengths_keyword: bool):
+        super().__init__()
+        self.rnn = fusedrnn.GRU(I, H)
+        self.lengths_keyword = lengths_keyword
+
+    def forward(self, x, lengths):
+        if self.lengths_keyword:
+            return self.rnn(x, lengths=lengths)[0]
+        return self.rnn(pack_padded_sequence(x, lengths, enforce_sorted=False))[0].data
+
+
+@pytest.mark.parametrize("lengths_keyword", [False, True], ids=["packed", "lengths"])
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_variable_length_input_is_a_clear_error(exporter, lengths_keyword):
+    # Not supported: torch.export cannot capture packing (for torch.nn neither), and the TorchScript
+    # exporter's packing pass knows only torch.nn's RNN ops.
+    model = PackedInput(lengths_keyword).eval()
+    with pytest.raises(RuntimeError, match="PackedSequence or lengths= input cannot be exported to ONNX"):
+        _export(model, (torch.randn(4, 2, I), torch.tensor([4, 2])), exporter, {"x": {}, "lengths": {}})
