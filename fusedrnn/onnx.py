@@ -17,7 +17,9 @@ For a full batch (the only kind torch.export can capture, as PackedSequence inpu
 exported, neither with torch.nn nor with fusedrnn) that is a plain permutation, and the graph stays
 correct for any `batch_sizes`, e.g. a constant ragged one passed to fusedrnn.functional.
 
-Not exported: LSTM `proj_size` (the ONNX LSTM has no projection): a clear error.
+LSTM `proj_size`, which the ONNX LSTM lacks, is decomposed exactly (see `_layer_graph`) into the
+ONNX LSTM on the unprojected state plus MatMuls. PackedSequence or `lengths=` input cannot be
+exported: a clear error (`reject_variable_lengths`).
 
 Registration is deferred until the exporter's own modules are imported (`_after_import`), so that
 `import fusedrnn` does not pay for importing onnxscript (about 0.6 s) when nobody exports.
@@ -42,7 +44,8 @@ _OPS = {
     "rnn_relu_forward": ("RNN", "Relu"),
 }
 
-_ONNX_INT32 = 6  # onnx.TensorProto.INT32: the type of sequence_lens.
+_ONNX_INT32 = 6  # onnx.TensorProto.INT32: the type of sequence_lens
+_ONNX_INT64 = 7
 
 _MIN_OPSET = 13  # Unsqueeze, Squeeze and ReduceSum with axes as an input.
 
@@ -102,14 +105,13 @@ def _layer_graph(e: _Emitter, op_name: str, input, h0, c0, w_ih, w_hh, b_ih, b_h
                  reverse: bool) -> Tuple:
     """The ONNX nodes for one fusedrnn forward op; returns its (output, h_n[, c_n])."""
     mode, activation = _OPS[op_name]
-    if w_hr is not None and not e.is_none(w_hr):
-        raise _export_error(op_name, "LSTM with proj_size > 0 has no ONNX equivalent (the ONNX LSTM operator has "
-                                     "no projection); export a model without proj_size")
     if e.opset < _MIN_OPSET:
         raise _export_error(op_name, f"needs ONNX opset {_MIN_OPSET} or later, got opset_version={e.opset}")
-    hidden_size = e.static_dim(w_hh, 1)
-    if hidden_size is None:
-        raise _export_error(op_name, "the hidden size (w_hh.shape[1]) must be static")
+    gate_rows = e.static_dim(w_hh, 0)
+    if gate_rows is None:
+        raise _export_error(op_name, "the weights' shapes must be static")
+    hidden_size = gate_rows // len(_GATE_ORDER[mode])
+    projected = w_hr is not None and not e.is_none(w_hr)
 
     # Packed rows -> padded [T, B, I]. Slot (t, b) holds packed row offsets[t] + b, where
     # offsets = exclusive cumulative sum of batch_sizes; slots past a sequence's end (b >= batch_sizes[t])
@@ -124,13 +126,13 @@ def _layer_graph(e: _Emitter, op_name: str, input, h0, c0, w_ih, w_hh, b_ih, b_h
     offsets = e.op("CumSum", step_sizes, e.scalar(0), exclusive=1)                 # [T, 1]
     last_row = e.op("Sub", tokens, e.ints([1]))
     slot_rows = e.op("Min", e.op("Add", offsets, rows_2d), last_row)             # [T, B]
-    padded_input = e.op("Gather", input, slot_rows, axis=0)                       # [T, B, I]
+    x = e.op("Gather", input, slot_rows, axis=0)                                  # [T, B, I]
     active = e.op("Less", rows_2d, step_sizes)                                    # [T, B] bool
-    sequence_lens = e.op("ReduceSum", e.op("Cast", active, to=_ONNX_INT32), e.ints([0]), keepdims=0)  # [B]
+    lengths = e.op("ReduceSum", e.op("Cast", active, to=_ONNX_INT64), e.ints([0]), keepdims=0)  # [B]
 
     # Weights as ONNX wants them: W [1, G*H, I], R [1, G*H, H], B [1, 2*G*H] = [Wb, Rb].
-    w = e.op("Unsqueeze", _reordered(e, w_ih, mode, hidden_size), e.ints([0]))
-    r = e.op("Unsqueeze", _reordered(e, w_hh, mode, hidden_size), e.ints([0]))
+    w = _reordered(e, w_ih, mode, hidden_size)
+    r = _reordered(e, w_hh, mode, hidden_size)
     has_b_ih, has_b_hh = not e.is_none(b_ih), not e.is_none(b_hh)
     if has_b_ih or has_b_hh:
         # ONNX takes both biases or neither: a missing one is zeros of the other's size and dtype.
@@ -141,14 +143,37 @@ def _layer_graph(e: _Emitter, op_name: str, input, h0, c0, w_ih, w_hh, b_ih, b_h
         bias = e.op("Unsqueeze", e.op("Concat", b_ih_, b_hh_, axis=0), e.ints([0]))
     else:
         bias = e.none()
+    initial_h = e.op("Unsqueeze", h0, e.ints([0]))                                # [1, B, H]
+
+    if projected:
+        # The ONNX LSTM has no projection (h_t = W_hr (o * tanh(c_t)), of size P < H), but an exact
+        # decomposition runs it on the unprojected state u_t = o * tanh(c_t), h_t = W_hr u_t:
+        # - recurrence: W_hh h_{t-1} = (W_hh W_hr) u_{t-1}, so R = W_hh W_hr [G*H, H];
+        # - the given (projected) initial state h0 enters as an extra input, [x_t, e_t] with
+        #   W = [W_ih, W_hh] and e_t = h0 at each sequence's first step (t = 0, or its last step when
+        #   reversed), zero elsewhere; the ONNX initial_h is zero, so R u_init adds nothing;
+        # - outputs and h_n are projected after the operator: u W_hr^T.
+        steps = e.op("Shape", batch_sizes)                                        # [1]: T
+        step_index = e.op("Unsqueeze", e.op("Range", e.scalar(0), e.op("Squeeze", steps, e.ints([0])),
+                                              e.scalar(1)), e.ints([1]))      # [T, 1]
+        first_step = e.op("Sub", lengths, e.ints([1])) if reverse else e.ints([0])  # [B] or [1]
+        is_first = e.op("Unsqueeze", e.op("Equal", step_index, e.op("Unsqueeze", first_step, e.ints([0]))),
+                        e.ints([2]))                                              # [T, B, 1]
+        extra_input = e.op("Where", is_first, initial_h, _zeros_like(e, initial_h))  # [T, B, P]
+        x = e.op("Concat", x, extra_input, axis=2)
+        w = e.op("Concat", w, r, axis=1)
+        r = e.op("MatMul", r, w_hr)
+        initial_h = e.none()
+        w_hr_t = e.op("Transpose", w_hr, perm=[1, 0])                           # [H, P]
 
     attributes = {"hidden_size": hidden_size, "direction": "reverse" if reverse else "forward"}
     if mode == "GRU":
         attributes["linear_before_reset"] = 1  # PyTorch's GRU: r * (W_hn h + b_hn)
     if activation is not None:
         attributes["activations"] = [activation]
-    initial_h = e.op("Unsqueeze", h0, e.ints([0]))                                # [1, B, H]
-    inputs = [padded_input, w, r, bias, sequence_lens, initial_h]
+    sequence_lens = e.op("Cast", lengths, to=_ONNX_INT32)
+    inputs = [x, e.op("Unsqueeze", w, e.ints([0])), e.op("Unsqueeze", r, e.ints([0])), bias, sequence_lens,
+              initial_h]
     if mode == "LSTM":
         inputs.append(e.op("Unsqueeze", c0, e.ints([0])))
     results = e.op(mode, *inputs, outputs=3 if mode == "LSTM" else 2, **attributes)
@@ -157,6 +182,8 @@ def _layer_graph(e: _Emitter, op_name: str, input, h0, c0, w_ih, w_hh, b_ih, b_h
     y = e.op("Reshape", results[0], e.ints([-1, hidden_size]))
     output = e.op("Compress", y, e.op("Reshape", active, e.ints([-1])), axis=0)
     h_n = e.op("Squeeze", results[1], e.ints([0]))
+    if projected:
+        output, h_n = e.op("MatMul", output, w_hr_t), e.op("MatMul", h_n, w_hr_t)
     if mode == "LSTM":
         return output, h_n, e.op("Squeeze", results[2], e.ints([0]))
     return output, h_n

@@ -33,6 +33,7 @@ TOL = tolerances(torch.float32)
 # cell -> (fusedrnn class, torch.nn class, constructor kwargs, ONNX operator, its attributes)
 LAYERS = {
     "lstm": (fusedrnn.LSTM, nn.LSTM, {}, "LSTM", {}),
+    "lstm_proj": (fusedrnn.LSTM, nn.LSTM, {"proj_size": 2}, "LSTM", {}),  # decomposed: ONNX has no projection
     "gru": (fusedrnn.GRU, nn.GRU, {}, "GRU", {"linear_before_reset": 1}),
     "rnn_tanh": (fusedrnn.RNN, nn.RNN, {"nonlinearity": "tanh"}, "RNN", {"activations": [b"Tanh"]}),
     "rnn_relu": (fusedrnn.RNN, nn.RNN, {"nonlinearity": "relu"}, "RNN", {"activations": [b"Relu"]}),
@@ -107,11 +108,11 @@ def test_layers_export_to_the_standard_operator(cell, exporter):
     cls, torch_cls, kwargs, onnx_op, onnx_attributes = LAYERS[cell]
     torch.manual_seed(0)
     model = Layers(cls, kwargs).eval()
-    is_lstm = cell == "lstm"
+    is_lstm = onnx_op == "LSTM"
 
     def inputs(batch, steps):
         args = {"x_bf": torch.randn(batch, steps, I), "x_tm": torch.randn(steps, batch, I),
-                "h0": torch.randn(1, batch, H)}
+                "h0": torch.randn(1, batch, kwargs.get("proj_size", H))}
         if is_lstm:
             args["c0"] = torch.randn(1, batch, H)
         return args
@@ -186,18 +187,24 @@ def test_cells_and_unbatched_input_export(exporter):
         torch.testing.assert_close(a, e, **TOL)
 
 
+P = 2  # proj_size
+
+
 class RaggedLSTM(nn.Module):
-    """fusedrnn.functional on packed data with a fixed ragged `batch_sizes`: exercises the sequence
-    lengths the translation derives from batch_sizes (torch.export cannot capture a PackedSequence)."""
+    """fusedrnn.functional on packed data with a fixed ragged `batch_sizes`, with and without a
+    projection: exercises the sequence lengths that the translation derives from batch_sizes, and
+    where a reversed sequence starts (torch.export cannot capture a PackedSequence)."""
 
     def __init__(self, batch_sizes):
         super().__init__()
-        self.rnn = fusedrnn.LSTM(I, H, num_layers=2, bidirectional=True)
+        self.plain = fusedrnn.LSTM(I, H, num_layers=2, bidirectional=True)
+        self.proj = fusedrnn.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=P)
         self.register_buffer("batch_sizes", batch_sizes)
 
-    def forward(self, data, h0, c0):
-        return fusedrnn.functional.rnn_packed("LSTM", data, self.batch_sizes, h0, c0, self.rnn._layer_weights(),
-                                              2, True, 0.0, False)
+    def forward(self, data, h0, c0, h0_proj):
+        return [fusedrnn.functional.rnn_packed("LSTM", data, self.batch_sizes, h, c0, rnn._layer_weights(),
+                                               2, True, 0.0, False)
+                for rnn, h in ((self.plain, h0), (self.proj, h0_proj))]
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
@@ -205,24 +212,19 @@ def test_ragged_batch_sizes_match_a_packed_sequence(exporter):
     torch.manual_seed(2)
     batch_sizes = torch.tensor([3, 3, 2, 1, 1])  # lengths 5, 3, 2
     model = RaggedLSTM(batch_sizes).eval()
-    data = torch.randn(int(batch_sizes.sum()), I)
-    h0, c0 = torch.randn(4, 3, H), torch.randn(4, 3, H)
-    proto = _export(model, (data, h0, c0), exporter, {"data": {}, "h0": {}, "c0": {}})
-    ref = _twin(model.rnn, nn.LSTM, num_layers=2, bidirectional=True)
+    inputs = {"data": torch.randn(int(batch_sizes.sum()), I), "h0": torch.randn(4, 3, H),
+              "c0": torch.randn(4, 3, H), "h0_proj": torch.randn(4, 3, P)}
+    proto = _export(model, tuple(inputs.values()), exporter, {name: {} for name in inputs})
+    expected = []
     with torch.no_grad():
-        out, (h_n, c_n) = ref(PackedSequence(data, batch_sizes), (h0, c0))
-    actual = _run(proto, {"data": data, "h0": h0, "c0": c0})
-    for a, e in zip(actual, [out.data, h_n, c_n]):
+        for rnn, h0, kwargs in ((model.plain, inputs["h0"], {}), (model.proj, inputs["h0_proj"], {"proj_size": P})):
+            ref = _twin(rnn, nn.LSTM, num_layers=2, bidirectional=True, **kwargs)
+            out, (h_n, c_n) = ref(PackedSequence(inputs["data"], batch_sizes), (h0, inputs["c0"]))
+            expected += [out.data, h_n, c_n]
+    actual = _run(proto, inputs)
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, **TOL)
-
-
-@pytest.mark.parametrize("exporter", EXPORTERS)
-def test_proj_size_is_a_clear_error(exporter):
-    # The ONNX LSTM has no projection. (torch.nn.LSTM(proj_size=...) exports with the dynamo exporter
-    # to a model that onnxruntime then rejects, and the TorchScript exporter raises.)
-    model = nn.Sequential(fusedrnn.LSTM(I, H, proj_size=2)).eval()
-    with pytest.raises(RuntimeError, match="proj_size > 0 has no ONNX equivalent"):
-        _export(model, (torch.randn(3, 2, I),), exporter, {"input": {}})
 
 
 def test_opset_before_13_is_a_clear_error():
