@@ -30,6 +30,8 @@ import sys
 import threading
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
+
 from . import _ops
 
 # torch's gate order -> ONNX's gate order, as indices of torch's gate blocks.
@@ -282,11 +284,9 @@ class _TorchScriptEmitter(_Emitter):
         return self._g.op(op_type, *inputs, outputs=outputs, **typed)
 
     def ints(self, values):
-        import torch
         return self._g.op("Constant", value_t=torch.tensor(list(values), dtype=torch.int64))
 
     def scalar(self, value):
-        import torch
         return self._g.op("Constant", value_t=torch.tensor(value, dtype=torch.int64))
 
     def static_dim(self, value, axis):
@@ -299,14 +299,14 @@ class _TorchScriptEmitter(_Emitter):
         return self._helper._is_none(value)
 
     def none(self):
-        import torch
         missing = self._g.op("prim::Constant")
         missing.setType(torch._C.OptionalType.ofTensor())  # an absent optional input, as torch's own RNN symbolics do
         return missing
 
 
 def _register_torchscript(torch_onnx) -> None:
-    """Registers a symbolic function for every forward op with the TorchScript-based exporter."""
+    """Registers a symbolic function for every forward op with the TorchScript-based exporter.
+    (symbolic_helper's _-prefixed functions are the ones torch's own symbolics use.)"""
     from torch.onnx import symbolic_helper
 
     def symbolic(op_name: str, has_cell: bool, extra_outputs: int) -> Callable:
@@ -348,7 +348,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
             if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
                 spec.loader = _CallbackLoader(spec.loader, self.callbacks.pop(fullname))
                 return spec
-            if spec is not None:
+            if spec is not None:  # a loader without exec_module (none in CPython today): no hook
                 return spec
         return None
 

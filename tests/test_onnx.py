@@ -66,6 +66,7 @@ def _export(model: nn.Module, args: tuple, exporter: str, dynamic: dict, opset_v
 
 
 def _run(proto, inputs: dict) -> list:
+    onnx.checker.check_model(proto, full_check=True)  # valid ONNX, types and shapes inferred
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     return [torch.from_numpy(out) for out in session.run(None, {k: v.numpy() for k, v in inputs.items()})]
 
