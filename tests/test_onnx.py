@@ -21,8 +21,11 @@ onnx = pytest.importorskip("onnx", reason="ONNX export tests need `pip install o
 pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs `pip install onnxscript`")
 ort = pytest.importorskip("onnxruntime", reason="ONNX export tests run the models in `pip install onnxruntime`")
 
-pytestmark = pytest.mark.skipif(not fusedrnn.backends()["compiled"],
-                                reason="exports the compiled ops; the reference fallback exports as plain torch ops")
+pytestmark = [
+    pytest.mark.skipif(not fusedrnn.backends()["compiled"],
+                       reason="exports the compiled ops; the reference fallback exports as plain torch ops"),
+    pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN"),  # nn.LSTM's, harmless
+]
 
 EXPORTERS = ["dynamo", "torchscript"]
 I, H = 3, 4
