@@ -2,7 +2,7 @@
 # The GPU check: one command on a machine with an NVIDIA GPU, from the repository root.
 #
 #     bash benchmarks/gpu_check.sh            # build + quick checks + benchmarks, about 8 minutes on an H100
-#     bash benchmarks/gpu_check.sh --full     # the same with the whole CUDA test matrix on both paths
+#     bash benchmarks/gpu_check.sh --full     # build + every CUDA test on both paths (a second call)
 #     bash benchmarks/gpu_check.sh --dry-run  # print the plan (steps, commands, time limits); runs nothing
 #     bash benchmarks/gpu_check.sh --rehearse-on-cpu --only smoke,parity   # the script's logic, no GPU
 #     bash benchmarks/gpu_check.sh --prepare-data   # here, with network: put the sentiment data in .cache/data
@@ -17,7 +17,8 @@
 #              (FUSEDRNN_CUDA_PATH=per_step|persistent), against fusedrnn.reference in float64
 #   parity     the CUDA tests on each path, with FUSEDRNN_REQUIRE_CUDA=1: a CUDA test that skips
 #              FAILS; quick: tests/test_cuda.py, tests/test_ops.py and a third of the parity
-#              matrix (initial states given: packed_hx, unbatched_hx); --full: every CUDA test
+#              matrix (initial states given: packed_hx, unbatched_hx); --full: every CUDA test,
+#              and only machine, build, loaded and parity run
 #   sanitizers compute-sanitizer memcheck (each path) and racecheck (persistent path: the per-step
 #              kernels use no shared memory) on fusedrnn's kernels only (--kernel-name kns=fusedrnn);
 #              initcheck over every kernel (it must see cuBLAS's writes to judge our reads)
@@ -32,6 +33,14 @@
 # step's log, sanitizer reports, benchmark JSON); at most 8 files. The short table prints last.
 # Exit status: 0 every step passed (absent paths allowed); 1 a step failed or timed out, or CUDA
 # cannot run; 2 nothing failed but something did not run (time budget, missing data); 64 usage.
+#
+# With the device tool (15 minutes of device time per session, about 1-2 of them to start):
+#   here, once:   bash benchmarks/gpu_check.sh --prepare-data     (writes .cache/data/rt.json)
+#   first call:   command "bash benchmarks/gpu_check.sh", timeout_s 560, carry [".cache/data"]
+#   if it exits 2 (the budget left steps out), at once on the still-warm machine, which keeps
+#   the build: "GPU_CHECK_BUDGET_S=240 bash benchmarks/gpu_check.sh --only build,bench,sentiment",
+#   timeout_s 300, carry [".cache/data"]
+#   another session: "bash benchmarks/gpu_check.sh --full", timeout_s 600 (no carry needed)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -66,7 +75,12 @@ fi
 
 OUT_DIR=${OUT:-$REPO/benchmarks/results/gpu_check}
 WORK=${GPU_CHECK_WORK:-/tmp/fusedrnn-gpu-check}
-if [ $MODE = full ]; then BUDGET_S=${GPU_CHECK_BUDGET_S:-560}; else BUDGET_S=${GPU_CHECK_BUDGET_S:-480}; fi
+if [ $MODE = full ]; then
+  BUDGET_S=${GPU_CHECK_BUDGET_S:-570}
+  ONLY=${ONLY:-machine,build,loaded,parity}
+else
+  BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
+fi
 REPORT_RESERVE_S=25   # kept back for the report and the archive
 STEPS=$WORK/steps.tsv
 DEVICE=cuda
@@ -225,7 +239,7 @@ sys.exit(0 if ok else 1)" || {
       if ! has_path "$path"; then note "parity-$path" absent "the $path path is not built into this fusedrnn"; continue; fi
       local require=1
       [ $DEVICE = cpu ] && require=0
-      step "parity-$path" $([ $MODE = full ] && echo 420 || echo 240) -- \
+      step "parity-$path" $([ $MODE = full ] && echo 300 || echo 240) -- \
         env FUSEDRNN_CUDA_PATH="${path/cpu/auto}" FUSEDRNN_REQUIRE_CUDA=$require \
         "$PY" -m pytest -q -p no:cacheprovider -rfEs "${workers[@]}" -k "$select" "${files[@]}" \
         --junitxml="$WORK/junit_parity_$path.xml"
