@@ -178,3 +178,43 @@ def test_mixed_devices_name_the_argument(on_cuda):
         expected = r"fusedrnn\.gru_forward: h0 must be on the device of input \(cuda:0\), got cpu"
     with pytest.raises(RuntimeError, match=expected):
         torch.ops.fusedrnn.gru_forward(*args)
+
+
+@requires_cuda
+@pytest.mark.parametrize("cudnn_tf32,matmul_tf32", [(True, False), (False, True)])
+def test_float32_math_follows_the_cudnn_rnn_flag_like_torch_nn(cudnn_tf32, matmul_tf32):
+    """torch.nn's CUDA RNNs (cuDNN) may use TF32 for float32 when torch.backends.cudnn.allow_tf32
+    allows it (the default); ATen's own GEMMs follow torch.backends.cuda.matmul.allow_tf32 (off by
+    default). fusedrnn follows the cuDNN flag in every GEMM (input projection, recurrent product,
+    input and weight gradients), so each output and gradient shows TF32's error (about 1e-4
+    relative) exactly when the cuDNN flag is on, whatever the matmul flag says."""
+    torch.manual_seed(0)
+    ref, ours = make_pair("lstm", 256, 256, dtype=torch.float32, device="cuda")
+    ref64 = copy.deepcopy(ref).double()
+    x = torch.randn(8, 16, 256, device="cuda")
+    weight = torch.randn(8, 16, 256, device="cuda", dtype=torch.float64)
+
+    def run(model, inp):
+        inp = inp.clone().requires_grad_(True)
+        out, _ = model(inp)
+        grads = torch.autograd.grad((out.double() * weight).sum(), [inp] + list(model.parameters()))
+        return [out] + list(grads)
+
+    def relative_errors(results, expected):
+        return [float((a.double() - e).norm() / e.norm()) for a, e in zip(results, expected)]
+
+    expected = run(ref64, x.double())
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn_tf32, matmul_tf32
+        ours_err = relative_errors(run(ours, x), expected)
+        nn_err = relative_errors(run(ref, x), expected)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    names = ["output", "grad input"] + [n for n, _ in ours.named_parameters()]
+    if cudnn_tf32:
+        assert min(ours_err) > 5e-5, f"a GEMM did not use TF32: {dict(zip(names, ours_err))}"
+        assert max(ours_err) < 5e-3 and max(nn_err) < 5e-3, (ours_err, nn_err)
+    else:
+        assert max(ours_err) < 1e-5, f"a GEMM used TF32: {dict(zip(names, ours_err))}"
+        assert max(nn_err) < 1e-5, nn_err
