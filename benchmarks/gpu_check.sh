@@ -16,8 +16,9 @@
 #   smoke      every op, forward and backward, every cell, both directions, on each CUDA path
 #              (FUSEDRNN_CUDA_PATH=per_step|persistent), against fusedrnn.reference in float64
 #   parity     the CUDA tests on each path, with FUSEDRNN_REQUIRE_CUDA=1: a CUDA test that skips
-#              FAILS; quick: tests/test_cuda.py, tests/test_ops.py and a third of the parity
-#              matrix (initial states given: packed_hx, unbatched_hx); --full: every CUDA test,
+#              FAILS; quick: tests/test_cuda.py, tests/test_ops.py and the sixth of the parity
+#              matrix that is hardest (ragged packed batches with initial states: packed_hx);
+#              --full: every CUDA test,
 #              and only machine, build, loaded and parity run
 #   sanitizers compute-sanitizer memcheck (each path) and racecheck (persistent path: the per-step
 #              kernels use no shared memory) on fusedrnn's kernels only (--kernel-name kns=fusedrnn);
@@ -93,8 +94,8 @@ want() {  # is step group $1 selected by --only?
   return 1
 }
 
-record() {  # name status seconds detail
-  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$STEPS"
+record() {  # name status seconds detail (one TSV line: tabs in the detail become spaces)
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "${4//$'\t'/ }" >> "$STEPS"
 }
 
 # step NAME TIMEOUT_S [--absent-rc N] -- COMMAND...: runs COMMAND with a time limit, its output
@@ -229,7 +230,7 @@ sys.exit(0 if ok else 1)" || {
 
   # --- parity: the CUDA tests, a skip is a failure
   if want parity; then
-    local select=${GPU_CHECK_PYTEST_K:-"cuda and (packed_hx or unbatched_hx or not test_module_matches_torch_nn)"}
+    local select=${GPU_CHECK_PYTEST_K:-"cuda and (packed_hx or not test_module_matches_torch_nn)"}
     local files=(tests/test_cuda.py tests/test_ops.py tests/test_parity.py) workers=()
     if [ $MODE = full ]; then select=${GPU_CHECK_PYTEST_K:-cuda}; files=(tests); fi
     if [ $DEVICE = cpu ]; then select=${GPU_CHECK_PYTEST_K:-"cpu and gru-1-True-False-True-packed_hx"}; fi
@@ -285,9 +286,9 @@ sys.exit(0 if ok else 1)" || {
         continue
       fi
       step "bench-float32-$path" 180 -- env FUSEDRNN_CUDA_PATH="$path" "$PY" -m benchmarks.layers --device cuda \
-        --configs sentiment,fastrnns,skewed,small_batch --reps 10 --out "gpu_layers_float32_$path" --results-dir "$WORK"
+        --configs sentiment,fastrnns,skewed --reps 7 --out "gpu_layers_float32_$path" --results-dir "$WORK"
       step "bench-bfloat16-$path" 120 -- env FUSEDRNN_CUDA_PATH="$path" "$PY" -m benchmarks.layers --device cuda \
-        --dtype bfloat16 --configs sentiment,fastrnns --reps 10 --out "gpu_layers_bfloat16_$path" --results-dir "$WORK"
+        --dtype bfloat16 --configs sentiment,fastrnns --reps 7 --out "gpu_layers_bfloat16_$path" --results-dir "$WORK"
     done
   fi
 

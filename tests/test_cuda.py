@@ -43,8 +43,8 @@ def test_autocast_contract_of_each_side(autocast_dtype, input_dtype):
     """Under torch.autocast("cuda") the two sides differ, each as documented:
     torch.nn's CUDA RNNs cast float32 work to float16 whatever the autocast dtype (the
     `_cudnn_rnn` autocast rule casts to half) and leave float64 alone; fusedrnn runs in the
-    autocast dtype for any floating input (DESIGN.md). Both stay close to float64 and give
-    the float32 parameters float32 gradients."""
+    autocast dtype for any floating input (DESIGN.md). Both stay close to float64, and the
+    parameters get gradients of their own dtype."""
     ref, ours = make_pair("lstm", 16, 32, dtype=input_dtype, device="cuda")
     x = torch.randn(20, 4, 16, device="cuda", dtype=input_dtype)
     with torch.no_grad():
