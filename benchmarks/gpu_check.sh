@@ -43,6 +43,9 @@
 #   timeout_s 300, carry [".cache/data"]
 #   another session: "bash benchmarks/gpu_check.sh --full", timeout_s 600 (no carry needed)
 set -uo pipefail
+# The whole script is one { ... } block, which bash reads completely before running it, so that
+# editing or checking out another version of this file during a run cannot derail the run.
+{
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
@@ -322,3 +325,4 @@ mkdir -p "$OUT_DIR" "$WORK"
 main 2>&1 | tee "$OUT_DIR/gpu_check.log"
 status=$(cat "$WORK/exit_status" 2>/dev/null || echo 1)
 exit "$status"
+}
