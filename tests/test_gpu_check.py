@@ -200,6 +200,8 @@ def _report_of(outcome, nodeid, longrepr, wasxfail=None):
     ("tests/test_parity.py::test_x[lstm-cuda]", True, "failed"),
     ("tests/test_cuda.py::test_non_default_stream", True, "failed"),
     ("tests/test_parity.py::test_x[lstm-cpu]", True, "skipped"),
+    ("tests/test_ops.py::test_x[cuda-lstm]", True, "failed"),
+    ("tests/test_gpu_check.py::test_smoke_and_sanitizer_workload_say_why_cuda_cannot_run", True, "skipped"),
     ("tests/test_parity.py::test_x[lstm-cuda]", False, "skipped"),
 ])
 def test_require_cuda_turns_a_cuda_skip_into_a_failure(monkeypatch, nodeid, require, outcome):
