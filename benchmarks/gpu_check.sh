@@ -39,8 +39,8 @@
 #   here, once:   bash benchmarks/gpu_check.sh --prepare-data     (writes .cache/data/rt.json)
 #   first call:   command "bash benchmarks/gpu_check.sh", timeout_s 560, carry [".cache/data"]
 #   if it exits 2 (the budget left steps out), at once on the still-warm machine, which keeps
-#   the build: "GPU_CHECK_BUDGET_S=240 bash benchmarks/gpu_check.sh --only build,bench,sentiment",
-#   timeout_s 300, carry [".cache/data"]
+#   the build (about 11 of the 15 minutes are spent by then): "GPU_CHECK_BUDGET_S=150 bash
+#   benchmarks/gpu_check.sh --only build,bench,sentiment", timeout_s 200, carry [".cache/data"]
 #   another session: "bash benchmarks/gpu_check.sh --full", timeout_s 600 (no carry needed)
 set -uo pipefail
 # The whole script is one { ... } block, which bash reads completely before running it, so that
