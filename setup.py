@@ -7,7 +7,10 @@ a GPU still compiles (and so checks) the CUDA code.
 
 Environment switches:
   FUSEDRNN_CUDA=0|1|auto   skip, force or auto-detect the CUDA build (default auto)
-  FUSEDRNN_CUDA_ARCHS      compute capabilities to build for, e.g. "9.0" or "8.0;9.0" (default "9.0")
+  FUSEDRNN_CUDA_ARCHS      compute capabilities to build for, e.g. "9.0" or "8.0;9.0" (default "9.0+PTX":
+                           sm_90 machine code plus compute_90 PTX, which newer GPUs (Blackwell)
+                           JIT-compile at load instead of failing at the first launch; older
+                           GPUs cannot run compute_90 PTX: name them, e.g. "8.0;9.0+PTX")
   CUDA_HOME                the toolkit folder; found from nvcc or /usr/local/cuda* otherwise
   MAX_JOBS                 parallel compile jobs for ninja
 
@@ -127,7 +130,7 @@ def build_extension():
     if with_cuda:
         # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
         os.environ["CUDA_HOME"] = cuda_home
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("FUSEDRNN_CUDA_ARCHS", "9.0"))
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("FUSEDRNN_CUDA_ARCHS", "9.0+PTX"))
     import torch
     from torch.utils import cpp_extension
 

@@ -53,6 +53,12 @@ struct CpuDevice {
     aten_matmul(out, a, b, bias, accumulate);
   }
 
+  // The drivers' other GEMMs (input projection, projection, weight gradients): ATen.
+  static void gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
+                   bool accumulate) {
+    aten_matmul(out, a, b, bias, accumulate);
+  }
+
   // Rows per task: about 16k elements, below which threading costs more than it saves.
   static int64_t grain(int64_t hidden) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, hidden)); }
 

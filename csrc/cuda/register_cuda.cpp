@@ -1,6 +1,7 @@
 // CUDA implementations of every fusedrnn op: the device-generic layer drivers
-// (csrc/layer/) with the CUDA pointwise kernels. GEMMs go through ATen, i.e.
-// cuBLAS on ATen's handle and the current stream; the kernels launch on the
+// (csrc/layer/) with the CUDA pointwise kernels. GEMMs run on cuBLAS with
+// ATen's handle and the current stream (float32 through fp32_gemm.h, with the
+// math torch.nn's cuDNN RNNs would use; others through ATen); the kernels launch on the
 // current stream too, so the ops are correct on any stream and capturable in
 // CUDA graphs.
 #include <ATen/cuda/CUDAContext.h>
@@ -9,6 +10,7 @@
 #include <torch/library.h>
 
 #include "../layer/layer_ops.h"
+#include "fp32_gemm.h"
 #include "pointwise_launch.h"
 
 namespace fusedrnn {
@@ -16,10 +18,16 @@ namespace fusedrnn {
 struct CudaDevice {
   using DeviceGuard = c10::cuda::OptionalCUDAGuard;
 
+  // Every GEMM, per step or not: float32 math as torch.nn's cuDNN RNNs choose it (fp32_gemm.h).
   template <typename T>
   static void matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
                      bool accumulate) {
-    aten_matmul(out, a, b, bias, accumulate);
+    cuda_gemm(out, a, b, bias, accumulate);
+  }
+
+  static void gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
+                   bool accumulate) {
+    cuda_gemm(out, a, b, bias, accumulate);
   }
 
   template <typename Cell, typename T>

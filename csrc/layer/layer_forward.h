@@ -57,6 +57,17 @@ inline void aten_matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& 
   }
 }
 
+// a @ b into a new tensor through the Device's GEMM. Every GEMM of the drivers
+// goes through Device::gemm (or the per-step Device::matmul), so that the CUDA
+// policy can choose the float32 math per call as torch.nn's cuDNN RNNs do
+// (cuda/fp32_gemm.h).
+template <typename Device>
+at::Tensor device_mm(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  Device::gemm(out, a, b, at::Tensor(), false);
+  return out;
+}
+
 template <typename Cell, typename Device>
 ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
                              const LayerWeights& w, const StepSchedule& sched, bool reverse) {
@@ -71,7 +82,7 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
 
   ForwardOutputs r;
   r.gates = new_buffer({N, G * H}, opts);
-  aten_matmul(r.gates, input, w.w_ih.t(), w.b_ih, false);
+  Device::gemm(r.gates, input, w.w_ih.t(), w.b_ih, false);
   r.output = new_buffer({N, P}, opts);
   r.h_n = h0.clone(at::MemoryFormat::Contiguous);  // the running state; final state at the end
   r.c_n = is_lstm ? c0.clone(at::MemoryFormat::Contiguous) : at::Tensor();
@@ -109,7 +120,7 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
 
       if (has_proj) {
         at::Tensor out_t = rows(r.output, off, bs);
-        at::mm_out(out_t, rows(proj_in, 0, bs), w.w_hr.t());
+        Device::gemm(out_t, rows(proj_in, 0, bs), w.w_hr.t(), at::Tensor(), false);
         rows(r.h_n, 0, bs).copy_(out_t);
       }
     }
