@@ -60,7 +60,8 @@ template <typename Cell, typename T>
 DeviceLimits device_limits() {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   cudaFuncAttributes attr{};
-  C10_CUDA_CHECK(forward_attributes<Cell, T>(&attr));
+  const cudaError_t err = forward_attributes<Cell, T>(&attr);
+  C10_CUDA_CHECK(err);
   DeviceLimits d;
   d.sm_count = prop->multiProcessorCount;
   d.shared_optin_bytes = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
@@ -107,7 +108,8 @@ struct CudaLaunch {
     if constexpr (std::is_same_v<T, double>) {
       TORCH_CHECK(false, "fusedrnn: the persistent kernel has no float64 version (the plan should have refused it)");
     } else {
-      C10_CUDA_CHECK(launch_forward<Cell, T>(p, plan.grid, plan.shared_bytes, at::cuda::getCurrentCUDAStream()));
+      const cudaError_t err = launch_forward<Cell, T>(p, plan.grid, plan.shared_bytes, at::cuda::getCurrentCUDAStream());
+      C10_CUDA_CHECK(err);
     }
   }
 };
