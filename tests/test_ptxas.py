@@ -59,8 +59,10 @@ def compile_resources(cu):
     """{kernel symbol: {registers, stack, spill_stores, spill_loads, smem}} from ptxas -v, device code only."""
     from torch.utils.cpp_extension import include_paths
 
-    cmd = [NVCC, "-cubin", "-arch=sm_90", "-O3", "--expt-relaxed-constexpr", "-std=c++17", "-Xptxas", "-v",
-           "-I", os.path.join(ROOT, "csrc"), "-o", os.devnull, cu]
+    # The flags setup.py (torch's CUDAExtension) compiles with, device code only.
+    cmd = [NVCC, "-cubin", "-arch=sm_90", "-O3", "--expt-relaxed-constexpr", "-std=c++20", "-Xptxas", "-v",
+           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+           "-D__CUDA_NO_HALF2_OPERATORS__", "-I", os.path.join(ROOT, "csrc"), "-o", os.devnull, cu]
     for inc in include_paths():
         cmd += ["-I", inc]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -34,7 +34,7 @@ struct EmulatedLaunch {
     const int64_t grid = (p.batch + p.rows_per_cta - 1) / p.rows_per_cta;
     std::vector<unsigned char> smem(K::shared_bytes(p.rows_per_cta));
     std::vector<typename K::Thread> threads(kThreads);
-    std::vector<std::array<A, G>> acc(kThreads), before(kThreads);
+    std::vector<std::array<A, G>> acc(kThreads), before(kThreads), xin(kThreads);
     auto acc_of = [](std::array<A, G>& a) -> A(&)[G] { return *reinterpret_cast<A(*)[G]>(a.data()); };
     for (int64_t cta = 0; cta < grid; ++cta) {
       // Poison shared memory (all-ones bytes are NaN in every floating type):
@@ -59,6 +59,7 @@ struct EmulatedLaunch {
         for (int64_t r = 0; r < p.rows_per_cta; ++r) {
           const bool active = K::row_active(p, cta, r, t);
           if (active) {
+            for (int tid = 0; tid < kThreads; ++tid) K::fetch_input(p, cta, tid, r, t, acc_of(xin[tid]));
             for (int tid = 0; tid < kThreads; ++tid) K::partial(p, s, threads[tid], tid, r, parity, acc_of(acc[tid]));
             for (int round = 0; round < kShuffleRounds; ++round) {  // __shfl_xor_sync(~0u, acc[g], 1 << round)
               before = acc;
@@ -68,7 +69,7 @@ struct EmulatedLaunch {
             }
           }
           for (int tid = 0; tid < kThreads; ++tid) {
-            K::cell(p, s, threads[tid], cta, tid, r, t, parity, active, acc_of(acc[tid]));
+            K::cell(p, s, threads[tid], cta, tid, r, t, parity, active, acc_of(acc[tid]), acc_of(xin[tid]));
           }
         }
         parity = 1 - parity;  // __syncthreads

@@ -43,8 +43,9 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardParam
     const int64_t t = K::time_of(p, steps, i);
     for (int64_t r = 0; r < p.rows_per_cta; ++r) {
       const bool active = K::row_active(p, cta, r, t);  // the same for every thread of the CTA
-      A acc[G];
+      A acc[G], xin[G];
       if (active) {
+        K::fetch_input(p, cta, tid, r, t, xin);
         K::partial(p, s, th, tid, r, parity, acc);
 #pragma unroll
         for (int round = 0; round < kShuffleRounds; ++round) {
@@ -54,7 +55,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardParam
           K::add_shuffled(acc, partner);
         }
       }
-      K::cell(p, s, th, cta, tid, r, t, parity, active, acc);
+      K::cell(p, s, th, cta, tid, r, t, parity, active, acc, xin);
     }
     parity = 1 - parity;
     __syncthreads();

@@ -10,6 +10,7 @@
 //   for each step i of the CTA's longest row (time t = i, or reversed):
 //     for each row r of the CTA:
 //       if row_active(r, t):             (uniform over the CTA)
+//         fetch_input(tid, r)            x_t W_ih^T + b_ih of (row, unit) into registers, early
 //         partial(tid, r)                this thread's k-slice of every gate's dot product
 //         xor-shuffle 1, xor-shuffle 2   (add_shuffled) the unit's kKSlices partial sums meet
 //       cell(tid, r)                     slice-0 thread of unit j: the shared cell math on
@@ -54,8 +55,11 @@ struct ForwardParams {
   int64_t steps = 0;       // time steps of the longest sequence
   int64_t rows_per_cta = 1;
   bool reverse = false;
-  const int64_t* step_batch = nullptr;   // [steps] rows active at time t (non-increasing)
-  const int64_t* step_offset = nullptr;  // [steps] first packed row of time t
+  // [steps] rows active at time t (non-increasing) and the first packed row of
+  // time t; both nullptr for a full batch (batch[t] = B, offset[t] = t * B), which
+  // then needs no table on the device and no copy to it.
+  const int64_t* step_batch = nullptr;
+  const int64_t* step_offset = nullptr;
   const T* w_hh = nullptr;  // [G*H, H] row-major
   const T* b_hh = nullptr;  // [G*H] or nullptr
   const T* h0 = nullptr;    // [B, H]
@@ -131,6 +135,13 @@ struct Forward {
   static constexpr int kKChunk = 8;
   FUSEDRNN_HOST_DEVICE static int k_used(int64_t H) { return int((H + kKSlices - 1) / kKSlices); }
 
+  FUSEDRNN_HOST_DEVICE static int64_t batch_at(const ForwardParams<T>& p, int64_t t) {
+    return p.step_batch != nullptr ? p.step_batch[t] : p.batch;
+  }
+  FUSEDRNN_HOST_DEVICE static int64_t offset_at(const ForwardParams<T>& p, int64_t t) {
+    return p.step_offset != nullptr ? p.step_offset[t] : t * p.batch;
+  }
+
   // Steps the CTA runs: the length of its first (longest) row, i.e. the number
   // of t with batch[t] > r0; batch is non-increasing, so a binary search.
   FUSEDRNN_HOST_DEVICE static int64_t cta_steps(const ForwardParams<T>& p, int64_t cta) {
@@ -138,7 +149,7 @@ struct Forward {
     int64_t lo = 0, hi = p.steps;  // invariant: batch[t] > r0 for t < lo, <= r0 for t >= hi
     while (lo < hi) {
       const int64_t mid = lo + (hi - lo) / 2;
-      if (p.step_batch[mid] > r0) lo = mid + 1; else hi = mid;
+      if (batch_at(p, mid) > r0) lo = mid + 1; else hi = mid;
     }
     return lo;
   }
@@ -146,7 +157,7 @@ struct Forward {
     return p.reverse ? steps - 1 - i : i;
   }
   FUSEDRNN_HOST_DEVICE static bool row_active(const ForwardParams<T>& p, int64_t cta, int64_t r, int64_t t) {
-    return cta * p.rows_per_cta + r < p.step_batch[t];
+    return cta * p.rows_per_cta + r < batch_at(p, t);
   }
 
   // Phase 0, the weights, one gate row block at a time (the kernel loops over
@@ -196,7 +207,19 @@ struct Forward {
     }
   }
 
-  // Phase 1 (row r active): this thread's share of h_{t-1} W_hh^T for every gate
+  // Phase 1a (row r active): the slice-0 thread of unit j < H loads this step's
+  // input projection x_t W_ih^T + b_ih of (row, j) into registers, before the
+  // dot products, so the global load's latency hides behind them.
+  FUSEDRNN_HOST_DEVICE static void fetch_input(const ForwardParams<T>& p, int64_t cta, int tid, int64_t r, int64_t t,
+                                               A (&xin)[G]) {
+    const int64_t H = p.hidden, j = unit(tid);
+    if (slice(tid) != 0 || j >= H) return;
+    const T* gates = p.gates + (offset_at(p, t) + cta * p.rows_per_cta + r) * G * H;
+    FUSEDRNN_UNROLL
+    for (int g = 0; g < G; ++g) xin[g] = A(gates[g * H + j]);
+  }
+
+  // Phase 1b (row r active): this thread's share of h_{t-1} W_hh^T for every gate
   // of its unit. `parity` selects the h buffer holding h_{t-1}.
   FUSEDRNN_HOST_DEVICE static void partial(const ForwardParams<T>& p, const Shared<T, A>& s, const Thread& th,
                                            int tid, int64_t r, int parity, A (&acc)[G]) {
@@ -237,7 +260,7 @@ struct Forward {
   // row keeps its state. Reads h buffer `parity`, writes buffer 1 - parity.
   FUSEDRNN_HOST_DEVICE static void cell(const ForwardParams<T>& p, const Shared<T, A>& s, const Thread& th,
                                         int64_t cta, int tid, int64_t r, int64_t t, int parity, bool active,
-                                        const A (&acc)[G]) {
+                                        const A (&acc)[G], const A (&xin)[G]) {
     const int64_t H = p.hidden, j = unit(tid);
     if (slice(tid) != 0 || j >= H) return;
     const int64_t R = p.rows_per_cta;
@@ -245,11 +268,11 @@ struct Forward {
     h_next[j] = s.h[(int64_t(parity) * R + r) * kMaxHidden + j];
     if (!active) return;
     const int64_t b = cta * R + r;
-    const int64_t tok = p.step_offset[t] + b;
+    const int64_t tok = offset_at(p, t) + b;
     T* gates = p.gates + tok * G * H;
     FUSEDRNN_UNROLL
     for (int g = 0; g < G; ++g) {
-      s.xg[g * H + j] = A(gates[g * H + j]);
+      s.xg[g * H + j] = xin[g];
       s.hp[g * H + j] = acc[g] + s.bias[g * kMaxHidden + j];
     }
     ForwardStepParams<A> c;

@@ -37,14 +37,19 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
   r.hn = G == 3 ? new_buffer({N, H}, opts) : at::empty({0}, opts);
   if (B == 0) return r;
 
-  // [2, steps]: batch sizes then offsets, one small copy to the device.
-  at::Tensor schedule = at::empty({2, T_ > 0 ? T_ : 1}, at::TensorOptions().dtype(at::kLong));
-  int64_t* sp = schedule.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T_; ++t) {
-    sp[t] = sched.batch[t];
-    sp[schedule.size(1) + t] = sched.offset[t];
+  // A ragged batch's schedule, [2, steps] (batch sizes, then offsets), goes to the
+  // device in one copy, from pinned memory when the device is a GPU (so the copy
+  // is asynchronous on the current stream). A full batch needs none.
+  at::Tensor schedule;
+  if (!sched.uniform) {
+    schedule = at::empty({2, T_}, at::TensorOptions().dtype(at::kLong));
+    int64_t* sp = schedule.data_ptr<int64_t>();
+    for (int64_t t = 0; t < T_; ++t) {
+      sp[t] = sched.batch[t];
+      sp[T_ + t] = sched.offset[t];
+    }
+    if (!input.device().is_cpu()) schedule = schedule.pin_memory().to(input.device(), /*non_blocking=*/true);
   }
-  schedule = schedule.to(input.device());
   const at::Tensor w_hh = w.w_hh.contiguous();
   const at::Tensor b_hh = w.b_hh.defined() ? w.b_hh.contiguous() : at::Tensor();
   const at::Tensor h0c = h0.contiguous();
@@ -58,8 +63,8 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
     p.steps = T_;
     p.rows_per_cta = rows_per_cta;
     p.reverse = reverse;
-    p.step_batch = schedule.const_data_ptr<int64_t>();
-    p.step_offset = schedule.const_data_ptr<int64_t>() + schedule.size(1);
+    p.step_batch = schedule.defined() ? schedule.const_data_ptr<int64_t>() : nullptr;
+    p.step_offset = schedule.defined() ? schedule.const_data_ptr<int64_t>() + T_ : nullptr;
     p.w_hh = w_hh.const_data_ptr<T>();
     p.b_hh = b_hh.defined() ? b_hh.const_data_ptr<T>() : nullptr;
     p.h0 = h0c.const_data_ptr<T>();
