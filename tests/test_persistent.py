@@ -259,3 +259,75 @@ def test_backends_lists_the_compiled_cuda_paths():
         assert info["cuda_paths"] == ["per_step", "persistent"]
     else:
         assert info["cuda_paths"] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU (skipped, saying why, elsewhere; benchmarks/gpu_check.sh runs them): the real kernel
+# against the per-step path and the CPU emulation, and the FUSEDRNN_CUDA_PATH switch.
+# ---------------------------------------------------------------------------------------------
+
+CUDA = torch.cuda.is_available() and fusedrnn.backends()["cuda"]
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU and the CUDA build of fusedrnn "
+                                   "(benchmarks/gpu_check.sh runs these on one)")
+
+
+def on_cuda(a):
+    return {k: None if v is None else v.cuda() for k, v in a.items()}
+
+
+# (hidden, lengths): the sentiment shape; a ragged batch larger than the SM count (several rows
+# per CTA, a partial last CTA) with H not a multiple of the k-slices.
+CUDA_SHAPES = [(128, [20] * 32), (37, [(i * 7) % 23 + 1 for i in range(300)])]
+
+
+@requires_cuda
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("hidden,lengths", CUDA_SHAPES, ids=["sentiment", "ragged300"])
+@pytest.mark.parametrize("cell", list(GATES))
+def test_cuda_persistent_kernel_matches_per_step_path_and_emulation(cell, hidden, lengths, reverse, monkeypatch):
+    batch_sizes = lengths_to_batch_sizes(lengths)
+    a = make_args(cell, hidden, batch_sizes, torch.float32, input_size=16)
+    monkeypatch.setenv("FUSEDRNN_CUDA_PATH", "persistent")
+    got = per_step(cell, on_cuda(a), batch_sizes, reverse)
+    monkeypatch.setenv("FUSEDRNN_CUDA_PATH", "per_step")
+    want = per_step(cell, on_cuda(a), batch_sizes, reverse)
+    for x, y in zip(got, want):
+        if x is not None:
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    # The same rows-per-CTA split as the GPU's plan would not matter for the values; 1 row per CTA.
+    emu = emulate(cell, a, batch_sizes, reverse, 1)
+    torch.testing.assert_close(got[0].cpu(), emu[0], rtol=1e-4, atol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("cell", list(GATES))
+def test_cuda_persistent_half_error_at_most_the_per_step_paths(cell, dtype, monkeypatch):
+    batch_sizes = lengths_to_batch_sizes([50] * 8)
+    a = {k: None if v is None else v.to(dtype) for k, v in make_args(cell, 128, batch_sizes, input_size=16).items()}
+    ref_out = reference_forward(cell, {k: None if v is None else v.double() for k, v in a.items()}, batch_sizes,
+                                False)[0]
+    errs = {}
+    for path in ("persistent", "per_step"):
+        monkeypatch.setenv("FUSEDRNN_CUDA_PATH", path)
+        out = per_step(cell, on_cuda(a), batch_sizes, False)[0]
+        errs[path] = (out.double().cpu() - ref_out).abs().max().item()
+    assert errs["persistent"] <= errs["per_step"] + 1e-3, errs
+
+
+@requires_cuda
+def test_cuda_path_switch_errors(monkeypatch):
+    batch_sizes = lengths_to_batch_sizes([3, 2])
+    a = on_cuda(make_args("gru", 8, batch_sizes))  # float64: per-step only
+    monkeypatch.setenv("FUSEDRNN_CUDA_PATH", "persistent")
+    with pytest.raises(RuntimeError, match="FUSEDRNN_CUDA_PATH=persistent, but the persistent kernel cannot run "
+                                           "this layer: float64"):
+        per_step("gru", a, batch_sizes, False)
+    monkeypatch.setenv("FUSEDRNN_CUDA_PATH", "fastest")
+    with pytest.raises(RuntimeError, match="FUSEDRNN_CUDA_PATH must be per_step, persistent or auto, got 'fastest'"):
+        per_step("gru", a, batch_sizes, False)
+    monkeypatch.setenv("FUSEDRNN_CUDA_PATH", "auto")  # falls back to per-step for float64
+    out = per_step("gru", a, batch_sizes, False)[0]
+    torch.testing.assert_close(out.cpu(), reference_forward("gru", {k: None if v is None else v.cpu()
+                                                                     for k, v in a.items()}, batch_sizes, False)[0],
+                               rtol=0, atol=1e-12)
