@@ -331,3 +331,12 @@ def test_cuda_path_switch_errors(monkeypatch):
     torch.testing.assert_close(out.cpu(), reference_forward("gru", {k: None if v is None else v.cpu()
                                                                      for k, v in a.items()}, batch_sizes, False)[0],
                                rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(not fusedrnn.backends()["cuda"], reason="the CUDA operators are not compiled in this build")
+def test_every_op_has_a_cuda_kernel():
+    """register_cuda.cpp registers the forward ops itself (to choose the path) and the backward
+    ops from the layer drivers: none may be left out. Needs only the CUDA build, not a GPU."""
+    for cell in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
+        for direction in ("forward", "backward"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedrnn::{cell}_{direction}", "CUDA")

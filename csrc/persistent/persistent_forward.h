@@ -5,7 +5,9 @@
 // (csrc/cpu/persistent_emulation.cpp) call the same phase functions below,
 // separated where the GPU needs a barrier or a warp shuffle:
 //
-//   load(cta, tid)                       weights -> registers / shared, h0, c0 -> shared
+//   for each register gate g (0, 1):
+//     stage(g) __syncthreads take<g> __syncthreads   W_hh block -> shared slot -> registers
+//   stage(g) for the shared gates, load_state        W_hh blocks, b_hh, h0, c0 -> shared
 //   __syncthreads
 //   for each step i of the CTA's longest row (time t = i, or reversed):
 //     for each row r of the CTA:
