@@ -133,8 +133,9 @@ struct Forward {
 
   FUSEDRNN_HOST_DEVICE static int64_t unit(int tid) { return tid / kKSlices; }
   FUSEDRNN_HOST_DEVICE static int slice(int tid) { return tid % kKSlices; }
-  // Weights per gate row per thread actually used: ceil(H / kKSlices).
+  // The dot products run in chunks of kKChunk columns (partial()).
   static constexpr int kKChunk = 8;
+  // Weights per gate row per thread actually used: ceil(H / kKSlices).
   FUSEDRNN_HOST_DEVICE static int k_used(int64_t H) { return int((H + kKSlices - 1) / kKSlices); }
 
   FUSEDRNN_HOST_DEVICE static int64_t batch_at(const ForwardParams<T>& p, int64_t t) {
