@@ -114,6 +114,10 @@ def backends() -> dict:
         for key in ("CPU", "CUDA"):
             info[key.lower()] = COMPILED and torch._C._dispatch_has_kernel_for_dispatch_key(
                 "fusedrnn::lstm_forward", key)
+    # The CUDA forward paths compiled in; csrc/cuda/register_cuda.cpp picks one per call
+    # (FUSEDRNN_CUDA_PATH=per_step|persistent|auto forces it).
+    paths = getattr(_C, "CUDA_PATHS", "") if info["cuda"] else ""
+    info["cuda_paths"] = [p for p in paths.split(",") if p]
     return info
 
 
