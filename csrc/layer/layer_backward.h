@@ -106,9 +106,16 @@ BackwardOutputs layer_backward(const at::Tensor& grad_output, const at::Tensor& 
   at::Tensor dr = has_proj ? new_buffer({B, H}, opts) : at::Tensor();
   at::Tensor r_all = has_proj ? new_buffer({N, H}, opts) : at::Tensor();
 
+  // A device with a sequence engine (the CPU's) may run the whole loop below
+  // itself, with the same cell math; the weight gradients after it are shared.
+  bool engine_done = false;
+  if constexpr (has_sequence_engine<Device>::value) {
+    engine_done = !has_proj && Device::template backward_sequence<Cell>(grad_output, saved, w, sched, reverse, h_prev,
+                                                                       c_prev, dh_state, dc_state, dgates, dgates_h);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.input.scalar_type(), "fusedrnn.layer_backward", [&] {
     using T = scalar_t;
-    for (int64_t k = 0; k < sched.steps(); ++k) {
+    for (int64_t k = 0; !engine_done && k < sched.steps(); ++k) {
       const int64_t t = reverse ? k : sched.steps() - 1 - k;
       const int64_t bs = sched.batch[t];
       const int64_t off = sched.offset[t];

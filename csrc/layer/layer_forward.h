@@ -19,6 +19,7 @@
 
 #include <cstdlib>
 #include <limits>
+#include <type_traits>
 
 #include "../cells/step_params.h"
 #include "checks.h"
@@ -68,6 +69,17 @@ at::Tensor device_mm(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
+// A device policy may run a layer's whole time loop itself (the CPU engine,
+// cpu/cpu_engine.h) by declaring `static constexpr bool kSequenceEngine = true`
+// and forward_sequence / backward_sequence, which return false to leave the
+// call to the per-step loop here. The CUDA policy declares nothing and keeps
+// the per-step path.
+template <typename Device, typename = void>
+struct has_sequence_engine : std::false_type {};
+template <typename Device>
+struct has_sequence_engine<Device, std::void_t<decltype(Device::kSequenceEngine)>>
+    : std::bool_constant<Device::kSequenceEngine> {};
+
 template <typename Cell, typename Device>
 ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
                              const LayerWeights& w, const StepSchedule& sched, bool reverse) {
@@ -88,6 +100,9 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
   r.c_n = is_lstm ? c0.clone(at::MemoryFormat::Contiguous) : at::Tensor();
   r.cells = is_lstm ? new_buffer({N, H}, opts) : at::empty({0}, opts);
   r.hn = G == 3 ? new_buffer({N, H}, opts) : at::empty({0}, opts);
+  if constexpr (has_sequence_engine<Device>::value) {
+    if (!has_proj && Device::template forward_sequence<Cell>(r, w, sched, reverse)) return r;
+  }
   at::Tensor hproj = new_buffer({B, G * H}, opts);
   at::Tensor proj_in = has_proj ? new_buffer({B, H}, opts) : at::Tensor();  // r_t = o * tanh(c_t)
   // W_hh^T, once: the per-step GEMM then reads both operands row by row.
