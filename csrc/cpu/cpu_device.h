@@ -104,26 +104,36 @@ struct CpuDevice {
     return true;
   }
 
+  // A 2-D tensor read as row-major through raw pointers: unit column stride and
+  // its row stride. The stride of a size-1 dimension is arbitrary (torch calls
+  // a [1, N] view with strides (1, 1) contiguous, e.g. W_hh^T at proj/hidden
+  // size 1), and BLAS rejects a leading dimension below the row length, so a
+  // single row reports the row length instead.
+  static bool unit_columns(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; }
+  static int64_t row_stride(const at::Tensor& t) {
+    return t.size(0) <= 1 ? std::max<int64_t>(t.stride(0), t.size(1)) : t.stride(0);
+  }
+
   // The per-step GEMM: a few float rows in our small-GEMM kernel (small_gemm.h),
   // otherwise straight to BLAS for float and double (cpu_blas.h), else ATen.
   template <typename T>
   static void matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
                      bool accumulate) {
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-      const bool row_major = out.stride(1) == 1 && a.stride(1) == 1 && b.stride(1) == 1 &&
+      const bool row_major = unit_columns(out) && unit_columns(a) && unit_columns(b) &&
                              (!bias.defined() || bias.is_contiguous());
       if constexpr (std::is_same_v<T, float>) {
         if (row_major && a.size(0) >= kSmallGemmMinRows && a.size(0) <= kSmallGemmMaxRows) {
-          small_gemm(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0),
-                     b.const_data_ptr<float>(), b.stride(0), bias.defined() ? bias.const_data_ptr<float>() : nullptr,
-                     accumulate, out.data_ptr<float>(), out.stride(0));
+          small_gemm(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(), row_stride(a),
+                     b.const_data_ptr<float>(), row_stride(b), bias.defined() ? bias.const_data_ptr<float>() : nullptr,
+                     accumulate, out.data_ptr<float>(), row_stride(out));
           return;
         }
       }
-      if (row_major && blas_matmul<T>(a.size(0), b.size(1), a.size(1), a.template const_data_ptr<T>(), a.stride(0),
-                                      b.template const_data_ptr<T>(), b.stride(0),
+      if (row_major && blas_matmul<T>(a.size(0), b.size(1), a.size(1), a.template const_data_ptr<T>(), row_stride(a),
+                                      b.template const_data_ptr<T>(), row_stride(b),
                                       bias.defined() ? bias.template const_data_ptr<T>() : nullptr, accumulate,
-                                      out.template data_ptr<T>(), out.stride(0))) {
+                                      out.template data_ptr<T>(), row_stride(out))) {
         return;
       }
     }
