@@ -7,19 +7,58 @@ a GPU still compiles (and so checks) the CUDA code.
 
 Environment switches:
   FUSEDRNN_CUDA=0|1|auto   skip, force or auto-detect the CUDA build (default auto)
-  FUSEDRNN_CUDA_ARCHS      compute capabilities to build for, e.g. "9.0" or "8.0;9.0" (default "9.0")
+  FUSEDRNN_CUDA_ARCHS      compute capabilities to build for, e.g. "9.0" or "8.0;9.0" (default "9.0+PTX":
+                           sm_90 machine code plus compute_90 PTX, which newer GPUs (Blackwell)
+                           JIT-compile at load instead of failing at the first launch; older
+                           GPUs cannot run compute_90 PTX: name them, e.g. "8.0;9.0+PTX")
   CUDA_HOME                the toolkit folder; found from nvcc or /usr/local/cuda* otherwise
   MAX_JOBS                 parallel compile jobs for ninja
+
+The library must be compiled against the torch that will load it, so build with the
+installed torch (`pip install --no-build-isolation .`); an isolated build would fetch and
+build against another torch. The sdist needs no torch: it ships every file under csrc/
+(MANIFEST.in), whatever this machine can compile.
 """
 
 import glob
 import os
+import re
 import shutil
 import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# The oldest supported torch: the release the GPU machines run (CI runs 2.14.1). Newer releases
+# are expected to work once fusedrnn is rebuilt against them.
+TORCH_MIN = (2, 11)
+# Commands that compile. The others (sdist, egg_info, dist_info, ...) only describe or pack the
+# sources, so they never import torch and their output cannot depend on this machine.
+BUILD_COMMANDS = {"build", "build_ext", "bdist", "bdist_wheel", "bdist_egg", "editable_wheel", "install", "develop"}
+
+
+def package_version():
+    """fusedrnn.__version__, read without importing fusedrnn (which needs torch and _C)."""
+    with open(os.path.join(ROOT, "fusedrnn", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+def import_build_torch():
+    """The installed torch, checked to be one we support; None for a command that does not compile."""
+    if BUILD_COMMANDS.isdisjoint(sys.argv[1:]):
+        return None
+    try:
+        import torch
+    except ImportError:
+        sys.exit("fusedrnn: the build cannot import torch. The compiled library must be built against the "
+                 "torch that will import it: install torch, then build with `pip install --no-build-isolation .` "
+                 "(pip's default build isolation hides the installed torch).")
+    version = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
+    if version < TORCH_MIN:
+        sys.exit(f"fusedrnn: torch {torch.__version__} is older than the oldest supported release, "
+                 f"{'.'.join(map(str, TORCH_MIN))}; upgrade torch, then rebuild")
+    return torch
 
 
 def _is_toolkit(path):
@@ -85,11 +124,13 @@ def cpu_flags():
 
 
 def build_extension():
+    if import_build_torch() is None:
+        return [], {}
     with_cuda, cuda_home, why = cuda_wanted()
     if with_cuda:
         # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
         os.environ["CUDA_HOME"] = cuda_home
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("FUSEDRNN_CUDA_ARCHS", "9.0"))
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("FUSEDRNN_CUDA_ARCHS", "9.0+PTX"))
     import torch
     from torch.utils import cpp_extension
 
@@ -122,6 +163,10 @@ def build_extension():
         ext_cls = cpp_extension.CUDAExtension
     else:
         ext_cls = cpp_extension.CppExtension
+
+    # What the library is built against, readable without loading it (csrc/build_info.cpp).
+    sources.append("csrc/build_info.cpp")
+    define_macros.append(("FUSEDRNN_TORCH_CUDA_VERSION", '"' + str(torch.version.cuda or "none") + '"'))
     ext = ext_cls(
         name="fusedrnn._C",
         sources=sources,
@@ -136,12 +181,13 @@ ext_modules, cmdclass = build_extension()
 
 setup(
     name="fusedrnn",
-    version="0.1.0",
+    version=package_version(),
     description="Fused LSTM/GRU/RNN layers for PyTorch: drop-in replacements for torch.nn, CPU and CUDA",
     packages=["fusedrnn"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    python_requires=">=3.9",
-    install_requires=["torch"],
-    extras_require={"test": ["pytest", "numpy"], "bench": ["tqdm", "matplotlib"]},
+    python_requires=">=3.10",  # as torch 2.11
+    install_requires=["torch>=" + ".".join(map(str, TORCH_MIN))],
+    # The README's test command installs these (and the bench extras, for the benchmark smoke test).
+    extras_require={"test": ["pytest", "build", "onnx", "onnxruntime", "onnxscript"], "bench": ["tqdm", "matplotlib"]},
 )

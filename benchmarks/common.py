@@ -1,16 +1,48 @@
 """Timing and reporting helpers shared by the benchmarks: interleaved runs after warm-up,
-medians, CUDA-event timing on the GPU, and a description of the machine."""
+medians, CUDA-event timing on the GPU, a description of the machine, and where results go.
+
+Where results go: the tables under benchmarks/results/ are the published ones (the README links
+them), so a benchmark replaces them only when asked to (`--publish`). Any other run is saved
+under benchmarks/runs/ (which git ignores) with the time of the run in its name, so that a quick
+run of one configuration never overwrites the full table.
+"""
 
 import json
 import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # published
+RUNS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs")  # everything else, ignored
+
+
+def output_base(name: str, results_dir: Optional[str] = None, publish: bool = False) -> str:
+    """The path, without extension, under which a benchmark saves this run's results.
+
+    - `results_dir` given: `results_dir/name` (the caller chose the folder, e.g. the GPU check's $OUT).
+    - `publish`: `benchmarks/results/name`, replacing the published results of that name.
+    - otherwise: `benchmarks/runs/name_<UTC time>`, a new file in a folder git ignores.
+    """
+    if results_dir or publish:
+        directory = results_dir or RESULTS_DIR
+        os.makedirs(directory, exist_ok=True)
+        return os.path.join(directory, name)
+    os.makedirs(RUNS_DIR, exist_ok=True)
+    ignore = os.path.join(RUNS_DIR, ".gitignore")
+    if not os.path.exists(ignore):  # the folder ignores itself, as pytest's cache does
+        with open(ignore, "w") as f:
+            f.write("# Unpublished benchmark runs (benchmarks/common.py: output_base).\n*\n")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    base = os.path.join(RUNS_DIR, f"{name}_{stamp}")
+    n = 2
+    while os.path.exists(base + ".json"):  # two runs within a second
+        base = os.path.join(RUNS_DIR, f"{name}_{stamp}_{n}")
+        n += 1
+    return base
 
 
 def machine() -> Dict[str, str]:
@@ -62,10 +94,8 @@ def markdown_table(headers: List[str], rows: List[List[str]]) -> str:
     return "\n".join(lines)
 
 
-def save(name: str, payload: dict, markdown: str, results_dir=None) -> str:
-    results_dir = results_dir or RESULTS_DIR
-    os.makedirs(results_dir, exist_ok=True)
-    base = os.path.join(results_dir, name)
+def save(base: str, payload: dict, markdown: str) -> str:
+    """Write `base`.json and `base`.md (`base` from output_base)."""
     with open(base + ".json", "w") as f:
         json.dump(payload, f, indent=2)
     with open(base + ".md", "w") as f:

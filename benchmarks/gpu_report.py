@@ -1,41 +1,200 @@
-"""Collects what benchmarks/gpu_check.sh produced into gpu_report.{md,json} and prints a short
-table last: the step results, then the GPU benchmark ratios against cuDNN."""
+"""Collects what benchmarks/gpu_check.sh produced into gpu_report.md and gpu_report.json, and
+prints a short table last (the device tool returns the end of the output): every step with its
+status, the test counts of each parity run, the sanitizers' error counts, the benchmark ratios
+against cuDNN per path, the sentiment benchmark, and one verdict line.
 
+    python -m benchmarks.gpu_report WORK_DIR OUT_DIR [--elapsed S] [--mode quick|full] [--device cuda]
+
+Exit status: 0 every step passed (a CUDA path that is not built counts as absent, not failed);
+1 a step failed or timed out, or there were no steps; 2 nothing failed but something did not run.
+"""
+
+import argparse
+import glob
 import json
 import os
+import re
 import sys
+import xml.etree.ElementTree as ET
+from typing import Dict, List
+
+FAILED = ("FAILED", "TIMEOUT")
+NOT_RUN = ("skipped", "missing-data")
 
 
-def main(results_dir: str) -> int:
+def read_steps(work: str) -> List[Dict[str, str]]:
     steps = []
-    steps_file = os.path.join(results_dir, "gpu_check_steps.txt")
-    if os.path.exists(steps_file):
-        with open(steps_file) as f:
-            steps = [line.strip() for line in f if line.strip()]
-    benches = {}
-    for name in sorted(os.listdir(results_dir)):
-        if name.startswith("gpu_layers_") and name.endswith(".json"):
-            with open(os.path.join(results_dir, name)) as f:
-                benches[name[:-5]] = json.load(f)
+    path = os.path.join(work, "steps.tsv")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                parts = line.rstrip("\n").split("\t")
+                if len(parts) >= 3:
+                    steps.append({"step": parts[0], "status": parts[1], "seconds": parts[2],
+                                  "detail": parts[3] if len(parts) > 3 else ""})
+    return steps
+
+
+def junit_counts(path: str) -> Dict[str, int]:
+    """Test counts of one JUnit XML file (pytest writes one <testsuite>, possibly under <testsuites>)."""
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}  # type: ignore[dict-item]
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    for suite in suites:
+        for key in counts:
+            counts[key] += int(suite.get(key, 0))
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    return counts
+
+
+def sanitizer_summary(log_path: str) -> str:
+    """compute-sanitizer's closing line ('ERROR SUMMARY: N errors', or racecheck's hazard counts)."""
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = [line.strip().lstrip("= ").strip() for line in f if "SUMMARY" in line]
+    except OSError:
+        return ""
+    return "; ".join(lines[-2:])
+
+
+def load_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def collect(work: str) -> dict:
+    report = {"steps": read_steps(work), "parity": {}, "sanitizers": {}, "smoke": {}, "benchmarks": {},
+              "sentiment": None}
+    for path in sorted(glob.glob(os.path.join(work, "junit_parity_*.xml"))):
+        report["parity"][os.path.basename(path)[len("junit_parity_"):-4]] = junit_counts(path)
+    for step in report["steps"]:
+        if step["step"].split("-")[0] in ("memcheck", "racecheck", "initcheck"):
+            report["sanitizers"][step["step"]] = sanitizer_summary(os.path.join(work, step["step"] + ".log"))
+    for path in sorted(glob.glob(os.path.join(work, "smoke_*.json"))):
+        data = load_json(path)
+        if data:
+            rows = data.get("rows", [])
+            report["smoke"][os.path.basename(path)[len("smoke_"):-5]] = {
+                "checks": len(rows), "passed": sum(1 for r in rows if r.get("ok")),
+                "worst": {d: max((r["max_rel_error"] for r in rows if r["dtype"] == d), default=None)
+                          for d in sorted({r["dtype"] for r in rows})}}
+    for path in sorted(glob.glob(os.path.join(work, "gpu_layers_*.json"))):
+        data = load_json(path)
+        if data:
+            report["benchmarks"][os.path.basename(path)[:-5]] = data
+    for path in sorted(glob.glob(os.path.join(work, "sentiment_*.json"))):
+        data = load_json(path)
+        if data:
+            report["sentiment"] = data.get("summary")
+    return report
+
+
+def verdict(steps: List[Dict[str, str]]):
+    failed = [s["step"] for s in steps if s["status"] in FAILED]
+    not_run = [s["step"] for s in steps if s["status"] in NOT_RUN]
+    absent = [s["step"] for s in steps if s["status"] == "absent"]
+    if not steps or failed:
+        text = "FAILED: " + (", ".join(failed) if failed else "no step ran")
+        return 1, text, absent
+    if not_run:
+        return 2, "INCOMPLETE (nothing failed; did not run: " + ", ".join(not_run) + ")", absent
+    return 0, "PASSED", absent
+
+
+def markdown(report: dict, code: int, text: str, absent: List[str]) -> List[str]:
     lines = ["# fusedrnn GPU check", ""]
-    machine = next(iter(benches.values()))["machine"] if benches else {}
+    machine = next((b.get("machine") for b in report["benchmarks"].values() if b.get("machine")), None)
     if machine:
         lines += ["Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()), ""]
-    lines += ["## Steps", ""] + [f"- {s}" for s in steps] + [""]
-    short = ["| bench | cell | config | infer ratio | train ratio | train us/step (fusedrnn) |", "|---|---|---|---|---|---|"]
-    for bench, payload in benches.items():
-        for r in payload["rows"]:
-            short.append(f"| {payload['dtype']} | {r['cell']} | {r['config']} | {r['infer_ratio']:.2f}x | "
-                         f"{r['train_ratio']:.2f}x | {r['train_fused_us_per_step']:.1f} |")
-    lines += ["## Benchmarks (ratio = cuDNN time / fusedrnn time)", ""] + short
-    text = "\n".join(lines)
-    with open(os.path.join(results_dir, "gpu_report.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(results_dir, "gpu_report.json"), "w") as f:
-        json.dump({"steps": steps, "benchmarks": benches}, f, indent=2)
-    print(text)
-    return 0 if steps and all(s.split(": ", 1)[1].startswith("ok") for s in steps) else 1
+    lines += [f"Mode {report.get('mode')}, device {report.get('device')}, {report.get('elapsed_s')} s in all. "
+              f"**{text}**", ""]
+    if absent:
+        lines += [f"Not built, so not checked: {', '.join(absent)}.", ""]
+    lines += ["| step | status | s | detail |", "|---|---|---|---|"]
+    lines += [f"| {s['step']} | {s['status']} | {s['seconds']} | {s['detail'].replace('|', '/')} |"
+              for s in report["steps"]]
+    if report["parity"]:
+        lines += ["", "| parity run | tests | passed | failed | errors | skipped |", "|---|---|---|---|---|---|"]
+        for path, c in report["parity"].items():
+            if "error" in c:
+                lines.append(f"| {path} | unreadable JUnit: {c['error']} | | | | |")
+            else:
+                lines.append(f"| {path} | {c['tests']} | {c['passed']} | {c['failures']} | {c['errors']} | "
+                             f"{c['skipped']} |")
+    if report["smoke"]:
+        lines += ["", "| smoke | op checks passed | worst relative error per dtype |", "|---|---|---|"]
+        for path, s in report["smoke"].items():
+            worst = ", ".join(f"{d} {e:.1e}" for d, e in s["worst"].items() if e is not None)
+            lines.append(f"| {path} | {s['passed']}/{s['checks']} | {worst} |")
+    if report["sanitizers"]:
+        lines += ["", "| sanitizer | summary |", "|---|---|"]
+        lines += [f"| {k} | {v or 'no summary line (see its log)'} |" for k, v in report["sanitizers"].items()]
+    if report["benchmarks"]:
+        lines += ["", "Benchmarks (ratio = cuDNN time / fusedrnn time, above 1: fusedrnn faster; medians):", "",
+                  "| run | cell | config | infer ratio | train ratio | train us/step (fusedrnn) |",
+                  "|---|---|---|---|---|---|"]
+        for name, payload in report["benchmarks"].items():
+            for r in payload.get("rows", []):
+                lines.append(f"| {name[len('gpu_layers_'):]} | {r['cell']} | {r['config']} | "
+                             f"{r['infer_ratio']:.2f}x | {r['train_ratio']:.2f}x | "
+                             f"{r['train_fused_us_per_step']:.1f} |")
+    s = report["sentiment"]
+    if s:
+        lines += ["", f"Sentiment ({s.get('dataset')}, {s.get('cell')}, {s.get('device')}, {s.get('epochs')} epochs):",
+                  "", "| run | train s | speed-up vs torch.nn | final loss | test accuracy |", "|---|---|---|---|---|"]
+        for name, r in s.get("runs", {}).items():
+            lines.append(f"| {name} | {r['total_seconds']:.2f} | {r['speedup_vs_torch_nn']:.2f}x | "
+                         f"{r['final_loss']:.5f} | {r['final_test_accuracy']:.4f} |")
+    return lines
+
+
+def short_table(report: dict, text: str) -> List[str]:
+    """The last lines printed: one per step, the headline numbers, the verdict."""
+    lines = ["", "=" * 78]
+    for s in report["steps"]:
+        lines.append(f"{s['step']:26s} {s['status']:12s} {s['seconds']:>5s} s  {s['detail'][:90]}")
+    for path, c in report["parity"].items():
+        if "error" not in c:
+            lines.append(f"parity {path:19s} {c['passed']} passed, {c['failures'] + c['errors']} failed, "
+                         f"{c['skipped']} skipped of {c['tests']}")
+    for name, payload in report["benchmarks"].items():
+        ratios = " ".join(f"{r['cell']}/{r['config']} {r['train_ratio']:.2f}x" for r in payload.get("rows", []))
+        lines.append(f"{name[len('gpu_layers_'):]:26s} train {ratios}")
+    if report["sentiment"]:
+        runs = report["sentiment"].get("runs", {})
+        lines.append("sentiment                  " + "  ".join(
+            f"{n} {r['speedup_vs_torch_nn']:.2f}x" for n, r in runs.items()))
+    lines.append(f"GPU CHECK {text} ({report.get('elapsed_s')} s)")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("work")
+    parser.add_argument("out", nargs="?", default=None)
+    parser.add_argument("--elapsed", type=int, default=None)
+    parser.add_argument("--mode", default="quick")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args(argv)
+    out = args.out or args.work
+    report = collect(args.work)
+    report.update({"mode": args.mode, "device": args.device, "elapsed_s": args.elapsed})
+    code, text, absent = verdict(report["steps"])
+    report["verdict"] = {"exit_status": code, "text": text, "absent": absent}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "gpu_report.md"), "w") as f:
+        f.write("\n".join(markdown(report, code, text, absent)) + "\n")
+    with open(os.path.join(out, "gpu_report.json"), "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    print("\n".join(short_table(report, text)))
+    return code
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "results")))
+    sys.exit(main())

@@ -4,20 +4,46 @@ and training (forward + backward), in one process, interleaved, medians.
     python -m benchmarks.layers                 # CPU, all configurations
     python -m benchmarks.layers --device cuda   # GPU (cuDNN baseline, TF32 off)
     python -m benchmarks.layers --configs sentiment,skewed --cells gru
+    python -m benchmarks.layers --publish       # replace the published table the README links
 
-Prints a table with the ratio torch.nn time / fusedrnn time (> 1: fusedrnn is faster) and
-saves it as JSON and Markdown under benchmarks/results/ with the machine's description.
+Each row gives the ratio torch.nn time / fusedrnn time (> 1: fusedrnn is faster), the FLOP rate
+each side achieves and its fraction of this machine's float32 peak, and the peak memory of one
+training step on each side.
+
+FLOPs (GEMM work only; `flops` below): per layer and direction, over the N real tokens, forward
+= input projection 2*N*I*G*H + recurrence 2*N*P*G*H (+ LSTM projection 2*N*H*P), with G gates
+(LSTM 4, GRU 3, RNN 1) and P the recurrent state's size (proj_size, else H). Backward does twice
+the forward's GEMM work (dX and dW_ih; dh and dW_hh), so a training step is 3x forward. The
+pointwise work (activations, state updates) is O(N*G*H), under 1/(I+P) of the GEMMs', and not
+counted. The peak is the all-threads register-only FMA loop of benchmarks/peak.py, measured at the
+start of the run with torch's thread count (or given with --peak-gflops); on the GPU only a
+given --peak-gflops is used.
+
+Peak memory: the most memory allocated at once during one training step (forward + backward,
+parameter gradients set to None before it), above what was allocated when it started. CUDA:
+torch.cuda.max_memory_allocated. CPU: the torch profiler's memory events (profile_memory=True),
+which record every allocation through PyTorch's CPU allocator with the running total; memory
+that a library allocates on its own (oneDNN or MKL scratch buffers) is not in it.
+
+Results: benchmarks/runs/layers_<...>_<time>.{json,md} (ignored by git) unless --publish
+(benchmarks/results/) or --results-dir is given; the name says the device, dtype, and the
+configurations and cells when not all of them ran, so a partial run never replaces the full table.
 """
 
 import argparse
+import json
+import os
 import sys
+import tempfile
+from typing import Callable, Dict, Optional
 
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fusedrnn
 
-from .common import compare, machine, markdown_table, save
+from . import peak
+from .common import compare, machine, markdown_table, output_base, save
 
 # name: (T, B, input_size, hidden_size, lengths kind)
 CONFIGS = {
@@ -29,6 +55,66 @@ CONFIGS = {
 }
 CELLS = {"lstm": (torch.nn.LSTM, fusedrnn.LSTM), "gru": (torch.nn.GRU, fusedrnn.GRU),
          "rnn": (torch.nn.RNN, fusedrnn.RNN)}
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def flops(cell: str, tokens: int, input_size: int, hidden_size: int, proj_size: int = 0,
+          training: bool = False) -> int:
+    """GEMM FLOPs of one layer in one direction over `tokens` real tokens (see the module's
+    docstring): forward 2*N*G*H*(I + P) [+ 2*N*H*P for LSTM's projection]; training 3x forward."""
+    gate_rows = GATES[cell] * hidden_size
+    state = proj_size or hidden_size
+    forward = 2 * tokens * gate_rows * (input_size + state)
+    if proj_size:
+        forward += 2 * tokens * hidden_size * proj_size
+    return 3 * forward if training else forward
+
+
+def result_name(device: str, dtype: str, configs, cells) -> str:
+    """layers_<device>_<dtype>, plus the configurations and cells when a run has not all of them."""
+    name = f"layers_{device}_{dtype}"
+    if list(configs) != list(CONFIGS):
+        name += "_" + "-".join(configs)
+    if list(cells) != list(CELLS):
+        name += "_" + "-".join(cells)
+    return name
+
+
+def _cpu_peak_bytes(step: Callable[[], None]) -> int:
+    """Peak bytes allocated through PyTorch's CPU allocator during `step`, above the level at
+    its start: the running total ("Total Allocated") of the profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+    finally:
+        os.remove(path)
+    events = sorted((e for e in trace["traceEvents"] if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0),
+                    key=lambda e: e["ts"])
+    if not events:
+        return 0
+    before = events[0]["args"]["Total Allocated"] - events[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] for e in events) - before
+
+
+def peak_step_memory(module: torch.nn.Module, step: Callable[[], None], x: torch.Tensor, device: str) -> int:
+    """Peak bytes of one training step (see the module's docstring), gradients cleared first."""
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    return _cpu_peak_bytes(step)
 
 
 def skewed_lengths(T: int, B: int, gen: torch.Generator) -> torch.Tensor:
@@ -74,14 +160,20 @@ def bench_one(cell: str, config: str, device: str, dtype, reps: int, gen: torch.
             data.sum().backward()
         return run
 
-    row = {"cell": cell, "config": config, "T": T, "B": B, "I": I, "H": H,
-           "tokens": int(lengths.sum()) if lengths is not None else T * B}
+    tokens = int(lengths.sum()) if lengths is not None else T * B
+    row = {"cell": cell, "config": config, "T": T, "B": B, "I": I, "H": H, "tokens": tokens}
     for mode, make in (("infer", infer), ("train", train)):
         t = compare({"torch.nn": make(ref), "fusedrnn": make(ours)}, device, reps=reps)
         row[f"{mode}_nn_ms"] = t["torch.nn"] * 1e3
         row[f"{mode}_fused_ms"] = t["fusedrnn"] * 1e3
         row[f"{mode}_ratio"] = t["torch.nn"] / t["fusedrnn"]
         row[f"{mode}_fused_us_per_step"] = t["fusedrnn"] * 1e6 / T
+        work = flops(cell, tokens, I, H, training=mode == "train")
+        row[f"{mode}_gflop"] = work / 1e9
+        row[f"{mode}_nn_gflops"] = work / t["torch.nn"] / 1e9
+        row[f"{mode}_fused_gflops"] = work / t["fusedrnn"] / 1e9
+    row["train_nn_peak_mb"] = peak_step_memory(ref, train(ref), x, device) / 2**20
+    row["train_fused_peak_mb"] = peak_step_memory(ours, train(ours), x, device) / 2**20
     return row
 
 
@@ -104,57 +196,116 @@ def proportional_cost(cell: str, device: str, dtype, reps: int, gen: torch.Gener
     return {"cell": cell, "token_fraction": float(lengths.sum()) / (T * B), "time_fraction": t["ragged"] / t["full"]}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--configs", default=",".join(CONFIGS))
-    parser.add_argument("--cells", default="lstm,gru,rnn")
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--out", default=None, help="results file name (default layers_<device>_<dtype>)")
-    parser.add_argument("--results-dir", default=None, help="where to save (default benchmarks/results)")
-    args = parser.parse_args(argv)
-    if args.device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    dtype = getattr(torch, args.dtype)
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for config in args.configs.split(","):
-        for cell in args.cells.split(","):
-            row = bench_one(cell, config, args.device, dtype, args.reps, gen)
-            rows.append(row)
-            print(f"{cell:5s} {config:12s} infer {row['infer_nn_ms']:8.2f} / {row['infer_fused_ms']:8.2f} ms "
-                  f"= {row['infer_ratio']:.2f}x   train {row['train_nn_ms']:8.2f} / {row['train_fused_ms']:8.2f} ms "
-                  f"= {row['train_ratio']:.2f}x", flush=True)
-    proportional = []
-    if "skewed" in args.configs.split(","):
-        for cell in args.cells.split(","):
-            # Its own seed: the same lengths whichever configurations ran before.
-            proportional.append(proportional_cost(cell, args.device, dtype, args.reps,
-                                                  torch.Generator().manual_seed(1)))
-    info = machine()
+def measured_peak(device: str, given: Optional[float]) -> Dict:
+    """The float32 peak that rows are judged against: given, or measured now on the CPU."""
+    if given:
+        return {"gflops": given, "source": "--peak-gflops"}
+    if device != "cpu":
+        return {"gflops": None, "source": "not measured on this device (give --peak-gflops)"}
+    threads = torch.get_num_threads()
+    try:
+        fma = peak.fma_peak(threads)
+    except peak.PeakUnavailable as e:
+        return {"gflops": None, "source": f"not measured: {e}"}
+    return {"gflops": fma["gflops_best"], "cpu_share": fma["cpu_share"],
+            "source": f"benchmarks.peak FMA loop ({fma['isa']}, {threads} threads)"}
+
+
+def _pair(a: float, b: float, fmt: str) -> str:
+    return f"{a:{fmt}} / {b:{fmt}}"
+
+
+def markdown(rows, proportional, info: Dict, peak_info: Dict, args) -> str:
+    p = peak_info["gflops"]
+
+    def fraction(mode, r):
+        return _pair(100 * r[f"{mode}_nn_gflops"] / p, 100 * r[f"{mode}_fused_gflops"] / p, ".0f") if p else "n/a"
+
     headers = ["cell", "config (T, B, I, H)", "infer torch.nn ms", "infer fusedrnn ms", "infer ratio",
-               "train torch.nn ms", "train fusedrnn ms", "train ratio"]
-    table = [[r["cell"], f"{r['config']} ({r['T']}, {r['B']}, {r['I']}, {r['H']})", f"{r['infer_nn_ms']:.2f}",
-              f"{r['infer_fused_ms']:.2f}", f"**{r['infer_ratio']:.2f}x**", f"{r['train_nn_ms']:.2f}",
-              f"{r['train_fused_ms']:.2f}", f"**{r['train_ratio']:.2f}x**"] for r in rows]
+               "infer GFLOP/s nn / fused", "infer % of peak nn / fused", "train torch.nn ms", "train fusedrnn ms",
+               "train ratio", "train GFLOP/s nn / fused", "train % of peak nn / fused", "train peak MB nn / fused"]
+    table = [[r["cell"], f"{r['config']} ({r['T']}, {r['B']}, {r['I']}, {r['H']})",
+              f"{r['infer_nn_ms']:.2f}", f"{r['infer_fused_ms']:.2f}", f"**{r['infer_ratio']:.2f}x**",
+              _pair(r["infer_nn_gflops"], r["infer_fused_gflops"], ".1f"), fraction("infer", r),
+              f"{r['train_nn_ms']:.2f}", f"{r['train_fused_ms']:.2f}", f"**{r['train_ratio']:.2f}x**",
+              _pair(r["train_nn_gflops"], r["train_fused_gflops"], ".1f"), fraction("train", r),
+              _pair(r["train_nn_peak_mb"], r["train_fused_peak_mb"], ".1f")] for r in rows]
+    memory_how = ("torch.cuda.max_memory_allocated" if args.device == "cuda" else
+                  "torch profiler memory events: PyTorch's CPU allocator, not oneDNN/MKL scratch")
+    peak_text = (f"{p:.1f} GFLOP/s, {peak_info['source']}" if p else peak_info["source"])
     md = [f"# fusedrnn layer benchmark ({args.device}, {args.dtype})", "",
           "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
           "Ratio = torch.nn time / fusedrnn time (above 1: fusedrnn is faster). Medians of "
-          f"{args.reps} interleaved runs after warm-up.", "", markdown_table(headers, table)]
+          f"{args.reps} interleaved runs after warm-up. GFLOP/s: GEMM FLOPs per layer call "
+          "(forward 2*N*G*H*(I+H) over N real tokens, G gates; training 3x forward) / median time. "
+          f"Peak: {peak_text}. Peak MB: most memory allocated at once in one training step, above "
+          f"its start ({memory_how}).", "", markdown_table(headers, table)]
+    if p and peak_info.get("cpu_share", 1.0) < 0.9:
+        md += ["", f"**The peak was measured on a busy machine** (the FMA loop got {peak_info['cpu_share']:.0%} "
+               "of its cores' time): the fractions of peak are overstated."]
     if proportional:
         md += ["", "Variable lengths (skewed config, fusedrnn training): time of the ragged batch relative to "
                "the same batch at full length.", "",
                markdown_table(["cell", "real tokens / (B x T)", "time ragged / time full"],
-                              [[p["cell"], f"{p['token_fraction']:.2f}", f"{p['time_fraction']:.2f}"]
-                               for p in proportional])]
-    markdown = "\n".join(md)
+                              [[q["cell"], f"{q['token_fraction']:.2f}", f"{q['time_fraction']:.2f}"]
+                               for q in proportional])]
+    return "\n".join(md)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, from: " + ", ".join(CONFIGS))
+    parser.add_argument("--cells", default=",".join(CELLS), help="comma-separated, from: " + ", ".join(CELLS))
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--peak-gflops", type=float, default=None,
+                        help="the peak to divide by (default: measured now on the CPU, none on the GPU)")
+    parser.add_argument("--publish", action="store_true",
+                        help="save under benchmarks/results/, replacing the published table of this name")
+    parser.add_argument("--out", default=None, help="results file name (default: from device, dtype, configs, cells)")
+    parser.add_argument("--results-dir", default=None,
+                        help="where to save (default: benchmarks/runs/, ignored by git; --publish: benchmarks/results/)")
+    args = parser.parse_args(argv)
+    args.configs, args.cells = args.configs.split(","), args.cells.split(",")
+    for kind, names, known in (("configuration", args.configs, CONFIGS), ("cell", args.cells, CELLS)):
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            parser.error(f"unknown {kind} {', '.join(unknown)}; choose from {', '.join(known)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    dtype = getattr(torch, args.dtype)
+    peak_info = measured_peak(args.device, args.peak_gflops)  # first, before torch's threads are busy
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for config in args.configs:
+        for cell in args.cells:
+            row = bench_one(cell, config, args.device, dtype, args.reps, gen)
+            rows.append(row)
+            print(f"{cell:5s} {config:12s} infer {row['infer_nn_ms']:8.2f} / {row['infer_fused_ms']:8.2f} ms "
+                  f"= {row['infer_ratio']:.2f}x   train {row['train_nn_ms']:8.2f} / {row['train_fused_ms']:8.2f} ms "
+                  f"= {row['train_ratio']:.2f}x  ({row['train_fused_gflops']:.1f} GFLOP/s)", flush=True)
+    proportional = []
+    if "skewed" in args.configs:
+        for cell in args.cells:
+            # Its own seed: the same lengths whichever configurations ran before.
+            proportional.append(proportional_cost(cell, args.device, dtype, args.reps,
+                                                  torch.Generator().manual_seed(1)))
+    info = machine()
+    text = markdown(rows, proportional, info, peak_info, args)
     print()
-    print(markdown)
-    name = args.out or f"layers_{args.device}_{args.dtype}"
-    base = save(name, {"machine": info, "device": args.device, "dtype": args.dtype, "rows": rows,
-                       "proportional_cost": proportional}, markdown, args.results_dir)
+    print(text)
+    name = args.out or result_name(args.device, args.dtype, args.configs, args.cells)
+    base = save(output_base(name, args.results_dir, args.publish),
+                {"machine": info, "device": args.device, "dtype": args.dtype, "peak": peak_info,
+                 "flops": "GEMM work: forward 2*N*G*H*(I+H), training 3x forward", "rows": rows,
+                 "proportional_cost": proportional}, text)
     print(f"\nsaved {base}.json and {base}.md")
     return rows
 

@@ -1,19 +1,38 @@
-"""End-to-end benchmark: train the classic sentiment classifier with torch.nn.GRU and with
-fusedrnn.GRU side by side, from the same initial weights and in the same data order.
+"""End-to-end benchmark: train a sentiment classifier with torch.nn and with fusedrnn side by
+side, from the same initial weights and in the same data order. Two common recipes (`--model`):
 
-    Embedding(vocab, 100) -> GRU(100, 128) -> Linear(128, 1), binary cross-entropy, Adam 1e-3, batch 32
+    single (default)  Embedding(vocab, 100) -> GRU(100, 128) -> Linear(128, 1)
+    bidirectional     Embedding(vocab, 100) -> 2-layer bidirectional LSTM(256)
+                      -> Linear(512, 1) on the last layer's final states of both directions
+
+binary cross-entropy, Adam 1e-3, batch 32. `--cell` swaps the recurrent cell in either recipe.
+The bidirectional recipe has no dropout between its layers: torch.nn and fusedrnn draw their
+dropout masks differently, and the point is to show equal loss curves.
 
     python -m benchmarks.sentiment                       # Rotten Tomatoes snippets, CPU
     python -m benchmarks.sentiment --cell lstm           # the same with LSTM (or rnn)
+    python -m benchmarks.sentiment --model bidirectional # 2-layer bidirectional LSTM(256)
     python -m benchmarks.sentiment --dataset polarity --max-len 100   # long reviews, truncated
     python -m benchmarks.sentiment --dataset imdb --data-dir ~/aclImdb
     python -m benchmarks.sentiment --device cuda
+    python -m benchmarks.sentiment --publish             # replace the published results
+    torchrun --nproc-per-node 2 -m benchmarks.sentiment  # DistributedDataParallel, one shard per rank
 
 Three runs train in lock-step, one epoch each in turn: torch.nn fed a PackedSequence
 (pack_padded_sequence(..., enforce_sorted=False), as users do), fusedrnn fed the same
 PackedSequence, and fusedrnn given the padded batch plus `lengths=` (its own path). Each epoch's
 time covers the whole training step: embedding, recurrent layer, loss, backward, optimizer.
-Results go to benchmarks/results/sentiment_<dataset>_<cell>_<device>.{json,md,png}.
+
+Results: sentiment_<dataset>_<cell>_<device>.{json,md,png} (cell "bilstm" etc. for the
+bidirectional recipe), saved under benchmarks/runs/ with the time in the name (ignored by git),
+under benchmarks/results/ with --publish, or in --results-dir.
+
+Distributed (started by torchrun, or anything that sets RANK, WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT): every run is wrapped in DistributedDataParallel (gloo on the CPU, NCCL on the GPU);
+each epoch's shuffled order is split into one shard per rank, each rank trains on its own shard
+with --batch-size examples per step (global batch: ranks x batch size), and gradients are averaged
+across ranks. Losses are averaged over the ranks, epoch times are the slowest rank's, tokens/s
+counts every rank's tokens; rank 0 evaluates, prints and saves (name suffix _ddp<ranks>).
 """
 
 import argparse
@@ -22,7 +41,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -31,18 +50,28 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fusedrnn
 
 from . import sentiment_data as data
-from .common import RESULTS_DIR, machine, markdown_table
+from .common import machine, markdown_table, output_base
 
 RNN_CLASSES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
 RUNS = ("torch.nn packed", "fusedrnn packed", "fusedrnn lengths")
+# The two recipes: the recurrent layers' shape, and the cell used unless --cell says otherwise.
+MODELS = {
+    "single": {"cell": "gru", "hidden": 128, "num_layers": 1, "bidirectional": False},
+    "bidirectional": {"cell": "lstm", "hidden": 256, "num_layers": 2, "bidirectional": True},
+}
 
 
 class SentimentClassifier(nn.Module):
-    def __init__(self, vocab_size: int, cell: str, embed: int = 100, hidden: int = 128):
+    """Embedding -> recurrent layers -> Linear on the last layer's final hidden state (both
+    directions' states, concatenated, when bidirectional)."""
+
+    def __init__(self, vocab_size: int, cell: str, embed: int = 100, hidden: int = 128, num_layers: int = 1,
+                 bidirectional: bool = False):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embed, padding_idx=data.Vocab.PAD)
-        self.rnn = RNN_CLASSES[cell](embed, hidden, batch_first=True)
-        self.fc = nn.Linear(hidden, 1)
+        self.rnn = RNN_CLASSES[cell](embed, hidden, num_layers=num_layers, bidirectional=bidirectional,
+                                     batch_first=True)
+        self.fc = nn.Linear(2 * hidden if bidirectional else hidden, 1)
         self.path = "packed"
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -52,7 +81,9 @@ class SentimentClassifier(nn.Module):
         else:
             _, state = self.rnn(x, lengths=lengths)
         h = state[0] if isinstance(state, tuple) else state
-        return self.fc(h[-1]).squeeze(-1)
+        # h: [layers * directions, batch, hidden]; the last layer's forward and backward states.
+        last = torch.cat([h[-2], h[-1]], dim=1) if self.rnn.bidirectional else h[-1]
+        return self.fc(last).squeeze(-1)
 
 
 def make_batches(encoded: List[List[int]], labels: List[int], batch_size: int, order: List[int], device: str):
@@ -144,42 +175,137 @@ def plot(path: str, history: Dict[str, List[dict]], title: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> dict:
+class Distributed:
+    """This process's place in a torchrun job (None outside one): its rank, the number of ranks,
+    and collectives over plain Python numbers."""
+
+    def __init__(self, device: str):
+        import torch.distributed as dist
+
+        self.dist = dist
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = device
+
+    @classmethod
+    def from_environment(cls, device: str) -> "Optional[Distributed]":
+        return cls(device) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+    def _reduce(self, values: List[float], op) -> List[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        self.dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def mean(self, values: List[float]) -> List[float]:
+        return [v / self.world for v in self._reduce(values, self.dist.ReduceOp.SUM)]
+
+    def total(self, value: float) -> float:
+        return self._reduce([value], self.dist.ReduceOp.SUM)[0]
+
+    def slowest(self, value: float) -> float:
+        return self._reduce([value], self.dist.ReduceOp.MAX)[0]
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def close(self) -> None:
+        self.dist.destroy_process_group()
+
+
+def shard(order: List[int], distributed: "Optional[Distributed]") -> List[int]:
+    """This rank's examples of the epoch: every world-th one from its rank on, all shards the same
+    length (the last few examples are dropped), so that every rank takes the same number of steps."""
+    if distributed is None:
+        return order
+    per_rank = len(order) // distributed.world
+    return order[distributed.rank::distributed.world][:per_rank]
+
+
+def result_name(args) -> str:
+    """sentiment_<dataset>_<cell>_<device>: the cell as "bilstm" etc. for the bidirectional recipe,
+    the hidden size when it is not the recipe's, the number of ranks when distributed."""
+    cell = ("bi" if MODELS[args.model]["bidirectional"] else "") + args.cell
+    if args.hidden != MODELS[args.model]["hidden"]:
+        cell += f"{args.hidden}"
+    name = f"sentiment_{args.dataset}_{cell}_{args.device}"
+    if args.world > 1:
+        name += f"_ddp{args.world}"
+    return name + ("_smoke" if args.smoke else "")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="rt", choices=["rt", "polarity", "imdb"])
     parser.add_argument("--data-dir", default=None, help="aclImdb folder (imdb) or where to cache downloads")
-    parser.add_argument("--cell", default="gru", choices=list(RNN_CLASSES))
+    parser.add_argument("--model", default="single", choices=list(MODELS),
+                        help="single: one GRU(128) layer; bidirectional: 2-layer bidirectional LSTM(256)")
+    parser.add_argument("--cell", default=None, choices=list(RNN_CLASSES),
+                        help="the recurrent cell (default: gru for single, lstm for bidirectional)")
+    parser.add_argument("--hidden", type=int, default=None, help="hidden size (default: the recipe's, 128 or 256)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--epochs", type=int, default=None, help="default: 5 (rt), 10 (polarity), 3 (imdb)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="per rank when distributed")
     parser.add_argument("--max-len", type=int, default=None, help="truncate reviews to this many tokens")
     parser.add_argument("--min-freq", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="a few hundred examples, one epoch (for CI)")
-    parser.add_argument("--results-dir", default=RESULTS_DIR)
+    parser.add_argument("--publish", action="store_true",
+                        help="save under benchmarks/results/, replacing the published results of this name")
+    parser.add_argument("--results-dir", default=None,
+                        help="where to save (default: benchmarks/runs/, ignored by git; --publish: benchmarks/results/)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    args.cell = args.cell or MODELS[args.model]["cell"]
+    args.hidden = args.hidden or MODELS[args.model]["hidden"]
+    args.world = int(os.environ.get("WORLD_SIZE", "1"))
+    return args
+
+
+def main(argv=None) -> Optional[dict]:
+    """Runs the benchmark; returns its summary (on rank 0 only when distributed)."""
+    args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("fusedrnn sentiment: --device cuda, but torch sees no CUDA device")
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    distributed = Distributed.from_environment(args.device)
+    try:
+        return run(args, distributed)
+    finally:
+        if distributed is not None:
+            distributed.close()
+
+
+def run(args, distributed: "Optional[Distributed]") -> Optional[dict]:
+    lead = distributed is None or distributed.rank == 0
     epochs = args.epochs or (1 if args.smoke else {"rt": 5, "polarity": 10, "imdb": 3}[args.dataset])
 
+    if distributed is not None and not lead:
+        distributed.barrier()  # rank 0 downloads and caches the data first: one download, no race
     train, test = data.load(args.dataset, args.data_dir, seed=args.seed)
+    if distributed is not None and lead:
+        distributed.barrier()
     if args.smoke:
         train, test = train[:384], test[:192]
     vocab = data.Vocab([t for t, _ in train], min_freq=args.min_freq)
     enc_train = [vocab.encode(t, args.max_len) for t, _ in train]
     enc_test = [vocab.encode(t, args.max_len) for t, _ in test]
     y_train, y_test = [y for _, y in train], [y for _, y in test]
-    tokens_per_epoch = sum(len(e) for e in enc_train)
-    print(f"{args.dataset}: {len(train)} train / {len(test)} test reviews, vocabulary {len(vocab)}, "
-          f"{tokens_per_epoch / len(train):.1f} tokens per review on average (max "
-          f"{max(len(e) for e in enc_train)}); cell {args.cell}, device {args.device}, {epochs} epochs", flush=True)
+    shape = MODELS[args.model]
+    if lead:
+        print(f"{args.dataset}: {len(train)} train / {len(test)} test reviews, vocabulary {len(vocab)}, "
+              f"{sum(len(e) for e in enc_train) / len(train):.1f} tokens per review on average (max "
+              f"{max(len(e) for e in enc_train)}); {shape['num_layers']}-layer"
+              f"{' bidirectional' if shape['bidirectional'] else ''} {args.cell} {args.hidden}, device "
+              f"{args.device}, {epochs} epochs"
+              + (f", {distributed.world} ranks x batch {args.batch_size}" if distributed else ""), flush=True)
 
-    torch.manual_seed(args.seed)
-    base = SentimentClassifier(len(vocab), args.cell).to(args.device)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    base = SentimentClassifier(len(vocab), args.cell, hidden=args.hidden, num_layers=shape["num_layers"],
+                               bidirectional=shape["bidirectional"]).to(args.device)
     models = {}
     for name in RUNS:
         m = copy.deepcopy(base)
@@ -187,6 +313,11 @@ def main(argv=None) -> dict:
             fusedrnn.convert(m)
             m.path = name.split()[-1]
         models[name] = m
+    trainers = models
+    if distributed is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trainers = {name: DistributedDataParallel(m) for name, m in models.items()}
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
     test_batches = make_batches(enc_test, y_test, 256, list(range(len(enc_test))), args.device)
 
@@ -195,24 +326,36 @@ def main(argv=None) -> dict:
     except ImportError:  # progress bars are a nicety, not a requirement
         tqdm = None
     history: Dict[str, List[dict]] = {name: [] for name in RUNS}
+    # Untimed and local (no collectives): each rank warms up on its own throw-away copies.
     warm_up(models, make_batches(enc_train, y_train, args.batch_size, list(range(min(len(enc_train), 8 * args.batch_size))),
                                  args.device), args.device)
     order_gen = torch.Generator().manual_seed(args.seed)
+    tokens_per_epoch = 0.0
     for epoch in range(epochs):
-        order = torch.randperm(len(enc_train), generator=order_gen).tolist()
+        order = shard(torch.randperm(len(enc_train), generator=order_gen).tolist(), distributed)
         batches = make_batches(enc_train, y_train, args.batch_size, order, args.device)
+        tokens_per_epoch = float(sum(len(enc_train[i]) for i in order))
+        if distributed is not None:
+            tokens_per_epoch = distributed.total(tokens_per_epoch)
         for name in RUNS:
             desc = f"epoch {epoch + 1}/{epochs} {name:17s}"
             bar = (tqdm(total=len(batches), desc=desc, leave=False, disable=args.no_progress or None)
-                   if tqdm else _NoBar())
-            result = train_epoch(models[name], optimizers[name], batches, args.device, bar)
+                   if tqdm and lead else _NoBar())
+            result = train_epoch(trainers[name], optimizers[name], batches, args.device, bar)
             bar.close()
-            result["test_accuracy"] = accuracy(models[name], test_batches)
+            if distributed is not None:
+                result["seconds"] = distributed.slowest(result["seconds"])
+                result["batch_losses"] = distributed.mean(result["batch_losses"])
+                result["loss"] = sum(result["batch_losses"]) / max(1, len(result["batch_losses"]))
+            result["test_accuracy"] = accuracy(models[name], test_batches) if lead else float("nan")
             result["tokens_per_s"] = tokens_per_epoch / result["seconds"]
             history[name].append(result)
-            print(f"{desc}  {result['seconds']:7.2f} s  {result['tokens_per_s']:9.0f} tok/s  "
-                  f"loss {result['loss']:.5f}  test acc {result['test_accuracy']:.4f}", flush=True)
+            if lead:
+                print(f"{desc}  {result['seconds']:7.2f} s  {result['tokens_per_s']:9.0f} tok/s  "
+                      f"loss {result['loss']:.5f}  test acc {result['test_accuracy']:.4f}", flush=True)
 
+    if not lead:
+        return None
     summary = summarize(history, args, epochs, len(train), len(test), len(vocab), tokens_per_epoch)
     write_outputs(summary, history, args)
     return summary
@@ -241,16 +384,17 @@ def summarize(history, args, epochs, n_train, n_test, vocab_size, tokens_per_epo
             "test_accuracy_diff_vs_torch_nn": abs(eps[-1]["test_accuracy"] - ref[-1]["test_accuracy"]),
             "epochs": [{k: v for k, v in e.items() if k != "batch_losses"} for e in eps],
         }
-    return {"dataset": args.dataset, "cell": args.cell, "device": args.device, "epochs": epochs,
-            "batch_size": args.batch_size, "max_len": args.max_len, "seed": args.seed, "smoke": args.smoke,
+    shape = MODELS[args.model]
+    return {"dataset": args.dataset, "model": args.model, "cell": args.cell, "hidden": args.hidden,
+            "num_layers": shape["num_layers"], "bidirectional": shape["bidirectional"], "ranks": args.world,
+            "device": args.device, "epochs": epochs, "batch_size": args.batch_size, "max_len": args.max_len, "seed": args.seed, "smoke": args.smoke,
             "train_examples": n_train, "test_examples": n_test, "vocab": vocab_size, "machine": machine(),
             "runs": runs}
 
 
 def write_outputs(summary: dict, history, args) -> None:
-    os.makedirs(args.results_dir, exist_ok=True)
-    name = f"sentiment_{args.dataset}_{args.cell}_{args.device}" + ("_smoke" if args.smoke else "")
-    base = os.path.join(args.results_dir, name)
+    base = output_base(result_name(args), args.results_dir, args.publish)
+    name = os.path.basename(base)
     rows = [[n, f"{r['total_seconds']:.2f}", f"{r['tokens_per_s']:.0f}", f"**{r['speedup_vs_torch_nn']:.2f}x**",
              f"{r['final_loss']:.5f}", f"{r['max_epoch_loss_diff_vs_torch_nn']:.2e}",
              f"{r['final_test_accuracy']:.4f}"] for n, r in summary["runs"].items()]
@@ -261,10 +405,15 @@ def write_outputs(summary: dict, history, args) -> None:
         [[str(e + 1)] + [f"{history[n][e]['seconds']:.2f}" for n in history]
          + [f"{history[n][e]['loss']:.5f}" for n in history] for e in range(summary["epochs"])])
     m = summary["machine"]
+    layer = (f"{summary['num_layers']}-layer {'bidirectional ' if summary['bidirectional'] else ''}"
+             f"{summary['cell'].upper()} {summary['hidden']}")
+    ranks = summary["ranks"]
     md = "\n".join([
-        f"# Sentiment benchmark: {summary['dataset']}, {summary['cell'].upper()}, {summary['device']}", "",
+        f"# Sentiment benchmark: {summary['dataset']}, {layer}, {summary['device']}"
+        + (f", {ranks} ranks (DDP)" if ranks > 1 else ""), "",
         f"{summary['train_examples']} train / {summary['test_examples']} test reviews, vocabulary "
-        f"{summary['vocab']}, batch {summary['batch_size']}, {summary['epochs']} epochs, seed {summary['seed']}"
+        f"{summary['vocab']}, batch {summary['batch_size']}" + (f" per rank x {ranks} ranks" if ranks > 1 else "")
+        + f", {summary['epochs']} epochs, seed {summary['seed']}"
         + (f", max length {summary['max_len']}" if summary["max_len"] else "") + ".",
         "Machine: " + ", ".join(f"{k} {v}" for k, v in m.items()), "",
         table, "", "Per epoch:", "", per_epoch, "", f"![loss and time per epoch]({name}.png)"])
@@ -273,7 +422,7 @@ def write_outputs(summary: dict, history, args) -> None:
                    "batch_losses": {n: [e["batch_losses"] for e in eps] for n, eps in history.items()}}, f)
     with open(base + ".md", "w") as f:
         f.write(md + "\n")
-    plot(base + ".png", history, f"{summary['cell'].upper()} on {summary['dataset']} ({summary['device']})")
+    plot(base + ".png", history, f"{layer} on {summary['dataset']} ({summary['device']})")
     print()
     print(md)
     print(f"\nsaved {base}.json, .md and .png")

@@ -52,6 +52,16 @@ TORCH_LIBRARY(fusedrnn, m) {
       "rnn_relu_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, "
       "Tensor batch_sizes, bool reverse, bool need_grad_input, Tensor output) -> (Tensor grad_input, "
       "Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
+  // Test-only (csrc/cpu/persistent_emulation.cpp): the persistent CUDA forward's phase functions run
+  // on the CPU, thread by thread (extra = LSTM cells, GRU hn, else empty); and its path choice with
+  // given device limits, returning [ok, rows_per_cta, grid, shared_bytes].
+  m.def(
+      "persistent_emulate_forward(str cell, Tensor input, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, Tensor batch_sizes, bool reverse, int rows_per_cta) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor extra)");
+  m.def(
+      "persistent_plan(str cell, int hidden, int batch, ScalarType dtype, bool projection, int sm_count, "
+      "int shared_optin, int registers_per_block, int kernel_registers, int kernel_max_threads) -> int[]");
 }
 
 // `import fusedrnn._C` loads this library, whose static initialisers register
@@ -71,6 +81,8 @@ extern "C" PyObject* PyInit__C(void) {
   PyModule_AddStringConstant(module, "CUDA_ARCHS", FUSEDRNN_CUDA_ARCHS);
 #ifdef FUSEDRNN_WITH_CUDA
   PyModule_AddIntConstant(module, "WITH_CUDA", 1);
+  // The CUDA forward paths compiled in (csrc/cuda/register_cuda.cpp chooses; FUSEDRNN_CUDA_PATH forces).
+  PyModule_AddStringConstant(module, "CUDA_PATHS", "per_step,persistent");
 #else
   PyModule_AddIntConstant(module, "WITH_CUDA", 0);
 #endif

@@ -5,7 +5,7 @@
     model = fusedrnn.convert(model)                  # or swap every nn.LSTM/GRU/RNN in a model
 """
 
-from . import _ops, functional, reference
+from . import _ops, functional, onnx, reference
 from ._ops import backends
 from .convert import convert, revert
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell

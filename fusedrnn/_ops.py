@@ -4,6 +4,10 @@ type that runs one layer in one direction on the compiled op, or on
 fusedrnn.reference when the library could not be loaded.
 """
 
+import glob
+import importlib.util
+import mmap
+import os
 import warnings
 from typing import Dict, Optional, Tuple, Type
 
@@ -12,23 +16,79 @@ from torch import Tensor
 
 from . import reference
 
-LOAD_ERROR: Optional[str] = None
-_C = None
-try:
-    from . import _C  # type: ignore[no-redef]  # registers torch.ops.fusedrnn.*
-except Exception as e:  # ImportError, OSError: missing, or built against another torch
-    LOAD_ERROR = f"{type(e).__name__}: {e}"
-else:
-    _built = getattr(_C, "TORCH_VERSION", "unknown")
-    if _built.split("+")[0].split(".")[:2] != torch.__version__.split("+")[0].split(".")[:2]:
-        LOAD_ERROR = f"compiled against torch {_built}, but torch {torch.__version__} is installed; reinstall fusedrnn"
+# ---- loading the compiled library ---------------------------------------------------------
+# Three ways it can fail, each with its own message, and each falling back to
+# fusedrnn.reference with one warning: not built; built against another torch (detected
+# from the file, before loading it); present but not loadable.
 
+_BUILD_COMMAND = ("`pip install --no-build-isolation .` (from a checkout: `pip install --no-build-isolation -e .` "
+                  "or `python setup.py build_ext --inplace`)")
+
+
+def _torch_abi(version: str) -> Tuple[str, ...]:
+    """The part of a torch version that a compiled extension depends on: major.minor, the
+    unit that torch extensions are built and distributed for ('2.14.1+cu130' -> ('2', '14'))."""
+    return tuple(version.split("+")[0].split(".")[:2])
+
+
+def _read_build_info(path: str) -> Optional[Dict[str, str]]:
+    """The build facts csrc/build_info.cpp stores in the library, read from the file's bytes
+    WITHOUT loading it; None for a library built before they were recorded."""
+    start, end = b"fusedrnn-build-info:", b":end"
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            i = data.find(start)
+            j = data.find(end, i) if i >= 0 else -1
+            if j < 0:
+                return None
+            fields = data[i + len(start):j].decode("ascii", "replace").split(";")
+    except (OSError, ValueError):  # unreadable or empty: leave the verdict to the import
+        return None
+    return dict(f.split("=", 1) for f in fields if "=" in f)
+
+
+def _version_mismatch(built_torch: str, built_cuda: Optional[str], kernels: str) -> Optional[str]:
+    if _torch_abi(built_torch) != _torch_abi(torch.__version__):
+        return (f"fusedrnn._C was compiled against torch {built_torch}, but torch {torch.__version__} is "
+                f"installed; rebuild fusedrnn against the installed torch: {_BUILD_COMMAND}")
+    if "cuda" in kernels and built_cuda != str(torch.version.cuda):
+        return (f"fusedrnn._C was compiled with CUDA kernels for torch built with CUDA {built_cuda}, but the "
+                f"installed torch is built with CUDA {torch.version.cuda}; rebuild fusedrnn: {_BUILD_COMMAND}")
+    return None
+
+
+def _load_library():
+    """Imports fusedrnn._C (which registers torch.ops.fusedrnn.*); returns (module, None) or
+    (None, why it could not be used)."""
+    spec = importlib.util.find_spec(__package__ + "._C")
+    if spec is None or spec.origin is None:
+        here = os.path.dirname(os.path.abspath(__file__))
+        others = [os.path.basename(p) for p in glob.glob(os.path.join(here, "_C.*")) if p.endswith((".so", ".pyd"))]
+        found = (f" (found only {', '.join(others)}, built for another Python)" if others else "")
+        return None, (f"the compiled library fusedrnn._C is not built: there is no _C extension module for this "
+                      f"Python in {here}{found}. Build it against the installed torch: {_BUILD_COMMAND}")
+    info = _read_build_info(spec.origin)
+    if info is not None:
+        why = _version_mismatch(info.get("torch", "unknown"), info.get("torch_cuda"), info.get("kernels", "cpu"))
+        if why is not None:
+            return None, why
+    try:
+        from . import _C as module  # registers torch.ops.fusedrnn.*
+    except Exception as e:  # ImportError, OSError: e.g. undefined symbols from another torch
+        return None, (f"fusedrnn._C ({spec.origin}) could not be loaded: {type(e).__name__}: {e}. "
+                      f"If it was built against another torch, rebuild it: {_BUILD_COMMAND}")
+    # A library built before the build facts were recorded: check what the loaded module says.
+    why = _version_mismatch(getattr(module, "TORCH_VERSION", "unknown"), str(torch.version.cuda),
+                            "cpu") if info is None else None
+    return (None, why) if why else (module, None)
+
+
+_C, LOAD_ERROR = _load_library()
 COMPILED = LOAD_ERROR is None
 if not COMPILED:
     warnings.warn(
-        "fusedrnn: the compiled operators could not be loaded, so the slow pure-PyTorch reference "
-        f"implementation will run instead ({LOAD_ERROR}). Reinstall with "
-        "`pip install --no-build-isolation .` against the installed torch.",
+        f"fusedrnn: {LOAD_ERROR}. Running the pure-PyTorch reference implementation instead, which is "
+        "correct but slow.",
         RuntimeWarning,
         stacklevel=2,
     )
@@ -54,6 +114,10 @@ def backends() -> dict:
         for key in ("CPU", "CUDA"):
             info[key.lower()] = COMPILED and torch._C._dispatch_has_kernel_for_dispatch_key(
                 "fusedrnn::lstm_forward", key)
+    # The CUDA forward paths compiled in; csrc/cuda/register_cuda.cpp picks one per call
+    # (FUSEDRNN_CUDA_PATH=per_step|persistent|auto forces it).
+    paths = getattr(_C, "CUDA_PATHS", "") if info["cuda"] else ""
+    info["cuda_paths"] = [p for p in paths.split(",") if p]
     return info
 
 

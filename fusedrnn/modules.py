@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import _ops, functional
+from . import _ops, functional, onnx
 from .functional import GATES, LayerWeights
 
 
@@ -296,6 +296,8 @@ class _RNNBase(nn.Module):
 
     def _forward_packed(self, input: PackedSequence, h0: Optional[Tensor],
                         c0: Optional[Tensor]) -> Tuple[PackedSequence, Tensor, Optional[Tensor]]:
+        if not torch.jit.is_scripting():
+            onnx.reject_variable_lengths(self._type_name)  # an ONNX export cannot capture packing
         data, batch_sizes = input.data, input.batch_sizes
         sorted_indices, unsorted_indices = input.sorted_indices, input.unsorted_indices
         self._check_input(data, packed=True)
@@ -318,6 +320,8 @@ class _RNNBase(nn.Module):
         """Padded batch plus per-sequence lengths: runs only the real tokens and returns a padded
         output (zeros past each length) and the state at each sequence's last real step."""
         name = self._type_name
+        if not torch.jit.is_scripting():
+            onnx.reject_variable_lengths(name)  # before the data-dependent checks below
         self._check_input(input, packed=False)
         if input.dim() != 3:
             raise ValueError(f"{name}: lengths needs batched 3-D input, got {input.dim()}-D")

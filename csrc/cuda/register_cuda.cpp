@@ -1,6 +1,21 @@
-// CUDA implementations of every fusedrnn op: the device-generic layer drivers
-// (csrc/layer/) with the CUDA pointwise kernels. GEMMs go through ATen, i.e.
-// cuBLAS on ATen's handle and the current stream; the kernels launch on the
+// CUDA implementations of every fusedrnn op, and the choice between the two
+// forward paths:
+//   per-step    the device-generic layer drivers (csrc/layer/) with the CUDA
+//               pointwise kernels: per step one cuBLAS GEMM + one pointwise
+//               kernel. Any size, float64, LSTM projection.
+//   persistent  one launch per layer and direction for the whole sequence,
+//               W_hh on chip (csrc/persistent/, csrc/cuda/persistent_*.cu):
+//               hidden_size <= 128, float32/float16/bfloat16, no projection.
+// The choice (persistent/persistent_plan.h) reads the device's SM count,
+// shared memory and register limits and the compiled kernel's resources before
+// anything is launched; FUSEDRNN_CUDA_PATH=per_step|persistent|auto forces it
+// (persistent on a layer it cannot run: an error saying why). Backward is
+// per-step on both paths: the persistent forward returns the same saved
+// tensors, in the same layout.
+// The per-step path's GEMMs run on cuBLAS with ATen's handle and the current
+// stream (float32 through fp32_gemm.h, with the math torch.nn's cuDNN RNNs would
+// use; others through ATen); the persistent path's input projection goes through
+// ATen and its recurrent product is exact fp32 on chip. Kernels launch on the
 // current stream too, so the ops are correct on any stream and capturable in
 // CUDA graphs.
 #include <ATen/cuda/CUDAContext.h>
@@ -8,7 +23,14 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <type_traits>
+
 #include "../layer/layer_ops.h"
+#include "../persistent/persistent_layer.h"
+#include "../persistent/persistent_plan.h"
+#include "fp32_gemm.h"
+#include "persistent_launch.h"
 #include "pointwise_launch.h"
 
 namespace fusedrnn {
@@ -16,10 +38,16 @@ namespace fusedrnn {
 struct CudaDevice {
   using DeviceGuard = c10::cuda::OptionalCUDAGuard;
 
+  // Every GEMM, per step or not: float32 math as torch.nn's cuDNN RNNs choose it (fp32_gemm.h).
   template <typename T>
   static void matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
                      bool accumulate) {
-    aten_matmul(out, a, b, bias, accumulate);
+    cuda_gemm(out, a, b, bias, accumulate);
+  }
+
+  static void gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
+                   bool accumulate) {
+    cuda_gemm(out, a, b, bias, accumulate);
   }
 
   template <typename Cell, typename T>
@@ -35,6 +63,132 @@ struct CudaDevice {
   }
 };
 
+namespace persistent {
+
+// The device's limits and the compiled kernel's resources, for the plan.
+template <typename Cell, typename T>
+DeviceLimits device_limits() {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  cudaFuncAttributes attr{};
+  const cudaError_t err = forward_attributes<Cell, T>(&attr);
+  C10_CUDA_CHECK(err);
+  DeviceLimits d;
+  d.sm_count = prop->multiProcessorCount;
+  d.shared_optin_bytes = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
+  d.registers_per_block = prop->regsPerBlock;
+  d.kernel_registers = attr.numRegs;
+  d.kernel_max_threads = attr.maxThreadsPerBlock;
+  d.kernel_static_shared = static_cast<int64_t>(attr.sharedSizeBytes);
+  return d;
+}
+
+template <typename Cell>
+Plan plan_layer(const at::Tensor& input, int64_t hidden, int64_t batch, bool projection) {
+  const LayerShape l{hidden, batch, input.scalar_type() == at::kDouble, projection};
+  Plan plan;
+  if (l.float64 || l.projection) return plan_forward(l, DeviceLimits{}, [](int64_t) { return size_t(0); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fusedrnn.plan", [&] {
+    using T = scalar_t;
+    if constexpr (!std::is_same_v<T, double>) {
+      plan = plan_forward(l, device_limits<Cell, T>(), [](int64_t rows) { return Forward<Cell, T>::shared_bytes(rows); });
+    }
+  });
+  return plan;
+}
+
+// The path for this call: true = persistent (with `plan`), false = per-step.
+inline bool wants_persistent(const char* op, PathRequest* request) {
+  const char* env = std::getenv("FUSEDRNN_CUDA_PATH");
+  *request = parse_path_request(env);
+  FUSEDRNN_CHECK(*request != PathRequest::kInvalid, op, "FUSEDRNN_CUDA_PATH must be per_step, persistent or auto, got '",
+                 env, "'");
+  return *request != PathRequest::kPerStep;
+}
+
+inline void check_forced(const char* op, PathRequest request, const Plan& plan) {
+  FUSEDRNN_CHECK(request != PathRequest::kPersistent || plan.ok, op,
+                 "FUSEDRNN_CUDA_PATH=persistent, but the persistent kernel cannot run this layer: ", plan.why_not,
+                 " (unset FUSEDRNN_CUDA_PATH or set it to auto to fall back to the per-step path)");
+}
+
+struct CudaLaunch {
+  Plan plan;
+  template <typename Cell, typename T>
+  void run(const ForwardParams<T>& p) {
+    if constexpr (std::is_same_v<T, double>) {
+      TORCH_CHECK(false, "fusedrnn: the persistent kernel has no float64 version (the plan should have refused it)");
+    } else {
+      const cudaError_t err = launch_forward<Cell, T>(p, plan.grid, plan.shared_bytes, at::cuda::getCurrentCUDAStream());
+      C10_CUDA_CHECK(err);
+    }
+  }
+};
+
+// Checks as the per-step op does, then the plan; nullopt: run the per-step op.
+template <typename Cell>
+std::optional<ForwardOutputs> try_persistent(const char* op, const at::Tensor& input, const at::Tensor& h0,
+                                             const at::Tensor* c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                             const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+                                             const at::Tensor& batch_sizes, bool reverse) {
+  PathRequest request;
+  if (!wants_persistent(op, &request)) return std::nullopt;
+  // Arguments first (a CPU tensor among CUDA ones gets our message, not c10's), then the device.
+  const LayerWeights w = check_layer(op, Cell::kGates, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
+  const c10::cuda::OptionalCUDAGuard device_guard(input.device());
+  const int64_t hidden = w_hh.size(0) / Cell::kGates;
+  const Plan plan = plan_layer<Cell>(input, hidden, h0.size(0), w.w_hr.defined());
+  check_forced(op, request, plan);
+  if (!plan.ok) return std::nullopt;
+  CudaLaunch launch{plan};
+  return layer_forward<Cell>(input, h0, c0 != nullptr ? *c0 : at::Tensor(), w, s, reverse, plan.rows_per_cta,
+                             launch);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+    const at::Tensor& batch_sizes, bool reverse) {
+  if (auto r = try_persistent<LstmCell>("lstm_forward", input, h0, &c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
+                                        reverse)) {
+    return {r->output, r->h_n, r->c_n, r->gates, r->cells};
+  }
+  return fusedrnn::lstm_forward<CudaDevice>(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& batch_sizes, bool reverse) {
+  if (auto r = try_persistent<GruCell>("gru_forward", input, h0, nullptr, w_ih, w_hh, b_ih, b_hh, std::nullopt,
+                                       batch_sizes, reverse)) {
+    return {r->output, r->h_n, r->gates, r->hn};
+  }
+  return fusedrnn::gru_forward<CudaDevice>(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse);
+}
+
+template <typename Cell>
+std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
+                                               const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                                               const at::Tensor& batch_sizes, bool reverse) {
+  const char* op = Cell::kRelu ? "rnn_relu_forward" : "rnn_tanh_forward";
+  if (auto r = try_persistent<Cell>(op, input, h0, nullptr, w_ih, w_hh, b_ih, b_hh, std::nullopt, batch_sizes,
+                                    reverse)) {
+    return {r->output, r->h_n};
+  }
+  return fusedrnn::rnn_forward<Cell, CudaDevice>(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse);
+}
+
+}  // namespace persistent
 }  // namespace fusedrnn
 
-TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) { fusedrnn::register_layer_ops<fusedrnn::CudaDevice>(m); }
+TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) {
+  using namespace fusedrnn;
+  m.impl("lstm_forward", &persistent::lstm_forward);
+  m.impl("gru_forward", &persistent::gru_forward);
+  m.impl("rnn_tanh_forward", &persistent::rnn_forward<RnnTanhCell>);
+  m.impl("rnn_relu_forward", &persistent::rnn_forward<RnnReluCell>);
+  m.impl("lstm_backward", &lstm_backward<CudaDevice>);
+  m.impl("gru_backward", &gru_backward<CudaDevice>);
+  m.impl("rnn_tanh_backward", &rnn_backward<RnnTanhCell, CudaDevice>);
+  m.impl("rnn_relu_backward", &rnn_backward<RnnReluCell, CudaDevice>);
+}

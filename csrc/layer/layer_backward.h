@@ -106,9 +106,16 @@ BackwardOutputs layer_backward(const at::Tensor& grad_output, const at::Tensor& 
   at::Tensor dr = has_proj ? new_buffer({B, H}, opts) : at::Tensor();
   at::Tensor r_all = has_proj ? new_buffer({N, H}, opts) : at::Tensor();
 
+  // A device with a sequence engine (the CPU's) may run the whole loop below
+  // itself, with the same cell math; the weight gradients after it are shared.
+  bool engine_done = false;
+  if constexpr (has_sequence_engine<Device>::value) {
+    engine_done = !has_proj && Device::template backward_sequence<Cell>(grad_output, saved, w, sched, reverse, h_prev,
+                                                                       c_prev, dh_state, dc_state, dgates, dgates_h);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.input.scalar_type(), "fusedrnn.layer_backward", [&] {
     using T = scalar_t;
-    for (int64_t k = 0; k < sched.steps(); ++k) {
+    for (int64_t k = 0; !engine_done && k < sched.steps(); ++k) {
       const int64_t t = reverse ? k : sched.steps() - 1 - k;
       const int64_t bs = sched.batch[t];
       const int64_t off = sched.offset[t];
@@ -120,7 +127,7 @@ BackwardOutputs layer_backward(const at::Tensor& grad_output, const at::Tensor& 
         at::Tensor dh_t = rows(dh_all, off, bs);
         at::add_out(dh_t, rows(dh_state, 0, bs), rows(grad_output, off, bs));
         at::Tensor dr_t = rows(dr, 0, bs);
-        at::mm_out(dr_t, dh_t, w.w_hr);
+        Device::gemm(dr_t, dh_t, w.w_hr, at::Tensor(), false);
         p.grad_out = dr.template const_data_ptr<T>();
         p.grad_h_state = nullptr;
         p.r_out = r_all.template data_ptr<T>() + off * H;
@@ -148,12 +155,12 @@ BackwardOutputs layer_backward(const at::Tensor& grad_output, const at::Tensor& 
     }
   });
 
-  g.grad_input = need_grad_input ? at::mm(dgates, w.w_ih) : at::empty({0}, opts);
-  g.grad_w_ih = at::mm(dgates.t(), saved.input);
-  g.grad_w_hh = at::mm(dgates_h.t(), h_prev);
+  g.grad_input = need_grad_input ? device_mm<Device>(dgates, w.w_ih) : at::empty({0}, opts);
+  g.grad_w_ih = device_mm<Device>(dgates.t(), saved.input);
+  g.grad_w_hh = device_mm<Device>(dgates_h.t(), h_prev);
   g.grad_b_ih = dgates.sum(0);
   g.grad_b_hh = is_gru ? dgates_h.sum(0) : g.grad_b_ih.clone();
-  g.grad_w_hr = has_proj ? at::mm(dh_all.t(), r_all) : at::empty({0}, opts);
+  g.grad_w_hr = has_proj ? device_mm<Device>(dh_all.t(), r_all) : at::empty({0}, opts);
   g.grad_h0 = dh_state;
   g.grad_c0 = is_lstm ? dc_state : at::empty({0}, opts);
   return g;

@@ -19,6 +19,7 @@
 
 #include <cstdlib>
 #include <limits>
+#include <type_traits>
 
 #include "../cells/step_params.h"
 #include "checks.h"
@@ -57,6 +58,28 @@ inline void aten_matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& 
   }
 }
 
+// a @ b into a new tensor through the Device's GEMM. Every GEMM of the drivers
+// goes through Device::gemm (or the per-step Device::matmul), so that the CUDA
+// policy can choose the float32 math per call as torch.nn's cuDNN RNNs do
+// (cuda/fp32_gemm.h).
+template <typename Device>
+at::Tensor device_mm(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  Device::gemm(out, a, b, at::Tensor(), false);
+  return out;
+}
+
+// A device policy may run a layer's whole time loop itself (the CPU engine,
+// cpu/cpu_engine.h) by declaring `static constexpr bool kSequenceEngine = true`
+// and forward_sequence / backward_sequence, which return false to leave the
+// call to the per-step loop here. The CUDA policy declares nothing and keeps
+// the per-step path.
+template <typename Device, typename = void>
+struct has_sequence_engine : std::false_type {};
+template <typename Device>
+struct has_sequence_engine<Device, std::void_t<decltype(Device::kSequenceEngine)>>
+    : std::bool_constant<Device::kSequenceEngine> {};
+
 template <typename Cell, typename Device>
 ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
                              const LayerWeights& w, const StepSchedule& sched, bool reverse) {
@@ -71,12 +94,15 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
 
   ForwardOutputs r;
   r.gates = new_buffer({N, G * H}, opts);
-  aten_matmul(r.gates, input, w.w_ih.t(), w.b_ih, false);
+  Device::gemm(r.gates, input, w.w_ih.t(), w.b_ih, false);
   r.output = new_buffer({N, P}, opts);
   r.h_n = h0.clone(at::MemoryFormat::Contiguous);  // the running state; final state at the end
   r.c_n = is_lstm ? c0.clone(at::MemoryFormat::Contiguous) : at::Tensor();
   r.cells = is_lstm ? new_buffer({N, H}, opts) : at::empty({0}, opts);
   r.hn = G == 3 ? new_buffer({N, H}, opts) : at::empty({0}, opts);
+  if constexpr (has_sequence_engine<Device>::value) {
+    if (!has_proj && Device::template forward_sequence<Cell>(r, w, sched, reverse)) return r;
+  }
   at::Tensor hproj = new_buffer({B, G * H}, opts);
   at::Tensor proj_in = has_proj ? new_buffer({B, H}, opts) : at::Tensor();  // r_t = o * tanh(c_t)
   // W_hh^T, once: the per-step GEMM then reads both operands row by row.
@@ -109,7 +135,7 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
 
       if (has_proj) {
         at::Tensor out_t = rows(r.output, off, bs);
-        at::mm_out(out_t, rows(proj_in, 0, bs), w.w_hr.t());
+        Device::gemm(out_t, rows(proj_in, 0, bs), w.w_hr.t(), at::Tensor(), false);
         rows(r.h_n, 0, bs).copy_(out_t);
       }
     }

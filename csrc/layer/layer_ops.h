@@ -2,6 +2,10 @@
 // exactly the signatures of the schemas in csrc/ops.cpp. They validate every
 // argument, then call the device-generic drivers. Each device registers them
 // with its own Device policy (cpu/cpu_device.h, cuda/register_cuda.cpp).
+// The device guard comes after the checks: the dispatcher runs the CUDA kernel
+// when any argument is on CUDA (batch_sizes included), and a CUDA guard built
+// from a CPU input would throw c10's message before ours could say which
+// argument is on which device.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -82,9 +86,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
     const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
     const at::Tensor& batch_sizes, bool reverse) {
   constexpr const char* op = "lstm_forward";
-  const typename Device::DeviceGuard device_guard(input.device());
   const LayerWeights w = check_layer(op, 4, input, h0, &c0, w_ih, w_hh, b_ih, b_hh, w_hr);
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
+  const typename Device::DeviceGuard device_guard(input.device());
   ForwardOutputs r = layer_forward<LstmCell, Device>(input, h0, c0, w, s, reverse);
   return {r.output, r.h_n, r.c_n, r.gates, r.cells};
 }
@@ -94,9 +98,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& batch_sizes, bool reverse) {
   constexpr const char* op = "gru_forward";
-  const typename Device::DeviceGuard device_guard(input.device());
   const LayerWeights w = check_layer(op, 3, input, h0, nullptr, w_ih, w_hh, b_ih, b_hh, std::nullopt);
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
+  const typename Device::DeviceGuard device_guard(input.device());
   ForwardOutputs r = layer_forward<GruCell, Device>(input, h0, at::Tensor(), w, s, reverse);
   return {r.output, r.h_n, r.gates, r.hn};
 }
@@ -107,9 +111,9 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& input, const at
                                                const OptTensor& b_ih, const OptTensor& b_hh,
                                                const at::Tensor& batch_sizes, bool reverse) {
   const char* op = Cell::kRelu ? "rnn_relu_forward" : "rnn_tanh_forward";
-  const typename Device::DeviceGuard device_guard(input.device());
   const LayerWeights w = check_layer(op, 1, input, h0, nullptr, w_ih, w_hh, b_ih, b_hh, std::nullopt);
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
+  const typename Device::DeviceGuard device_guard(input.device());
   ForwardOutputs r = layer_forward<Cell, Device>(input, h0, at::Tensor(), w, s, reverse);
   return {r.output, r.h_n};
 }
@@ -125,7 +129,6 @@ lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const a
               const at::Tensor& w_hh, const OptTensor& w_hr, const at::Tensor& batch_sizes, bool reverse,
               bool need_grad_input, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
   constexpr const char* op = "lstm_backward";
-  const typename Device::DeviceGuard device_guard(input.device());
   const LayerWeights w = check_layer(op, 4, input, h0, &c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
   const int64_t N = input.size(0), B = h0.size(0), P = h0.size(1), H = w_hh.size(0) / 4;
@@ -135,6 +138,7 @@ lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const a
   check_saved(op, "output", output, input, {N, P});
   check_saved(op, "gates", gates, input, {N, 4 * H});
   check_saved(op, "cells", cells, input, {N, H});
+  const typename Device::DeviceGuard device_guard(input.device());
   SavedForBackward saved{input, h0, c0, output.contiguous(), gates.contiguous(), cells.contiguous(), {}};
   BackwardOutputs g =
       layer_backward<LstmCell, Device>(grad_output.contiguous(), grad_h_n, grad_c_n, saved, w, s, reverse,
@@ -148,7 +152,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& batch_sizes, bool reverse,
     bool need_grad_input, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& hn) {
   constexpr const char* op = "gru_backward";
-  const typename Device::DeviceGuard device_guard(input.device());
   const LayerWeights w = check_layer(op, 3, input, h0, nullptr, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt);
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
   const int64_t N = input.size(0), B = h0.size(0), H = h0.size(1);
@@ -157,6 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_saved(op, "output", output, input, {N, H});
   check_saved(op, "gates", gates, input, {N, 3 * H});
   check_saved(op, "hn", hn, input, {N, H});
+  const typename Device::DeviceGuard device_guard(input.device());
   SavedForBackward saved{input, h0, {}, output.contiguous(), gates.contiguous(), {}, hn.contiguous()};
   BackwardOutputs g =
       layer_backward<GruCell, Device>(grad_output.contiguous(), grad_h_n, at::Tensor(), saved, w, s, reverse,
@@ -170,13 +174,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& batch_sizes, bool reverse,
     bool need_grad_input, const at::Tensor& output) {
   const char* op = Cell::kRelu ? "rnn_relu_backward" : "rnn_tanh_backward";
-  const typename Device::DeviceGuard device_guard(input.device());
   const LayerWeights w = check_layer(op, 1, input, h0, nullptr, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt);
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
   const int64_t N = input.size(0), B = h0.size(0), H = h0.size(1);
   check_saved(op, "grad_output", grad_output, input, {N, H});
   check_saved(op, "grad_h_n", grad_h_n, input, {B, H});
   check_saved(op, "output", output, input, {N, H});
+  const typename Device::DeviceGuard device_guard(input.device());
   SavedForBackward saved{input, h0, {}, output.contiguous(), {}, {}, {}};  // RNN needs only h_t
   BackwardOutputs g =
       layer_backward<Cell, Device>(grad_output.contiguous(), grad_h_n, at::Tensor(), saved, w, s, reverse,

@@ -1,0 +1,81 @@
+// The CPU recurrent engine: the whole time loop of one layer and direction in
+// float32, with the recurrent GEMM and the cell fused (csrc/cpu/avx2_engine.cpp).
+//
+//   forward, per step and block of rows:  hproj = h_{t-1} W_hh^T + b_hh in
+//     registers, stored to an L1 tile, then the cell (Cell::forward, the shared
+//     per-element math) on the same units at once: gates never leave L1.
+//   backward, per step and block of rows: the cell backward (Cell::backward),
+//     then dh_{t-1} = dgates_h W_hh while those gate gradients are in L1.
+//
+// Threads split the batch rows; each runs its rows' whole time loop with no
+// synchronisation between steps (sequences are independent). W_hh is packed
+// once per call into the panels the micro-kernel streams. Each output element
+// is computed by the same sequence of operations whatever the thread count or
+// the row blocking, so results are bitwise reproducible (and do not even
+// depend on the number of threads).
+//
+// This header is what the rest of the library sees: plain pointers and sizes,
+// no cell headers and no intrinsics, so nothing compiled for AVX2 leaks into
+// code that runs on CPUs without it (the implementation is compiled for AVX2+FMA
+// in its own translation unit and chosen at run time: available()).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace fusedrnn {
+namespace cpu_engine {
+
+enum class CellKind { kLstm, kGru, kRnnTanh, kRnnRelu };
+
+// True when this CPU has AVX2 and FMA (checked once) and the engine is not
+// switched off with FUSEDRNN_CPU_ENGINE=0 (read on every call, so a benchmark
+// or a test can compare both paths in one process).
+bool available();
+
+// One layer, one direction; every matrix row-major and contiguous. Rows of a
+// step are the schedule's: step t holds batch[t] rows at packed rows
+// offset[t] .. offset[t] + batch[t] (csrc/layer/checks.h: StepSchedule).
+struct Schedule {
+  const std::vector<int64_t>* batch = nullptr;
+  const std::vector<int64_t>* offset = nullptr;
+  bool reverse = false;
+};
+
+struct ForwardArgs {
+  CellKind cell = CellKind::kLstm;
+  int64_t B = 0, H = 0;       // batch, hidden
+  Schedule sched;
+  const float* w_hh = nullptr;  // [G*H, H]
+  const float* b_hh = nullptr;  // [G*H] or nullptr
+  float* gates = nullptr;       // [N, G*H] in: x W_ih^T + b_ih; out: activated gates
+  float* h_state = nullptr;     // [B, H] h0 in, final states out
+  float* c_state = nullptr;     // [B, H] LSTM: c0 in, final cell states out
+  float* output = nullptr;      // [N, H]
+  float* cells = nullptr;       // [N, H] LSTM: c_t
+  float* hn = nullptr;          // [N, H] GRU: W_hn h_{t-1} + b_hn
+};
+
+struct BackwardArgs {
+  CellKind cell = CellKind::kLstm;
+  int64_t B = 0, H = 0;
+  Schedule sched;
+  const float* w_hh = nullptr;       // [G*H, H]
+  const float* gates = nullptr;      // [N, G*H] saved activated gates
+  const float* grad_output = nullptr;  // [N, H]
+  const float* output = nullptr;     // [N, H] RNN: h_t
+  const float* cells = nullptr;      // [N, H] LSTM: c_t
+  const float* c_prev = nullptr;     // [N, H] LSTM: c_{t-1} of every token
+  const float* h_prev = nullptr;     // [N, H] GRU: h_{t-1} of every token
+  const float* hn = nullptr;         // [N, H] GRU
+  float* grad_h_state = nullptr;     // [B, H] dh_T in, dh0 out
+  float* grad_c_state = nullptr;     // [B, H] LSTM: dc_T in, dc0 out
+  float* grad_gates = nullptr;       // [N, G*H] out
+  float* grad_gates_h = nullptr;     // [N, G*H] out, GRU only (hidden side)
+};
+
+void forward(const ForwardArgs& a);
+void backward(const BackwardArgs& a);
+
+}  // namespace cpu_engine
+}  // namespace fusedrnn

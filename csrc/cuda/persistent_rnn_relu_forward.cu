@@ -1,0 +1,10 @@
+// Persistent whole-sequence forward kernel of the rnn_relu cell (the math: csrc/cells/rnn_cell.h,
+// the logic: csrc/persistent/persistent_forward.h).
+#include "../cells/rnn_cell.h"
+#include "persistent_kernel.cuh"
+
+namespace fusedrnn {
+namespace persistent {
+FUSEDRNN_INSTANTIATE_PERSISTENT(RnnReluCell)
+}  // namespace persistent
+}  // namespace fusedrnn

@@ -1,0 +1,189 @@
+"""The CPU recurrent engine (csrc/cpu/avx2_engine.cpp): float32 layers on a CPU with AVX2+FMA.
+
+Against fusedrnn.reference in float64 over the shapes where a blocked kernel goes wrong: partial
+row blocks (the micro-tile is 6 rows) and partial unit blocks (8 or 16 units), one row, one unit,
+ragged batches in both directions, one and two threads; and bitwise reproducibility, which by
+construction does not depend on the thread count either. FUSEDRNN_CPU_ENGINE=0 switches the
+engine off (read on every call), which gives the per-step path to compare with.
+"""
+
+import pytest
+import torch
+
+import fusedrnn
+from fusedrnn import reference
+
+pytestmark = pytest.mark.skipif(not fusedrnn.backends()["compiled"], reason="compiled operators not loaded: "
+                                + str(fusedrnn.backends()["load_error"]))
+
+OPS = torch.ops.fusedrnn
+
+
+def _cpu_has_avx2_fma():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+requires_avx2 = pytest.mark.skipif(not _cpu_has_avx2_fma(), reason="the engine needs AVX2+FMA; this CPU runs "
+                                   "the per-step path, which the other test files cover")
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+def lengths_to_batch_sizes(lengths):
+    """Per-step batch sizes of sequences sorted by decreasing length."""
+    lengths = sorted(lengths, reverse=True)
+    return torch.tensor([sum(1 for n in lengths if n > t) for t in range(lengths[0])])
+
+
+def make_args(cell, hidden, batch_sizes, input_size=5, bias=True, seed=0):
+    """float64 leaves of the forward op of `cell` (the order of its schema)."""
+    g = torch.Generator().manual_seed(seed)
+    n, b = int(batch_sizes.sum()), int(batch_sizes[0])
+    gh = GATES[cell] * hidden
+    scale = hidden ** -0.5  # keeps the gates in the range where every activation has a slope
+
+    def rand(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).requires_grad_()
+
+    x, h0 = rand(n, input_size), rand(b, hidden)
+    w_ih, w_hh = rand(gh, input_size, s=scale), rand(gh, hidden, s=scale)
+    b_ih, b_hh = (rand(gh, s=0.5), rand(gh, s=0.5)) if bias else (None, None)
+    if cell == "lstm":
+        return [x, h0, rand(b, hidden), w_ih, w_hh, b_ih, b_hh, None, batch_sizes]
+    return [x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes]
+
+
+def run_op(cell, args, reverse):
+    """Main outputs of the compiled op and the gradients of a random projection of them."""
+    if cell == "lstm":
+        outs = OPS.lstm_forward(*args, reverse)[:3]
+    elif cell == "gru":
+        outs = OPS.gru_forward(*args, reverse)[:2]
+    else:
+        outs = getattr(OPS, cell + "_forward")(*args, reverse)[:2]
+    return outs
+
+
+def run_reference(cell, args, reverse):
+    if cell == "lstm":
+        return reference.lstm_layer(*args, reverse)
+    if cell == "gru":
+        return reference.gru_layer(*args, reverse)
+    return reference.rnn_layer(cell.split("_")[1], *args, reverse)
+
+
+def outputs_and_grads(fn, cell, args, reverse):
+    outs = fn(cell, args, reverse)
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outs]
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), leaves)
+    return [o.detach() for o in outs] + list(grads)
+
+
+def as_float32(args):
+    return [a.detach().float().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in args]
+
+
+@pytest.fixture
+def threads():
+    """Sets torch's thread count for one test and restores it afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+# (hidden, per-sequence lengths): partial and whole unit blocks (LSTM 8 units, GRU/RNN 16),
+# row counts around the 6-row micro-tile, one row, ragged batches.
+SHAPES = [
+    (1, [3]),
+    (5, [4, 4, 4]),
+    (8, [5] * 6),
+    (13, [6] * 7),
+    (16, [3] * 13),
+    (17, [7, 7, 5, 5, 5, 4, 2, 1]),
+    (37, [9, 8, 8, 6, 3, 3, 3, 2, 1, 1, 1, 1, 1]),
+    (128, [6] * 32),
+    (130, [5, 4, 4, 1]),
+]
+
+
+@pytest.mark.parametrize("nthreads", [1, 2])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("hidden,lengths", SHAPES)
+@pytest.mark.parametrize("cell", list(GATES))
+def test_engine_matches_float64_reference(cell, hidden, lengths, reverse, nthreads, threads, monkeypatch):
+    monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
+    threads(nthreads)
+    args = make_args(cell, hidden, lengths_to_batch_sizes(lengths))
+    want = outputs_and_grads(run_reference, cell, args, reverse)
+    got = outputs_and_grads(run_op, cell, as_float32(args), reverse)
+    for a, e in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+def test_engine_without_bias_matches_reference(cell, monkeypatch):
+    monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
+    args = make_args(cell, 21, lengths_to_batch_sizes([5, 5, 3, 3, 3, 3, 3, 2]), bias=False)
+    want = outputs_and_grads(run_reference, cell, args, True)
+    got = outputs_and_grads(run_op, cell, as_float32(args), True)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+def test_engine_agrees_with_per_step_path(cell, monkeypatch):
+    """The two float32 paths differ only in summation order."""
+    args = as_float32(make_args(cell, 64, lengths_to_batch_sizes([12] * 9 + [7] * 9 + [2] * 3)))
+    monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
+    engine = outputs_and_grads(run_op, cell, args, False)
+    monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "0")
+    per_step = outputs_and_grads(run_op, cell, args, False)
+    for a, e in zip(engine, per_step):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+@requires_avx2
+@pytest.mark.parametrize("cell", list(GATES))
+def test_engine_runs_where_the_cpu_has_avx2(cell, monkeypatch):
+    """The engine really ran (the other tests would also pass on the per-step path): its sums
+    run in another order than MKL's, so some float32 results differ in the last bits."""
+    args = as_float32(make_args(cell, 128, lengths_to_batch_sizes([20] * 16)))
+    monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
+    engine = outputs_and_grads(run_op, cell, args, False)
+    monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "0")
+    per_step = outputs_and_grads(run_op, cell, args, False)
+    assert not all(torch.equal(a, b) for a, b in zip(engine, per_step))
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+def test_engine_is_bitwise_reproducible_for_any_thread_count(cell, threads, monkeypatch):
+    """Each element is computed by the same operations whatever the row split."""
+    monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
+    args = as_float32(make_args(cell, 40, lengths_to_batch_sizes([9] * 10 + [6] * 7 + [1] * 2), seed=3))
+    results = []
+    for n in (1, 2, 2, 1):
+        threads(n)
+        results.append(outputs_and_grads(run_op, cell, args, False))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_float64_and_bfloat16_still_run_beside_the_engine(monkeypatch):
+    """The engine takes float32 only; the other dtypes keep the per-step path."""
+    monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
+    args = make_args("lstm", 19, lengths_to_batch_sizes([4, 4, 3]))
+    want = run_reference("lstm", args, False)
+    got = run_op("lstm", args, False)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-10)
+    bf16 = [a.detach().bfloat16() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    for a, e in zip(run_op("lstm", bf16, False), want):
+        torch.testing.assert_close(a.double(), e.detach(), rtol=0, atol=0.1)

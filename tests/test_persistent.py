@@ -1,0 +1,342 @@
+"""The persistent CUDA forward kernel's logic, run on the CPU.
+
+`fusedrnn::persistent_emulate_forward` runs the kernel's phase functions
+(csrc/persistent/persistent_forward.h) for every CTA and every thread in order, with the warp
+shuffles done lane by lane as the hardware does them; the CUDA kernel
+(csrc/cuda/persistent_kernel.cuh) calls the same functions with barriers in between. So these
+tests check, without a GPU, how the kernel splits weights, units and rows over threads and CTAs,
+the partial tiles (H not a multiple of the k-slices, rows past the batch), the reduction, ragged
+stops and the reverse direction, against fusedrnn.reference and against the per-step path's
+saved tensors (which the existing backward ops read). `fusedrnn::persistent_plan` is the host-side
+path choice, run with made-up device limits.
+"""
+
+import pytest
+import torch
+
+import fusedrnn
+from fusedrnn import reference
+
+pytestmark = pytest.mark.skipif(not fusedrnn.backends()["compiled"], reason="compiled operators not loaded: "
+                                + str(fusedrnn.backends()["load_error"]))
+
+OPS = torch.ops.fusedrnn
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+# Values from csrc/persistent/persistent_limits.h.
+MAX_HIDDEN, THREADS, MAX_ROWS_PER_CTA = 128, 512, 16
+# An H100 SXM as cudaGetDeviceProperties reports it, and a kernel that fits.
+H100 = dict(sm_count=132, shared_optin=232448, registers_per_block=65536, kernel_registers=128,
+            kernel_max_threads=512)
+
+
+def lengths_to_batch_sizes(lengths):
+    """Per-step batch sizes of sequences sorted by decreasing length."""
+    lengths = sorted(lengths, reverse=True)
+    return torch.tensor([sum(1 for n in lengths if n > t) for t in range(lengths[0])], dtype=torch.long)
+
+
+def make_args(cell, hidden, batch_sizes, dtype=torch.float64, input_size=3, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    n, b, gh = int(batch_sizes.sum()), int(batch_sizes[0]), GATES[cell] * hidden
+    # Weights scaled like torch.nn's init, so states stay in the activations' useful range.
+    k = hidden ** -0.5
+    args = dict(input=rand(n, input_size), h0=rand(b, hidden), c0=rand(b, hidden) if cell == "lstm" else None,
+                w_ih=rand(gh, input_size, scale=k), w_hh=rand(gh, hidden, scale=k),
+                b_ih=rand(gh, scale=k) if bias else None, b_hh=rand(gh, scale=k) if bias else None)
+    return args
+
+
+def emulate(cell, a, batch_sizes, reverse, rows_per_cta):
+    return OPS.persistent_emulate_forward(cell, a["input"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"],
+                                          a["b_hh"], batch_sizes, reverse, rows_per_cta)
+
+
+def per_step(cell, a, batch_sizes, reverse):
+    """The per-step path's forward op: (output, h_n, c_n or None, gates, extra)."""
+    if cell == "lstm":
+        out, h, c, gates, cells = OPS.lstm_forward(a["input"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"],
+                                                   a["b_hh"], None, batch_sizes, reverse)
+        return out, h, c, gates, cells
+    if cell == "gru":
+        out, h, gates, hn = OPS.gru_forward(a["input"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
+                                            batch_sizes, reverse)
+        return out, h, None, gates, hn
+    op = getattr(OPS, f"{cell}_forward")
+    out, h = op(a["input"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], batch_sizes, reverse)
+    return out, h, None, None, None
+
+
+def reference_forward(cell, a, batch_sizes, reverse):
+    """fusedrnn.reference (plain PyTorch): (output, h_n, c_n or None)."""
+    if cell == "lstm":
+        return reference.lstm_layer(a["input"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], None,
+                                    batch_sizes, reverse)
+    if cell == "gru":
+        out, h = reference.gru_layer(a["input"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], batch_sizes,
+                                     reverse)
+    else:
+        out, h = reference.rnn_layer(cell.split("_")[1], a["input"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"],
+                                     a["b_hh"], batch_sizes, reverse)
+    return out, h, None
+
+
+def tol(dtype):
+    return dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+
+
+# (hidden, lengths, rows_per_cta): the sentiment hidden size; H not a multiple of the 4 k-slices;
+# H = 1; T = 1 with a batch of 1; ragged batches split over several CTAs with a partial last CTA
+# (5 rows, 2 per CTA) and rows that stop at different steps inside one CTA.
+SHAPES = [
+    (128, [3, 3], 1),
+    (37, [4, 3, 3, 1, 1], 2),
+    (1, [2, 1], 1),
+    (5, [1], 1),
+    (9, [5, 4, 2, 2, 1], 3),
+    (64, [3, 2, 2], 16),
+]
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("hidden,lengths,rows", SHAPES, ids=[f"H{h}-L{'_'.join(map(str, l))}-R{r}"
+                                                              for h, l, r in SHAPES])
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_emulated_kernel_matches_reference_and_per_step_path(cell, hidden, lengths, rows, reverse, dtype):
+    batch_sizes = lengths_to_batch_sizes(lengths)
+    a = make_args(cell, hidden, batch_sizes, dtype)
+    out, h_n, c_n, gates, extra = emulate(cell, a, batch_sizes, reverse, rows)
+    ref = reference_forward(cell, a, batch_sizes, reverse)
+    torch.testing.assert_close(out, ref[0], **tol(dtype))
+    torch.testing.assert_close(h_n, ref[1], **tol(dtype))
+    if cell == "lstm":
+        torch.testing.assert_close(c_n, ref[2], **tol(dtype))
+    else:
+        assert c_n.numel() == 0
+    # Saved tensors: the same layout and values as the per-step path's, which backward reads.
+    # Not at H = 1: the per-step CPU path is wrong there for LSTM and GRU (MKL rejects its GEMM's
+    # leading dimension: "Parameter 8 was incorrect on entry to DGEMM"), a bug outside this kernel.
+    want = per_step(cell, a, batch_sizes, reverse)
+    if cell in ("lstm", "gru") and hidden > 1:
+        torch.testing.assert_close(gates, want[3], **tol(dtype))
+        torch.testing.assert_close(extra, want[4], **tol(dtype))
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("cell", list(GATES))
+def test_backward_op_accepts_the_persistent_forward_saved_tensors(cell, reverse):
+    """The backward stays per-step: fed the persistent forward's outputs, it must give the same
+    gradients as the per-step forward's (float64)."""
+    batch_sizes = lengths_to_batch_sizes([4, 3, 1])
+    a = make_args(cell, 6, batch_sizes)
+    n, b, hidden = a["input"].shape[0], a["h0"].shape[0], 6
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(n, hidden, generator=g, dtype=torch.float64)
+    grad_h = torch.randn(b, hidden, generator=g, dtype=torch.float64)
+    emu = emulate(cell, a, batch_sizes, reverse, 2)
+    ps = per_step(cell, a, batch_sizes, reverse)
+
+    def backward(fwd):
+        out, _, _, gates, extra = fwd
+        if cell == "lstm":
+            grad_c = torch.ones(b, hidden, dtype=torch.float64) * 0.5
+            return OPS.lstm_backward(grad_out, grad_h, grad_c, a["input"], a["h0"], a["c0"], a["w_ih"], a["w_hh"],
+                                     None, batch_sizes, reverse, True, out, gates, extra)
+        if cell == "gru":
+            return OPS.gru_backward(grad_out, grad_h, a["input"], a["h0"], a["w_ih"], a["w_hh"], batch_sizes,
+                                    reverse, True, out, gates, extra)
+        return getattr(OPS, f"{cell}_backward")(grad_out, grad_h, a["input"], a["h0"], a["w_ih"], a["w_hh"],
+                                                 batch_sizes, reverse, True, out)
+
+    for got, want in zip(backward(emu), backward(ps)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+def test_emulated_kernel_without_bias(cell):
+    batch_sizes = lengths_to_batch_sizes([3, 2])
+    a = make_args(cell, 10, batch_sizes, bias=False)
+    out, h_n, *_ = emulate(cell, a, batch_sizes, False, 1)
+    ref = reference_forward(cell, a, batch_sizes, False)
+    torch.testing.assert_close(out, ref[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(h_n, ref[1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("cell", list(GATES))
+def test_emulated_half_kernel_keeps_sums_and_state_in_float32(cell, dtype):
+    """Weights and outputs in half, sums, h between steps and the LSTM cell state in float32: the
+    error against float64 is at most that of the per-step path, which rounds every step's
+    recurrent product and state to half (DESIGN.md: at most 2x torch.nn's)."""
+    batch_sizes = lengths_to_batch_sizes([12, 10, 7])
+    a64 = make_args(cell, 48, batch_sizes, torch.float64)
+    a = {k: None if v is None else v.to(dtype) for k, v in a64.items()}
+    # The oracle sees the same (rounded) inputs in float64.
+    a_ref = {k: None if v is None else v.double() for k, v in a.items()}
+    ref_out, ref_h, _ = reference_forward(cell, a_ref, batch_sizes, False)
+    out, h_n, *_ = emulate(cell, a, batch_sizes, False, 2)
+    ps_out, ps_h, *_ = per_step(cell, a, batch_sizes, False)
+    err = (out.double() - ref_out).abs().max().item()
+    err_per_step = (ps_out.double() - ref_out).abs().max().item()
+    assert err <= err_per_step * 1.0 + 1e-3, (err, err_per_step)
+    assert (h_n.double() - ref_h).abs().max().item() <= (ps_h.double() - ref_h).abs().max().item() + 1e-3
+
+
+def test_emulated_kernel_rejects_what_the_kernel_cannot_run():
+    batch_sizes = lengths_to_batch_sizes([2])
+    a = make_args("gru", MAX_HIDDEN + 1, batch_sizes)
+    with pytest.raises(RuntimeError, match="hidden_size must be at most 128"):
+        emulate("gru", a, batch_sizes, False, 1)
+    a = make_args("gru", 4, batch_sizes)
+    with pytest.raises(RuntimeError, match=r"rows_per_cta must be in \[1, 16\]"):
+        emulate("gru", a, batch_sizes, False, MAX_ROWS_PER_CTA + 1)
+    with pytest.raises(RuntimeError, match="cell must be lstm, gru, rnn_tanh or rnn_relu"):
+        emulate("lstmx", a, batch_sizes, False, 1)
+
+
+def plan(cell="gru", hidden=128, batch=32, dtype=torch.float32, projection=False, **device):
+    limits = dict(H100, **device)
+    ok, rows, grid, shared = OPS.persistent_plan(cell, hidden, batch, dtype, projection, limits["sm_count"],
+                                                 limits["shared_optin"], limits["registers_per_block"],
+                                                 limits["kernel_registers"], limits["kernel_max_threads"])
+    return dict(ok=bool(ok), rows=rows, grid=grid, shared=shared)
+
+
+def test_plan_sentiment_shape_runs_one_sequence_per_cta():
+    for cell in GATES:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            p = plan(cell, 128, 32, dtype)
+            assert p["ok"] and p["rows"] == 1 and p["grid"] == 32, (cell, dtype, p)
+            assert p["shared"] <= H100["shared_optin"]
+
+
+def test_plan_shared_memory_per_cell_and_dtype():
+    """The weight bytes in shared memory follow the register/shared split (limits header):
+    RNN stages through one 32 x 512 slot; GRU keeps 1 gate, LSTM 2 gates in shared memory."""
+    state = lambda gates, acc: acc * (3 * 1 * 128 + 3 * gates * 128 + 3 * 128)  # noqa: E731
+    slot = 32 * THREADS
+    assert plan("rnn_tanh", dtype=torch.float32)["shared"] == 4 * slot + state(1, 4)
+    assert plan("gru", dtype=torch.float32)["shared"] == 4 * slot + state(3, 4)
+    assert plan("lstm", dtype=torch.float32)["shared"] == 2 * 4 * slot + state(4, 4)
+    assert plan("lstm", dtype=torch.bfloat16)["shared"] == 2 * 2 * slot + state(4, 4)
+
+
+def test_plan_spreads_rows_over_the_sms_then_packs_them():
+    assert plan(batch=1)["rows"] == 1 and plan(batch=1)["grid"] == 1
+    assert plan(batch=132)["rows"] == 1
+    p = plan(batch=133)
+    assert p["rows"] == 2 and p["grid"] == 67
+    p = plan(batch=100000)  # more than 16 rows per SM: several waves of 16-row CTAs
+    assert p["rows"] == MAX_ROWS_PER_CTA and p["grid"] == (100000 + 15) // 16
+
+
+def test_plan_shrinks_rows_to_fit_shared_memory_and_refuses_what_does_not_fit():
+    full = plan("lstm", batch=132 * 16)
+    assert full["ok"] and full["rows"] == 16
+    one_row = plan("lstm", batch=1)["shared"]
+    p = plan("lstm", batch=132 * 16, shared_optin=one_row + 3 * 4 * 128 * 2)  # room for 3 rows
+    assert p["ok"] and p["rows"] == 3 and p["shared"] <= one_row + 3 * 4 * 128 * 2
+    assert not plan("lstm", shared_optin=one_row - 1)["ok"]
+
+
+@pytest.mark.parametrize("change", [
+    dict(dtype=torch.float64), dict(projection=True), dict(hidden=MAX_HIDDEN + 1), dict(hidden=0),
+    dict(batch=0), dict(kernel_registers=129), dict(registers_per_block=32768), dict(kernel_max_threads=256),
+])
+def test_plan_refuses_what_the_kernel_or_device_cannot_run(change):
+    assert not plan(**change)["ok"]
+    assert plan()["ok"]
+
+
+def test_backends_lists_the_compiled_cuda_paths():
+    info = fusedrnn.backends()
+    assert "cuda_paths" in info
+    if info["cuda"]:
+        assert info["cuda_paths"] == ["per_step", "persistent"]
+    else:
+        assert info["cuda_paths"] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU (skipped, saying why, elsewhere; benchmarks/gpu_check.sh runs them): the real kernel
+# against the per-step path and the CPU emulation, and the FUSEDRNN_CUDA_PATH switch.
+# ---------------------------------------------------------------------------------------------
+
+CUDA = torch.cuda.is_available() and fusedrnn.backends()["cuda"]
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU and the CUDA build of fusedrnn "
+                                   "(benchmarks/gpu_check.sh runs these on one)")
+
+
+def on_cuda(a):
+    return {k: None if v is None else v.cuda() for k, v in a.items()}
+
+
+# (hidden, lengths): the sentiment shape; a ragged batch larger than the SM count (several rows
+# per CTA, a partial last CTA) with H not a multiple of the k-slices.
+CUDA_SHAPES = [(128, [20] * 32), (37, [(i * 7) % 23 + 1 for i in range(300)])]
+
+
+@requires_cuda
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("hidden,lengths", CUDA_SHAPES, ids=["sentiment", "ragged300"])
+@pytest.mark.parametrize("cell", list(GATES))
+def test_cuda_persistent_kernel_matches_per_step_path_and_emulation(cell, hidden, lengths, reverse, monkeypatch):
+    batch_sizes = lengths_to_batch_sizes(lengths)
+    a = make_args(cell, hidden, batch_sizes, torch.float32, input_size=16)
+    monkeypatch.setenv("FUSEDRNN_CUDA_PATH", "persistent")
+    got = per_step(cell, on_cuda(a), batch_sizes, reverse)
+    monkeypatch.setenv("FUSEDRNN_CUDA_PATH", "per_step")
+    want = per_step(cell, on_cuda(a), batch_sizes, reverse)
+    for x, y in zip(got, want):
+        if x is not None:
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    # The same rows-per-CTA split as the GPU's plan would not matter for the values; 1 row per CTA.
+    emu = emulate(cell, a, batch_sizes, reverse, 1)
+    torch.testing.assert_close(got[0].cpu(), emu[0], rtol=1e-4, atol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("cell", list(GATES))
+def test_cuda_persistent_half_error_at_most_the_per_step_paths(cell, dtype, monkeypatch):
+    batch_sizes = lengths_to_batch_sizes([50] * 8)
+    a = {k: None if v is None else v.to(dtype) for k, v in make_args(cell, 128, batch_sizes, input_size=16).items()}
+    ref_out = reference_forward(cell, {k: None if v is None else v.double() for k, v in a.items()}, batch_sizes,
+                                False)[0]
+    errs = {}
+    for path in ("persistent", "per_step"):
+        monkeypatch.setenv("FUSEDRNN_CUDA_PATH", path)
+        out = per_step(cell, on_cuda(a), batch_sizes, False)[0]
+        errs[path] = (out.double().cpu() - ref_out).abs().max().item()
+    assert errs["persistent"] <= errs["per_step"] + 1e-3, errs
+
+
+@requires_cuda
+def test_cuda_path_switch_errors(monkeypatch):
+    batch_sizes = lengths_to_batch_sizes([3, 2])
+    a = on_cuda(make_args("gru", 8, batch_sizes))  # float64: per-step only
+    monkeypatch.setenv("FUSEDRNN_CUDA_PATH", "persistent")
+    with pytest.raises(RuntimeError, match="FUSEDRNN_CUDA_PATH=persistent, but the persistent kernel cannot run "
+                                           "this layer: float64"):
+        per_step("gru", a, batch_sizes, False)
+    monkeypatch.setenv("FUSEDRNN_CUDA_PATH", "fastest")
+    with pytest.raises(RuntimeError, match="FUSEDRNN_CUDA_PATH must be per_step, persistent or auto, got 'fastest'"):
+        per_step("gru", a, batch_sizes, False)
+    monkeypatch.setenv("FUSEDRNN_CUDA_PATH", "auto")  # falls back to per-step for float64
+    out = per_step("gru", a, batch_sizes, False)[0]
+    torch.testing.assert_close(out.cpu(), reference_forward("gru", {k: None if v is None else v.cpu()
+                                                                     for k, v in a.items()}, batch_sizes, False)[0],
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(not fusedrnn.backends()["cuda"], reason="the CUDA operators are not compiled in this build")
+def test_every_op_has_a_cuda_kernel():
+    """register_cuda.cpp registers the forward ops itself (to choose the path) and the backward
+    ops from the layer drivers: none may be left out. Needs only the CUDA build, not a GPU."""
+    for cell in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
+        for direction in ("forward", "backward"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedrnn::{cell}_{direction}", "CUDA")

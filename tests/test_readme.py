@@ -1,0 +1,185 @@
+"""The README runs as written and says what the committed results say.
+
+- Every ```python block of README.md runs, on its own, in a fresh interpreter (so a snippet
+  added later is tested too). A block with a line `# requires: cuda` is skipped, saying so,
+  where there is no GPU.
+- The quick start's test command is exactly what .ci/run runs.
+- The numbers in "Measured speed" are generated from benchmarks/results/ between
+  `<!-- begin generated: NAME -->` and `<!-- end generated: NAME -->` markers; after new
+  results are committed, regenerate them with `python tests/test_readme.py --write`.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+LAYERS = "layers_cpu_float32"
+SKEWED = "layers_cpu_float32_skewed"
+SENTIMENT = "sentiment_rt_gru_cpu"
+POLARITY = "sentiment_polarity_gru_cpu"
+# A ratio this close to 1 is within the run-to-run noise of the shared 2-core machine
+# (10-20% between runs), so the summary calls it "on par" rather than faster or slower.
+ON_PAR = (0.9, 1.1)
+
+
+def read_readme() -> str:
+    with open(README) as f:
+        return f.read()
+
+
+def code_blocks(text: str, language: str):
+    return re.findall(rf"^```{language}\n(.*?)^```", text, re.S | re.M)
+
+
+# ---- snippets ----------------------------------------------------------------------------------
+
+PYTHON_BLOCKS = code_blocks(read_readme(), "python")
+
+
+def test_readme_has_python_snippets():
+    assert PYTHON_BLOCKS, "README.md has no ```python block: did the fence syntax change?"
+
+
+@pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)), ids=lambda i: f"block{i}")
+def test_python_snippet_runs_as_written(index, tmp_path):
+    if re.search(r"^# requires: cuda", PYTHON_BLOCKS[index], re.M) and not torch.cuda.is_available():
+        pytest.skip("this README block is marked '# requires: cuda' and there is no GPU here")
+    # A fresh interpreter in an empty folder, with this checkout's fusedrnn importable: the
+    # snippet must define everything it uses and must not depend on the working directory.
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", PYTHON_BLOCKS[index]], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"README python block {index} failed:\n{PYTHON_BLOCKS[index]}\n{result.stderr}"
+
+
+def test_ci_runs_the_readme_test_command():
+    bash = [b.strip() for b in code_blocks(read_readme(), "bash")]
+    test_commands = [b for b in bash if "pytest" in b]
+    assert len(test_commands) == 1, test_commands
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci_lines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    assert test_commands[0] in ci_lines, f".ci/run does not run the README's test command:\n{test_commands[0]}"
+
+
+def test_quick_start_states_the_time_it_takes():
+    quick_start = read_readme().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    for claim in ("about 1 minute", "about 1.5 minutes", "1-2 minutes", "quiet machine"):
+        assert claim in quick_start, claim
+
+
+# ---- numbers generated from benchmarks/results -------------------------------------------------
+
+def _load(name: str, ext: str):
+    with open(os.path.join(RESULTS, f"{name}.{ext}")) as f:
+        return json.load(f) if ext == "json" else f.read()
+
+
+def _md_tables(md: str):
+    """The Markdown of a results file from its machine line on (title dropped), tables and
+    their captions, verbatim."""
+    body = md.split("\n", 1)[1].strip()
+    return body[body.index("Machine:"):] if "Machine:" in body else body
+
+
+def _verdict(ratio: float) -> str:
+    return "slower" if ratio < ON_PAR[0] else "faster" if ratio > ON_PAR[1] else "on par"
+
+
+def layers_summary(rows) -> str:
+    """One line per cell: its configurations grouped by verdict (faster first), with their
+    inference / training ratios."""
+    rank = {"faster": 0, "on par": 1, "slower": 2}
+    lines = [f"In short (inference / training ratio; within {ON_PAR[0]}-{ON_PAR[1]}x is \"on par\", "
+             "inside the run-to-run noise):", ""]
+    for cell in dict.fromkeys(r["cell"] for r in rows):
+        groups = {}
+        for r in (r for r in rows if r["cell"] == cell):
+            verdicts = (_verdict(r["infer_ratio"]), _verdict(r["train_ratio"]))
+            groups.setdefault(verdicts, []).append(f"{r['config']} {r['infer_ratio']:.2f}x / {r['train_ratio']:.2f}x")
+        parts = []
+        for infer, train in sorted(groups, key=lambda v: (rank[v[0]] + rank[v[1]], rank[v[1]])):
+            label = infer if infer == train else f"{infer} in inference, {train} in training"
+            parts.append(f"{label} at {', '.join(groups[(infer, train)])}")
+        lines.append(f"- **{cell.upper()}**: " + "; ".join(parts) + ".")
+    return "\n".join(lines)
+
+
+def generated_blocks() -> dict:
+    layers = _load(LAYERS, "json")
+    skewed = _load(SKEWED, "json")
+    sentiment_md = _load(SENTIMENT, "md")
+    polarity = _load(POLARITY, "json")["summary"]
+    fused = polarity["runs"]["fusedrnn packed"]
+    return {
+        "layers": "\n".join([
+            f"`python -m benchmarks.layers --publish`, CPU float32 ([{LAYERS}.md](benchmarks/results/{LAYERS}.md)).",
+            "",
+            _md_tables(_load(LAYERS, "md")),
+            "",
+            layers_summary(layers["rows"]),
+        ]),
+        "skewed": (
+            "A separate run of the skewed configuration alone (`python -m benchmarks.layers --configs skewed "
+            f"--reps 9 --publish`, lengths drawn from a fixed seed, {skewed['proportional_cost'][0]['token_fraction']:.2f} "
+            f"of the tokens; [results](benchmarks/results/{SKEWED}.md)) measured ragged / full time of "
+            + ", ".join(f"{c['cell'].upper()} {c['time_fraction']:.2f}" for c in skewed["proportional_cost"]) + "."
+        ),
+        "sentiment": sentiment_md[sentiment_md.index("| run |"):].split("\n\n", 1)[0].strip(),
+        "polarity": (
+            f"Long reviews (`--dataset polarity --max-len {polarity['max_len']}`, "
+            f"{polarity['train_examples']} training reviews of up to {polarity['max_len']} tokens): "
+            f"{fused['speedup_vs_torch_nn']:.2f}x ([results](benchmarks/results/{POLARITY}.md)); final test "
+            f"accuracy {fused['final_test_accuracy']:.2f}"
+            + (", the same as torch.nn's." if fused["test_accuracy_diff_vs_torch_nn"] == 0 else
+               f", torch.nn's {polarity['runs']['torch.nn packed']['final_test_accuracy']:.2f}.")
+        ),
+    }
+
+
+def _block_pattern(name: str):
+    return re.compile(rf"(<!-- begin generated: {name} [^\n]*-->\n)(.*?)(<!-- end generated: {name} -->)", re.S)
+
+
+def regenerate(text: str) -> str:
+    for name, body in generated_blocks().items():
+        pattern = _block_pattern(name)
+        assert pattern.search(text), f"README.md lacks the generated block {name!r}"
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(3), text)
+    return text
+
+
+@pytest.mark.parametrize("name", sorted(generated_blocks()))
+def test_readme_numbers_match_committed_results(name):
+    found = _block_pattern(name).search(read_readme())
+    assert found, f"README.md lacks the generated block {name!r}"
+    assert found.group(2) == generated_blocks()[name] + "\n", (
+        f"README.md's {name!r} numbers differ from benchmarks/results/: run `python tests/test_readme.py --write`")
+
+
+def test_on_par_band_is_used_for_the_fastrnns_gru():
+    # The claim the issue found false: "GRU faster in every configuration" while fastrnns measured
+    # 1.03x / 1.08x, inside the noise. The generated summary must call such a row on par.
+    rows = [dict(cell="gru", config="fastrnns", infer_ratio=1.03, train_ratio=1.08),
+            dict(cell="gru", config="sentiment", infer_ratio=1.6, train_ratio=2.1),
+            dict(cell="gru", config="long_seq", infer_ratio=0.83, train_ratio=1.2)]
+    summary = layers_summary(rows)
+    assert "faster at sentiment 1.60x / 2.10x" in summary
+    assert "on par at fastrnns 1.03x / 1.08x" in summary
+    assert "slower in inference, faster in training at long_seq 0.83x / 1.20x" in summary
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write"]:
+        sys.exit("usage: python tests/test_readme.py --write   (regenerates README.md's numbers from benchmarks/results/)")
+    updated = regenerate(read_readme())  # all of it before the file is opened for writing
+    with open(README, "w") as f:
+        f.write(updated)
+    print("README.md: generated blocks rewritten from benchmarks/results/")
