@@ -178,6 +178,10 @@ def _package_copy(tmp_path, with_library: bool) -> str:
 
 
 IMPORT_AND_RUN = (
+    # An editable install of this checkout (as .ci/run makes) puts a finder on sys.meta_path that
+    # resolves fusedrnn.* to the checkout, so the copy would import the checkout's _C: drop it.
+    "import sys\n"
+    "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]\n"
     "import warnings\n"
     "with warnings.catch_warnings(record=True) as caught:\n"
     "    warnings.simplefilter('always')\n"
