@@ -124,46 +124,47 @@ struct CudaLaunch {
   }
 };
 
-// Checks as the per-step op does, then the plan; nullopt: run the per-step op.
+// One forward layer on CUDA: the arguments are checked once (before the device
+// guard, so a CPU tensor among CUDA ones gets our message, not c10's), then the
+// layer runs on the persistent kernel when the path choice allows and the plan
+// fits the device, otherwise on the per-step driver.
 template <typename Cell>
-std::optional<ForwardOutputs> try_persistent(const char* op, const at::Tensor& input, const at::Tensor& h0,
-                                             const at::Tensor* c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                             const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
-                                             const at::Tensor& batch_sizes, bool reverse) {
-  PathRequest request;
-  if (!wants_persistent(op, &request)) return std::nullopt;
-  // Arguments first (a CPU tensor among CUDA ones gets our message, not c10's), then the device.
+ForwardOutputs forward_layer(const char* op, const at::Tensor& input, const at::Tensor& h0, const at::Tensor* c0,
+                             const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
+                             const OptTensor& b_hh, const OptTensor& w_hr, const at::Tensor& batch_sizes,
+                             bool reverse) {
   const LayerWeights w = check_layer(op, Cell::kGates, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
   const c10::cuda::OptionalCUDAGuard device_guard(input.device());
-  const int64_t hidden = w_hh.size(0) / Cell::kGates;
-  const Plan plan = plan_layer<Cell>(input, hidden, h0.size(0), w.w_hr.defined());
-  check_forced(op, request, plan);
-  if (!plan.ok) return std::nullopt;
-  CudaLaunch launch{plan};
-  return layer_forward<Cell>(input, h0, c0 != nullptr ? *c0 : at::Tensor(), w, s, reverse, plan.rows_per_cta,
-                             launch);
+  const at::Tensor c0_or_none = c0 != nullptr ? *c0 : at::Tensor();
+  PathRequest request;
+  if (wants_persistent(op, &request)) {
+    const int64_t hidden = w_hh.size(0) / Cell::kGates;
+    const Plan plan = plan_layer<Cell>(input, hidden, h0.size(0), w.w_hr.defined());
+    check_forced(op, request, plan);
+    if (plan.ok) {
+      CudaLaunch launch{plan};
+      return layer_forward<Cell>(input, h0, c0_or_none, w, s, reverse, plan.rows_per_cta, launch);
+    }
+  }
+  return fusedrnn::layer_forward<Cell, CudaDevice>(input, h0, c0_or_none, w, s, reverse);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
     const at::Tensor& batch_sizes, bool reverse) {
-  if (auto r = try_persistent<LstmCell>("lstm_forward", input, h0, &c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
-                                        reverse)) {
-    return {r->output, r->h_n, r->c_n, r->gates, r->cells};
-  }
-  return fusedrnn::lstm_forward<CudaDevice>(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
+  const ForwardOutputs r =
+      forward_layer<LstmCell>("lstm_forward", input, h0, &c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
+  return {r.output, r.h_n, r.c_n, r.gates, r.cells};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& batch_sizes, bool reverse) {
-  if (auto r = try_persistent<GruCell>("gru_forward", input, h0, nullptr, w_ih, w_hh, b_ih, b_hh, std::nullopt,
-                                       batch_sizes, reverse)) {
-    return {r->output, r->h_n, r->gates, r->hn};
-  }
-  return fusedrnn::gru_forward<CudaDevice>(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse);
+  const ForwardOutputs r = forward_layer<GruCell>("gru_forward", input, h0, nullptr, w_ih, w_hh, b_ih, b_hh,
+                                                  std::nullopt, batch_sizes, reverse);
+  return {r.output, r.h_n, r.gates, r.hn};
 }
 
 template <typename Cell>
@@ -171,11 +172,9 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& input, const at
                                                const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
                                                const at::Tensor& batch_sizes, bool reverse) {
   const char* op = Cell::kRelu ? "rnn_relu_forward" : "rnn_tanh_forward";
-  if (auto r = try_persistent<Cell>(op, input, h0, nullptr, w_ih, w_hh, b_ih, b_hh, std::nullopt, batch_sizes,
-                                    reverse)) {
-    return {r->output, r->h_n};
-  }
-  return fusedrnn::rnn_forward<Cell, CudaDevice>(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse);
+  const ForwardOutputs r =
+      forward_layer<Cell>(op, input, h0, nullptr, w_ih, w_hh, b_ih, b_hh, std::nullopt, batch_sizes, reverse);
+  return {r.output, r.h_n};
 }
 
 }  // namespace persistent
