@@ -1,4 +1,4 @@
-"""The CPU recurrent engine (csrc/cpu/avx2_engine.cpp): float32 layers on a CPU with AVX2+FMA.
+"""The CPU recurrent engine (csrc/cpu/avx2_engine_forward.cpp, avx2_engine_backward.cpp): float32 layers on a CPU with AVX2+FMA.
 
 Against fusedrnn.reference in float64 over the shapes where a blocked kernel goes wrong: partial
 row blocks (the micro-tile is 6 rows) and partial unit blocks (8 or 16 units), one row, one unit,

@@ -1,5 +1,5 @@
 // The CPU recurrent engine: the whole time loop of one layer and direction in
-// float32, with the recurrent GEMM and the cell fused (csrc/cpu/avx2_engine.cpp).
+// float32, with the recurrent GEMM and the cell fused (csrc/cpu/avx2_engine_forward.cpp, avx2_engine_backward.cpp).
 //
 //   forward, per step and block of rows:  hproj = h_{t-1} W_hh^T + b_hh in
 //     registers, stored to an L1 tile, then the cell (Cell::forward, the shared

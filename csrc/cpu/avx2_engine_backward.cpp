@@ -1,0 +1,125 @@
+// The AVX2+FMA engine, backward: the cell backward and dh_{t-1} = dgates_h W_hh
+// per block of rows, the whole time loop of one layer and direction (design: cpu_engine.h).
+#include "avx2_engine_common.h"  // last: switches the target to AVX2+FMA
+
+namespace fusedrnn {
+namespace cpu_engine {
+namespace avx2 {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------
+
+// W_hh [G*H, H] in 16-column panels for dh = dgates_h W_hh:
+// packed[nb][k][e] = W_hh[k][nb * 16 + e], zero past H.
+void pack_backward(const float* w_hh, int64_t G, int64_t H, std::vector<float>& w_packed) {
+  const int64_t K = G * H;
+  const int64_t blocks = (H + kPanel - 1) / kPanel;
+  w_packed.assign(blocks * K * kPanel, 0.0f);
+  for (int64_t nb = 0; nb < blocks; ++nb) {
+    const int64_t width = std::min<int64_t>(kPanel, H - nb * kPanel);
+    for (int64_t k = 0; k < K; ++k) {
+      std::memcpy(w_packed.data() + (nb * K + k) * kPanel, w_hh + k * H + nb * kPanel, width * sizeof(float));
+    }
+  }
+}
+
+// dh_{t-1} rows [0, MR) = dgates_h rows W_hh (+ the direct path the GRU cell
+// wrote into dh, when accumulate).
+template <int MR>
+void backward_gemm(const float* dgates_h, int64_t G, int64_t H, const float* w_packed, bool accumulate, float* dh) {
+  const int64_t K = G * H;
+  const int64_t blocks = (H + kPanel - 1) / kPanel;
+  for (int64_t nb = 0; nb < blocks; ++nb) {
+    const int64_t n0 = nb * kPanel;
+    __m256 acc[kMR][2];
+    for (int m = 0; m < MR; ++m) {
+      for (int v = 0; v < 2; ++v) {
+        acc[m][v] = accumulate ? load_partial(dh + m * H + n0 + v * kVec, H - n0 - v * kVec) : _mm256_setzero_ps();
+      }
+    }
+    micro_kernel<MR>(K, dgates_h, K, w_packed + nb * K * kPanel, kPanel, acc);
+    for (int m = 0; m < MR; ++m) {
+      for (int v = 0; v < 2; ++v) store_partial(dh + m * H + n0 + v * kVec, acc[m][v], H - n0 - v * kVec);
+    }
+  }
+}
+
+// One block of MR rows of one step: the cell backward, then dh_{t-1} = dgates_h
+// W_hh while the block's gate gradients are in L1. GRU's cell has written the
+// direct path z * dh into dh, which the product adds to.
+template <typename Cell, int MR>
+__attribute__((noinline, flatten)) void backward_block(const cells::BackwardStepParams<float>& q,
+                                                       const float* dgates_h, const float* w_packed, float* dh) {
+  constexpr int G = Cell::kGates;
+  for (int m = 0; m < MR; ++m) {
+#pragma omp simd simdlen(8)
+    for (int64_t j = 0; j < q.hidden; ++j) Cell::backward(q, m, j);
+  }
+  backward_gemm<MR>(dgates_h, G, q.hidden, w_packed, G == 3, dh);
+}
+
+template <typename Cell>
+void backward_impl(const BackwardArgs& args) {
+  constexpr int G = Cell::kGates;
+  constexpr bool is_gru = G == 3;
+  const int64_t H = args.H;
+  std::vector<float> w_packed;
+  pack_backward(args.w_hh, G, H, w_packed);
+  const std::vector<int64_t>& batch = *args.sched.batch;
+  const std::vector<int64_t>& offset = *args.sched.offset;
+  const int64_t T = static_cast<int64_t>(batch.size());
+
+  for_each_thread_rows(args.sched, args.B, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = 0; k < T; ++k) {
+      const int64_t t = args.sched.reverse ? k : T - 1 - k;  // reverse of the forward's order
+      const int64_t end = std::min(hi, batch[t]);
+      const int64_t off = offset[t];
+      for_each_row_block(lo, end, [&](int64_t m0, int64_t mr) {
+        const int64_t row = off + m0;  // packed row of the block's first sequence
+        cells::BackwardStepParams<float> q;
+        q.batch = mr;
+        q.hidden = H;
+        q.gates = args.gates + row * G * H;
+        q.grad_out = args.grad_output + row * H;
+        q.grad_h_state = args.grad_h_state + m0 * H;
+        if (args.grad_c_state != nullptr) q.grad_c_state = args.grad_c_state + m0 * H;
+        if (args.cells != nullptr) q.cells = args.cells + row * H;
+        if (args.c_prev != nullptr) q.c_prev = args.c_prev + row * H;
+        if (args.h_prev != nullptr) q.h_prev = args.h_prev + row * H;
+        if (args.hn != nullptr) q.hn = args.hn + row * H;
+        q.out = args.output + row * H;
+        q.grad_gates = args.grad_gates + row * G * H;
+        if (is_gru) q.grad_gates_h = args.grad_gates_h + row * G * H;
+        const float* dgates_h = (is_gru ? args.grad_gates_h : args.grad_gates) + row * G * H;
+        float* dh = args.grad_h_state + m0 * H;
+        switch (mr) {
+          case 6: backward_block<Cell, 6>(q, dgates_h, w_packed.data(), dh); break;
+          case 5: backward_block<Cell, 5>(q, dgates_h, w_packed.data(), dh); break;
+          case 4: backward_block<Cell, 4>(q, dgates_h, w_packed.data(), dh); break;
+          case 3: backward_block<Cell, 3>(q, dgates_h, w_packed.data(), dh); break;
+          case 2: backward_block<Cell, 2>(q, dgates_h, w_packed.data(), dh); break;
+          default: backward_block<Cell, 1>(q, dgates_h, w_packed.data(), dh); break;
+        }
+      });
+    }
+  });
+}
+
+}  // namespace
+}  // namespace avx2
+
+void backward(const BackwardArgs& a) {
+  switch (a.cell) {
+    case CellKind::kLstm: avx2::backward_impl<avx2::cells::LstmCell>(a); break;
+    case CellKind::kGru: avx2::backward_impl<avx2::cells::GruCell>(a); break;
+    case CellKind::kRnnTanh: avx2::backward_impl<avx2::cells::RnnTanhCell>(a); break;
+    case CellKind::kRnnRelu: avx2::backward_impl<avx2::cells::RnnReluCell>(a); break;
+  }
+}
+
+}  // namespace cpu_engine
+}  // namespace fusedrnn
+
+#pragma GCC pop_options

@@ -1,0 +1,168 @@
+// Building blocks shared by the AVX2+FMA engine's forward and backward
+// (avx2_engine_forward.cpp, avx2_engine_backward.cpp; design in cpu_engine.h):
+// the register micro-kernel, masked loads and stores, and the split of the batch
+// rows across threads.
+//
+// Include this header ONLY from the engine's translation units, and last: it
+// switches the compiler to AVX2+FMA for the rest of the file (the entry points
+// are called only after available() has checked the CPU at run time). The cell
+// math is included into a namespace of its own, so the AVX2 copies of the
+// shared inline functions (Cell::forward, exp_simd, ...) are distinct symbols:
+// the linker cannot hand them to the portable code in other translation units
+// (the ODR trap that PyTorch avoids with its CPU_CAPABILITY namespaces). Each
+// including file closes the target with `#pragma GCC pop_options`.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu_engine.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+// The shared per-element cell math, compiled here for AVX2 (see the top), in an
+// anonymous namespace: internal linkage, so these copies are neither exported
+// nor merged with the portable ones (and are called directly, not through the PLT).
+// <cmath> and <cstdint> are already included, so only the cell code lands here.
+namespace {
+namespace fusedrnn_avx2 {
+#include "../cells/gru_cell.h"
+#include "../cells/lstm_cell.h"
+#include "../cells/rnn_cell.h"
+}  // namespace fusedrnn_avx2
+}  // namespace
+
+namespace fusedrnn {
+namespace cpu_engine {
+namespace avx2 {
+// Internal linkage: each engine file gets its own copy (nothing here is
+// exported, nothing is merged with code built for other CPUs).
+namespace {
+
+namespace cells = fusedrnn_avx2::fusedrnn;
+
+// Micro-tile: kMR rows x 16 columns (two 8-float vectors) of C in 12 ymm
+// registers, the shape of BLIS's Haswell sgemm kernel. Per k: two loads of B,
+// kMR broadcasts of A, 2*kMR FMAs: each B element loaded is used kMR times,
+// and 12 independent accumulators cover the FMA latency (4 cycles x 2 ports).
+constexpr int kMR = 6;
+constexpr int kVec = 8;          // floats per ymm
+constexpr int kPanel = 2 * kVec;  // columns per micro-kernel call
+
+// acc[m][v] += sum_k A[m * lda + k] * Bp[k * ldb + v * 8 .. + 8] for m < MR.
+template <int MR>
+__attribute__((always_inline)) inline void micro_kernel(int64_t K, const float* A, int64_t lda, const float* Bp,
+                                                        int64_t ldb, __m256 (&acc)[kMR][2]) {
+  __m256 c[MR][2];
+  for (int m = 0; m < MR; ++m) {
+    c[m][0] = acc[m][0];
+    c[m][1] = acc[m][1];
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(Bp);
+    const __m256 b1 = _mm256_loadu_ps(Bp + kVec);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 a = _mm256_broadcast_ss(A + m * lda + k);
+      c[m][0] = _mm256_fmadd_ps(a, b0, c[m][0]);
+      c[m][1] = _mm256_fmadd_ps(a, b1, c[m][1]);
+    }
+    Bp += ldb;
+  }
+  for (int m = 0; m < MR; ++m) {
+    acc[m][0] = c[m][0];
+    acc[m][1] = c[m][1];
+  }
+}
+
+// Mask of the first `valid` lanes (0..8) for maskload/maskstore.
+inline __m256i lane_mask(int64_t valid) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(valid, kVec))), lanes);
+}
+
+// Stores the first `valid` floats of v (all 8 when valid >= 8, none when <= 0).
+inline void store_partial(float* dst, __m256 v, int64_t valid) {
+  if (valid >= kVec) {
+    _mm256_storeu_ps(dst, v);
+  } else if (valid > 0) {
+    _mm256_maskstore_ps(dst, lane_mask(valid), v);
+  }
+}
+inline __m256 load_partial(const float* src, int64_t valid) {
+  if (valid >= kVec) return _mm256_loadu_ps(src);
+  if (valid > 0) return _mm256_maskload_ps(src, lane_mask(valid));
+  return _mm256_setzero_ps();
+}
+
+// ---------------------------------------------------------------------------
+// Splitting the batch rows across threads
+// ---------------------------------------------------------------------------
+
+// Contiguous row ranges, one per thread, with about equal numbers of tokens
+// (a ragged batch's first rows are its longest sequences). Depends only on the
+// schedule and the thread count, so the work split is the same run to run.
+std::vector<int64_t> split_rows(const Schedule& s, int64_t B, int threads) {
+  const std::vector<int64_t>& batch = *s.batch;
+  // length of row b = number of steps with batch[t] > b (batch is non-increasing)
+  std::vector<int64_t> length(B, 0);
+  for (int64_t bs : batch) {
+    for (int64_t b = 0; b < bs; ++b) ++length[b];
+  }
+  int64_t total = 0;
+  for (int64_t l : length) total += l;
+  const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, B)));
+  std::vector<int64_t> bounds(n + 1, B);
+  bounds[0] = 0;
+  int64_t row = 0, seen = 0;
+  for (int i = 1; i < n; ++i) {
+    const int64_t target = (total * i + n - 1) / n;
+    // at least one row for each thread, and leave one for each later thread
+    while (row < B - (n - i) && (seen < target || row < bounds[i - 1] + 1)) seen += length[row++];
+    bounds[i] = row;
+  }
+  return bounds;
+}
+
+// Rows [lo, end) in blocks of at most kMR rows, as even as possible (32 rows:
+// 6,6,5,5,5,5 rather than 6,6,6,6,6,2): a thin block runs its micro-kernel with
+// few accumulators, latency-bound at a fraction of the FMA rate.
+template <typename Body>
+void for_each_row_block(int64_t lo, int64_t end, const Body& body) {
+  const int64_t n = end - lo;
+  if (n <= 0) return;
+  const int64_t blocks = (n + kMR - 1) / kMR;
+  const int64_t base = n / blocks, extra = n % blocks;
+  int64_t m0 = lo;
+  for (int64_t i = 0; i < blocks; ++i) {
+    const int64_t mr = base + (i < extra ? 1 : 0);
+    body(m0, mr);
+    m0 += mr;
+  }
+}
+
+// Runs body(row_begin, row_end) once per thread on its rows, for the whole
+// sequence: one parallel region per call, no synchronisation between steps.
+template <typename Body>
+void for_each_thread_rows(const Schedule& s, int64_t B, const Body& body) {
+  const std::vector<int64_t> bounds = split_rows(s, B, at::get_num_threads());
+  const int64_t n = static_cast<int64_t>(bounds.size()) - 1;
+  if (n == 1) {
+    body(bounds[0], bounds[1]);
+    return;
+  }
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) body(bounds[i], bounds[i + 1]);
+  });
+}
+
+}  // namespace
+}  // namespace avx2
+}  // namespace cpu_engine
+}  // namespace fusedrnn
