@@ -138,7 +138,12 @@ def build_extension():
           flush=True)
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     define_macros = [("FUSEDRNN_TORCH_VERSION", '"' + torch.__version__ + '"')]
-    cxx_flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+    # -fopenmp: at::parallel_for is an inline header (ATen/ParallelOpenMP.h) whose
+    # `#pragma omp parallel` is compiled into OUR objects; without the flag every
+    # parallel_for in csrc/ silently runs on one thread. Linking it resolves
+    # libgomp.so.1 to the copy torch has already loaded (same soname), so there is
+    # one OpenMP runtime and one thread pool in the process.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     cxx_flags += cpu_flags()
     extra = {"cxx": cxx_flags}
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -173,6 +178,7 @@ def build_extension():
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 

@@ -79,6 +79,13 @@ extern "C" PyObject* PyInit__C(void) {
   if (module == nullptr) return nullptr;
   PyModule_AddStringConstant(module, "TORCH_VERSION", FUSEDRNN_TORCH_VERSION);
   PyModule_AddStringConstant(module, "CUDA_ARCHS", FUSEDRNN_CUDA_ARCHS);
+  // at::parallel_for is compiled into this library (ATen/ParallelOpenMP.h is a
+  // header): without OpenMP here every CPU thread split in csrc/ runs serially.
+#ifdef _OPENMP
+  PyModule_AddStringConstant(module, "CPU_PARALLEL", "OpenMP");
+#else
+  PyModule_AddStringConstant(module, "CPU_PARALLEL", "none");
+#endif
 #ifdef FUSEDRNN_WITH_CUDA
   PyModule_AddIntConstant(module, "WITH_CUDA", 1);
   // The CUDA forward paths compiled in (csrc/cuda/register_cuda.cpp chooses; FUSEDRNN_CUDA_PATH forces).

@@ -109,6 +109,9 @@ def backends() -> dict:
         "cpu": False,
         "cuda": False,
         "cuda_archs": getattr(_C, "CUDA_ARCHS", None) or None,
+        # How the CPU kernels split work across threads (at::parallel_for is compiled into
+        # the library): "OpenMP", like torch's own backend, or "none" (everything on one thread).
+        "cpu_parallel": getattr(_C, "CPU_PARALLEL", None),
     }
     if _C is not None:
         for key in ("CPU", "CUDA"):

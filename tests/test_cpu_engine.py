@@ -199,3 +199,12 @@ def test_engine_is_opt_in(cell, monkeypatch):
     monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "0")
     per_step = outputs_and_grads(run_op, cell, args, False)
     assert all(torch.equal(a, b) for a, b in zip(default, per_step))
+
+
+def test_library_splits_work_across_threads_like_torch():
+    # at::parallel_for is an inline ATen header: its `#pragma omp parallel` is compiled into
+    # fusedrnn's own objects, so a build without -fopenmp silently ran every thread split of
+    # the CPU kernels (the engine's batch split included) on one thread.
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's CPU parallel backend is not OpenMP: " + torch.__config__.parallel_info().splitlines()[-1])
+    assert fusedrnn.backends()["cpu_parallel"] == "OpenMP"
