@@ -37,7 +37,8 @@ MATRIX = list(itertools.product(CELLS, [1, 3], [False, True], [False, True], [Tr
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cell,num_layers,bidirectional,batch_first,bias,kind,dtype,mode", MATRIX)
-def test_module_matches_torch_nn(cell, num_layers, bidirectional, batch_first, bias, kind, dtype, mode, device):
+def test_module_matches_torch_nn(cell, num_layers, bidirectional, batch_first, bias, kind, dtype, mode, device,
+                                 monkeypatch):
     torch.manual_seed(hash((cell, num_layers, bidirectional, batch_first, bias, kind)) % 2**31)
     ref, ours = make_pair(cell, I, H, dtype=dtype, device=device, num_layers=num_layers,
                           bidirectional=bidirectional, batch_first=batch_first, bias=bias)
@@ -56,11 +57,17 @@ def test_module_matches_torch_nn(cell, num_layers, bidirectional, batch_first, b
         else:
             hx = h
     expected = _run(ref, x, hx, kind, batch_first)
-    actual = _run(ours, x, hx, kind, batch_first)
-    assert len(expected) == len(actual)
-    for k, (e, a) in enumerate(zip(expected, actual)):
-        assert a.shape == e.shape, f"tensor {k}"
-        torch.testing.assert_close(a, e, **tolerances(dtype), msg=lambda m: f"tensor {k}: {m}")
+    # float32 on the CPU has two paths: the recurrent engine (the default) and the per-step
+    # loop (FUSEDRNN_CPU_ENGINE=0, also what other dtypes run): both must match torch.nn.
+    paths = ["1", "0"] if device == "cpu" and dtype == torch.float32 else [None]
+    for path in paths:
+        if path is not None:
+            monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", path)
+        actual = _run(ours, x, hx, kind, batch_first)
+        assert len(expected) == len(actual)
+        for k, (e, a) in enumerate(zip(expected, actual)):
+            assert a.shape == e.shape, f"tensor {k}"
+            torch.testing.assert_close(a, e, **tolerances(dtype), msg=lambda m: f"path {path} tensor {k}: {m}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -41,9 +41,9 @@ struct CpuDevice {
   };
 
   // The whole time loop in the recurrent engine (cpu_engine.h) for float32 on
-  // a CPU with AVX2+FMA, when FUSEDRNN_CPU_ENGINE=1 (opt-in); false leaves it to
-  // the drivers' per-step loop (the default, other dtypes, other CPUs; the
-  // drivers keep LSTM's projection on their loop).
+  // a CPU with AVX2+FMA unless FUSEDRNN_CPU_ENGINE=0; false leaves it to the
+  // drivers' per-step loop (other dtypes, other CPUs, FUSEDRNN_CPU_ENGINE=0;
+  // the drivers keep LSTM's projection on their loop).
   static constexpr bool kSequenceEngine = true;
 
   static bool engine_takes(const at::Tensor& t) { return t.scalar_type() == at::kFloat && cpu_engine::available(); }

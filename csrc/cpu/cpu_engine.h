@@ -28,10 +28,9 @@ namespace cpu_engine {
 
 enum class CellKind { kLstm, kGru, kRnnTanh, kRnnRelu };
 
-// True when this CPU has AVX2 and FMA (checked once) and the engine is switched
-// on with FUSEDRNN_CPU_ENGINE=1 (off by default until it measures faster than
-// the per-step path; read on every call, so a benchmark or a test can compare
-// both paths in one process).
+// True when this CPU has AVX2 and FMA (checked once) and the engine is not
+// switched off with FUSEDRNN_CPU_ENGINE=0 (read on every call, so a benchmark
+// or a test can compare both paths in one process).
 bool available();
 
 // One layer, one direction; every matrix row-major and contiguous. Rows of a
