@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "cpu_engine.h"
@@ -99,6 +100,68 @@ inline __m256 load_partial(const float* src, int64_t valid) {
   if (valid >= kVec) return _mm256_loadu_ps(src);
   if (valid > 0) return _mm256_maskload_ps(src, lane_mask(valid));
   return _mm256_setzero_ps();
+}
+
+// ---------------------------------------------------------------------------
+// Activations on arrays of 8-float vectors
+// ---------------------------------------------------------------------------
+// The formulas and constants of cells/cell_common.h (exp_simd, sigmoid_,
+// tanh_simd), restated with intrinsics for two reasons measured on the
+// engine's forward tile (benchmarks/NOTES.md, entry 12): GCC compiles the
+// NaN-safe clamps `x > 88 ? 88 : x` to compare + blend pairs (it may only use
+// min/max under -ffinite-math-only; _mm256_min_ps(88, x) returns x when x is
+// NaN, the same result), and a cell written per element runs one 8-lane vector
+// through a ~40-cycle chain of dependent operations at a time. Here every
+// operation is applied to N independent vectors in turn, so the chains overlap.
+template <int N>
+using Vecs = __m256[N];
+
+template <int N>
+inline void exp_n(Vecs<N>& x) {
+  const __m256 hi = _mm256_set1_ps(88.0f), lo = _mm256_set1_ps(-87.0f);
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f), round = _mm256_set1_ps(12582912.0f);
+  const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+  __m256 k[N], r[N], p[N];
+  for (int i = 0; i < N; ++i) x[i] = _mm256_max_ps(lo, _mm256_min_ps(hi, x[i]));  // NaN passes both
+  for (int i = 0; i < N; ++i) k[i] = _mm256_sub_ps(_mm256_fmadd_ps(x[i], log2e, round), round);
+  for (int i = 0; i < N; ++i) r[i] = _mm256_fnmadd_ps(k[i], ln2_lo, _mm256_fnmadd_ps(k[i], ln2_hi, x[i]));
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500e-4f), r[i], _mm256_set1_ps(1.3981999507e-3f));
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(8.3334519073e-3f));
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(4.1665795894e-2f));
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(1.6666665459e-1f));
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(5.0000001201e-1f));
+  for (int i = 0; i < N; ++i) {
+    p[i] = _mm256_add_ps(_mm256_fmadd_ps(p[i], _mm256_mul_ps(r[i], r[i]), r[i]), _mm256_set1_ps(1.0f));
+  }
+  // 2^k in the exponent field; k is in [-126, 127] after the clamps.
+  for (int i = 0; i < N; ++i) {
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(k[i]), _mm256_set1_epi32(127)), 23);
+    x[i] = _mm256_mul_ps(p[i], _mm256_castsi256_ps(bits));
+  }
+}
+
+// x = 1 / (1 + exp(-x))
+template <int N>
+inline void sigmoid_n(Vecs<N>& x) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+  for (int i = 0; i < N; ++i) x[i] = _mm256_xor_ps(x[i], sign);
+  exp_n<N>(x);
+  for (int i = 0; i < N; ++i) x[i] = _mm256_div_ps(one, _mm256_add_ps(one, x[i]));
+}
+
+// x = 2 / (1 + exp(-2x)) - 1
+template <int N>
+inline void tanh_n(Vecs<N>& x) {
+  const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
+  for (int i = 0; i < N; ++i) x[i] = _mm256_mul_ps(_mm256_set1_ps(-2.0f), x[i]);
+  exp_n<N>(x);
+  for (int i = 0; i < N; ++i) x[i] = _mm256_sub_ps(_mm256_div_ps(two, _mm256_add_ps(one, x[i])), one);
+}
+
+// x = x < 0 ? 0 : x, NaN kept (as torch.relu): max(0, x) returns x when x is NaN.
+template <int N>
+inline void relu_n(Vecs<N>& x) {
+  for (int i = 0; i < N; ++i) x[i] = _mm256_max_ps(_mm256_setzero_ps(), x[i]);
 }
 
 // ---------------------------------------------------------------------------

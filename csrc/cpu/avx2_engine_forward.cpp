@@ -11,12 +11,12 @@ namespace {
 // Forward
 // ---------------------------------------------------------------------------
 
-// Gate-interleaved packing of W_hh for forward. Hidden units go in blocks of
-// U (8 for LSTM, 16 for GRU and RNN, so that a block's G*U columns are whole
-// 16-column micro-kernel panels); block ub holds, for every k, the G gates of
-// its U units: packed[ub][k][g * U + u] = W_hh[g * H + ub * U + u][k], zero past
-// H. One micro-tile of rows x (G*U) columns then holds all the gates of its
-// units, ready for the cell.
+// Gate-interleaved packing of W_ih and W_hh for forward. Hidden units go in
+// blocks of U (8 for LSTM, 16 for GRU and RNN, so that a block's G*U columns
+// are whole 16-column micro-kernel panels); block ub holds, for every k, the G
+// gates of its U units: packed[ub][k][g * U + u] = W[g * H + ub * U + u][k],
+// zero past H. One micro-tile of rows x (G*U) columns then holds all the gates
+// of its units, ready for the cell.
 template <int G>
 struct ForwardPacking {
   static constexpr int U = (G % 2 == 0) ? 8 : 16;
@@ -25,116 +25,308 @@ struct ForwardPacking {
   static_assert(kWidth % kPanel == 0, "a unit block must be whole micro-kernel panels");
 };
 
+// w: [G*H, K] -> [blocks][K][kWidth]
 template <int G>
-void pack_forward(const float* w_hh, const float* b_hh, int64_t H, std::vector<float>& w_packed,
-                  std::vector<float>& b_packed) {
+void pack_panels(const float* w, int64_t H, int64_t K, std::vector<float>& packed) {
   using P = ForwardPacking<G>;
   const int64_t blocks = (H + P::U - 1) / P::U;
-  w_packed.assign(blocks * H * P::kWidth, 0.0f);
-  b_packed.assign(blocks * P::kWidth, 0.0f);
+  packed.assign(blocks * K * P::kWidth, 0.0f);
   for (int64_t ub = 0; ub < blocks; ++ub) {
     for (int g = 0; g < G; ++g) {
       for (int u = 0; u < P::U; ++u) {
         const int64_t j = ub * P::U + u;
         if (j >= H) continue;
-        const float* row = w_hh + (g * H + j) * H;
-        float* dst = w_packed.data() + ub * H * P::kWidth + g * P::U + u;
-        for (int64_t k = 0; k < H; ++k) dst[k * P::kWidth] = row[k];
-        if (b_hh != nullptr) b_packed[ub * P::kWidth + g * P::U + u] = b_hh[g * H + j];
+        const float* row = w + (g * H + j) * K;
+        float* dst = packed.data() + ub * K * P::kWidth + g * P::U + u;
+        for (int64_t k = 0; k < K; ++k) dst[k * P::kWidth] = row[k];
       }
     }
   }
 }
 
-// One micro-tile row block x unit block: the recurrent product in registers,
-// stored into the L1 tile where the cell reads it as `hproj`, then the cell on
-// these rows and units.
-// flatten: the micro-kernel, the cell and its activations are inlined into one
-// loop nest (GCC's inliner otherwise gives up inside the big per-thread loop
-// and calls the cell out of line, scalar); noinline keeps each tile variant a
-// function of its own.
-template <typename Cell, int MR>
-__attribute__((noinline, flatten)) void forward_tile(const cells::ForwardStepParams<float>& q, const float* a, const float* w_panel,
-                  const float* b_panel, int64_t ub, float* tile) {
-  constexpr int G = Cell::kGates;
+// The biases each accumulator starts from, per unit block: [blocks][kWidth (+ U)].
+// b_ih + b_hh for every gate, except GRU's n gate, whose input and hidden parts
+// stay apart (n = tanh(x W_in^T + b_in + r (h W_hn^T + b_hn))): columns 2U..3U
+// hold b_in and an extra U columns hold b_hn.
+template <int G>
+void pack_biases(const float* b_ih, const float* b_hh, int64_t H, std::vector<float>& packed) {
   using P = ForwardPacking<G>;
-  const int64_t H = q.hidden;
-  const int64_t j0 = ub * P::U;
-  for (int c = 0; c < P::kCalls; ++c) {
-    __m256 acc[kMR][2];
-    const __m256 bias0 = _mm256_loadu_ps(b_panel + c * kPanel);
-    const __m256 bias1 = _mm256_loadu_ps(b_panel + c * kPanel + kVec);
-    for (int m = 0; m < MR; ++m) {
-      acc[m][0] = bias0;
-      acc[m][1] = bias1;
-    }
-    micro_kernel<MR>(H, a, H, w_panel + c * kPanel, P::kWidth, acc);
-    for (int v = 0; v < 2; ++v) {
-      const int col = c * kPanel + v * kVec;  // column within the unit block
-      const int g = col / P::U;
-      const int64_t j = j0 + col % P::U;
-      for (int m = 0; m < MR; ++m) store_partial(tile + m * G * H + g * H + j, acc[m][v], H - j);
-    }
-  }
-  if (j0 + P::U <= H) {
-    for (int m = 0; m < MR; ++m) {
-#pragma omp simd simdlen(8)
-      for (int u = 0; u < P::U; ++u) Cell::forward(q, m, j0 + u);
-    }
-  } else {
-    for (int m = 0; m < MR; ++m) {
-#pragma omp simd simdlen(8)
-      for (int64_t j = j0; j < H; ++j) Cell::forward(q, m, j);
+  constexpr int width = P::kWidth + (G == 3 ? P::U : 0);
+  const int64_t blocks = (H + P::U - 1) / P::U;
+  packed.assign(blocks * width, 0.0f);
+  for (int64_t ub = 0; ub < blocks; ++ub) {
+    for (int g = 0; g < G; ++g) {
+      for (int u = 0; u < P::U; ++u) {
+        const int64_t j = ub * P::U + u;
+        if (j >= H) continue;
+        const float bi = b_ih != nullptr ? b_ih[g * H + j] : 0.0f;
+        const float bh = b_hh != nullptr ? b_hh[g * H + j] : 0.0f;
+        float* dst = packed.data() + ub * width;
+        if (G == 3 && g == 2) {
+          dst[g * P::U + u] = bi;
+          dst[P::kWidth + u] = bh;
+        } else {
+          dst[g * P::U + u] = bi + bh;
+        }
+      }
     }
   }
 }
 
+// ---- The cells on a tile, 8 units per vector ------------------------------
+// tile[m * width + g * U + u]: row m's pre-activation x_t W_ih^T + b_ih +
+// h_{t-1} W_hh^T + b_hh of gate g, unit j0 + u (GRU: the n gate's input part
+// at 2U, its hidden part W_hn h + b_hn at 3U), for `valid` (<= U) real units.
+// The pointers of q are at the row block's first row (row m of a [rows, G*H]
+// or [rows, H] buffer is m * G * H or m * H further). Each epilogue is the
+// 8-lane form of its cell's forward in cells/*_cell.h: the same formulas and
+// outputs, so fusedrnn.reference and the per-step path check it
+// (tests/test_cpu_engine.py, tests/test_parity.py).
+using StepPtrs = cells::ForwardStepParams<float>;
+
+template <typename Cell>
+struct ForwardEpilogue;
+
+// i, f, o = sigmoid, g = tanh; c = f c_{t-1} + i g; h = o tanh(c).
+template <>
+struct ForwardEpilogue<cells::LstmCell> {
+  static constexpr int G = 4, U = 8, kTileWidth = G * U;
+  template <int MR>
+  static void apply(const StepPtrs& q, const float* tile, int64_t j0, int64_t valid) {
+    const int64_t H = q.hidden;
+    Vecs<MR> i, f, g, o, c, h;
+    for (int m = 0; m < MR; ++m) {
+      const float* t = tile + m * kTileWidth;
+      i[m] = _mm256_loadu_ps(t);
+      f[m] = _mm256_loadu_ps(t + U);
+      g[m] = _mm256_loadu_ps(t + 2 * U);
+      o[m] = _mm256_loadu_ps(t + 3 * U);
+    }
+    sigmoid_n<MR>(i);
+    sigmoid_n<MR>(f);
+    sigmoid_n<MR>(o);
+    tanh_n<MR>(g);
+    for (int m = 0; m < MR; ++m) {
+      c[m] = _mm256_fmadd_ps(f[m], load_partial(q.c_state + m * H + j0, valid), _mm256_mul_ps(i[m], g[m]));
+      h[m] = c[m];
+    }
+    tanh_n<MR>(h);
+    for (int m = 0; m < MR; ++m) {
+      h[m] = _mm256_mul_ps(o[m], h[m]);
+      float* x = q.gates + m * G * H + j0;
+      store_partial(x, i[m], valid);
+      store_partial(x + H, f[m], valid);
+      store_partial(x + 2 * H, g[m], valid);
+      store_partial(x + 3 * H, o[m], valid);
+      store_partial(q.c_state + m * H + j0, c[m], valid);
+      store_partial(q.cells + m * H + j0, c[m], valid);
+      store_partial(q.out + m * H + j0, h[m], valid);
+      store_partial(q.h_state + m * H + j0, h[m], valid);
+    }
+  }
+};
+
+// r, z = sigmoid; n = tanh(x_n + r hn) with hn = W_hn h + b_hn (saved);
+// h = (1 - z) n + z h_{t-1}. 16 units: two vectors per gate and row.
+template <>
+struct ForwardEpilogue<cells::GruCell> {
+  static constexpr int G = 3, U = 16, kTileWidth = (G + 1) * U;
+  template <int MR>
+  static void apply(const StepPtrs& q, const float* tile, int64_t j0, int64_t valid) {
+    const int64_t H = q.hidden;
+    constexpr int N = 2 * MR;
+    Vecs<N> r, z, n, hn;
+    for (int m = 0; m < MR; ++m) {
+      for (int v = 0; v < 2; ++v) {
+        const float* t = tile + m * kTileWidth + v * kVec;
+        r[2 * m + v] = _mm256_loadu_ps(t);
+        z[2 * m + v] = _mm256_loadu_ps(t + U);
+        hn[2 * m + v] = _mm256_loadu_ps(t + 3 * U);
+      }
+    }
+    sigmoid_n<N>(r);
+    sigmoid_n<N>(z);
+    for (int m = 0; m < MR; ++m) {
+      for (int v = 0; v < 2; ++v) {
+        const int k = 2 * m + v;
+        n[k] = _mm256_fmadd_ps(r[k], hn[k], _mm256_loadu_ps(tile + m * kTileWidth + 2 * U + v * kVec));
+      }
+    }
+    tanh_n<N>(n);
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (int m = 0; m < MR; ++m) {
+      for (int v = 0; v < 2; ++v) {
+        const int k = 2 * m + v;
+        const int64_t left = valid - v * kVec, col = j0 + v * kVec;
+        const __m256 h_prev = load_partial(q.h_state + m * H + col, left);
+        const __m256 h = _mm256_fmadd_ps(z[k], h_prev, _mm256_mul_ps(_mm256_sub_ps(one, z[k]), n[k]));
+        float* x = q.gates + m * G * H + col;
+        store_partial(x, r[k], left);
+        store_partial(x + H, z[k], left);
+        store_partial(x + 2 * H, n[k], left);
+        store_partial(q.hn + m * H + col, hn[k], left);
+        store_partial(q.h_state + m * H + col, h, left);
+        store_partial(q.out + m * H + col, h, left);
+      }
+    }
+  }
+};
+
+// h = tanh or relu of the pre-activation. 16 units: two vectors per row.
+template <bool Relu>
+struct ForwardEpilogue<cells::RnnCell<Relu>> {
+  static constexpr int G = 1, U = 16, kTileWidth = G * U;
+  template <int MR>
+  static void apply(const StepPtrs& q, const float* tile, int64_t j0, int64_t valid) {
+    const int64_t H = q.hidden;
+    constexpr int N = 2 * MR;
+    Vecs<N> a;
+    for (int k = 0; k < N; ++k) a[k] = _mm256_loadu_ps(tile + k * kVec);  // rows are 16 floats apart
+    if constexpr (Relu) {
+      relu_n<N>(a);
+    } else {
+      tanh_n<N>(a);
+    }
+    for (int m = 0; m < MR; ++m) {
+      for (int v = 0; v < 2; ++v) {
+        store_partial(q.h_state + m * H + j0 + v * kVec, a[2 * m + v], valid - v * kVec);
+        store_partial(q.out + m * H + j0 + v * kVec, a[2 * m + v], valid - v * kVec);
+      }
+    }
+  }
+};
+
+// The packed weights of one layer call, and where one unit block's panels start.
+template <int G>
+struct ForwardPanels {
+  using P = ForwardPacking<G>;
+  static constexpr int kBiasWidth = P::kWidth + (G == 3 ? P::U : 0);
+  int64_t H = 0, I = 0;
+  std::vector<float> w_ih, w_hh, bias;
+  const float* x_panel(int64_t ub) const { return w_ih.data() + ub * I * P::kWidth; }
+  const float* h_panel(int64_t ub) const { return w_hh.data() + ub * H * P::kWidth; }
+  const float* bias_panel(int64_t ub) const { return bias.data() + ub * kBiasWidth; }
+};
+
+// acc (MR rows x 16 columns) = bias + x rows . x_panel + h rows . h_panel, stored
+// to the tile at column `col`; either product may be skipped (panel nullptr).
+template <int MR>
+__attribute__((always_inline)) inline void tile_product(const float* bias, const float* x, int64_t I,
+                                                        const float* x_panel, const float* h, int64_t H,
+                                                        const float* h_panel, int64_t ldw, float* tile,
+                                                        int64_t tile_width) {
+  __m256 acc[kMR][2];
+  const __m256 bias0 = _mm256_loadu_ps(bias), bias1 = _mm256_loadu_ps(bias + kVec);
+  for (int m = 0; m < MR; ++m) {
+    acc[m][0] = bias0;
+    acc[m][1] = bias1;
+  }
+  if (x_panel != nullptr) micro_kernel<MR>(I, x, I, x_panel, ldw, acc);
+  if (h_panel != nullptr) micro_kernel<MR>(H, h, H, h_panel, ldw, acc);
+  for (int m = 0; m < MR; ++m) {
+    _mm256_storeu_ps(tile + m * tile_width, acc[m][0]);
+    _mm256_storeu_ps(tile + m * tile_width + kVec, acc[m][1]);
+  }
+}
+
+// One row block x unit block: the input and recurrent products in registers
+// (16 columns per micro-kernel call), stored to the L1 tile, then the cell on
+// these rows and units at once.
+// noinline keeps each (cell, rows) variant a function of its own, small
+// enough for GCC to inline the micro-kernel and the activations into.
+template <typename Cell, int MR>
+__attribute__((noinline)) void forward_tile(const StepPtrs& q, const float* x, const float* h,
+                                            const ForwardPanels<Cell::kGates>& w, int64_t ub, float* tile) {
+  using E = ForwardEpilogue<Cell>;
+  using P = ForwardPacking<E::G>;
+  static_assert(P::U == E::U, "the packing and the epilogue must agree on the unit block");
+  const float* x_panel = w.x_panel(ub);
+  const float* h_panel = w.h_panel(ub);
+  const float* bias = w.bias_panel(ub);
+  for (int c = 0; c < P::kCalls; ++c) {
+    const int64_t col = c * kPanel;
+    if (E::G == 3 && col >= 2 * P::U) {
+      // GRU's n gate: input and hidden parts in separate tile columns.
+      tile_product<MR>(bias + col, x, w.I, x_panel + col, h, w.H, nullptr, P::kWidth, tile + col, E::kTileWidth);
+      tile_product<MR>(bias + P::kWidth + (col - 2 * P::U), x, w.I, nullptr, h, w.H, h_panel + col, P::kWidth,
+                       tile + P::kWidth + (col - 2 * P::U), E::kTileWidth);
+    } else {
+      tile_product<MR>(bias + col, x, w.I, x_panel + col, h, w.H, h_panel + col, P::kWidth, tile + col,
+                       E::kTileWidth);
+    }
+  }
+  E::template apply<MR>(q, tile, ub * P::U, std::min<int64_t>(P::U, q.hidden - ub * P::U));
+}
+
+template <typename Cell>
+void run_forward_tile(int64_t mr, const StepPtrs& q, const float* x, const float* h,
+                      const ForwardPanels<Cell::kGates>& w, int64_t ub, float* tile) {
+  switch (mr) {
+    case 6: forward_tile<Cell, 6>(q, x, h, w, ub, tile); break;
+    case 5: forward_tile<Cell, 5>(q, x, h, w, ub, tile); break;
+    case 4: forward_tile<Cell, 4>(q, x, h, w, ub, tile); break;
+    case 3: forward_tile<Cell, 3>(q, x, h, w, ub, tile); break;
+    case 2: forward_tile<Cell, 2>(q, x, h, w, ub, tile); break;
+    default: forward_tile<Cell, 1>(q, x, h, w, ub, tile); break;
+  }
+}
+
+// Row blocks per group: the group's input rows and h_{t-1} copy and one unit
+// block's panels stay in L1/L2 while every row block of the group multiplies
+// by them, so the weights stream from L2 once per group, not once per row block.
+constexpr int64_t kGroupBlocks = 3;
+
 template <typename Cell>
 void forward_impl(const ForwardArgs& args) {
-  constexpr int G = Cell::kGates;
+  using E = ForwardEpilogue<Cell>;
+  constexpr int G = E::G;
   using P = ForwardPacking<G>;
   const int64_t H = args.H;
   const int64_t blocks = (H + P::U - 1) / P::U;
-  std::vector<float> w_packed, b_packed;
-  pack_forward<G>(args.w_hh, args.b_hh, H, w_packed, b_packed);
+  ForwardPanels<G> w;
+  w.H = H;
+  w.I = args.I;
+  pack_panels<G>(args.w_ih, H, args.I, w.w_ih);
+  pack_panels<G>(args.w_hh, H, H, w.w_hh);
+  pack_biases<G>(args.b_ih, args.b_hh, H, w.bias);
   const std::vector<int64_t>& batch = *args.sched.batch;
   const std::vector<int64_t>& offset = *args.sched.offset;
   const int64_t T = static_cast<int64_t>(batch.size());
 
   for_each_thread_rows(args.sched, args.B, [&](int64_t lo, int64_t hi) {
-    // h_{t-1} of the row block: the cell overwrites the running state in place
-    // while later unit blocks still multiply by the old one.
-    std::vector<float> a(kMR * H);
-    std::vector<float> tile(kMR * G * H);
+    // h_{t-1} of a group of row blocks: the cells overwrite the running state
+    // in place while later unit blocks still multiply by the old one.
+    std::vector<float> h_prev(kGroupBlocks * kMR * H);
+    std::vector<float> tile(kMR * E::kTileWidth);
+    std::vector<std::pair<int64_t, int64_t>> row_blocks;  // (first row, rows) of this step
     for (int64_t k = 0; k < T; ++k) {
       const int64_t t = args.sched.reverse ? T - 1 - k : k;
       const int64_t end = std::min(hi, batch[t]);
       const int64_t off = offset[t];
-      for_each_row_block(lo, end, [&](int64_t m0, int64_t mr) {
-        std::memcpy(a.data(), args.h_state + m0 * H, mr * H * sizeof(float));
-        cells::ForwardStepParams<float> q;
-        q.batch = mr;
-        q.hidden = H;
-        q.gates = args.gates + (off + m0) * G * H;
-        q.hproj = tile.data();
-        q.h_state = args.h_state + m0 * H;
-        q.out = args.output + (off + m0) * H;
-        if (args.c_state != nullptr) q.c_state = args.c_state + m0 * H;
-        if (args.cells != nullptr) q.cells = args.cells + (off + m0) * H;
-        if (args.hn != nullptr) q.hn = args.hn + (off + m0) * H;
+      row_blocks.clear();
+      for_each_row_block(lo, end, [&](int64_t m0, int64_t mr) { row_blocks.emplace_back(m0, mr); });
+      for (size_t g0 = 0; g0 < row_blocks.size(); g0 += kGroupBlocks) {
+        const size_t g1 = std::min(row_blocks.size(), g0 + kGroupBlocks);
+        const int64_t first = row_blocks[g0].first;
+        const int64_t rows = row_blocks[g1 - 1].first + row_blocks[g1 - 1].second - first;
+        std::memcpy(h_prev.data(), args.h_state + first * H, rows * H * sizeof(float));
         for (int64_t ub = 0; ub < blocks; ++ub) {
-          const float* w_panel = w_packed.data() + ub * H * P::kWidth;
-          const float* b_panel = b_packed.data() + ub * P::kWidth;
-          switch (mr) {
-            case 6: forward_tile<Cell, 6>(q, a.data(), w_panel, b_panel, ub, tile.data()); break;
-            case 5: forward_tile<Cell, 5>(q, a.data(), w_panel, b_panel, ub, tile.data()); break;
-            case 4: forward_tile<Cell, 4>(q, a.data(), w_panel, b_panel, ub, tile.data()); break;
-            case 3: forward_tile<Cell, 3>(q, a.data(), w_panel, b_panel, ub, tile.data()); break;
-            case 2: forward_tile<Cell, 2>(q, a.data(), w_panel, b_panel, ub, tile.data()); break;
-            default: forward_tile<Cell, 1>(q, a.data(), w_panel, b_panel, ub, tile.data()); break;
+          for (size_t rb = g0; rb < g1; ++rb) {
+            const int64_t m0 = row_blocks[rb].first, mr = row_blocks[rb].second;
+            StepPtrs q;
+            q.batch = mr;
+            q.hidden = H;
+            q.gates = args.gates + (off + m0) * G * H;
+            q.h_state = args.h_state + m0 * H;
+            q.out = args.output + (off + m0) * H;
+            if (args.c_state != nullptr) q.c_state = args.c_state + m0 * H;
+            if (args.cells != nullptr) q.cells = args.cells + (off + m0) * H;
+            if (args.hn != nullptr) q.hn = args.hn + (off + m0) * H;
+            run_forward_tile<Cell>(mr, q, args.input + (off + m0) * args.I, h_prev.data() + (m0 - first) * H, w, ub,
+                                   tile.data());
           }
         }
-      });
+      }
     }
   });
 }

@@ -1,9 +1,11 @@
 // The CPU recurrent engine: the whole time loop of one layer and direction in
 // float32, with the recurrent GEMM and the cell fused (csrc/cpu/avx2_engine_forward.cpp, avx2_engine_backward.cpp).
 //
-//   forward, per step and block of rows:  hproj = h_{t-1} W_hh^T + b_hh in
-//     registers, stored to an L1 tile, then the cell (Cell::forward, the shared
-//     per-element math) on the same units at once: gates never leave L1.
+//   forward, per step and block of rows: x_t W_ih^T + b_ih + h_{t-1} W_hh^T +
+//     b_hh in the same registers (the input projection is not a separate
+//     GEMM: its gates would go to memory and come back), stored to an L1 tile,
+//     then the cell (the 8-lane form of cells/*_cell.h) on the same units at
+//     once: the pre-activations never leave L1.
 //   backward, per step and block of rows: the cell backward (Cell::backward),
 //     then dh_{t-1} = dgates_h W_hh while those gate gradients are in L1.
 //
@@ -44,11 +46,14 @@ struct Schedule {
 
 struct ForwardArgs {
   CellKind cell = CellKind::kLstm;
-  int64_t B = 0, H = 0;       // batch, hidden
+  int64_t B = 0, H = 0, I = 0;  // batch, hidden, input features
   Schedule sched;
-  const float* w_hh = nullptr;  // [G*H, H]
-  const float* b_hh = nullptr;  // [G*H] or nullptr
-  float* gates = nullptr;       // [N, G*H] in: x W_ih^T + b_ih; out: activated gates
+  const float* input = nullptr;  // [N, I] the layer's input, packed rows
+  const float* w_ih = nullptr;   // [G*H, I]
+  const float* b_ih = nullptr;   // [G*H] or nullptr
+  const float* w_hh = nullptr;   // [G*H, H]
+  const float* b_hh = nullptr;   // [G*H] or nullptr
+  float* gates = nullptr;        // [N, G*H] out: activated gates
   float* h_state = nullptr;     // [B, H] h0 in, final states out
   float* c_state = nullptr;     // [B, H] LSTM: c0 in, final cell states out
   float* output = nullptr;      // [N, H]

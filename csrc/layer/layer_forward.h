@@ -94,15 +94,17 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
 
   ForwardOutputs r;
   r.gates = new_buffer({N, G * H}, opts);
-  Device::gemm(r.gates, input, w.w_ih.t(), w.b_ih, false);
   r.output = new_buffer({N, P}, opts);
   r.h_n = h0.clone(at::MemoryFormat::Contiguous);  // the running state; final state at the end
   r.c_n = is_lstm ? c0.clone(at::MemoryFormat::Contiguous) : at::Tensor();
   r.cells = is_lstm ? new_buffer({N, H}, opts) : at::empty({0}, opts);
   r.hn = G == 3 ? new_buffer({N, H}, opts) : at::empty({0}, opts);
   if constexpr (has_sequence_engine<Device>::value) {
-    if (!has_proj && Device::template forward_sequence<Cell>(r, w, sched, reverse)) return r;
+    // The engine computes the input projection itself, step by step, in the
+    // registers of the recurrent product (cpu/cpu_engine.h).
+    if (!has_proj && Device::template forward_sequence<Cell>(r, input, w, sched, reverse)) return r;
   }
+  Device::gemm(r.gates, input, w.w_ih.t(), w.b_ih, false);
   at::Tensor hproj = new_buffer({B, G * H}, opts);
   at::Tensor proj_in = has_proj ? new_buffer({B, H}, opts) : at::Tensor();  // r_t = o * tanh(c_t)
   // W_hh^T, once: the per-step GEMM then reads both operands row by row.
