@@ -125,7 +125,9 @@ def backends() -> dict:
 
 
 def _zeros_like_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if grad is None else grad
+    """The gradient of an output that was not used: a broadcast zero, which allocates nothing
+    (the backward ops read their gradients through .contiguous() or copy them)."""
+    return like.new_zeros(()).expand_as(like) if grad is None else grad
 
 
 # Python autograd.Functions twinning each op's registered autograd, used inside the functorch
@@ -285,6 +287,7 @@ def _register():
         input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse = inputs
         out, _, _, gates, cells = output
         ctx.mark_non_differentiable(gates, cells)
+        ctx.set_materialize_grads(False)  # no zero-filled [N, 4H] + [N, H] grads for gates and cells
         ctx.save_for_backward(input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, out, gates, cells)
         ctx.reverse, ctx.has_b_ih, ctx.has_b_hh = reverse, b_ih is not None, b_hh is not None
 
@@ -303,6 +306,7 @@ def _register():
         input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse = inputs
         out, _, gates, hn = output
         ctx.mark_non_differentiable(gates, hn)
+        ctx.set_materialize_grads(False)  # no zero-filled [N, 3H] + [N, H] grads for gates and hn
         ctx.save_for_backward(input, h0, w_ih, w_hh, batch_sizes, out, gates, hn)
         ctx.reverse, ctx.has_b_ih, ctx.has_b_hh = reverse, b_ih is not None, b_hh is not None
 
@@ -321,6 +325,7 @@ def _register():
 
         def setup(ctx, inputs, output):
             input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse = inputs
+            ctx.set_materialize_grads(False)  # an unused h_n or output: None, filled by the backward
             ctx.save_for_backward(input, h0, w_ih, w_hh, batch_sizes, output[0])
             ctx.reverse, ctx.has_b_ih, ctx.has_b_hh = reverse, b_ih is not None, b_hh is not None
 

@@ -55,15 +55,20 @@ struct BackwardStepParams {
   // [B, H]  LSTM only: dc_t in, dc_{t-1} out.
   T* grad_c_state = nullptr;
   const T* cells = nullptr;   // [batch, H] LSTM: c_t
-  const T* c_prev = nullptr;  // [batch, H] LSTM: c_{t-1}
-  const T* h_prev = nullptr;  // [batch, H] GRU: h_{t-1}
+  // [batch, H] LSTM: c_{t-1}; GRU: h_{t-1}. Read-only views of where forward
+  // left those states (the previous step's rows of cells / output, or c0 / h0),
+  // not a per-token copy (layer_backward.h: previous_block).
+  const T* c_prev = nullptr;
+  const T* h_prev = nullptr;
   const T* hn = nullptr;      // [batch, H] GRU: W_hn h_{t-1} + b_hn
   const T* out = nullptr;     // [batch, H] RNN: h_t
   // [batch, G*H]  gradient w.r.t. the pre-activations on the input side
-  // (x W_ih^T + b_ih); for LSTM and RNN also the hidden side.
+  // (x W_ih^T + b_ih); for LSTM and RNN also the hidden side. RNN: may be the
+  // same memory as grad_out (each element is read before it is written).
   T* grad_gates = nullptr;
   // [batch, 3H]  GRU only: gradient w.r.t. the hidden-side pre-activations
-  // (h W_hh^T + b_hh); differs from grad_gates in the n gate (times r).
+  // (h W_hh^T + b_hh); differs from grad_gates in the n gate (times r). A
+  // buffer of one step's rows, consumed by that step's dh GEMM.
   T* grad_gates_h = nullptr;
   // [batch, H]  LSTM with projection: r_t = o * tanh(c_t), for grad of W_hr.
   T* r_out = nullptr;

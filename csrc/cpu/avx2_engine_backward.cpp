@@ -60,6 +60,21 @@ __attribute__((noinline, flatten)) void backward_block(const cells::BackwardStep
   backward_gemm<MR>(dgates_h, G, q.hidden, w_packed, G == 3, dh);
 }
 
+// The previous states of rows [m0, m0 + mr) of a step whose rows [0, carried)
+// continue the sequences at packed rows src_offset.. of `all` and the rest start
+// from `init` (layer_backward.h: previous_rows): a pointer when the block lies on
+// one side, else the rows copied into `tile` ([kMR, H]).
+const float* previous_block(const float* all, const float* init, int64_t H, int64_t src_offset, int64_t carried,
+                            int64_t m0, int64_t mr, float* tile) {
+  if (m0 + mr <= carried) return all + (src_offset + m0) * H;
+  if (m0 >= carried) return init + m0 * H;
+  for (int64_t m = 0; m < mr; ++m) {
+    const int64_t b = m0 + m;
+    std::memcpy(tile + m * H, b < carried ? all + (src_offset + b) * H : init + b * H, H * sizeof(float));
+  }
+  return tile;
+}
+
 template <typename Cell>
 void backward_impl(const BackwardArgs& args) {
   constexpr int G = Cell::kGates;
@@ -70,12 +85,20 @@ void backward_impl(const BackwardArgs& args) {
   const std::vector<int64_t>& batch = *args.sched.batch;
   const std::vector<int64_t>& offset = *args.sched.offset;
   const int64_t T = static_cast<int64_t>(batch.size());
+  // Previous states: GRU's cell reads h_{t-1}, LSTM's c_{t-1}.
+  const float* prev_all = is_gru ? args.output : args.cells;
+  const float* prev_init = is_gru ? args.h0 : args.c0;
 
   for_each_thread_rows(args.sched, args.B, [&](int64_t lo, int64_t hi) {
+    std::vector<float> tile(prev_init != nullptr ? kMR * H : 0);
     for (int64_t k = 0; k < T; ++k) {
       const int64_t t = args.sched.reverse ? k : T - 1 - k;  // reverse of the forward's order
       const int64_t end = std::min(hi, batch[t]);
       const int64_t off = offset[t];
+      const int64_t src = args.sched.reverse ? t + 1 : t - 1;  // the previously processed step
+      const bool has_src = src >= 0 && src < T;
+      const int64_t src_offset = has_src ? offset[src] : 0;
+      const int64_t carried = has_src ? std::min(batch[t], batch[src]) : 0;
       for_each_row_block(lo, end, [&](int64_t m0, int64_t mr) {
         const int64_t row = off + m0;  // packed row of the block's first sequence
         cells::BackwardStepParams<float> q;
@@ -86,13 +109,19 @@ void backward_impl(const BackwardArgs& args) {
         q.grad_h_state = args.grad_h_state + m0 * H;
         if (args.grad_c_state != nullptr) q.grad_c_state = args.grad_c_state + m0 * H;
         if (args.cells != nullptr) q.cells = args.cells + row * H;
-        if (args.c_prev != nullptr) q.c_prev = args.c_prev + row * H;
-        if (args.h_prev != nullptr) q.h_prev = args.h_prev + row * H;
+        if (prev_init != nullptr) {
+          const float* prev = previous_block(prev_all, prev_init, H, src_offset, carried, m0, mr, tile.data());
+          if (is_gru) {
+            q.h_prev = prev;
+          } else {
+            q.c_prev = prev;
+          }
+        }
         if (args.hn != nullptr) q.hn = args.hn + row * H;
         q.out = args.output + row * H;
         q.grad_gates = args.grad_gates + row * G * H;
-        if (is_gru) q.grad_gates_h = args.grad_gates_h + row * G * H;
-        const float* dgates_h = (is_gru ? args.grad_gates_h : args.grad_gates) + row * G * H;
+        if (is_gru) q.grad_gates_h = args.grad_gates_h + m0 * G * H;
+        const float* dgates_h = is_gru ? args.grad_gates_h + m0 * G * H : args.grad_gates + row * G * H;
         float* dh = args.grad_h_state + m0 * H;
         switch (mr) {
           case 6: backward_block<Cell, 6>(q, dgates_h, w_packed.data(), dh); break;

@@ -80,11 +80,13 @@ struct CpuDevice {
     return true;
   }
 
+  // h0 / c0: contiguous initial states; the engine reads each step's previous
+  // states from them and from output / cells (no [N, H] gather). dgates_h: GRU's
+  // [B, 3H] hidden-side gate gradients of one step.
   template <typename Cell>
   static bool backward_sequence(const at::Tensor& grad_output, const SavedForBackward& saved, const LayerWeights& w,
-                                const StepSchedule& s, bool reverse, const at::Tensor& h_prev,
-                                const at::Tensor& c_prev, at::Tensor& dh_state, at::Tensor& dc_state,
-                                at::Tensor& dgates, at::Tensor& dgates_h) {
+                                const StepSchedule& s, bool reverse, const at::Tensor& h0, const at::Tensor& c0,
+                                at::Tensor& dh_state, at::Tensor& dc_state, at::Tensor& dgates, at::Tensor& dgates_h) {
     if (!engine_takes(grad_output)) return false;
     const at::Tensor w_hh = w.w_hh.contiguous();
     cpu_engine::BackwardArgs a;
@@ -98,11 +100,11 @@ struct CpuDevice {
     a.output = saved.output.const_data_ptr<float>();
     if (saved.c0.defined()) {
       a.cells = saved.cells.const_data_ptr<float>();
-      a.c_prev = c_prev.const_data_ptr<float>();
+      a.c0 = c0.const_data_ptr<float>();
       a.grad_c_state = dc_state.data_ptr<float>();
     }
     if (Cell::kGates == 3) {
-      a.h_prev = h_prev.const_data_ptr<float>();
+      a.h0 = h0.const_data_ptr<float>();
       a.hn = saved.hn.const_data_ptr<float>();
       a.grad_gates_h = dgates_h.data_ptr<float>();
     }

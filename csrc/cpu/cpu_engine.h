@@ -68,15 +68,19 @@ struct BackwardArgs {
   const float* w_hh = nullptr;       // [G*H, H]
   const float* gates = nullptr;      // [N, G*H] saved activated gates
   const float* grad_output = nullptr;  // [N, H]
-  const float* output = nullptr;     // [N, H] RNN: h_t
-  const float* cells = nullptr;      // [N, H] LSTM: c_t
-  const float* c_prev = nullptr;     // [N, H] LSTM: c_{t-1} of every token
-  const float* h_prev = nullptr;     // [N, H] GRU: h_{t-1} of every token
+  // [N, H] h_t; RNN: for the derivative; GRU: h_{t-1} of the next step's rows.
+  const float* output = nullptr;
+  const float* cells = nullptr;      // [N, H] LSTM: c_t (and c_{t-1} of the next step's rows)
+  // [B, H] the initial states, for rows whose previous state is not in output /
+  // cells (layer_backward.h: previous_rows): GRU h0, LSTM c0.
+  const float* h0 = nullptr;
+  const float* c0 = nullptr;
   const float* hn = nullptr;         // [N, H] GRU
   float* grad_h_state = nullptr;     // [B, H] dh_T in, dh0 out
   float* grad_c_state = nullptr;     // [B, H] LSTM: dc_T in, dc0 out
-  float* grad_gates = nullptr;       // [N, G*H] out
-  float* grad_gates_h = nullptr;     // [N, G*H] out, GRU only (hidden side)
+  // [N, G*H] out. RNN: may be grad_output itself (each element is read, then written).
+  float* grad_gates = nullptr;
+  float* grad_gates_h = nullptr;     // [B, 3H] GRU only: the hidden side, one step at a time
 };
 
 void forward(const ForwardArgs& a);

@@ -7,7 +7,8 @@
 //             [LSTM proj_size > 0: dr_t = dh_t W_hr before the pointwise step]
 //   after the loop, the parameter and input gradients as a few large GEMMs
 //   over all tokens at once:
-//             dX = dgates W_ih (when asked for),  dW_ih = dgates^T X,  dW_hh = dgates_h^T H_prev,
+//             dX = dgates W_ih (when asked for),  dW_ih = dgates^T X,  dW_hh = dgates_h^T H_prev
+//             (H_prev read in place: grad_times_previous),
 //             db = column sums,  dW_hr = dH^T R.
 #pragma once
 
@@ -79,8 +80,104 @@ inline at::Tensor gather_previous_states(const at::Tensor& all, const at::Tensor
   return prev;
 }
 
+// Where the states of step t's rows came from: rows [0, carried) continue
+// sequences that were running at the previously processed step, whose rows
+// start at packed row `src_offset` of the per-token tensor (output or cells);
+// rows [carried, batch[t]) start from the same rows of the initial state (at
+// the first processed step, and in the reverse direction of a ragged batch
+// where sequences start). The CPU engine (cpu/avx2_engine_backward.cpp) reads
+// the same rule.
+struct PreviousRows {
+  int64_t src_offset = 0;
+  int64_t carried = 0;
+};
+inline PreviousRows previous_rows(const StepSchedule& s, int64_t t, bool reverse) {
+  const int64_t src = reverse ? t + 1 : t - 1;
+  if (src < 0 || src >= s.steps()) return {};
+  return {s.offset[src], std::min(s.batch[t], s.batch[src])};
+}
+
+// The rows of the previous states of all tokens ([N, S], what gather_previous_states
+// builds) as a few runs of consecutive rows of `all` or `init`: packed rows
+// [dst, dst + count) started from rows [src, src + count) of one of them. A
+// full-length batch has two runs ([h0; output[:-B]] forward, [output[B:]; h0]
+// reverse), a ragged one a run per change of the batch size.
+struct PreviousRun {
+  int64_t dst, src, count;
+  bool from_init;
+};
+inline std::vector<PreviousRun> previous_runs(const StepSchedule& s, bool reverse) {
+  std::vector<PreviousRun> runs;
+  auto add = [&](int64_t dst, int64_t src, int64_t count, bool from_init) {
+    if (count <= 0) return;
+    if (!runs.empty()) {
+      PreviousRun& last = runs.back();
+      if (last.from_init == from_init && last.dst + last.count == dst && last.src + last.count == src) {
+        last.count += count;
+        return;
+      }
+    }
+    runs.push_back({dst, src, count, from_init});
+  };
+  for (int64_t t = 0; t < s.steps(); ++t) {
+    const PreviousRows p = previous_rows(s, t, reverse);
+    add(s.offset[t], p.src_offset, p.carried, false);
+    add(s.offset[t] + p.carried, p.carried, s.batch[t] - p.carried, true);
+  }
+  return runs;
+}
+
+// grad^T H_prev ([N, K]^T [N, S] -> [K, S]) for the weight gradient of W_hh,
+// where H_prev holds each token's previous state: one GEMM per run of
+// previous_runs against views of `all` and `init`, so H_prev is never built
+// (an [N, S] buffer). A batch with very many runs (many distinct lengths) pays a
+// gather instead of as many small GEMMs.
+template <typename Device>
+at::Tensor grad_times_previous(const at::Tensor& grad, const at::Tensor& all, const at::Tensor& init,
+                               const StepSchedule& s, bool reverse) {
+  constexpr size_t kMaxRuns = 64;
+  const std::vector<PreviousRun> runs = previous_runs(s, reverse);
+  if (runs.size() > kMaxRuns) return device_mm<Device>(grad.t(), gather_previous_states(all, init, s, reverse));
+  if (runs.empty()) return at::zeros({grad.size(1), all.size(1)}, grad.options());
+  at::Tensor out = at::empty({grad.size(1), all.size(1)}, grad.options());
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const PreviousRun& r = runs[i];
+    Device::gemm(out, rows(grad, r.dst, r.count).t(), rows(r.from_init ? init : all, r.src, r.count), at::Tensor(),
+                 i > 0);
+  }
+  return out;
+}
+
+// Step t's previous states (h_{t-1} for the GRU cell, c_{t-1} for LSTM's) as one
+// [batch[t], S] block: a pointer into `all` or `init` when the step's rows come
+// from one of them, else (where sequences start mid-batch, reverse ragged only)
+// the two parts copied into `scratch` ([B, S], allocated on first use).
+template <typename T>
+const T* previous_block(const at::Tensor& all, const at::Tensor& init, const StepSchedule& s, int64_t t, bool reverse,
+                        at::Tensor& scratch) {
+  const PreviousRows p = previous_rows(s, t, reverse);
+  const int64_t bs = s.batch[t];
+  const int64_t S = all.size(1);
+  if (p.carried >= bs) return all.template const_data_ptr<T>() + p.src_offset * S;
+  if (p.carried == 0) return init.template const_data_ptr<T>();
+  if (!scratch.defined()) scratch = new_buffer(init.sizes(), init.options());
+  rows(scratch, 0, p.carried).copy_(rows(all, p.src_offset, p.carried));
+  rows(scratch, p.carried, bs - p.carried).copy_(rows(init, p.carried, bs - p.carried));
+  return scratch.template const_data_ptr<T>();
+}
+
+// Memory: besides the saved tensors and the gradients it returns, backward
+// holds one [N, G*H] buffer, the gate gradients, and a few [B, *] ones.
+//  - RNN: when grad_output arrives non-contiguous, the copy made here is ours,
+//    and each element's gate gradient goes where its grad_output was.
+//  - GRU: the hidden-side gate gradients (the n gate times r) live one step at
+//    a time in a [B, 3H] buffer; for dW_hh, dgates' n columns are scaled by r in
+//    place once dX, dW_ih and db_ih are done.
+//  - The previous states (h_{t-1}, LSTM's c_{t-1}) are read where forward left
+//    them (output / cells, h0 / c0), never gathered into an [N, H] copy.
+//  - dX reuses the dgates buffer when input_size == G * H (not GRU).
 template <typename Cell, typename Device>
-BackwardOutputs layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+BackwardOutputs layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                                const SavedForBackward& saved, const LayerWeights& w, const StepSchedule& sched,
                                bool reverse, bool need_grad_input) {
   constexpr int64_t G = Cell::kGates;
@@ -94,11 +191,18 @@ BackwardOutputs layer_backward(const at::Tensor& grad_output, const at::Tensor& 
   const auto opts = saved.input.options();
 
   BackwardOutputs g;
-  at::Tensor dgates = new_buffer({N, G * H}, opts);
-  // GRU's hidden-side gradient differs from the input side in the n gate.
-  at::Tensor dgates_h = is_gru ? new_buffer({N, G * H}, opts) : dgates;
-  at::Tensor h_prev = gather_previous_states(saved.output, saved.h0, sched, reverse);
-  at::Tensor c_prev = is_lstm ? gather_previous_states(saved.cells, saved.c0, sched, reverse) : at::Tensor();
+  // A non-contiguous grad_output (the expanded gradient of a sum, say) is copied
+  // here, and that copy belongs to this call.
+  const bool own_grad_output = !grad_output_in.is_contiguous();
+  const at::Tensor grad_output = grad_output_in.contiguous();
+  // RNN without projection: the gate gradient of element k needs only element k
+  // of grad_output, so it may take grad_output's place when the buffer is ours.
+  at::Tensor dgates = (G == 1 && !has_proj && own_grad_output) ? grad_output : new_buffer({N, G * H}, opts);
+  // GRU's hidden-side gate gradients of the current step only (see above).
+  at::Tensor dgates_h = is_gru ? new_buffer({B, G * H}, opts) : dgates;
+  const at::Tensor h0 = saved.h0.contiguous();
+  const at::Tensor c0 = is_lstm ? saved.c0.contiguous() : at::Tensor();
+  at::Tensor prev_scratch;  // [B, H], for steps whose previous states come from two places
   at::Tensor dh_state = grad_h_n.clone(at::MemoryFormat::Contiguous);
   at::Tensor dc_state = is_lstm ? grad_c_n.clone(at::MemoryFormat::Contiguous) : at::Tensor();
   // With projection: dh of every token (for dW_hr), dr of this step, r of every token.
@@ -110,8 +214,8 @@ BackwardOutputs layer_backward(const at::Tensor& grad_output, const at::Tensor& 
   // itself, with the same cell math; the weight gradients after it are shared.
   bool engine_done = false;
   if constexpr (has_sequence_engine<Device>::value) {
-    engine_done = !has_proj && Device::template backward_sequence<Cell>(grad_output, saved, w, sched, reverse, h_prev,
-                                                                       c_prev, dh_state, dc_state, dgates, dgates_h);
+    engine_done = !has_proj && Device::template backward_sequence<Cell>(grad_output, saved, w, sched, reverse, h0, c0,
+                                                                       dh_state, dc_state, dgates, dgates_h);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.input.scalar_type(), "fusedrnn.layer_backward", [&] {
     using T = scalar_t;
@@ -138,12 +242,12 @@ BackwardOutputs layer_backward(const at::Tensor& grad_output, const at::Tensor& 
       if (is_lstm) {
         p.grad_c_state = dc_state.template data_ptr<T>();
         p.cells = saved.cells.template const_data_ptr<T>() + off * H;
-        p.c_prev = c_prev.template const_data_ptr<T>() + off * H;
+        p.c_prev = previous_block<T>(saved.cells, c0, sched, t, reverse, prev_scratch);
       }
       if (is_gru) {
-        p.h_prev = h_prev.template const_data_ptr<T>() + off * H;
+        p.h_prev = previous_block<T>(saved.output, h0, sched, t, reverse, prev_scratch);
         p.hn = saved.hn.template const_data_ptr<T>() + off * H;
-        p.grad_gates_h = dgates_h.template data_ptr<T>() + off * G * H;
+        p.grad_gates_h = dgates_h.template data_ptr<T>();
       }
       p.out = saved.output.template const_data_ptr<T>() + off * P;
       p.grad_gates = dgates.template data_ptr<T>() + off * G * H;
@@ -151,15 +255,44 @@ BackwardOutputs layer_backward(const at::Tensor& grad_output, const at::Tensor& 
 
       // dh_{t-1} = dgates_h W_hh; GRU adds it to the direct z * dh path its cell wrote.
       at::Tensor dh_prev = rows(dh_state, 0, bs);
-      Device::template matmul<T>(dh_prev, rows(dgates_h, off, bs), w.w_hh, at::Tensor(), is_gru);
+      Device::template matmul<T>(dh_prev, rows(dgates_h, is_gru ? 0 : off, bs), w.w_hh, at::Tensor(), is_gru);
     }
   });
+  prev_scratch = at::Tensor();
 
-  g.grad_input = need_grad_input ? device_mm<Device>(dgates, w.w_ih) : at::empty({0}, opts);
+  // dX = dgates W_ih takes dgates' own buffer when the two have the same shape
+  // (input_size == G * H: an RNN layer over another's output, say), computed last.
+  // GRU's dgates is rescaled for dW_hh below, so it keeps its own dX buffer.
+  const bool grad_input_in_place = need_grad_input && !is_gru && w.w_ih.size(1) == G * H;
+  if (need_grad_input && !grad_input_in_place) g.grad_input = device_mm<Device>(dgates, w.w_ih);
   g.grad_w_ih = device_mm<Device>(dgates.t(), saved.input);
-  g.grad_w_hh = device_mm<Device>(dgates_h.t(), h_prev);
   g.grad_b_ih = dgates.sum(0);
-  g.grad_b_hh = is_gru ? dgates_h.sum(0) : g.grad_b_ih.clone();
+  if (is_gru) {
+    // The hidden side differs from the input side only in the n gate: dn * r.
+    // dgates' input-side job is done, so scale its n columns in place.
+    dgates.narrow(1, 2 * H, H).mul_(saved.gates.narrow(1, 0, H));
+    g.grad_b_hh = dgates.sum(0);
+  } else {
+    g.grad_b_hh = g.grad_b_ih.clone();
+  }
+  g.grad_w_hh = grad_times_previous<Device>(dgates, saved.output, h0, sched, reverse);
+  if (grad_input_in_place) {
+    // Row blocks of about 1 MB in float32 through a small buffer, each copied
+    // back over the dgates rows it was computed from.
+    const int64_t I = w.w_ih.size(1);
+    const int64_t block = std::min<int64_t>(N, std::max<int64_t>(64, (int64_t(1) << 18) / std::max<int64_t>(1, I)));
+    at::Tensor tmp = at::empty({block, I}, opts);
+    for (int64_t r0 = 0; r0 < N; r0 += block) {
+      const int64_t n = std::min(block, N - r0);
+      at::Tensor t = rows(tmp, 0, n);
+      at::Tensor d = rows(dgates, r0, n);
+      Device::gemm(t, d, w.w_ih, at::Tensor(), false);
+      d.copy_(t);
+    }
+    g.grad_input = dgates;
+  } else if (!need_grad_input) {
+    g.grad_input = at::empty({0}, opts);
+  }
   g.grad_w_hr = has_proj ? device_mm<Device>(dh_all.t(), r_all) : at::empty({0}, opts);
   g.grad_h0 = dh_state;
   g.grad_c0 = is_lstm ? dc_state : at::empty({0}, opts);

@@ -141,7 +141,7 @@ lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const a
   const typename Device::DeviceGuard device_guard(input.device());
   SavedForBackward saved{input, h0, c0, output.contiguous(), gates.contiguous(), cells.contiguous(), {}};
   BackwardOutputs g =
-      layer_backward<LstmCell, Device>(grad_output.contiguous(), grad_h_n, grad_c_n, saved, w, s, reverse,
+      layer_backward<LstmCell, Device>(grad_output, grad_h_n, grad_c_n, saved, w, s, reverse,
                                        need_grad_input);
   return {g.grad_input, g.grad_h0, g.grad_c0, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh, g.grad_w_hr};
 }
@@ -163,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const typename Device::DeviceGuard device_guard(input.device());
   SavedForBackward saved{input, h0, {}, output.contiguous(), gates.contiguous(), {}, hn.contiguous()};
   BackwardOutputs g =
-      layer_backward<GruCell, Device>(grad_output.contiguous(), grad_h_n, at::Tensor(), saved, w, s, reverse,
+      layer_backward<GruCell, Device>(grad_output, grad_h_n, at::Tensor(), saved, w, s, reverse,
                                       need_grad_input);
   return {g.grad_input, g.grad_h0, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh};
 }
@@ -183,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const typename Device::DeviceGuard device_guard(input.device());
   SavedForBackward saved{input, h0, {}, output.contiguous(), {}, {}, {}};  // RNN needs only h_t
   BackwardOutputs g =
-      layer_backward<Cell, Device>(grad_output.contiguous(), grad_h_n, at::Tensor(), saved, w, s, reverse,
+      layer_backward<Cell, Device>(grad_output, grad_h_n, at::Tensor(), saved, w, s, reverse,
                                    need_grad_input);
   return {g.grad_input, g.grad_h0, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh};
 }
