@@ -113,12 +113,17 @@ SHAPES = [
 ]
 
 
+# The input projection: computed inside the engine's tiles ("fused") or by one large GEMM
+# before it; the engine picks by weight size (cpu_engine.h), FUSEDRNN_CPU_FUSE_INPUT forces it.
+@pytest.mark.parametrize("fuse_input", ["1", "0"], ids=["fused_input", "gemm_input"])
 @pytest.mark.parametrize("nthreads", [1, 2])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("hidden,lengths", SHAPES)
 @pytest.mark.parametrize("cell", list(GATES))
-def test_engine_matches_float64_reference(cell, hidden, lengths, reverse, nthreads, threads, monkeypatch):
+def test_engine_matches_float64_reference(cell, hidden, lengths, reverse, nthreads, fuse_input, threads,
+                                          monkeypatch):
     monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
+    monkeypatch.setenv("FUSEDRNN_CPU_FUSE_INPUT", fuse_input)
     threads(nthreads)
     args = make_args(cell, hidden, lengths_to_batch_sizes(lengths))
     want = outputs_and_grads(run_reference, cell, args, reverse)
@@ -128,9 +133,11 @@ def test_engine_matches_float64_reference(cell, hidden, lengths, reverse, nthrea
         torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("fuse_input", ["1", "0"], ids=["fused_input", "gemm_input"])
 @pytest.mark.parametrize("cell", list(GATES))
-def test_engine_without_bias_matches_reference(cell, monkeypatch):
+def test_engine_without_bias_matches_reference(cell, fuse_input, monkeypatch):
     monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
+    monkeypatch.setenv("FUSEDRNN_CPU_FUSE_INPUT", fuse_input)
     args = make_args(cell, 21, lengths_to_batch_sizes([5, 5, 3, 3, 3, 3, 3, 2]), bias=False)
     want = outputs_and_grads(run_reference, cell, args, True)
     got = outputs_and_grads(run_op, cell, as_float32(args), True)

@@ -203,7 +203,8 @@ struct ForwardPanels {
   static constexpr int kBiasWidth = P::kWidth + (G == 3 ? P::U : 0);
   int64_t H = 0, I = 0;
   std::vector<float> w_ih, w_hh, bias;
-  const float* x_panel(int64_t ub) const { return w_ih.data() + ub * I * P::kWidth; }
+  bool fused_input = false;  // w_ih packed here, else the gates buffer holds x W_ih^T + b_ih
+  const float* x_panel(int64_t ub) const { return fused_input ? w_ih.data() + ub * I * P::kWidth : nullptr; }
   const float* h_panel(int64_t ub) const { return w_hh.data() + ub * H * P::kWidth; }
   const float* bias_panel(int64_t ub) const { return bias.data() + ub * kBiasWidth; }
 };
@@ -243,19 +244,32 @@ __attribute__((noinline)) void forward_tile(const StepPtrs& q, const float* x, c
   const float* x_panel = w.x_panel(ub);
   const float* h_panel = w.h_panel(ub);
   const float* bias = w.bias_panel(ub);
+  const int64_t j0 = ub * P::U, valid = std::min<int64_t>(P::U, q.hidden - j0);
   for (int c = 0; c < P::kCalls; ++c) {
     const int64_t col = c * kPanel;
+    const float* xp = x_panel != nullptr ? x_panel + col : nullptr;
     if (E::G == 3 && col >= 2 * P::U) {
       // GRU's n gate: input and hidden parts in separate tile columns.
-      tile_product<MR>(bias + col, x, w.I, x_panel + col, h, w.H, nullptr, P::kWidth, tile + col, E::kTileWidth);
+      tile_product<MR>(bias + col, x, w.I, xp, h, w.H, nullptr, P::kWidth, tile + col, E::kTileWidth);
       tile_product<MR>(bias + P::kWidth + (col - 2 * P::U), x, w.I, nullptr, h, w.H, h_panel + col, P::kWidth,
                        tile + P::kWidth + (col - 2 * P::U), E::kTileWidth);
     } else {
-      tile_product<MR>(bias + col, x, w.I, x_panel + col, h, w.H, h_panel + col, P::kWidth, tile + col,
-                       E::kTileWidth);
+      tile_product<MR>(bias + col, x, w.I, xp, h, w.H, h_panel + col, P::kWidth, tile + col, E::kTileWidth);
     }
   }
-  E::template apply<MR>(q, tile, ub * P::U, std::min<int64_t>(P::U, q.hidden - ub * P::U));
+  if (x_panel == nullptr) {
+    // The input projection came precomputed in the gates buffer: add it per gate.
+    for (int m = 0; m < MR; ++m) {
+      for (int g = 0; g < E::G; ++g) {
+        for (int v = 0; v < P::U / kVec; ++v) {
+          float* t = tile + m * E::kTileWidth + g * P::U + v * kVec;
+          const float* x_part = q.gates + m * E::G * q.hidden + g * q.hidden + j0 + v * kVec;
+          _mm256_storeu_ps(t, _mm256_add_ps(_mm256_loadu_ps(t), load_partial(x_part, valid - v * kVec)));
+        }
+      }
+    }
+  }
+  E::template apply<MR>(q, tile, j0, valid);
 }
 
 template <typename Cell>
@@ -286,9 +300,10 @@ void forward_impl(const ForwardArgs& args) {
   ForwardPanels<G> w;
   w.H = H;
   w.I = args.I;
-  pack_panels<G>(args.w_ih, H, args.I, w.w_ih);
+  w.fused_input = args.input != nullptr;
+  if (w.fused_input) pack_panels<G>(args.w_ih, H, args.I, w.w_ih);
   pack_panels<G>(args.w_hh, H, H, w.w_hh);
-  pack_biases<G>(args.b_ih, args.b_hh, H, w.bias);
+  pack_biases<G>(w.fused_input ? args.b_ih : nullptr, args.b_hh, H, w.bias);
   const std::vector<int64_t>& batch = *args.sched.batch;
   const std::vector<int64_t>& offset = *args.sched.offset;
   const int64_t T = static_cast<int64_t>(batch.size());
@@ -322,8 +337,8 @@ void forward_impl(const ForwardArgs& args) {
             if (args.c_state != nullptr) q.c_state = args.c_state + m0 * H;
             if (args.cells != nullptr) q.cells = args.cells + (off + m0) * H;
             if (args.hn != nullptr) q.hn = args.hn + (off + m0) * H;
-            run_forward_tile<Cell>(mr, q, args.input + (off + m0) * args.I, h_prev.data() + (m0 - first) * H, w, ub,
-                                   tile.data());
+            const float* x = w.fused_input ? args.input + (off + m0) * args.I : nullptr;
+            run_forward_tile<Cell>(mr, q, x, h_prev.data() + (m0 - first) * H, w, ub, tile.data());
           }
         }
       }

@@ -63,9 +63,13 @@ struct CpuDevice {
     a.H = w_hh.size(1);
     a.I = w_ih.size(1);
     a.sched = {&s.batch, &s.offset, reverse};
-    a.input = x.const_data_ptr<float>();
-    a.w_ih = w_ih.const_data_ptr<float>();
-    a.b_ih = b_ih.defined() ? b_ih.const_data_ptr<float>() : nullptr;
+    if (cpu_engine::fuse_input_projection(Cell::kGates, a.I, a.H)) {
+      a.input = x.const_data_ptr<float>();
+      a.w_ih = w_ih.const_data_ptr<float>();
+      a.b_ih = b_ih.defined() ? b_ih.const_data_ptr<float>() : nullptr;
+    } else {
+      gemm(r.gates, x, w_ih.t(), b_ih, false);  // gates = x W_ih^T + b_ih, one large GEMM
+    }
     a.w_hh = w_hh.const_data_ptr<float>();
     a.b_hh = b_hh.defined() ? b_hh.const_data_ptr<float>() : nullptr;
     a.gates = r.gates.data_ptr<float>();

@@ -1,5 +1,7 @@
 // The engine's run-time switch: portable code (no AVX2 here), so that asking
 // whether the engine can run is safe on any x86-64 CPU.
+#include <unistd.h>
+
 #include <cstdlib>
 
 #include "cpu_engine.h"
@@ -19,6 +21,18 @@ bool available() {
   // training. FUSEDRNN_CPU_ENGINE=0 switches it off (to compare the paths).
   const char* v = std::getenv("FUSEDRNN_CPU_ENGINE");
   return v == nullptr || v[0] != '0';
+}
+
+bool fuse_input_projection(int gates, int64_t input_size, int64_t hidden_size) {
+  // FUSEDRNN_CPU_FUSE_INPUT=1 / 0 forces the choice (tests run both ways).
+  const char* force = std::getenv("FUSEDRNN_CPU_FUSE_INPUT");
+  if (force != nullptr && (force[0] == '0' || force[0] == '1')) return force[0] == '1';
+  static const int64_t l2_bytes = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? static_cast<int64_t>(v) : int64_t{512} * 1024;
+  }();
+  const int64_t weight_bytes = static_cast<int64_t>(gates) * hidden_size * (input_size + hidden_size) * 4;
+  return 2 * weight_bytes <= l2_bytes;
 }
 
 }  // namespace cpu_engine

@@ -1,9 +1,9 @@
 // The CPU recurrent engine: the whole time loop of one layer and direction in
 // float32, with the recurrent GEMM and the cell fused (csrc/cpu/avx2_engine_forward.cpp, avx2_engine_backward.cpp).
 //
-//   forward, per step and block of rows: x_t W_ih^T + b_ih + h_{t-1} W_hh^T +
-//     b_hh in the same registers (the input projection is not a separate
-//     GEMM: its gates would go to memory and come back), stored to an L1 tile,
+//   forward, per step and block of rows: h_{t-1} W_hh^T + b_hh (and, when the
+//     weights are small, x_t W_ih^T + b_ih: fuse_input_projection) in
+//     registers, plus the input projection computed before, stored to an L1 tile,
 //     then the cell (the 8-lane form of cells/*_cell.h) on the same units at
 //     once: the pre-activations never leave L1.
 //   backward, per step and block of rows: the cell backward (Cell::backward),
@@ -48,12 +48,15 @@ struct ForwardArgs {
   CellKind cell = CellKind::kLstm;
   int64_t B = 0, H = 0, I = 0;  // batch, hidden, input features
   Schedule sched;
-  const float* input = nullptr;  // [N, I] the layer's input, packed rows
+  // The input projection: either the engine computes it per step (input, w_ih,
+  // b_ih given: fuse_input_projection() said so), or input is nullptr and
+  // `gates` holds x W_ih^T + b_ih on entry (one large GEMM by the caller).
+  const float* input = nullptr;  // [N, I] the layer's input, packed rows, or nullptr
   const float* w_ih = nullptr;   // [G*H, I]
   const float* b_ih = nullptr;   // [G*H] or nullptr
   const float* w_hh = nullptr;   // [G*H, H]
   const float* b_hh = nullptr;   // [G*H] or nullptr
-  float* gates = nullptr;        // [N, G*H] out: activated gates
+  float* gates = nullptr;        // [N, G*H] out: activated gates (in: see input)
   float* h_state = nullptr;     // [B, H] h0 in, final states out
   float* c_state = nullptr;     // [B, H] LSTM: c0 in, final cell states out
   float* output = nullptr;      // [N, H]
@@ -82,6 +85,14 @@ struct BackwardArgs {
   float* grad_gates = nullptr;
   float* grad_gates_h = nullptr;     // [B, 3H] GRU only: the hidden side, one step at a time
 };
+
+// Whether forward should compute the input projection inside its tiles: only
+// while both packed weight matrices fit in half of this core's L2 cache. On the
+// project's machine (512 KB L2) fusing measured faster for the sentiment RNN
+// (117 KB of weights) and slower for GRU and LSTM (350 and 467 KB), whose
+// weights then no longer stay in L2 from one step to the next
+// (benchmarks/NOTES.md, entry 12). FUSEDRNN_CPU_FUSE_INPUT=1 or 0 forces it.
+bool fuse_input_projection(int gates, int64_t input_size, int64_t hidden_size);
 
 void forward(const ForwardArgs& a);
 void backward(const BackwardArgs& a);
