@@ -140,10 +140,14 @@ def build_extension():
     define_macros = [("FUSEDRNN_TORCH_VERSION", '"' + torch.__version__ + '"')]
     # -fopenmp: at::parallel_for is an inline header (ATen/ParallelOpenMP.h) whose
     # `#pragma omp parallel` is compiled into OUR objects; without the flag every
-    # parallel_for in csrc/ silently runs on one thread. Linking it resolves
-    # libgomp.so.1 to the copy torch has already loaded (same soname), so there is
-    # one OpenMP runtime and one thread pool in the process.
-    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    # parallel_for in csrc/ silently runs on one thread. Linking it with GCC on Linux
+    # resolves libgomp.so.1 to the copy torch has already loaded (same soname), so there
+    # is one OpenMP runtime and one thread pool in the process. Only where torch itself
+    # runs on OpenMP and on Linux (Apple clang has no -fopenmp; another OpenMP runtime
+    # beside torch's would ignore torch.set_num_threads); FUSEDRNN_OPENMP=0 opts out.
+    openmp = (os.environ.get("FUSEDRNN_OPENMP", "1") != "0" and sys.platform.startswith("linux")
+              and "ATen parallel backend: OpenMP" in torch.__config__.parallel_info())
+    cxx_flags = ["-O3", "-fopenmp" if openmp else "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
     cxx_flags += cpu_flags()
     extra = {"cxx": cxx_flags}
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -178,7 +182,7 @@ def build_extension():
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"] if openmp else [],
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 

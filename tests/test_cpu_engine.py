@@ -7,6 +7,9 @@ construction does not depend on the thread count either. The engine is the defau
 FUSEDRNN_CPU_ENGINE=0 leaves the per-step path to compare with; read on every call.
 """
 
+import re
+import sys
+
 import pytest
 import torch
 
@@ -217,4 +220,31 @@ def test_library_splits_work_across_threads_like_torch():
     # the CPU kernels (the engine's batch split included) on one thread.
     if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
         pytest.skip("torch's CPU parallel backend is not OpenMP: " + torch.__config__.parallel_info().splitlines()[-1])
+    if not sys.platform.startswith("linux"):
+        pytest.skip("setup.py builds with OpenMP on Linux only")
     assert fusedrnn.backends()["cpu_parallel"] == "OpenMP"
+    # ... and with torch's runtime, not a second one that torch.set_num_threads would not govern.
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if re.search(r"lib(g|i|)omp[^/]*\.so", line.split()[-1])}
+    assert len(runtimes) == 1, runtimes
+
+
+@pytest.mark.parametrize("fuse_input", ["1", "0"], ids=["fused_input", "gemm_input"])
+@pytest.mark.parametrize("input_size", [1, 2, 40])
+@pytest.mark.parametrize("cell", list(GATES))
+def test_engine_input_sizes_and_strided_tensors(cell, input_size, fuse_input, monkeypatch):
+    # The input projection's K dimension (1, 2 and more than a micro-kernel's usual depth) and
+    # inputs / weights that arrive as non-contiguous views.
+    monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
+    monkeypatch.setenv("FUSEDRNN_CPU_FUSE_INPUT", fuse_input)
+    args = make_args(cell, 23, lengths_to_batch_sizes([6, 6, 5, 3, 3, 3, 2, 1]), input_size=input_size)
+    want = outputs_and_grads(run_reference, cell, args, False)
+    strided = [a.detach().float().t().contiguous().t() if isinstance(a, torch.Tensor) and a.dim() == 2 else
+               (a.detach().float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a) for a in args]
+    assert not strided[0].is_contiguous() or strided[0].size(1) == 1
+    for a in strided:
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            a.requires_grad_()
+    got = outputs_and_grads(run_op, cell, strided, False)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=2e-5)

@@ -57,12 +57,14 @@ def test_module_matches_torch_nn(cell, num_layers, bidirectional, batch_first, b
         else:
             hx = h
     expected = _run(ref, x, hx, kind, batch_first)
-    # float32 on the CPU has two paths: the recurrent engine (the default) and the per-step
-    # loop (FUSEDRNN_CPU_ENGINE=0, also what other dtypes run): both must match torch.nn.
-    paths = ["1", "0"] if device == "cpu" and dtype == torch.float32 else [None]
+    # float32 on the CPU has three paths: the recurrent engine (the default) with the input
+    # projection inside its tiles or as one GEMM before it (chosen by weight size; forced here),
+    # and the per-step loop (FUSEDRNN_CPU_ENGINE=0, also what other dtypes run): all must match.
+    paths = [("1", "1"), ("1", "0"), ("0", "0")] if device == "cpu" and dtype == torch.float32 else [None]
     for path in paths:
         if path is not None:
-            monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", path)
+            monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", path[0])
+            monkeypatch.setenv("FUSEDRNN_CPU_FUSE_INPUT", path[1])
         actual = _run(ours, x, hx, kind, batch_first)
         assert len(expected) == len(actual)
         for k, (e, a) in enumerate(zip(expected, actual)):

@@ -52,23 +52,25 @@ struct CpuDevice {
   static bool forward_sequence(ForwardOutputs& r, const at::Tensor& input, const LayerWeights& w,
                                const StepSchedule& s, bool reverse) {
     if (!engine_takes(r.gates)) return false;
-    const at::Tensor x = input.contiguous();
-    const at::Tensor w_ih = w.w_ih.contiguous();
-    const at::Tensor b_ih = w.b_ih.defined() ? w.b_ih.contiguous() : at::Tensor();
     const at::Tensor w_hh = w.w_hh.contiguous();
     const at::Tensor b_hh = w.b_hh.defined() ? w.b_hh.contiguous() : at::Tensor();
     cpu_engine::ForwardArgs a;
     a.cell = engine_cell_kind<Cell>();
     a.B = r.h_n.size(0);
     a.H = w_hh.size(1);
-    a.I = w_ih.size(1);
+    a.I = w.w_ih.size(1);
     a.sched = {&s.batch, &s.offset, reverse};
+    // Kept alive until the engine returns: contiguous copies only where needed.
+    at::Tensor x, w_ih, b_ih;
     if (cpu_engine::fuse_input_projection(Cell::kGates, a.I, a.H)) {
+      x = input.contiguous();
+      w_ih = w.w_ih.contiguous();
+      b_ih = w.b_ih.defined() ? w.b_ih.contiguous() : at::Tensor();
       a.input = x.const_data_ptr<float>();
       a.w_ih = w_ih.const_data_ptr<float>();
       a.b_ih = b_ih.defined() ? b_ih.const_data_ptr<float>() : nullptr;
     } else {
-      gemm(r.gates, x, w_ih.t(), b_ih, false);  // gates = x W_ih^T + b_ih, one large GEMM
+      gemm(r.gates, input, w.w_ih.t(), w.b_ih, false);  // gates = x W_ih^T + b_ih, one large GEMM
     }
     a.w_hh = w_hh.const_data_ptr<float>();
     a.b_hh = b_hh.defined() ? b_hh.const_data_ptr<float>() : nullptr;

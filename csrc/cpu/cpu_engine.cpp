@@ -28,7 +28,10 @@ bool fuse_input_projection(int gates, int64_t input_size, int64_t hidden_size) {
   const char* force = std::getenv("FUSEDRNN_CPU_FUSE_INPUT");
   if (force != nullptr && (force[0] == '0' || force[0] == '1')) return force[0] == '1';
   static const int64_t l2_bytes = [] {
-    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    long v = 0;
+#ifdef _SC_LEVEL2_CACHE_SIZE  // glibc; elsewhere assume the project machine's 512 KB
+    v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
     return v > 0 ? static_cast<int64_t>(v) : int64_t{512} * 1024;
   }();
   const int64_t weight_bytes = static_cast<int64_t>(gates) * hidden_size * (input_size + hidden_size) * 4;
