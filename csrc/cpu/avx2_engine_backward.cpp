@@ -123,14 +123,7 @@ void backward_impl(const BackwardArgs& args) {
         if (is_gru) q.grad_gates_h = args.grad_gates_h + m0 * G * H;
         const float* dgates_h = is_gru ? args.grad_gates_h + m0 * G * H : args.grad_gates + row * G * H;
         float* dh = args.grad_h_state + m0 * H;
-        switch (mr) {
-          case 6: backward_block<Cell, 6>(q, dgates_h, w_packed.data(), dh); break;
-          case 5: backward_block<Cell, 5>(q, dgates_h, w_packed.data(), dh); break;
-          case 4: backward_block<Cell, 4>(q, dgates_h, w_packed.data(), dh); break;
-          case 3: backward_block<Cell, 3>(q, dgates_h, w_packed.data(), dh); break;
-          case 2: backward_block<Cell, 2>(q, dgates_h, w_packed.data(), dh); break;
-          default: backward_block<Cell, 1>(q, dgates_h, w_packed.data(), dh); break;
-        }
+        with_rows(mr, [&](auto rows) { backward_block<Cell, rows.value>(q, dgates_h, w_packed.data(), dh); });
       });
     }
   });
@@ -140,12 +133,7 @@ void backward_impl(const BackwardArgs& args) {
 }  // namespace avx2
 
 void backward(const BackwardArgs& a) {
-  switch (a.cell) {
-    case CellKind::kLstm: avx2::backward_impl<avx2::cells::LstmCell>(a); break;
-    case CellKind::kGru: avx2::backward_impl<avx2::cells::GruCell>(a); break;
-    case CellKind::kRnnTanh: avx2::backward_impl<avx2::cells::RnnTanhCell>(a); break;
-    case CellKind::kRnnRelu: avx2::backward_impl<avx2::cells::RnnReluCell>(a); break;
-  }
+  avx2::with_cell(a.cell, [&](auto cell) { avx2::backward_impl<decltype(cell)>(a); });
 }
 
 }  // namespace cpu_engine

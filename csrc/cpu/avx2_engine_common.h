@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -162,6 +163,35 @@ inline void tanh_n(Vecs<N>& x) {
 template <int N>
 inline void relu_n(Vecs<N>& x) {
   for (int i = 0; i < N; ++i) x[i] = _mm256_max_ps(_mm256_setzero_ps(), x[i]);
+}
+
+// ---------------------------------------------------------------------------
+// From run-time values to the compile-time ones the kernels are built for
+// ---------------------------------------------------------------------------
+
+// f(std::integral_constant<int, MR>{}) for a block of `rows` (1..kMR) rows.
+template <typename F>
+inline void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+  static_assert(kMR == 6, "with_rows lists the row counts up to kMR");
+}
+
+// f(Cell{}) for the cell a layer runs.
+template <typename F>
+inline void with_cell(CellKind kind, F&& f) {
+  switch (kind) {
+    case CellKind::kLstm: f(cells::LstmCell{}); break;
+    case CellKind::kGru: f(cells::GruCell{}); break;
+    case CellKind::kRnnTanh: f(cells::RnnTanhCell{}); break;
+    case CellKind::kRnnRelu: f(cells::RnnReluCell{}); break;
+  }
 }
 
 // ---------------------------------------------------------------------------

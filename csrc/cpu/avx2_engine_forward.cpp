@@ -272,19 +272,6 @@ __attribute__((noinline)) void forward_tile(const StepPtrs& q, const float* x, c
   E::template apply<MR>(q, tile, j0, valid);
 }
 
-template <typename Cell>
-void run_forward_tile(int64_t mr, const StepPtrs& q, const float* x, const float* h,
-                      const ForwardPanels<Cell::kGates>& w, int64_t ub, float* tile) {
-  switch (mr) {
-    case 6: forward_tile<Cell, 6>(q, x, h, w, ub, tile); break;
-    case 5: forward_tile<Cell, 5>(q, x, h, w, ub, tile); break;
-    case 4: forward_tile<Cell, 4>(q, x, h, w, ub, tile); break;
-    case 3: forward_tile<Cell, 3>(q, x, h, w, ub, tile); break;
-    case 2: forward_tile<Cell, 2>(q, x, h, w, ub, tile); break;
-    default: forward_tile<Cell, 1>(q, x, h, w, ub, tile); break;
-  }
-}
-
 // Row blocks per group: the group's input rows and h_{t-1} copy and one unit
 // block's panels stay in L1/L2 while every row block of the group multiplies
 // by them, so the weights stream from L2 once per group, not once per row block.
@@ -338,7 +325,8 @@ void forward_impl(const ForwardArgs& args) {
             if (args.cells != nullptr) q.cells = args.cells + (off + m0) * H;
             if (args.hn != nullptr) q.hn = args.hn + (off + m0) * H;
             const float* x = w.fused_input ? args.input + (off + m0) * args.I : nullptr;
-            run_forward_tile<Cell>(mr, q, x, h_prev.data() + (m0 - first) * H, w, ub, tile.data());
+            const float* h = h_prev.data() + (m0 - first) * H;
+            with_rows(mr, [&](auto rows) { forward_tile<Cell, rows.value>(q, x, h, w, ub, tile.data()); });
           }
         }
       }
@@ -350,12 +338,7 @@ void forward_impl(const ForwardArgs& args) {
 }  // namespace avx2
 
 void forward(const ForwardArgs& a) {
-  switch (a.cell) {
-    case CellKind::kLstm: avx2::forward_impl<avx2::cells::LstmCell>(a); break;
-    case CellKind::kGru: avx2::forward_impl<avx2::cells::GruCell>(a); break;
-    case CellKind::kRnnTanh: avx2::forward_impl<avx2::cells::RnnTanhCell>(a); break;
-    case CellKind::kRnnRelu: avx2::forward_impl<avx2::cells::RnnReluCell>(a); break;
-  }
+  avx2::with_cell(a.cell, [&](auto cell) { avx2::forward_impl<decltype(cell)>(a); });
 }
 
 }  // namespace cpu_engine
