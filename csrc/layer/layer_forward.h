@@ -100,8 +100,9 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
   r.cells = is_lstm ? new_buffer({N, H}, opts) : at::empty({0}, opts);
   r.hn = G == 3 ? new_buffer({N, H}, opts) : at::empty({0}, opts);
   if constexpr (has_sequence_engine<Device>::value) {
-    // The engine computes the input projection itself, step by step, in the
-    // registers of the recurrent product (cpu/cpu_engine.h).
+    // The engine owns the input projection too: inside its recurrent tiles
+    // when the weights fit in cache, otherwise as this same one GEMM
+    // (cpu/cpu_device.h, cpu/cpu_engine.h: fuse_input_projection).
     if (!has_proj && Device::template forward_sequence<Cell>(r, input, w, sched, reverse)) return r;
   }
   Device::gemm(r.gates, input, w.w_ih.t(), w.b_ih, false);
