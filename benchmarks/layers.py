@@ -25,6 +25,16 @@ torch.cuda.max_memory_allocated. CPU: the torch profiler's memory events (profil
 which record every allocation through PyTorch's CPU allocator with the running total; memory
 that a library allocates on its own (oneDNN or MKL scratch buffers) is not in it.
 
+Streaming (`--configs streaming`): the small calls that streaming, RL and decoding code makes,
+each its own row, in microseconds per call: every cell (LSTMCell, GRUCell, RNNCell) and every
+one-step layer call (T=1) at B in {1, 8}, H in {64, 128, 256} (input size = H); LSTM/GRU/RNN at
+T=20, B=1; a 2-layer GRU one-token step (T=1, B=1); and a generation loop, in which the state and
+the output of each call are fed to the next, the way a decoder runs (`generation_loop` below is
+the example). Each case runs without gradients (torch.no_grad) and as a training step (forward
++ backward of the output's sum into the parameters' gradients); torch.nn and fusedrnn in one
+process, interleaved, medians of --reps runs of a batch of calls. Its table is published under
+the CPU's name (layers_streaming_<device>_<dtype>_<cpu>), so each machine keeps its own.
+
 Results: benchmarks/runs/layers_<...>_<time>.{json,md} (ignored by git) unless --publish
 (benchmarks/results/) or --results-dir is given; the name says the device, dtype, and the
 configurations and cells when not all of them ran, so a partial run never replaces the full table.
@@ -53,6 +63,8 @@ CONFIGS = {
     "long_seq": (1000, 16, 100, 128, "full"),
     "skewed": (200, 32, 100, 128, "skewed"),    # ragged lengths, mean ~T/4, packed
 }
+# The streaming configuration (see the module's docstring): its own rows, not a (T, B, I, H).
+STREAMING = "streaming"
 CELLS = {"lstm": (torch.nn.LSTM, fusedrnn.LSTM), "gru": (torch.nn.GRU, fusedrnn.GRU),
          "rnn": (torch.nn.RNN, fusedrnn.RNN)}
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
@@ -196,6 +208,142 @@ def proportional_cost(cell: str, device: str, dtype, reps: int, gen: torch.Gener
     return {"cell": cell, "token_fraction": float(lengths.sum()) / (T * B), "time_fraction": t["ragged"] / t["full"]}
 
 
+# ---- streaming: small calls --------------------------------------------------------------------
+
+CELL_MODULES = {"lstm": (torch.nn.LSTMCell, fusedrnn.LSTMCell), "gru": (torch.nn.GRUCell, fusedrnn.GRUCell),
+                "rnn": (torch.nn.RNNCell, fusedrnn.RNNCell)}
+
+
+def streaming_cases(cells):
+    """(kind, cell, B, H, T, layers) of every streaming row, in table order."""
+    cases = []
+    for kind in ("cell", "layer"):
+        for cell in cells:
+            for batch in (1, 8):
+                for hidden in (64, 128, 256):
+                    cases.append((kind, cell, batch, hidden, 1, 1))
+    for cell in cells:
+        for hidden in (64, 128, 256):
+            cases.append(("layer", cell, 1, hidden, 20, 1))
+    if "gru" in cells:
+        for hidden in (128, 256):
+            cases.append(("layer", "gru", 1, hidden, 1, 2))
+            cases.append(("generate", "gru", 1, hidden, 16, 2))
+    return cases
+
+
+def generation_loop(model: torch.nn.Module, token: torch.Tensor, steps: int) -> torch.Tensor:
+    """The example of a decoding loop over a recurrent model (fusedrnn or torch.nn, the same code):
+    one token per call, the state carried from call to call, each output fed back as the next
+    input. `token` is [1, B, H] (input size = hidden size here, standing in for an embedding of the
+    sampled token)."""
+    state = None
+    outputs = []
+    for _ in range(steps):
+        out, state = model(token, state)
+        token = out  # the next input: here the output itself (a real decoder samples and embeds)
+        outputs.append(out)
+    return torch.cat(outputs)
+
+
+def _streaming_call(kind: str, module: torch.nn.Module, x: torch.Tensor, steps: int):
+    if kind == "cell":
+        return lambda: module(x)
+    if kind == "generate":
+        return lambda: generation_loop(module, x, steps)
+    return lambda: module(x)
+
+
+def _first_tensor(out):
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+def bench_streaming(cells, device: str, dtype, reps: int, calls: int, gen: torch.Generator):
+    """One row per streaming case: us per call (per token for the generation loop), torch.nn and
+    fusedrnn interleaved in this process, no-grad and training."""
+    rows = []
+    for kind, cell, batch, hidden, steps, layers in streaming_cases(cells):
+        torch.manual_seed(0)
+        if kind == "cell":
+            torch_cls, fused_cls = CELL_MODULES[cell]
+            ref = torch_cls(hidden, hidden, device=device, dtype=dtype)
+            ours = fused_cls(hidden, hidden, device=device, dtype=dtype)
+            x = torch.randn(batch, hidden, generator=gen, dtype=dtype).to(device)
+        else:
+            torch_cls, fused_cls = CELLS[cell]
+            ref = torch_cls(hidden, hidden, num_layers=layers, device=device, dtype=dtype)
+            ours = fused_cls(hidden, hidden, num_layers=layers, device=device, dtype=dtype)
+            x = torch.randn(1 if kind == "generate" else steps, batch, hidden, generator=gen, dtype=dtype).to(device)
+        ours.load_state_dict(ref.state_dict())
+        row = {"kind": kind, "cell": cell, "B": batch, "H": hidden, "T": steps, "layers": layers}
+        per = steps if kind == "generate" else 1
+        for mode in ("infer", "train"):
+            def make(m):
+                call = _streaming_call(kind, m, x, steps)
+                if mode == "infer":
+                    def run():
+                        with torch.no_grad():
+                            for _ in range(calls):
+                                call()
+                else:
+                    def run():
+                        for _ in range(calls):
+                            _first_tensor(call()).sum().backward()
+                return run
+            t = compare({"torch.nn": make(ref), "fusedrnn": make(ours)}, device, reps=reps)
+            row[f"{mode}_nn_us"] = t["torch.nn"] * 1e6 / (calls * per)
+            row[f"{mode}_fused_us"] = t["fusedrnn"] * 1e6 / (calls * per)
+            row[f"{mode}_ratio"] = t["torch.nn"] / t["fusedrnn"]
+        rows.append(row)
+        print(f"{kind:8s} {cell:4s} B={batch} H={hidden:3d} T={steps:2d} L={layers}  no-grad "
+              f"{row['infer_nn_us']:7.1f} / {row['infer_fused_us']:7.1f} us = {row['infer_ratio']:.2f}x   training "
+              f"{row['train_nn_us']:7.1f} / {row['train_fused_us']:7.1f} us = {row['train_ratio']:.2f}x", flush=True)
+    return rows
+
+
+def streaming_goal(row) -> float:
+    """The issue's goal for a row: >= 2x at T=20 B=1, >= 1.5x for every other small call."""
+    return 2.0 if row["kind"] == "layer" and row["T"] == 20 else 1.5
+
+
+def streaming_markdown(rows, info: Dict, args) -> str:
+    names = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
+
+    def what(r):
+        if r["kind"] == "cell":
+            return f"{names[r['cell']]}Cell"
+        if r["kind"] == "generate":
+            return f"{names[r['cell']]} {r['layers']} layers, generation loop of {r['T']} tokens (per token)"
+        return f"{names[r['cell']]}" + (f" {r['layers']} layers" if r["layers"] > 1 else "") + f", T={r['T']}"
+
+    def mark(r, mode):
+        ok = r[f"{mode}_ratio"] >= streaming_goal(r)
+        return f"**{r[f'{mode}_ratio']:.2f}x**" + ("" if ok else " (below goal)")
+
+    headers = ["call", "B", "H", "goal", "no-grad torch.nn us", "no-grad fusedrnn us", "no-grad ratio",
+               "training torch.nn us", "training fusedrnn us", "training ratio"]
+    table = [[what(r), r["B"], r["H"], f"{streaming_goal(r):.1f}x", f"{r['infer_nn_us']:.1f}",
+              f"{r['infer_fused_us']:.1f}", mark(r, "infer"), f"{r['train_nn_us']:.1f}", f"{r['train_fused_us']:.1f}",
+              mark(r, "train")] for r in rows]
+    met = sum(r[f"{m}_ratio"] >= streaming_goal(r) for r in rows for m in ("infer", "train"))
+    return "\n".join([
+        f"# fusedrnn streaming benchmark: small calls ({args.device}, {args.dtype})", "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
+        "Microseconds per call (the generation loop: per token), torch.nn and fusedrnn in one process, interleaved, "
+        f"medians of {args.reps} runs of {args.calls} calls after warm-up. Ratio = torch.nn time / fusedrnn time. "
+        "No-grad: under torch.no_grad. Training: forward + backward of the output's sum (parameters' gradients "
+        "accumulate). Input size = hidden size. Goal (issue 14): >= 1.5x for every cell and T=1 call, >= 2x at "
+        f"T=20, B=1. Met: {met} of {2 * len(rows)}.", "", markdown_table(headers, table)])
+
+
+def cpu_slug(info: Dict) -> str:
+    """The CPU's name as a file-name part ('AMD EPYC 7B13' -> 'amd-epyc-7b13')."""
+    name = info.get("gpu") if info.get("gpu") and info.get("device") == "cuda" else info.get("cpu", "cpu")
+    return "-".join("".join(c if c.isalnum() else " " for c in str(name).lower()).split()) or "unknown"
+
+
 def measured_peak(device: str, given: Optional[float]) -> Dict:
     """The float32 peak that rows are judged against: given, or measured now on the CPU."""
     if given:
@@ -256,9 +404,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, from: " + ", ".join(CONFIGS))
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help="comma-separated, from: " + ", ".join(CONFIGS) + f" (and {STREAMING}, run alone)")
     parser.add_argument("--cells", default=",".join(CELLS), help="comma-separated, from: " + ", ".join(CELLS))
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=20,
+                        help="streaming: calls per timed run (small calls are timed in batches)")
     parser.add_argument("--peak-gflops", type=float, default=None,
                         help="the peak to divide by (default: measured now on the CPU, none on the GPU)")
     parser.add_argument("--publish", action="store_true",
@@ -268,7 +419,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="where to save (default: benchmarks/runs/, ignored by git; --publish: benchmarks/results/)")
     args = parser.parse_args(argv)
     args.configs, args.cells = args.configs.split(","), args.cells.split(",")
-    for kind, names, known in (("configuration", args.configs, CONFIGS), ("cell", args.cells, CELLS)):
+    if STREAMING in args.configs and args.configs != [STREAMING]:
+        parser.error(f"{STREAMING} runs alone (its own table): --configs {STREAMING}")
+    for kind, names, known in (("configuration", [c for c in args.configs if c != STREAMING], CONFIGS),
+                               ("cell", args.cells, CELLS)):
         unknown = [n for n in names if n not in known]
         if unknown:
             parser.error(f"unknown {kind} {', '.join(unknown)}; choose from {', '.join(known)}")
@@ -281,6 +435,8 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     dtype = getattr(torch, args.dtype)
+    if args.configs == [STREAMING]:
+        return streaming_main(args, dtype)
     peak_info = measured_peak(args.device, args.peak_gflops)  # first, before torch's threads are busy
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -306,6 +462,22 @@ def main(argv=None):
                 {"machine": info, "device": args.device, "dtype": args.dtype, "peak": peak_info,
                  "flops": "GEMM work: forward 2*N*G*H*(I+H), training 3x forward", "rows": rows,
                  "proportional_cost": proportional}, text)
+    print(f"\nsaved {base}.json and {base}.md")
+    return rows
+
+
+def streaming_main(args, dtype):
+    rows = bench_streaming(args.cells, args.device, dtype, args.reps, args.calls, torch.Generator().manual_seed(0))
+    info = machine()
+    text = streaming_markdown(rows, info, args)
+    print()
+    print(text)
+    name = args.out or f"layers_streaming_{args.device}_{args.dtype}_{cpu_slug(dict(info, device=args.device))}"
+    if list(args.cells) != list(CELLS):
+        name += "_" + "-".join(args.cells)
+    base = save(output_base(name, args.results_dir, args.publish),
+                {"machine": info, "device": args.device, "dtype": args.dtype, "reps": args.reps,
+                 "calls": args.calls, "rows": rows}, text)
     print(f"\nsaved {base}.json and {base}.md")
     return rows
 

@@ -355,6 +355,31 @@ if COMPILED:
 # ---- one layer, one direction: the compiled op, or the reference ----------------------------
 # TorchScript compiles only the torch.ops calls: torch.jit.is_scripting() is a compile-time
 # constant there, so the eager-only branches (reference fallback, functorch) are never compiled.
+#
+# Calls that need no gradient (torch.no_grad, inference_mode, or no argument requiring grad)
+# skip the op's autograd kernel: torch.library's is a Python function that the dispatcher calls
+# back into only to find that no gradient is needed and redispatch below autograd (a Python
+# round trip of ~10-20 us, as much as a whole small cell; benchmarks/NOTES.md, entry 14). Here
+# the op is called below autograd directly, which is what that kernel would have done. Not
+# while tracing (torch.compile, torch.export: they see the op as before) nor inside a
+# forward-mode AD level (tangents go through the autograd key).
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+_any_requires_grad = torch._C._any_requires_grad
+_forward_ad = torch.autograd.forward_ad
+
+
+def _no_grad_call(*tensors) -> bool:
+    """Whether a layer call may skip the autograd key (see above)."""
+    if torch.compiler.is_compiling() or _forward_ad._current_level >= 0:
+        return False
+    return not torch.is_grad_enabled() or not _any_requires_grad(*tensors)
+
+
+if COMPILED:
+    _LSTM_FORWARD = torch.ops.fusedrnn.lstm_forward.default
+    _GRU_FORWARD = torch.ops.fusedrnn.gru_forward.default
+    _RNN_FORWARD = {"tanh": torch.ops.fusedrnn.rnn_tanh_forward.default,
+                    "relu": torch.ops.fusedrnn.rnn_relu_forward.default}
 
 def lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                b_hh: Optional[Tensor], w_hr: Optional[Tensor], batch_sizes: Tensor,
@@ -365,6 +390,10 @@ def lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
         if _functorch_active():
             out, h, c, _, _ = _FUNCTORCH_FUNCTIONS["lstm_forward"].apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                                                          w_hr, batch_sizes, reverse)
+            return out, h, c
+        if _no_grad_call(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+            with _below_autograd():
+                out, h, c, _, _ = _LSTM_FORWARD(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
             return out, h, c
     out, h, c, _, _ = torch.ops.fusedrnn.lstm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
                                                       reverse)
@@ -380,6 +409,10 @@ def gru_layer(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optio
             out, h, _, _ = _FUNCTORCH_FUNCTIONS["gru_forward"].apply(input, h0, w_ih, w_hh, b_ih, b_hh,
                                                                      batch_sizes, reverse)
             return out, h
+        if _no_grad_call(input, h0, w_ih, w_hh, b_ih, b_hh):
+            with _below_autograd():
+                out, h, _, _ = _GRU_FORWARD(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
+            return out, h
     out, h, _, _ = torch.ops.fusedrnn.gru_forward(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
     return out, h
 
@@ -392,6 +425,10 @@ def rnn_layer(nonlinearity: str, input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: 
         if _functorch_active():
             out, h = _FUNCTORCH_FUNCTIONS[f"rnn_{nonlinearity}_forward"].apply(input, h0, w_ih, w_hh, b_ih, b_hh,
                                                                                batch_sizes, reverse)
+            return out, h
+        if _no_grad_call(input, h0, w_ih, w_hh, b_ih, b_hh):
+            with _below_autograd():
+                out, h = _RNN_FORWARD[nonlinearity](input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
             return out, h
     if nonlinearity == "tanh":
         return torch.ops.fusedrnn.rnn_tanh_forward(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)

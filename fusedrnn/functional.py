@@ -32,9 +32,17 @@ LayerWeights = Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optiona
 # under bfloat16 autocast.) TorchScript does not see autocast: scripted modules run in their
 # parameters' dtype.
 
+def _autocast_possible() -> bool:
+    """False when autocast is off for every device: one C call, where the full test costs a few us
+    per layer call (a cell's whole budget is ~20 us). While tracing, the full test always runs."""
+    return torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled()
+
+
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The dtype the layers run in under torch.autocast for `device_type`, or None outside autocast."""
     if not torch.jit.is_scripting():
+        if not _autocast_possible():
+            return None
         # is_autocast_enabled raises for device types autocast does not know (e.g. "meta").
         if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
@@ -67,7 +75,7 @@ def layer(mode: str, input: Tensor, h0: Tensor, c0: Optional[Tensor], weights: L
           reverse: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """One layer, one direction. Returns (output [N, P], h_n [B, P], c_n [B, H] or None)."""
     w_ih, w_hh, b_ih, b_hh, w_hr = weights
-    if not torch.jit.is_scripting():
+    if not torch.jit.is_scripting() and _autocast_possible():
         cast_to = autocast_dtype(input.device.type)
         if cast_to is not None:
             input, h0, w_ih, w_hh = (_autocast(input, cast_to), _autocast(h0, cast_to), _autocast(w_ih, cast_to),
@@ -113,7 +121,11 @@ def rnn_packed(mode: str, data: Tensor, batch_sizes: Tensor, hx: Tensor, cx: Opt
         x = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=1)
         if dropout > 0 and training and layer_index < num_layers - 1:
             x = F.dropout(x, p=dropout, training=True)
+    # One layer and direction (cells, most decoders): a view, not a copy.
     c_stack: Optional[Tensor] = None
-    if len(c_n) > 0:
+    if len(c_n) == 1:
+        c_stack = c_n[0].unsqueeze(0)
+    elif len(c_n) > 1:
         c_stack = torch.stack(c_n)
-    return x, torch.stack(h_n), c_stack
+    h_stack = h_n[0].unsqueeze(0) if len(h_n) == 1 else torch.stack(h_n)
+    return x, h_stack, c_stack

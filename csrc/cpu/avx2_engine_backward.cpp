@@ -27,8 +27,16 @@ void pack_backward(const float* w_hh, int64_t G, int64_t H, std::vector<float>& 
 
 // dh_{t-1} rows [0, MR) = dgates_h rows W_hh (+ the direct path the GRU cell
 // wrote into dh, when accumulate).
+// The panels: packed (pack_backward: panel nb at w + nb * K * kPanel, rows
+// kPanel apart) or W_hh itself (panel nb at w + nb * kPanel, rows H apart),
+// which needs H to be a multiple of kPanel (the kernel reads whole panels).
+struct BackwardPanels {
+  const float* w = nullptr;
+  int64_t panel_stride = 0, ldb = 0;
+};
+
 template <int MR>
-void backward_gemm(const float* dgates_h, int64_t G, int64_t H, const float* w_packed, bool accumulate, float* dh) {
+void backward_gemm(const float* dgates_h, int64_t G, int64_t H, const BackwardPanels& w, bool accumulate, float* dh) {
   const int64_t K = G * H;
   const int64_t blocks = (H + kPanel - 1) / kPanel;
   for (int64_t nb = 0; nb < blocks; ++nb) {
@@ -39,7 +47,7 @@ void backward_gemm(const float* dgates_h, int64_t G, int64_t H, const float* w_p
         acc[m][v] = accumulate ? load_partial(dh + m * H + n0 + v * kVec, H - n0 - v * kVec) : _mm256_setzero_ps();
       }
     }
-    micro_kernel<MR>(K, dgates_h, K, w_packed + nb * K * kPanel, kPanel, acc);
+    micro_kernel<MR>(K, dgates_h, K, w.w + nb * w.panel_stride, w.ldb, acc);
     for (int m = 0; m < MR; ++m) {
       for (int v = 0; v < 2; ++v) store_partial(dh + m * H + n0 + v * kVec, acc[m][v], H - n0 - v * kVec);
     }
@@ -51,7 +59,8 @@ void backward_gemm(const float* dgates_h, int64_t G, int64_t H, const float* w_p
 // direct path z * dh into dh, which the product adds to.
 template <typename Cell, int MR>
 __attribute__((noinline, flatten)) void backward_block(const cells::BackwardStepParams<float>& q,
-                                                       const float* dgates_h, const float* w_packed, float* dh) {
+                                                       const float* dgates_h, const BackwardPanels& w_packed,
+                                                       float* dh) {
   constexpr int G = Cell::kGates;
   for (int m = 0; m < MR; ++m) {
 #pragma omp simd simdlen(8)
@@ -80,8 +89,15 @@ void backward_impl(const BackwardArgs& args) {
   constexpr int G = Cell::kGates;
   constexpr bool is_gru = G == 3;
   const int64_t H = args.H;
-  std::vector<float> w_packed;
-  pack_backward(args.w_hh, G, H, w_packed);
+  // Small calls read W_hh in place (no copy: it is used a few times only).
+  std::vector<float> packed;
+  BackwardPanels w_packed;
+  if (args.small && H % kPanel == 0) {
+    w_packed = {args.w_hh, kPanel, H};
+  } else {
+    pack_backward(args.w_hh, G, H, packed);
+    w_packed = {packed.data(), G * H * kPanel, kPanel};
+  }
   const std::vector<int64_t>& batch = *args.sched.batch;
   const std::vector<int64_t>& offset = *args.sched.offset;
   const int64_t T = static_cast<int64_t>(batch.size());
@@ -123,7 +139,7 @@ void backward_impl(const BackwardArgs& args) {
         if (is_gru) q.grad_gates_h = args.grad_gates_h + m0 * G * H;
         const float* dgates_h = is_gru ? args.grad_gates_h + m0 * G * H : args.grad_gates + row * G * H;
         float* dh = args.grad_h_state + m0 * H;
-        with_rows(mr, [&](auto rows) { backward_block<Cell, rows.value>(q, dgates_h, w_packed.data(), dh); });
+        with_rows(mr, [&](auto rows) { backward_block<Cell, rows.value>(q, dgates_h, w_packed, dh); });
       });
     }
   });

@@ -334,10 +334,149 @@ void forward_impl(const ForwardArgs& args) {
   });
 }
 
+// ---------------------------------------------------------------------------
+// Small calls (cpu_engine.h: use_small_forward): no packing
+// ---------------------------------------------------------------------------
+// A cell, a one-step layer call or a short sequence of a few rows reads W_hh a
+// handful of times; packing it (a [G*H, H] scatter into fresh memory) cost more
+// than the whole product (benchmarks/NOTES.md, entry 14). Here the weights are
+// read where they are, row-major: lane r of a vector of 8 dot products is
+// W[row + r] . v, i.e. 8 consecutive units of one gate, which is the layout the
+// cell epilogues above take. The same tile, the same epilogue, only the
+// product differs (summation order included: not bitwise equal to the packed
+// path; each call picks its path from its shapes alone, so runs repeat).
+
+// lane r = sum of the 8 lanes of a[r].
+__attribute__((always_inline)) inline __m256 reduce8(const __m256 (&a)[8]) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// acc[r] += lanes of W[r] * v over k < K, for the `valid` (1..8) rows of w
+// (row stride ld); rows past `valid` repeat the last valid one (their lanes are
+// never stored). The tail of K is read with masked loads: nothing past a row.
+__attribute__((always_inline)) inline void dot8(const float* w, int64_t ld, int64_t valid, const float* v, int64_t K,
+                                                __m256 (&acc)[8]) {
+  const float* r[8];
+  for (int i = 0; i < 8; ++i) r[i] = w + std::min<int64_t>(i, valid - 1) * ld;
+  int64_t k = 0;
+  for (; k + kVec <= K; k += kVec) {
+    const __m256 x = _mm256_loadu_ps(v + k);
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(r[i] + k), x, acc[i]);
+  }
+  if (k < K) {
+    const __m256i mask = lane_mask(K - k);
+    const __m256 x = _mm256_maskload_ps(v + k, mask);
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(_mm256_maskload_ps(r[i] + k, mask), x, acc[i]);
+  }
+}
+
+// One row block x unit block of one step, unpacked weights: the tile of
+// forward_tile (same columns), then the same epilogue. x: the block's input rows
+// (fused input projection) or nullptr (q.gates holds x W_ih^T + b_ih).
+template <typename Cell, int MR>
+__attribute__((noinline)) void small_tile(const StepPtrs& q, const ForwardArgs& a, const float* x, const float* h,
+                                          int64_t ub, float* tile) {
+  using E = ForwardEpilogue<Cell>;
+  constexpr int G = E::G, U = E::U;
+  const int64_t H = a.H, I = a.I;
+  const int64_t j0 = ub * U, valid = std::min<int64_t>(U, H - j0);
+  for (int g = 0; g < G; ++g) {
+    const bool split = G == 3 && g == 2;  // GRU's n gate: input and hidden parts apart
+    for (int s = 0; s < U / kVec; ++s) {
+      const int64_t j = j0 + s * kVec, lanes = std::min<int64_t>(kVec, H - j);
+      const int64_t row = g * H + j;
+      float* col = tile + g * U + s * kVec;
+      float* col_h = tile + 3 * U + s * kVec;  // GRU: W_hn h + b_hn
+      if (lanes <= 0) {  // past H: the epilogue reads these lanes but stores none of them
+        for (int m = 0; m < MR; ++m) {
+          _mm256_storeu_ps(col + m * E::kTileWidth, _mm256_setzero_ps());
+          if (split) _mm256_storeu_ps(col_h + m * E::kTileWidth, _mm256_setzero_ps());
+        }
+        continue;
+      }
+      const __m256 b_ih = a.b_ih != nullptr && x != nullptr ? load_partial(a.b_ih + row, lanes) : _mm256_setzero_ps();
+      const __m256 b_hh = a.b_hh != nullptr ? load_partial(a.b_hh + row, lanes) : _mm256_setzero_ps();
+      for (int m = 0; m < MR; ++m) {
+        __m256 acc[8];
+        for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+        __m256 x_part = _mm256_setzero_ps();
+        if (x != nullptr) {
+          dot8(a.w_ih + row * I, I, lanes, x + m * I, I, acc);
+          if (split) {
+            x_part = _mm256_add_ps(reduce8(acc), b_ih);
+            for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+          }
+        } else {
+          x_part = load_partial(q.gates + m * G * H + row, lanes);  // x W_ih^T + b_ih, precomputed
+        }
+        dot8(a.w_hh + row * H, H, lanes, h + m * H, H, acc);
+        const __m256 sum = reduce8(acc);
+        if (split) {
+          _mm256_storeu_ps(col + m * E::kTileWidth, x_part);
+          _mm256_storeu_ps(col_h + m * E::kTileWidth, _mm256_add_ps(sum, b_hh));
+        } else if (x != nullptr) {
+          _mm256_storeu_ps(col + m * E::kTileWidth, _mm256_add_ps(_mm256_add_ps(sum, b_ih), b_hh));
+        } else {
+          _mm256_storeu_ps(col + m * E::kTileWidth, _mm256_add_ps(x_part, _mm256_add_ps(sum, b_hh)));
+        }
+      }
+    }
+  }
+  E::template apply<MR>(q, tile, j0, valid);
+}
+
+template <typename Cell>
+void small_forward_impl(const ForwardArgs& args) {
+  using E = ForwardEpilogue<Cell>;
+  constexpr int G = E::G;
+  const int64_t H = args.H;
+  const int64_t blocks = (H + E::U - 1) / E::U;
+  const std::vector<int64_t>& batch = *args.sched.batch;
+  const std::vector<int64_t>& offset = *args.sched.offset;
+  const int64_t T = static_cast<int64_t>(batch.size());
+  for_each_thread_rows(args.sched, args.B, [&](int64_t lo, int64_t hi) {
+    // h_{t-1} of this thread's rows: the cells overwrite the running state in
+    // place while later unit blocks still multiply by the old one.
+    std::vector<float> h_buffer((hi - lo) * H);
+    float* h_prev = h_buffer.data();
+    alignas(32) float tile[kMR * E::kTileWidth];
+    for (int64_t k = 0; k < T; ++k) {
+      const int64_t t = args.sched.reverse ? T - 1 - k : k;
+      const int64_t end = std::min(hi, batch[t]);
+      const int64_t off = offset[t];
+      if (end <= lo) continue;
+      std::memcpy(h_prev, args.h_state + lo * H, (end - lo) * H * sizeof(float));
+      for (int64_t ub = 0; ub < blocks; ++ub) {
+        for_each_row_block(lo, end, [&](int64_t m0, int64_t mr) {
+          StepPtrs q;
+          q.batch = mr;
+          q.hidden = H;
+          q.gates = args.gates + (off + m0) * G * H;
+          q.h_state = args.h_state + m0 * H;
+          q.out = args.output + (off + m0) * H;
+          if (args.c_state != nullptr) q.c_state = args.c_state + m0 * H;
+          if (args.cells != nullptr) q.cells = args.cells + (off + m0) * H;
+          if (args.hn != nullptr) q.hn = args.hn + (off + m0) * H;
+          const float* x = args.input != nullptr ? args.input + (off + m0) * args.I : nullptr;
+          const float* h = h_prev + (m0 - lo) * H;
+          with_rows(mr, [&](auto rows) { small_tile<Cell, rows.value>(q, args, x, h, ub, tile); });
+        });
+      }
+    }
+  });
+}
+
 }  // namespace
 }  // namespace avx2
 
 void forward(const ForwardArgs& a) {
+  if (a.small) {
+    avx2::with_cell(a.cell, [&](auto cell) { avx2::small_forward_impl<decltype(cell)>(a); });
+    return;
+  }
   avx2::with_cell(a.cell, [&](auto cell) { avx2::forward_impl<decltype(cell)>(a); });
 }
 

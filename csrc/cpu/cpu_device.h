@@ -60,9 +60,13 @@ struct CpuDevice {
     a.H = w_hh.size(1);
     a.I = w.w_ih.size(1);
     a.sched = {&s.batch, &s.offset, reverse};
+    a.small = cpu_engine::use_small_path(a.B, s.steps());
     // Kept alive until the engine returns: contiguous copies only where needed.
     at::Tensor x, w_ih, b_ih;
-    if (cpu_engine::fuse_input_projection(Cell::kGates, a.I, a.H)) {
+    // Small calls: a one-step call reads W_ih in place beside W_hh (no GEMM call
+    // at all); longer ones take the input projection as one GEMM over all steps.
+    const bool fuse = a.small ? s.steps() == 1 : cpu_engine::fuse_input_projection(Cell::kGates, a.I, a.H);
+    if (fuse) {
       x = input.contiguous();
       w_ih = w.w_ih.contiguous();
       b_ih = w.b_ih.defined() ? w.b_ih.contiguous() : at::Tensor();
@@ -100,6 +104,7 @@ struct CpuDevice {
     a.B = dh_state.size(0);
     a.H = w_hh.size(1);
     a.sched = {&s.batch, &s.offset, reverse};
+    a.small = cpu_engine::use_small_path(a.B, s.steps());
     a.w_hh = w_hh.const_data_ptr<float>();
     a.gates = saved.gates.defined() ? saved.gates.const_data_ptr<float>() : nullptr;
     a.grad_output = grad_output.const_data_ptr<float>();

@@ -9,6 +9,10 @@
 namespace fusedrnn {
 namespace cpu_engine {
 
+// The small-call rule (use_small_path), set by measurement (benchmarks/NOTES.md, entry 14).
+constexpr int64_t kSmallMaxBatch = 8;
+constexpr int64_t kSmallMaxSteps = 64;
+
 bool available() {
   static const bool cpu_has_avx2_fma = [] {
     __builtin_cpu_init();
@@ -36,6 +40,12 @@ bool fuse_input_projection(int gates, int64_t input_size, int64_t hidden_size) {
   }();
   const int64_t weight_bytes = static_cast<int64_t>(gates) * hidden_size * (input_size + hidden_size) * 4;
   return 2 * weight_bytes <= l2_bytes;
+}
+
+bool use_small_path(int64_t batch, int64_t steps) {
+  const char* force = std::getenv("FUSEDRNN_CPU_SMALL");
+  if (force != nullptr && (force[0] == '0' || force[0] == '1')) return force[0] == '1';
+  return batch <= kSmallMaxBatch && steps <= kSmallMaxSteps;
 }
 
 }  // namespace cpu_engine

@@ -62,6 +62,9 @@ struct ForwardArgs {
   float* output = nullptr;      // [N, H]
   float* cells = nullptr;       // [N, H] LSTM: c_t
   float* hn = nullptr;          // [N, H] GRU: W_hn h_{t-1} + b_hn
+  // The small-call path (use_small_path): w_ih / w_hh read in place, row-major,
+  // nothing packed. Needs w_hh (and, with input, w_ih) contiguous.
+  bool small = false;
 };
 
 struct BackwardArgs {
@@ -84,6 +87,7 @@ struct BackwardArgs {
   // [N, G*H] out. RNN: may be grad_output itself (each element is read, then written).
   float* grad_gates = nullptr;
   float* grad_gates_h = nullptr;     // [B, 3H] GRU only: the hidden side, one step at a time
+  bool small = false;                // use_small_path: W_hh read in place when H allows it
 };
 
 // Whether forward should compute the input projection inside its tiles: only
@@ -93,6 +97,14 @@ struct BackwardArgs {
 // weights then no longer stay in L2 from one step to the next
 // (benchmarks/NOTES.md, entry 12). FUSEDRNN_CPU_FUSE_INPUT=1 or 0 forces it.
 bool fuse_input_projection(int gates, int64_t input_size, int64_t hidden_size);
+
+// Whether a call is small enough that packing W_hh would cost more than it
+// saves: few rows and few steps (a cell, a one-token decoding step, a short
+// sequence of a small batch). Such calls read the weights in place (forward)
+// and skip the backward's panel copy where H is a multiple of the panel width.
+// Measured rule: benchmarks/NOTES.md, entry 14. FUSEDRNN_CPU_SMALL=1 or 0
+// forces it (tests run both ways).
+bool use_small_path(int64_t batch, int64_t steps);
 
 void forward(const ForwardArgs& a);
 void backward(const BackwardArgs& a);
