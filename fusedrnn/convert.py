@@ -70,8 +70,8 @@ def _twin(module: nn.Module, mapping: Dict[Type[nn.Module], Type[nn.Module]]) ->
     for key, value in module.__dict__.items():
         if key in _COPIED:
             twin.__dict__[key] = copy.copy(value)
-        elif key not in class_state and key not in _NOT_CARRIED:  # nn.Module's state (training, hooks) and the user's attributes
-            twin.__dict__[key] = value
+        elif key not in class_state and key not in _NOT_CARRIED:
+            twin.__dict__[key] = value  # nn.Module's state (training, hooks) and the user's attributes
     if isinstance(twin, nn.RNNBase):
         twin._init_flat_weights()  # _flat_weights of the moved Parameters (torch.nn's flattens them for cuDNN)
     return twin

@@ -126,7 +126,8 @@ class _DeviceOps(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
         device = (kwargs or {}).get("device")
-        if any(t.device.type != "meta" for t in tensors) or (device is not None and torch.device(device).type != "meta"):
+        if any(t.device.type != "meta" for t in tensors) or (device is not None and
+                                                             torch.device(device).type != "meta"):
             self.real.append(str(func))
         return out
 
