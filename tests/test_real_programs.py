@@ -354,3 +354,48 @@ def test_torch_compile_fullgraph_takes_ours_and_still_refuses_torch_nns():
     assert torch._dynamo.config.allow_rnn is False
     with pytest.raises(torch._dynamo.exc.Unsupported, match="RNN, GRU, or LSTM"):
         torch.compile(nn.Sequential(nn.LSTM(3, 4)), fullgraph=True, backend="eager")(x)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_torch_export_of_the_subclassed_modules_matches_eager(strict):
+    """A guard, not a fix: torch.export worked before the modules became nn.RNNBase's and must still
+    (strict export goes through dynamo, which sets allow_rnn for itself)."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = fusedrnn.LSTM(3, 4, num_layers=2, proj_size=2)
+            self.cell = fusedrnn.GRUCell(2, 3)
+
+        def forward(self, x):
+            out, _ = self.lstm(x)
+            return self.cell(out[-1])
+
+    torch.manual_seed(0)
+    model = Model().eval()
+    x = torch.randn(5, 2, 3)
+    program = torch.export.export(model, (x,), strict=strict)
+    assert torch.equal(program.module()(x), model(x))
+
+
+def test_convert_carries_pruning_and_weight_norm():
+    """torch.nn.utils.prune / weight_norm replace a weight by `<name>_orig` / `_g`, `_v` Parameters, a
+    buffer and a forward pre-hook: the twin carries them all and computes what the original does."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    pruned = nn.LSTM(3, 4, num_layers=2)
+    prune.l1_unstructured(pruned, "weight_hh_l0", 0.5)
+    with pytest.warns(FutureWarning):
+        normed = torch.nn.utils.weight_norm(nn.GRU(3, 4), "weight_ih_l0")
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    for original in (pruned.double(), normed.double()):
+        expected = original(x)[0]
+        names = [n for n, _ in original.named_parameters()] + [n for n, _ in original.named_buffers()]
+        fused = fusedrnn.convert(original)
+        assert type(fused) in FUSED
+        assert [n for n, _ in fused.named_parameters()] + [n for n, _ in fused.named_buffers()] == names
+        torch.testing.assert_close(fused(x)[0], expected, rtol=0, atol=1e-10)
+        with torch.no_grad():  # the hook recomputes the weight from the moved Parameters
+            next(p for n, p in fused.named_parameters() if n.endswith(("_orig", "_v"))).mul_(2)
+        torch.testing.assert_close(fused(x)[0], original(x)[0], rtol=0, atol=1e-10)
+        assert not torch.equal(fused(x)[0], expected)
