@@ -640,8 +640,10 @@ def _accept_ours_in_dynamo(builder_module) -> None:
     """Dynamo's VariableBuilder.wrap_module refuses every nn.RNN / GRU / LSTM instance unless
     torch._dynamo.config.allow_rnn is set. Ours trace to fusedrnn's registered ops (tested with
     fullgraph=True), so for instances of our classes, and only those, the refusal is lifted for
-    the duration of that one call; torch.nn's modules meet the check unchanged. See the module
-    docstring for why this and not a global allow_rnn=True."""
+    the duration of that one call; torch.nn's modules meet the check unchanged. Dynamo compiles one
+    frame at a time (convert_frame.compile_lock) and reads allow_rnn only in this check, so the
+    lifted flag cannot reach another compilation. See the module docstring for why this and not a
+    global allow_rnn=True."""
     from torch._dynamo import config
 
     builder = getattr(builder_module, "VariableBuilder", None)
