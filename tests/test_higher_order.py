@@ -299,8 +299,7 @@ def test_dual_tensors_equal_torch_nn(kind, cell, config):
         with fwAD.dual_level():
             duals = [fwAD.make_dual(t, v) for t, v in zip(inputs, tangents)]
             dual_weight = fwAD.make_dual(weight.detach(), weight.detach().cos())
-            outputs = torch.func.functional_call(m, {name: dual_weight}, ()) if False else \
-                torch.func.functional_call(_Run(m, run), {"m." + name: dual_weight}, tuple(duals))
+            outputs = torch.func.functional_call(_Run(m, run), {"m." + name: dual_weight}, tuple(duals))
             results.append([fwAD.unpack_dual(o) for o in outputs])
     for (ep, et), (gp, gt) in zip(*results):
         torch.testing.assert_close(gp, ep, rtol=0, atol=1e-10)
