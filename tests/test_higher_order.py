@@ -321,6 +321,20 @@ def test_maml_inner_step_by_torch_func_grad_equals_torch_nn(cell):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_torch_func_grad_of_an_eager_gradient_penalty_equals_torch_nn(cell):
+    """torch.func.grad around torch.autograd.grad(create_graph=True): the second derivative is then
+    taken inside a torch.func transform (fusedrnn/_ops.py: _functorch_second_order)."""
+    ref, ours, inputs, run = _layer_case(cell, "hx", "cpu")
+    results = []
+    for m in (ref, ours):
+        def penalty(x):
+            (g,) = torch.autograd.grad(_scalar(run(m, x, *inputs[1:])), x, create_graph=True)
+            return g.square().sum()
+        results.append(torch.func.grad(penalty)(inputs[0]))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-10)
+
+
 # ---- the first-order path is untouched -----------------------------------------------------------
 
 FIRST_ORDER_CASES = [("layer", c, "2layers_bidir") for c in CELLS] + [("layer", "gru", "packed")] + \
