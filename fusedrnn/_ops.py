@@ -232,10 +232,10 @@ def _reject_double_backward(name: str):
 # first derivatives are the fused kernel's, bitwise), and its backward, which runs only when G
 # itself is differentiated, is G's vector-Jacobian product through fusedrnn.reference (plain torch
 # ops) recomputed from the saved inputs, by torch.autograd.grad (or, inside torch.func transforms,
-# torch.func.vjp). That backward is again
-# made of torch ops, so third and higher derivatives follow. Nothing of this runs in a plain
-# backward (grad mode off): that calls the fused backward op exactly as before. Every step is a
-# torch op or a dispatcher call, so it runs on whatever device the tensors are on.
+# torch.func.vjp). That backward is again made of torch ops, so third and higher derivatives
+# follow. Nothing of this runs in a plain backward (grad mode off): that calls the fused backward
+# op exactly as before. Every step is a torch op or a dispatcher call, so it runs on whatever
+# device the tensors are on (no device branches).
 
 class _VJPSpec:
     """What _FirstOrderGrads needs besides tensors: which op, its direction, how many output
