@@ -124,15 +124,16 @@ def test_torch_func_vmap_over_parameters_equals_a_loop():
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func's jvp scripts a helper
-def test_torch_func_forward_mode_and_nested_grad_raise_instead_of_returning_zeros():
-    """No forward-mode formula (jvp) and no double backward: both say so. (torch.nn's CPU RNNs are
-    composite ops, so jacfwd and hessian work there.)"""
-    _, ours = make_pair("gru", 3, 4)
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_torch_func_forward_mode_and_nested_grad_match_torch_nn(cell):
+    """jacfwd, hessian and nested grad (issue 14; more in tests/test_higher_order.py): the layers run
+    on fusedrnn.reference under forward mode and nested reverse mode, equal to torch.nn's."""
+    ref, ours = make_pair(cell, 3, 4)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
-    with pytest.raises(NotImplementedError, match="jvp"):
-        torch.func.jacfwd(lambda x: ours(x)[0])(x)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.func.grad(lambda x: torch.func.grad(lambda y: ours(y)[0].sum())(x).sum())(x)
+    for transform in (lambda f: torch.func.jacfwd(lambda x: f(x)[0]),
+                      lambda f: torch.func.hessian(lambda x: f(x)[0].sin().sum()),
+                      lambda f: torch.func.grad(lambda x: torch.func.grad(lambda y: f(y)[0].sin().sum())(x).sum())):
+        torch.testing.assert_close(transform(ours)(x), transform(ref)(x), rtol=0, atol=1e-10)
 
 
 # ---- autocast: one contract on every device (fusedrnn/functional.py) -----------------------------
