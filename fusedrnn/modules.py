@@ -292,7 +292,26 @@ class _RNNBase(nn.Module):
         attributes it reads per call (bias, batch_first, bidirectional: bools; num_layers and bias: as many
         weights as they say), every weight a Tensor (a None bias is a TypeError there, not "no bias").
         A sparse weight_ih or weight_hr, which torch.nn's layers run, is made dense; a sparse weight_hh or
-        bias fails there (RuntimeError), and here."""
+        bias fails there (RuntimeError), and here. The common case costs a few type tests; the diagnosis
+        is in _weights_error."""
+        bias = self.bias
+        if (type(bias) is not bool or type(self.batch_first) is not bool or type(self.bidirectional) is not bool
+                or type(self.num_layers) is not int
+                or len(self._flat_weights_names) != self.num_layers * (2 if self.bidirectional else 1)
+                * (2 + (2 if bias else 0) + (1 if self.proj_size > 0 else 0))):
+            self._attributes_error()
+        out = self._layer_weights()
+        strided = torch.strided
+        for k, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(out):
+            if not (isinstance(w_ih, Tensor) and isinstance(w_hh, Tensor) and w_hh.layout == strided
+                    and (b_ih.layout == strided if isinstance(b_ih, Tensor) else b_ih is None and not bias)
+                    and (b_hh.layout == strided if isinstance(b_hh, Tensor) else b_hh is None and not bias)):
+                self._weights_error(out[k])
+            if w_ih.layout != strided or (w_hr is not None and w_hr.layout != strided):
+                out[k] = (w_ih.to_dense(), w_hh, b_ih, b_hh, None if w_hr is None else w_hr.to_dense())
+        return out
+
+    def _attributes_error(self) -> None:
         name = self._type_name
         if isinstance(self.num_layers, bool):  # accepted by the constructor, refused by torch.nn's op
             raise TypeError(f"{name}: num_layers should be of type int, got bool {self.num_layers}")
@@ -301,25 +320,24 @@ class _RNNBase(nn.Module):
         _check_bool_arg(name, "bidirectional", self.bidirectional)
         directions = 2 if self.bidirectional else 1
         per_layer = 2 + (2 if self.bias else 0) + (1 if self.proj_size > 0 else 0)
-        if len(self._flat_weights_names) != self.num_layers * directions * per_layer:
-            held = ", ".join(self._flat_weights_names)
-            raise RuntimeError(
-                f"{name}: the module holds {len(self._flat_weights_names)} weights ({held}), but num_layers={self.num_layers}, bidirectional={self.bidirectional}, bias={self.bias} and "
-                f"proj_size={self.proj_size} need {self.num_layers * directions * per_layer}: were these attributes "
-                "changed after construction?")
-        out = []
-        for w_ih, w_hh, b_ih, b_hh, w_hr in self._layer_weights():
-            given = [("weight_ih", w_ih), ("weight_hh", w_hh)]
-            if self.bias:
-                given += [("bias_ih", b_ih), ("bias_hh", b_hh)]
-            for arg, w in given:
-                if not isinstance(w, Tensor):
-                    raise NotATensorError(f"{name}: every weight must be a Tensor (bias={self.bias}), got {arg} = "
-                                          f"{type(w).__name__}")
-                if arg != "weight_ih" and w.layout != torch.strided:
-                    raise RuntimeError(f"{name}: {arg} must be a dense (strided) tensor, got {w.layout}")
-            out.append((_dense(w_ih), w_hh, b_ih, b_hh, None if w_hr is None else _dense(w_hr)))
-        return out
+        held = ", ".join(self._flat_weights_names)
+        raise RuntimeError(
+            f"{name}: the module holds {len(self._flat_weights_names)} weights ({held}), but num_layers="
+            f"{self.num_layers}, bidirectional={self.bidirectional}, bias={self.bias} and proj_size={self.proj_size} "
+            f"need {self.num_layers * directions * per_layer}: were these attributes changed after construction?")
+
+    def _weights_error(self, weights: LayerWeights) -> None:
+        name = self._type_name
+        given = [("weight_ih", weights[0]), ("weight_hh", weights[1])]
+        if self.bias:
+            given += [("bias_ih", weights[2]), ("bias_hh", weights[3])]
+        for arg, w in given:
+            if not isinstance(w, Tensor):
+                raise NotATensorError(f"{name}: every weight must be a Tensor (bias={self.bias}), got {arg} = "
+                                      f"{type(w).__name__}")
+            if arg != "weight_ih" and w.layout != torch.strided:
+                raise RuntimeError(f"{name}: {arg} must be a dense (strided) tensor, got {w.layout}")
+        raise RuntimeError(f"{name}: the module has biases but bias=False")
 
     def _check_input(self, input: Tensor, packed: bool) -> None:
         if not torch.jit.is_scripting():
@@ -623,9 +641,8 @@ class _CellBase(nn.Module):
             s += ", nonlinearity={nonlinearity}"
         return s.format(**self.__dict__)
 
-    def _check_state(self, input: Tensor, state: Tensor, arg: str, batched: bool) -> Tensor:
-        # The hidden size the weights have (what torch.nn's op checks), not the attribute.
-        hidden = self.weight_hh.shape[1]
+    def _check_state(self, input: Tensor, state: Tensor, arg: str, batched: bool, hidden: int) -> Tensor:
+        # hidden: the hidden size the weights have (what torch.nn's op checks), not the attribute.
         if batched:
             expected = [input.shape[0], hidden]
         else:
@@ -641,6 +658,8 @@ class _CellBase(nn.Module):
         is_lstm = mode == "LSTM"
         h_arg = "h_0" if is_lstm else "hx"
         out_dtype: Optional[torch.dtype] = None
+        # Each read once: a Module's parameter lookup costs about a microsecond.
+        w_ih, w_hh, b_ih, b_hh = self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
         if not torch.jit.is_scripting():
             _require_tensor(name, input, "input")
             input = _dense(input)  # torch.nn's cells take sparse input
@@ -650,8 +669,7 @@ class _CellBase(nn.Module):
         if h0 is not None and h0.dim() not in (1, 2):
             raise ValueError(f"{name}: expected {h_arg} to be 1-D or 2-D, got {h0.dim()}-D of shape {_size(h0.shape)}")
         if not torch.jit.is_scripting():
-            for arg, w in (("weight_ih", self.weight_ih), ("weight_hh", self.weight_hh), ("bias_ih", self.bias_ih),
-                           ("bias_hh", self.bias_hh)):
+            for arg, w in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh)):
                 if w is not None and w.layout != torch.strided:  # torch.nn's cells fail on them (RuntimeError)
                     raise RuntimeError(f"{name}: {arg} must be a dense (strided) tensor, got {w.layout}")
             if h0 is not None and h0.layout != torch.strided:
@@ -669,7 +687,7 @@ class _CellBase(nn.Module):
                 # the promoted dtype. Run in input's dtype and return that one.
                 out_dtype = torch.promote_types(input.dtype, c0.dtype)
                 c0 = c0.to(input.dtype)
-        _check_input(name, input, [1, 2], "1-D (unbatched) or 2-D (batched)", self.weight_ih.shape[1], self.weight_ih)
+        _check_input(name, input, [1, 2], "1-D (unbatched) or 2-D (batched)", w_ih.shape[1], w_ih)
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
         batch = x.shape[0]
@@ -679,18 +697,18 @@ class _CellBase(nn.Module):
             if is_lstm:
                 c = x.new_zeros(batch, self.hidden_size)
         else:
-            h = self._check_state(input, h0, h_arg, batched)
+            h = self._check_state(input, h0, h_arg, batched, w_hh.shape[1])
             if c0 is not None:
-                c = self._check_state(input, c0, "c_0", batched)
-        if self.weight_hh.shape[1] == 0:
+                c = self._check_state(input, c0, "c_0", batched, w_hh.shape[1])
+        if w_hh.shape[1] == 0:
             # hidden_size 0 (torch.nn returns empty states): nothing for the kernels to do. Computed from the
             # weights, so that the empty result is part of the autograd graph as torch.nn's is.
-            empty = F.linear(x, self.weight_ih, self.bias_ih) + F.linear(h, self.weight_hh, self.bias_hh)
+            empty = F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
             h = empty
             if is_lstm:
                 c = empty.clone()
         else:
-            weights: LayerWeights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
+            weights: LayerWeights = (w_ih, w_hh, b_ih, b_hh, None)
             batch_sizes = torch.full((1,), batch, dtype=torch.int64)
             _, h, c = functional.layer(mode, x, h, c, weights, batch_sizes, False)
         if out_dtype is not None:
