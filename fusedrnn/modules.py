@@ -8,8 +8,38 @@ returns the same structure; it additionally takes `lengths=` for padded
 variable-length batches. Mistakes raise the exception type torch.nn raises for
 the same mistake, with a message that says what was expected and what came.
 
-These classes deliberately do NOT subclass torch.nn.RNNBase: TorchDynamo
-refuses nn.LSTM/GRU/RNN instances, while these compile with fullgraph=True.
+Class hierarchy: fusedrnn.LSTM / GRU / RNN subclass torch.nn.LSTM / GRU / RNN
+(and so torch.nn.RNNBase), the cells subclass torch.nn.LSTMCell / GRUCell /
+RNNCell (and so torch.nn.RNNCellBase), so that code selecting modules with
+`isinstance(m, nn.LSTM)` (init loops, optimiser groups, pruning, DP-SGD,
+explanation libraries) treats ours as it treats torch.nn's. What is inherited
+and what is not:
+- torch.nn's constructors are not run (_ModuleInit ends the chain at
+  nn.Module.__init__): ours check the arguments and create the parameters
+  (same names, order, shapes and init), without a second set of weights.
+- forward, reset_parameters, extra_repr, flatten_parameters are ours: the
+  forward signature is ours (`lengths=`), and flatten_parameters is a no-op
+  because the kernels take the weights as they are (nn's would call cuDNN).
+- nn.RNNBase's bookkeeping is inherited as is: `_flat_weights` (kept up to
+  date by its __setattr__ when a weight is reassigned, by its _apply after
+  .to()/.half(), so after load_state_dict(assign=True) too),
+  `_flat_weights_names`, `all_weights`, __getstate__/__setstate__ (pickling
+  without the weakrefs), _replicate_for_data_parallel. forward reads the
+  weights by name on every call, as before, so parametrizations and
+  functional_call take effect; `_flat_weights` is for the user code that
+  reads it.
+- TorchDynamo refuses every instance of nn.LSTM/GRU/RNN unless
+  torch._dynamo.config.allow_rnn is set (VariableBuilder.wrap_module), and
+  that would refuse ours too. Setting allow_rnn globally would change how
+  torch.compile treats torch.nn's own modules for every user of the process,
+  so instead _accept_ours_in_dynamo wraps wrap_module: for instances of our
+  classes only, it runs with allow_rnn=True (the flag is read nowhere else);
+  torch.nn's modules are treated exactly as without fusedrnn. The wrapper is
+  installed right after dynamo's builder module is imported (a post-import
+  hook, so `import fusedrnn` does not import dynamo). torch offers no hook for
+  this (checked in torch 2.14: allow_rnn is the only switch); if a torch
+  release drops the check or renames the method, the wrapper is skipped.
+  torch.export sets allow_rnn itself.
 
 TorchScript: forward and everything it calls is written in the TorchScript
 subset, with torch.nn's @overload pattern for Tensor / PackedSequence input.
@@ -17,6 +47,7 @@ What only eager Python can do (non-tensor arguments, autocast, parametrized
 weights) sits behind `torch.jit.is_scripting()`, a compile-time constant there.
 """
 
+import functools
 import math
 import numbers
 import warnings
@@ -159,8 +190,18 @@ def _split_lstm_state(name: str, hx, is_cell: bool) -> Tuple[Tensor, Tensor]:
     return hx[0], hx[1]
 
 
-class _RNNBase(nn.Module):
-    """Shared machinery of LSTM, GRU and RNN (torch.nn.RNNBase's contract)."""
+class _ModuleInit(nn.Module):
+    """Ends our classes' super().__init__() chain at nn.Module.__init__, skipping torch.nn's
+    RNNBase / RNNCellBase constructors (which would create and initialise the weights a second
+    time, drawing random numbers, and call cuDNN's flatten on CUDA): ours create them."""
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+
+
+class _RNNBase(_ModuleInit, nn.RNNBase):
+    """Shared machinery of LSTM, GRU and RNN (torch.nn.RNNBase's contract). A torch.nn.RNNBase: its
+    bookkeeping (`_flat_weights` and its refresh, pickling, DataParallel replicas) is inherited."""
 
     __constants__ = ["mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
                      "bidirectional", "proj_size", "_type_name"]
@@ -233,13 +274,21 @@ class _RNNBase(nn.Module):
                     names.append(base + suffix)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
+        self._init_flat_weights()  # nn.RNNBase's `_flat_weights` (calls our no-op flatten_parameters)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         _reset_uniform(self)
 
     def flatten_parameters(self) -> None:
-        """No-op, kept for drop-in compatibility: the fused kernels take the weights as they are."""
+        """No-op, kept for drop-in compatibility: the fused kernels take the weights as they are
+        (torch.nn's compacts them for cuDNN on CUDA and is a no-op elsewhere too)."""
+
+    def __setstate__(self, state) -> None:
+        if "_flat_weights" not in state:  # pickled by fusedrnn 0.1.0, whose modules were not nn.RNNBase's
+            state = dict(state)
+            state["_flat_weights"] = [state["_parameters"].get(n) for n in state["_flat_weights_names"]]
+        super().__setstate__(state)
 
     @property
     def all_weights(self) -> List[List[nn.Parameter]]:
@@ -482,7 +531,7 @@ def _no_lengths_with_packed(name: str, lengths: Optional[Tensor]) -> None:
         raise ValueError(f"{name}: lengths must not be given with a PackedSequence input")
 
 
-class LSTM(_RNNBase):
+class LSTM(_RNNBase, nn.LSTM):
     """Drop-in for torch.nn.LSTM (gates i, f, g, o; proj_size supported)."""
 
     _type_name = "fusedrnn.LSTM"
@@ -520,7 +569,7 @@ class LSTM(_RNNBase):
         return out, (h, c)
 
 
-class GRU(_RNNBase):
+class GRU(_RNNBase, nn.GRU):
     """Drop-in for torch.nn.GRU (PyTorch's / cuDNN's variant: reset applied after the W_hn matmul)."""
 
     _type_name = "fusedrnn.GRU"
@@ -551,7 +600,7 @@ class GRU(_RNNBase):
         return out, h
 
 
-class RNN(_RNNBase):
+class RNN(_RNNBase, nn.RNN):
     """Drop-in for torch.nn.RNN (Elman network, nonlinearity 'tanh' or 'relu')."""
 
     _type_name = "fusedrnn.RNN"
@@ -599,8 +648,8 @@ class RNN(_RNNBase):
 
 # ---- cells ------------------------------------------------------------------------------------
 
-class _CellBase(nn.Module):
-    """One time step: runs the layer op over a one-step sequence."""
+class _CellBase(_ModuleInit, nn.RNNCellBase):
+    """One time step: runs the layer op over a one-step sequence. A torch.nn.RNNCellBase."""
 
     __constants__ = ["mode", "input_size", "hidden_size", "bias", "_type_name"]
     _type_name = "fusedrnn.RNNCellBase"
@@ -722,7 +771,7 @@ class _CellBase(nn.Module):
         return h, c
 
 
-class LSTMCell(_CellBase):
+class LSTMCell(_CellBase, nn.LSTMCell):
     """Drop-in for torch.nn.LSTMCell."""
 
     _type_name = "fusedrnn.LSTMCell"
@@ -745,7 +794,7 @@ class LSTMCell(_CellBase):
         return h, c
 
 
-class GRUCell(_CellBase):
+class GRUCell(_CellBase, nn.GRUCell):
     """Drop-in for torch.nn.GRUCell."""
 
     _type_name = "fusedrnn.GRUCell"
@@ -757,7 +806,7 @@ class GRUCell(_CellBase):
         return self._step(self.mode, input, hx, None)[0]
 
 
-class RNNCell(_CellBase):
+class RNNCell(_CellBase, nn.RNNCell):
     """Drop-in for torch.nn.RNNCell."""
 
     _type_name = "fusedrnn.RNNCell"
@@ -780,3 +829,34 @@ class RNNCell(_CellBase):
             raise RuntimeError(f"{self._type_name}: Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' "
                                "or 'relu'.")
         return self._step(mode, input, hx, None)[0]
+
+
+# ---- TorchDynamo: accept our layers, which are nn.LSTM / GRU / RNN instances --------------------
+
+def _accept_ours_in_dynamo(builder_module) -> None:
+    """Dynamo's VariableBuilder.wrap_module refuses every nn.RNN / GRU / LSTM instance unless
+    torch._dynamo.config.allow_rnn is set. Ours trace to fusedrnn's registered ops (tested with
+    fullgraph=True), so for instances of our classes, and only those, the refusal is lifted for
+    the duration of that one call; torch.nn's modules meet the check unchanged. Dynamo compiles one
+    frame at a time (convert_frame.compile_lock) and reads allow_rnn only in this check, so the
+    lifted flag cannot reach another compilation. See the module docstring for why this and not a
+    global allow_rnn=True."""
+    from torch._dynamo import config
+
+    builder = getattr(builder_module, "VariableBuilder", None)
+    refusing = getattr(builder, "wrap_module", None)
+    if refusing is None or not hasattr(config, "allow_rnn") or getattr(refusing, "_fusedrnn", False):
+        return  # a torch without the refusal (or already wrapped): nothing to lift
+
+    @functools.wraps(refusing)
+    def wrap_module(self, value):
+        if isinstance(value, _RNNBase) and not config.allow_rnn:
+            with config.patch(allow_rnn=True):
+                return refusing(self, value)
+        return refusing(self, value)
+
+    wrap_module._fusedrnn = True  # type: ignore[attr-defined]
+    builder.wrap_module = wrap_module
+
+
+onnx._after_import("torch._dynamo.variables.builder", _accept_ours_in_dynamo)
