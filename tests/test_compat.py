@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import fusedrnn
-from conftest import CELLS, flat_state, make_pair
+from conftest import CELLS, DEVICES, flat_state, make_pair
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -574,12 +574,13 @@ def test_layer_ops_with_input_size_0_equal_the_reference(cell, bias, monkeypatch
                     torch.testing.assert_close(a, b, **tol, msg=f"fuse={fuse} {dtype} reverse={reverse}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
-def test_cells_with_input_size_0_equal_torch_nn(name, batched):
+def test_cells_with_input_size_0_equal_torch_nn(name, batched, device):
     """nn.LSTMCell(0, 4) is legal; the float32 fused cells returned uninitialised memory for it."""
-    ref, ours = _pair(name, 0, 4)()
-    x = torch.randn(3, 0) if batched else torch.randn(0)
+    ref, ours = _pair(name, 0, 4, setup=lambda m: m.to(device))()
+    x = torch.randn(3, 0, device=device) if batched else torch.randn(0, device=device)
     for _ in range(2):  # the same numbers every call
         expected, got = ref(x), ours(x)
         for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected)):
