@@ -62,7 +62,11 @@ struct CpuDevice {
     a.sched = {&s.batch, &s.offset, reverse};
     // Kept alive until the engine returns: contiguous copies only where needed.
     at::Tensor x, w_ih, b_ih;
-    if (cpu_engine::fuse_input_projection(Cell::kGates, a.I, a.H)) {
+    // input_size 0 (torch.nn's cells allow it): nothing to fuse, and the empty
+    // input's data pointer is nullptr, which the engine would read as "gates
+    // already hold the projection" and then add whatever the buffer held. The
+    // one GEMM below writes b_ih (or zeros) for K = 0.
+    if (a.I > 0 && cpu_engine::fuse_input_projection(Cell::kGates, a.I, a.H)) {
       x = input.contiguous();
       w_ih = w.w_ih.contiguous();
       b_ih = w.b_ih.defined() ? w.b_ih.contiguous() : at::Tensor();
