@@ -130,7 +130,7 @@ def build_extension():
     if with_cuda:
         # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
         os.environ["CUDA_HOME"] = cuda_home
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("FUSEDRNN_CUDA_ARCHS", "9.0+PTX"))
+        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("FUSEDRNN_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0+PTX")
     import torch
     from torch.utils import cpp_extension
 

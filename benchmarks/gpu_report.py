@@ -4,9 +4,12 @@ status, the test counts of each parity run, the sanitizers' error counts, the be
 against cuDNN per path, the sentiment benchmark, and one verdict line.
 
     python -m benchmarks.gpu_report WORK_DIR OUT_DIR [--elapsed S] [--mode quick|full] [--device cuda]
+    python -m benchmarks.gpu_report --junit-gate JUNIT.xml   # exit 1 if it ran no test or any skipped
 
-Exit status: 0 every step passed (a CUDA path that is not built counts as absent, not failed);
+Exit status: 0 every step passed (a CUDA path that is not built counts as absent, and a tool that
+refuses this machine, compute-sanitizer in some containers, as unavailable: neither is a failure);
 1 a step failed or timed out, or there were no steps; 2 nothing failed but something did not run.
+When the time budget cut steps, the line before the verdict is the command that runs just those.
 """
 
 import argparse
@@ -20,6 +23,7 @@ from typing import Dict, List
 
 FAILED = ("FAILED", "TIMEOUT")
 NOT_RUN = ("skipped", "missing-data")
+NOT_HERE = ("absent", "unavailable")  # not built; a tool this machine refuses: reported, not failed
 
 
 def read_steps(work: str) -> List[Dict[str, str]]:
@@ -31,7 +35,9 @@ def read_steps(work: str) -> List[Dict[str, str]]:
                 parts = line.rstrip("\n").split("\t")
                 if len(parts) >= 3:
                     steps.append({"step": parts[0], "status": parts[1], "seconds": parts[2],
-                                  "detail": parts[3] if len(parts) > 3 else ""})
+                                  "detail": parts[3] if len(parts) > 3 else "",
+                                  "group": parts[4] if len(parts) > 4 else "",
+                                  "limit_s": int(parts[5]) if len(parts) > 5 and parts[5].isdigit() else 0})
     return steps
 
 
@@ -95,16 +101,52 @@ def collect(work: str) -> dict:
     return report
 
 
+def junit_gate(path: str) -> int:
+    """0 if the JUnit file records at least one test and no skipped one, else 1 (says why): a
+    CUDA test that skips on the GPU machine is a failure, also where tests/conftest.py does not
+    recognise it as a CUDA test (tests/test_persistent.py's kernel tests)."""
+    c = junit_counts(path)
+    if "error" in c:
+        print(f"junit gate: {path} unreadable: {c['error']}")
+        return 1
+    if c["tests"] == 0 or c["skipped"]:
+        print(f"junit gate: FAILED, {c['tests']} tests, {c['skipped']} skipped ({path}): on the GPU machine every "
+              f"selected test must run")
+        return 1
+    print(f"junit gate: {c['tests']} tests, none skipped")
+    return 0
+
+
+# Seconds the follow-up call needs on a warm machine besides its steps' own limits (the build
+# there is incremental: only what changed recompiles).
+FOLLOW_UP_OVERHEAD_S = 90
+
+
+def follow_up(steps: List[Dict[str, str]]):
+    """The command that runs what the time budget cut, or None: (command, timeout_s)."""
+    cut = [s for s in steps if s["status"] == "skipped" and "budget" in s["detail"]]
+    if not cut:
+        return None
+    groups = []
+    for s in cut:
+        group = s.get("group") or s["step"]
+        if group not in groups:
+            groups.append(group)
+    budget = min(540, FOLLOW_UP_OVERHEAD_S + sum(s.get("limit_s", 0) for s in cut))
+    command = f"GPU_CHECK_BUDGET_S={budget} bash benchmarks/gpu_check.sh --only build,loaded,{','.join(groups)}"
+    return command, budget + 40
+
+
 def verdict(steps: List[Dict[str, str]]):
     failed = [s["step"] for s in steps if s["status"] in FAILED]
     not_run = [s["step"] for s in steps if s["status"] in NOT_RUN]
-    absent = [s["step"] for s in steps if s["status"] == "absent"]
+    absent = [f"{s['step']} ({s['status']})" for s in steps if s["status"] in NOT_HERE]
     if not steps or failed:
         text = "FAILED: " + (", ".join(failed) if failed else "no step ran")
         return 1, text, absent
     if not_run:
         return 2, "INCOMPLETE (nothing failed; did not run: " + ", ".join(not_run) + ")", absent
-    return 0, "PASSED", absent
+    return 0, "PASSED" + (f" (not checked here: {', '.join(absent)})" if absent else ""), absent
 
 
 def markdown(report: dict, code: int, text: str, absent: List[str]) -> List[str]:
@@ -115,7 +157,10 @@ def markdown(report: dict, code: int, text: str, absent: List[str]) -> List[str]
     lines += [f"Mode {report.get('mode')}, device {report.get('device')}, {report.get('elapsed_s')} s in all. "
               f"**{text}**", ""]
     if absent:
-        lines += [f"Not built, so not checked: {', '.join(absent)}.", ""]
+        lines += [f"Not built or not available here, so not checked: {', '.join(absent)}.", ""]
+    if report.get("follow_up"):
+        lines += [f"The time budget cut steps; to run them (device tool timeout_s {report['follow_up'][1]}): "
+                  f"`{report['follow_up'][0]}`", ""]
     lines += ["| step | status | s | detail |", "|---|---|---|---|"]
     lines += [f"| {s['step']} | {s['status']} | {s['seconds']} | {s['detail'].replace('|', '/')} |"
               for s in report["steps"]]
@@ -170,21 +215,31 @@ def short_table(report: dict, text: str) -> List[str]:
         runs = report["sentiment"].get("runs", {})
         lines.append("sentiment                  " + "  ".join(
             f"{n} {r['speedup_vs_torch_nn']:.2f}x" for n, r in runs.items()))
+    if report.get("follow_up"):
+        command, timeout_s = report["follow_up"]
+        lines.append(f"FOLLOW-UP (what the budget cut; device tool timeout_s {timeout_s}): {command}")
     lines.append(f"GPU CHECK {text} ({report.get('elapsed_s')} s)")
     return lines
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("work")
+    parser.add_argument("work", nargs="?", default=None)
     parser.add_argument("out", nargs="?", default=None)
+    parser.add_argument("--junit-gate", default=None, metavar="JUNIT_XML",
+                        help="only check that this JUnit file ran tests and skipped none")
     parser.add_argument("--elapsed", type=int, default=None)
     parser.add_argument("--mode", default="quick")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args(argv)
+    if args.junit_gate:
+        return junit_gate(args.junit_gate)
+    if args.work is None:
+        parser.error("WORK_DIR is required")
     out = args.out or args.work
     report = collect(args.work)
-    report.update({"mode": args.mode, "device": args.device, "elapsed_s": args.elapsed})
+    report.update({"mode": args.mode, "device": args.device, "elapsed_s": args.elapsed,
+                   "follow_up": follow_up(report["steps"])})
     code, text, absent = verdict(report["steps"])
     report["verdict"] = {"exit_status": code, "text": text, "absent": absent}
     os.makedirs(out, exist_ok=True)

@@ -4,7 +4,14 @@ first step of benchmarks/gpu_check.sh after the build: is CUDA loaded, does ever
 this path, and does it compute the right numbers?
 
     python -m benchmarks.gpu_smoke --device cuda --path per_step
+    python -m benchmarks.gpu_smoke --device cuda --path persistent
     python -m benchmarks.gpu_smoke --device cpu          # the same checks on the CPU kernels
+
+--path persistent runs every op under FUSEDRNN_CUDA_PATH=auto (forcing persistent raises on
+the layers the persistent kernel cannot run: float64, LSTM proj_size, hidden_size > 128) and,
+from the kernels the profiler saw, checks that the forward ran the persistent kernel on every
+layer it can run and the per-step path on the others; where the profiler sees no kernel at all,
+an eligible layer is run again forced to persistent (which raises if that path is not taken).
 
 Exit status: 0 all ops right; 1 an op failed or was wrong; 2 CUDA cannot run here (says why);
 3 the requested CUDA path is not built into this fusedrnn (says so; nothing was run).
@@ -34,6 +41,34 @@ SIZES = {"tiny": (3, 5, 2, [4, 3, 1]), "h128": (16, 128, 32, [12, 9, 9, 5, 2, 1]
 # at H=128, whose gradients grow over the steps).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 0.2, torch.float16: 0.05}
 EXIT_OK, EXIT_WRONG, EXIT_NO_CUDA, EXIT_PATH_ABSENT = 0, 1, 2, 3
+MAX_PERSISTENT_HIDDEN = 128  # kMaxHidden, csrc/persistent/persistent_limits.h
+
+
+def persistent_eligible(cell: str, size: str, dtype: torch.dtype) -> bool:
+    """Whether the persistent kernel can run this layer (csrc/persistent/persistent_plan.h):
+    not float64, no LSTM projection, hidden_size <= 128."""
+    return dtype != torch.float64 and cell != "lstm_proj" and SIZES[size][1] <= MAX_PERSISTENT_HIDDEN
+
+
+def forward_path_of(kernel_names) -> str:
+    """Which CUDA forward path ran, from the names of the kernels one op check launched: the
+    persistent kernel (fusedrnn::persistent::forward_kernel) or only per-step kernels; "unknown"
+    when no kernel was seen (a profiler without CUDA activity)."""
+    names = list(kernel_names)
+    if any("persistent" in n and "forward_kernel" in n for n in names):
+        return "persistent"
+    return "per_step" if names else "unknown"
+
+
+def cuda_kernels_of(fn):
+    """Runs fn() under torch.profiler; returns (fn's result, names of the CUDA kernels it ran)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        result = fn()
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+    return result, names
 
 
 def available_cuda_paths(info: dict) -> list:
@@ -118,6 +153,36 @@ def check_one(cell, size, dtype, reverse, device, gen):
     return max(relative_error(a, e) for a, e in zip(got, want))
 
 
+def run_config(cell, size, dtype, reverse, device, path, gen):
+    """One op check on `path`: (worst relative error, the forward path taken or None when not
+    checked, why that path is wrong or None). per_step and auto force FUSEDRNN_CUDA_PATH as
+    named; persistent runs under auto and checks the path from the kernels that ran."""
+    if path != "persistent":
+        os.environ["FUSEDRNN_CUDA_PATH"] = path
+        return check_one(cell, size, dtype, reverse, device, gen), None, None
+    os.environ["FUSEDRNN_CUDA_PATH"] = "auto"
+    eligible = persistent_eligible(cell, size, dtype)
+    want = "persistent" if eligible else "per_step"
+    if device != "cuda":  # the CPU kernels have one path; nothing to check
+        return check_one(cell, size, dtype, reverse, device, gen), None, None
+    err, kernels = cuda_kernels_of(lambda: check_one(cell, size, dtype, reverse, device, gen))
+    taken = forward_path_of(kernels)
+    if taken == "unknown" and eligible:
+        # No CUDA activity in the profiler: forcing the persistent path raises unless it runs.
+        os.environ["FUSEDRNN_CUDA_PATH"] = "persistent"
+        try:
+            err = max(err, check_one(cell, size, dtype, reverse, device, gen))
+        finally:
+            os.environ["FUSEDRNN_CUDA_PATH"] = "auto"
+        taken = "persistent (forced; the profiler saw no kernels)"
+    elif taken == "unknown":
+        taken = "per_step (the profiler saw no kernels; not checked)"
+    elif taken != want:
+        return err, taken, f"auto should run {want} here ({'eligible' if eligible else 'not eligible'} " \
+                           f"for the persistent kernel), it ran {taken}"
+    return err, taken, None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -141,8 +206,7 @@ def main(argv=None) -> int:
             print(f"CUDA path {path!r} is not built into this fusedrnn (it has {paths}; fusedrnn.backends() "
                   f"{'lists cuda_paths' if 'cuda_paths' in info else 'has no cuda_paths key'}): nothing run")
             return EXIT_PATH_ABSENT
-        # Read by fusedrnn when an op runs; set before the first one.
-        os.environ["FUSEDRNN_CUDA_PATH"] = path
+        # FUSEDRNN_CUDA_PATH is read by fusedrnn when an op runs: run_config sets it per check.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
@@ -154,17 +218,22 @@ def main(argv=None) -> int:
             for dtype in dtypes:
                 for reverse in (False, True):
                     name = f"{cell:9s} {size:5s} {str(dtype)[6:]:9s} {'reverse' if reverse else 'forward'}"
+                    taken = None
                     try:
-                        err = check_one(cell, size, dtype, reverse, args.device, gen)
-                        ok = err <= TOLERANCE[dtype]
+                        err, taken, path_error = run_config(cell, size, dtype, reverse, args.device, path, gen)
+                        ok = err <= TOLERANCE[dtype] and path_error is None
                         detail = f"worst relative error {err:.2e} (tolerance {TOLERANCE[dtype]:.0e})"
+                        if taken is not None:
+                            detail += f", forward ran {taken}"
+                        if path_error is not None:
+                            detail += f"; WRONG PATH: {path_error}"
                     except Exception as e:  # noqa: BLE001 - report every op, then fail
                         ok, err = False, float("nan")
                         detail = f"raised {type(e).__name__}: {e}".splitlines()[0]
                         traceback.print_exc()
                     failures += not ok
                     rows.append({"cell": cell, "size": size, "dtype": str(dtype)[6:], "reverse": reverse,
-                                 "max_rel_error": err, "ok": ok, "detail": detail})
+                                 "max_rel_error": err, "ok": ok, "detail": detail, "forward_path": taken})
                     print(f"{'ok  ' if ok else 'FAIL'} {name} {detail}", flush=True)
     seconds = time.perf_counter() - t0
     print(f"{len(rows) - failures}/{len(rows)} op checks passed on {args.device} (path {path}) in {seconds:.1f} s")

@@ -13,6 +13,7 @@ from typing import Dict, Optional, Tuple, Type
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 from . import reference
 
@@ -146,8 +147,14 @@ def _register_autograd(name: str, backward, setup_context) -> None:
       and it runs inside the Autograd dispatch key, below the functorch layers that would have to see it.
 
     `generate_vmap_rule` lets vmap run forward and backward over batched tensors; the ops themselves
-    are vmapped by a loop (_register_vmap_loop): correct, not fast. There is no forward-mode formula
-    (jvp), so torch.func.jvp / jacfwd / hessian raise instead of returning zero tangents.
+    are vmapped by a loop (_register_vmap_loop): correct, not fast.
+
+    Higher derivatives: `backward` runs the fused backward op as it is when grad mode is off (a
+    plain backward), and through _FirstOrderGrads when it is on (create_graph=True, torch.func.grad),
+    whose own backward differentiates fusedrnn.reference; see there. The ops have no forward-mode
+    formula (jvp): under forward-mode AD (dual tensors, torch.func.jvp / jacfwd / hessian) and
+    nested torch.func.grad / jacrev, the layer functions at the bottom run fusedrnn.reference
+    instead of the ops (_forward_mode).
     """
     torch.library.register_autograd(f"fusedrnn::{name}", backward, setup_context=setup_context)
     op = getattr(torch.ops.fusedrnn, name).default
@@ -200,19 +207,184 @@ def _register_vmap_loop(name: str) -> None:
 
 
 def _reject_double_backward(name: str):
-    """Autograd for a backward op: differentiating a gradient again is not
-    implemented, so say so instead of silently returning zeros."""
+    """Autograd for a backward op called directly: its derivative is not implemented, so say so
+    instead of silently returning zeros. (Double backward through the forward ops and the layers
+    works: their backward differentiates fusedrnn.reference, _FirstOrderGrads, and never records
+    the backward op.)"""
 
     def setup_context(ctx, inputs, output):
         pass
 
     def backward(ctx, *grads):
         raise RuntimeError(
-            f"fusedrnn.{name}: double backward (differentiating through a gradient computed with "
-            "create_graph=True, or nesting torch.func.grad / jacrev / hessian) is not supported by "
-            "fusedrnn's fused kernels")
+            f"fusedrnn.{name}: differentiating the backward op itself is not supported (its saved "
+            f"forward outputs are caches, not free inputs). For double backward, differentiate "
+            f"through fusedrnn.{name.replace('_backward', '_forward')} or the fusedrnn layers and cells "
+            "with create_graph=True, or nest torch.func.grad / jacrev")
 
     _register_autograd(name, backward, setup_context)
+
+
+# ---- higher derivatives ------------------------------------------------------------------------
+# A forward op's vector-Jacobian product, G(g, theta) = J(theta)^T g, is the fused backward op.
+# When grad mode is on during backward (create_graph=True; always inside torch.func.grad), the
+# backward formulas call _FirstOrderGrads instead of the op: its forward is the same fused op (the
+# first derivatives are the fused kernel's, bitwise), and its backward, which runs only when G
+# itself is differentiated, is G's vector-Jacobian product through fusedrnn.reference (plain torch
+# ops) recomputed from the saved inputs, by torch.autograd.grad (or, inside torch.func transforms,
+# torch.func.vjp). That backward is again made of torch ops, so third and higher derivatives
+# follow. Nothing of this runs in a plain backward (grad mode off): that calls the fused backward
+# op exactly as before. Every step is a torch op or a dispatcher call, so it runs on whatever
+# device the tensors are on (no device branches).
+
+class _VJPSpec:
+    """What _FirstOrderGrads needs besides tensors: which op, its direction, how many output
+    gradients lead its tensor arguments, and which primals' gradients it returns. (No tensors: a
+    tensor kept outside the arguments would escape the functorch levels it was wrapped for.)"""
+
+    def __init__(self, kind: str, reverse: bool, n_grads: int, mask):
+        self.kind, self.reverse, self.n_grads, self.mask = kind, reverse, n_grads, mask
+
+    def fused(self, grads, primals, batch_sizes, saved):
+        """The fused backward op: the gradients of primals[self.mask]."""
+        need_grad_input = 0 in self.mask
+        if self.kind == "lstm":
+            input, h0, c0, w_ih, w_hh, _, _, w_hr = primals
+            result = _call("lstm_backward", *grads, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes,
+                           self.reverse, need_grad_input, *saved)
+        else:
+            input, h0, w_ih, w_hh, _, _ = primals
+            result = _call(f"{self.kind}_backward", *grads, input, h0, w_ih, w_hh, batch_sizes,
+                           self.reverse, need_grad_input, *saved)
+        return tuple(result[i] for i in self.mask)
+
+    def reference(self, primals, batch_sizes):
+        """The forward op's differentiable outputs, by fusedrnn.reference."""
+        if self.kind == "lstm":
+            return reference.lstm_layer(*primals, batch_sizes, self.reverse)
+        if self.kind == "gru":
+            return reference.gru_layer(*primals, batch_sizes, self.reverse)
+        return reference.rnn_layer(self.kind[4:], *primals, batch_sizes, self.reverse)
+
+
+class _FirstOrderGrads(torch.autograd.Function):
+    """apply(spec, *grads, *primals, batch_sizes, *saved) -> the gradients of primals[spec.mask]:
+    the fused backward op, differentiable (with respect to grads and primals) through
+    fusedrnn.reference. `saved` (the forward op's extra outputs) are caches of the primals: no
+    gradient flows to them."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(spec, *tensors):
+        n_saved = _N_SAVED[spec.kind]
+        grads, primals = tensors[:spec.n_grads], tensors[spec.n_grads:-n_saved - 1]
+        return spec.fused(grads, primals, tensors[-n_saved - 1], tensors[-n_saved:])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        spec, tensors = inputs[0], inputs[1:]
+        ctx.spec, ctx.n_tensors = spec, len(tensors)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*tensors[:len(tensors) - _N_SAVED[spec.kind]])
+
+    @staticmethod
+    def backward(ctx, *cotangents):
+        *args, batch_sizes = ctx.saved_tensors  # grads, then primals (absent ones None)
+        present = [i for i, t in enumerate(args) if t is not None]
+        # Inside torch.func transforms tensors cannot be made to require grad: torch.func.vjp there.
+        second_order = _functorch_second_order if _functorch_active() else _eager_second_order
+        result = [None] * ctx.n_tensors
+        for i, g in zip(present, second_order(ctx.spec, args, present, batch_sizes, cotangents)):
+            result[i] = g
+        return (None, *result)
+
+
+def _functorch_second_order(spec, args, present, batch_sizes, cotangents):
+    """_FirstOrderGrads.backward by torch.func.vjp (of torch.func.vjp), which composes with the
+    torch.func transforms around it: the gradients of args[present]."""
+
+    def first_order(*tensors):
+        full = list(args)
+        for i, t in zip(present, tensors):
+            full[i] = t
+        g, p = full[:spec.n_grads], full[spec.n_grads:]
+        p_present = [i for i, t in enumerate(p) if t is not None]
+
+        def forward(*ts):
+            q = list(p)
+            for i, t in zip(p_present, ts):
+                q[i] = t
+            return tuple(spec.reference(q, batch_sizes))
+
+        _, vjp = torch.func.vjp(forward, *[p[i] for i in p_present])
+        result = vjp(tuple(g))
+        return tuple(result[p_present.index(i)] for i in spec.mask)
+
+    _, vjp2 = torch.func.vjp(first_order, *[args[i] for i in present])
+    primals = args[spec.n_grads:]
+    return vjp2(tuple(torch.zeros_like(primals[i]) if v is None else v for i, v in zip(spec.mask, cotangents)))
+
+
+def _eager_second_order(spec, args, present, batch_sizes, cotangents):
+    """_FirstOrderGrads.backward by torch.autograd.grad, outside torch.func (measured 10-25% faster
+    than torch.func.vjp there): recompute, first gradients with a graph, then their vector-Jacobian
+    product (with a graph again when grad mode is on: third order). The gradients of args[present]."""
+    create = torch.is_grad_enabled()
+    with torch.enable_grad():
+        # Fresh handles, distinct even where one tensor is passed twice (h0 is c0): with a graph to
+        # the original tensors when a higher derivative is being built, detached otherwise.
+        leaves = [args[i].view_as(args[i]) if create and args[i].requires_grad else args[i].detach().requires_grad_()
+                  for i in present]
+        full = list(args)
+        for i, t in zip(present, leaves):
+            full[i] = t
+        grads, primals = full[:spec.n_grads], full[spec.n_grads:]
+        outputs = spec.reference(primals, batch_sizes)
+        first = torch.autograd.grad(outputs, [primals[i] for i in spec.mask], grads, create_graph=True,
+                                    allow_unused=True)
+        pairs = [(f, v) for f, v in zip(first, cotangents) if f is not None and v is not None and f.requires_grad]
+        if not pairs:
+            return [None] * len(leaves)
+        return torch.autograd.grad([f for f, _ in pairs], leaves, [v for _, v in pairs], create_graph=create,
+                                   allow_unused=True)
+
+
+_N_SAVED = {"lstm": 3, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}  # out, gates, cells / out, gates, hn / out
+
+
+def _differentiable_vjp(ctx, kind: str, grads, primals, batch_sizes: Tensor, saved):
+    """The forward op's backward result when grad mode is on: one entry per forward argument."""
+    mask = [i for i, p in enumerate(primals) if p is not None and ctx.needs_input_grad[i]]
+    n_args = len(primals) + 2  # + batch_sizes, reverse
+    if not mask:
+        return (None,) * n_args
+    spec = _VJPSpec(kind, ctx.reverse, len(grads), mask)
+    result = [None] * n_args
+    for i, g in zip(mask, _FirstOrderGrads.apply(spec, *grads, *primals, batch_sizes, *saved)):
+        result[i] = g
+    return tuple(result)
+
+
+def _forward_mode(*tensors) -> bool:
+    """Whether the layer must run on fusedrnn.reference because the ops cannot serve the transforms
+    around it: forward-mode AD (a torch.func.jvp / jacfwd / hessian transform anywhere on the
+    functorch stack, or dual tensors of torch.autograd.forward_ad among `tensors`: the ops have no
+    forward-mode formula), or torch.func.grad / vjp / jacrev nested twice or more (jacrev(jacrev),
+    grad(grad)): functorch cannot run the ops' vmap loop under the outer levels there.
+    A single torch.func.grad, vmap, and eager autograd of any order run the fused ops."""
+    if _functorch_active():
+        grads = 0
+        for interpreter in torch._C._functorch.get_interpreter_stack():
+            key = interpreter.key()
+            if key == torch._C._functorch.TransformType.Jvp:
+                return True
+            grads += key == torch._C._functorch.TransformType.Grad
+        if grads > 1:
+            return True
+    if _forward_ad._current_level < 0:  # no dual_level() context: the cheap, usual answer
+        return False
+    return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _check_like(op: str, input: Tensor, **tensors) -> None:
@@ -288,11 +460,16 @@ def _register():
         out, _, _, gates, cells = output
         ctx.mark_non_differentiable(gates, cells)
         ctx.set_materialize_grads(False)  # no zero-filled [N, 4H] + [N, H] grads for gates and cells
-        ctx.save_for_backward(input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, out, gates, cells)
+        # The biases only for double backward (_differentiable_vjp): saving them copies nothing.
+        ctx.save_for_backward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, out, gates, cells)
         ctx.reverse, ctx.has_b_ih, ctx.has_b_hh = reverse, b_ih is not None, b_hh is not None
 
     def _lstm_backward(ctx, g_out, g_hn, g_cn, _g_gates, _g_cells):
-        input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, out, gates, cells = ctx.saved_tensors
+        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, out, gates, cells = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True, or torch.func.grad: differentiable
+            grads = (_zeros_like_if_none(g_out, out), _zeros_like_if_none(g_hn, h0), _zeros_like_if_none(g_cn, c0))
+            return _differentiable_vjp(ctx, "lstm", grads, (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr),
+                                       batch_sizes, (out, gates, cells))
         gi, gh0, gc0, gwih, gwhh, gbih, gbhh, gwhr = _call(
             "lstm_backward",
             _zeros_like_if_none(g_out, out), _zeros_like_if_none(g_hn, h0), _zeros_like_if_none(g_cn, c0),
@@ -307,11 +484,15 @@ def _register():
         out, _, gates, hn = output
         ctx.mark_non_differentiable(gates, hn)
         ctx.set_materialize_grads(False)  # no zero-filled [N, 3H] + [N, H] grads for gates and hn
-        ctx.save_for_backward(input, h0, w_ih, w_hh, batch_sizes, out, gates, hn)
+        ctx.save_for_backward(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, out, gates, hn)
         ctx.reverse, ctx.has_b_ih, ctx.has_b_hh = reverse, b_ih is not None, b_hh is not None
 
     def _gru_backward(ctx, g_out, g_hn, _g_gates, _g_hn_pre):
-        input, h0, w_ih, w_hh, batch_sizes, out, gates, hn = ctx.saved_tensors
+        input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, out, gates, hn = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True, or torch.func.grad: differentiable
+            grads = (_zeros_like_if_none(g_out, out), _zeros_like_if_none(g_hn, h0))
+            return _differentiable_vjp(ctx, "gru", grads, (input, h0, w_ih, w_hh, b_ih, b_hh), batch_sizes,
+                                       (out, gates, hn))
         gi, gh0, gwih, gwhh, gbih, gbhh = _call(
             "gru_backward",
             _zeros_like_if_none(g_out, out), _zeros_like_if_none(g_hn, h0), input, h0, w_ih, w_hh,
@@ -326,11 +507,15 @@ def _register():
         def setup(ctx, inputs, output):
             input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse = inputs
             ctx.set_materialize_grads(False)  # an unused h_n or output: None, filled by the backward
-            ctx.save_for_backward(input, h0, w_ih, w_hh, batch_sizes, output[0])
+            ctx.save_for_backward(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, output[0])
             ctx.reverse, ctx.has_b_ih, ctx.has_b_hh = reverse, b_ih is not None, b_hh is not None
 
         def backward(ctx, g_out, g_hn):
-            input, h0, w_ih, w_hh, batch_sizes, out = ctx.saved_tensors
+            input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, out = ctx.saved_tensors
+            if torch.is_grad_enabled():  # create_graph=True, or torch.func.grad: differentiable
+                grads = (_zeros_like_if_none(g_out, out), _zeros_like_if_none(g_hn, h0))
+                return _differentiable_vjp(ctx, f"rnn_{act}", grads, (input, h0, w_ih, w_hh, b_ih, b_hh),
+                                           batch_sizes, (out,))
             gi, gh0, gwih, gwhh, gbih, gbhh = _call(
                 f"rnn_{act}_backward",
                 _zeros_like_if_none(g_out, out), _zeros_like_if_none(g_hn, h0), input, h0, w_ih, w_hh,
@@ -385,7 +570,7 @@ def lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
                b_hh: Optional[Tensor], w_hr: Optional[Tensor], batch_sizes: Tensor,
                reverse: bool) -> Tuple[Tensor, Tensor, Tensor]:
     if not torch.jit.is_scripting():
-        if not COMPILED:
+        if not COMPILED or _forward_mode(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
             return reference.lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
         if _functorch_active():
             out, h, c, _, _ = _FUNCTORCH_FUNCTIONS["lstm_forward"].apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh,
@@ -403,7 +588,7 @@ def lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
 def gru_layer(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
               b_hh: Optional[Tensor], batch_sizes: Tensor, reverse: bool) -> Tuple[Tensor, Tensor]:
     if not torch.jit.is_scripting():
-        if not COMPILED:
+        if not COMPILED or _forward_mode(input, h0, w_ih, w_hh, b_ih, b_hh):
             return reference.gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
         if _functorch_active():
             out, h, _, _ = _FUNCTORCH_FUNCTIONS["gru_forward"].apply(input, h0, w_ih, w_hh, b_ih, b_hh,
@@ -420,7 +605,7 @@ def gru_layer(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optio
 def rnn_layer(nonlinearity: str, input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
               b_hh: Optional[Tensor], batch_sizes: Tensor, reverse: bool) -> Tuple[Tensor, Tensor]:
     if not torch.jit.is_scripting():
-        if not COMPILED:
+        if not COMPILED or _forward_mode(input, h0, w_ih, w_hh, b_ih, b_hh):
             return reference.rnn_layer(nonlinearity, input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
         if _functorch_active():
             out, h = _FUNCTORCH_FUNCTIONS[f"rnn_{nonlinearity}_forward"].apply(input, h0, w_ih, w_hh, b_ih, b_hh,

@@ -8,8 +8,38 @@ returns the same structure; it additionally takes `lengths=` for padded
 variable-length batches. Mistakes raise the exception type torch.nn raises for
 the same mistake, with a message that says what was expected and what came.
 
-These classes deliberately do NOT subclass torch.nn.RNNBase: TorchDynamo
-refuses nn.LSTM/GRU/RNN instances, while these compile with fullgraph=True.
+Class hierarchy: fusedrnn.LSTM / GRU / RNN subclass torch.nn.LSTM / GRU / RNN
+(and so torch.nn.RNNBase), the cells subclass torch.nn.LSTMCell / GRUCell /
+RNNCell (and so torch.nn.RNNCellBase), so that code selecting modules with
+`isinstance(m, nn.LSTM)` (init loops, optimiser groups, pruning, DP-SGD,
+explanation libraries) treats ours as it treats torch.nn's. What is inherited
+and what is not:
+- torch.nn's constructors are not run (_ModuleInit ends the chain at
+  nn.Module.__init__): ours check the arguments and create the parameters
+  (same names, order, shapes and init), without a second set of weights.
+- forward, reset_parameters, extra_repr, flatten_parameters are ours: the
+  forward signature is ours (`lengths=`), and flatten_parameters is a no-op
+  because the kernels take the weights as they are (nn's would call cuDNN).
+- nn.RNNBase's bookkeeping is inherited as is: `_flat_weights` (kept up to
+  date by its __setattr__ when a weight is reassigned, by its _apply after
+  .to()/.half(), so after load_state_dict(assign=True) too),
+  `_flat_weights_names`, `all_weights`, __getstate__/__setstate__ (pickling
+  without the weakrefs), _replicate_for_data_parallel. forward reads the
+  weights by name on every call, as before, so parametrizations and
+  functional_call take effect; `_flat_weights` is for the user code that
+  reads it.
+- TorchDynamo refuses every instance of nn.LSTM/GRU/RNN unless
+  torch._dynamo.config.allow_rnn is set (VariableBuilder.wrap_module), and
+  that would refuse ours too. Setting allow_rnn globally would change how
+  torch.compile treats torch.nn's own modules for every user of the process,
+  so instead _accept_ours_in_dynamo wraps wrap_module: for instances of our
+  classes only, it runs with allow_rnn=True (the flag is read nowhere else);
+  torch.nn's modules are treated exactly as without fusedrnn. The wrapper is
+  installed right after dynamo's builder module is imported (a post-import
+  hook, so `import fusedrnn` does not import dynamo). torch offers no hook for
+  this (checked in torch 2.14: allow_rnn is the only switch); if a torch
+  release drops the check or renames the method, the wrapper is skipped.
+  torch.export sets allow_rnn itself.
 
 TorchScript: forward and everything it calls is written in the TorchScript
 subset, with torch.nn's @overload pattern for Tensor / PackedSequence input.
@@ -17,12 +47,14 @@ What only eager Python can do (non-tensor arguments, autocast, parametrized
 weights) sits behind `torch.jit.is_scripting()`, a compile-time constant there.
 """
 
+import functools
 import math
 import numbers
 import warnings
 from typing import List, Optional, Tuple, overload
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -34,6 +66,18 @@ class NotATensorError(TypeError, AttributeError):
     """A non-tensor passed where a tensor belongs. A TypeError by meaning; also an AttributeError
     because that is what torch.nn raises for the same mistake (it calls `.dim()` on whatever it
     was given), so code written against torch.nn catches it too."""
+
+
+class DtypeMismatchError(ValueError, RuntimeError):
+    """An input or state whose dtype does not match the parameters'. torch.nn's layers raise
+    ValueError for it from their own check, and RuntimeError where that check does not run (its
+    cells, autocast, nn.LSTM's PackedSequence path): this is both, so code written against any of
+    them catches it."""
+
+
+class StateDimError(RuntimeError, IndexError):
+    """An initial state with the wrong number of dimensions for a PackedSequence input: torch.nn.GRU
+    and RNN raise RuntimeError for it, torch.nn.LSTM an IndexError."""
 
 
 def _reset_uniform(module: nn.Module) -> None:
@@ -53,23 +97,53 @@ def _require_tensor(name: str, value, arg: str) -> None:
         raise NotATensorError(f"{name}: {arg} must be a Tensor, got {type(value).__name__}")
 
 
-def _check_input(name: str, is_cell: bool, input: Tensor, dims: List[int], what: str, input_size: int,
-                 weight: Tensor) -> None:
-    """The input checks shared by layers and cells: a floating tensor of `dims` dimensions, its last one
-    input_size, on the parameters' device and of their dtype (or, under autocast, running in the same
-    dtype). Exception types are torch.nn's for each mistake, which differ between layers and cells."""
+def _check_int_arg(name: str, arg: str, value, positive: bool) -> None:
+    """torch.nn's checks of a size argument: an int (bools are ints to Python and to torch.nn) and,
+    where `positive`, greater than zero."""
+    if not isinstance(value, int):
+        raise TypeError(f"{name}: {arg} should be of type int, got {type(value).__name__} {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name}: {arg} must be greater than zero, got {value!r}")
+
+
+def _check_bool_arg(name: str, arg: str, value) -> None:
+    """torch.nn's layers take bias, batch_first and bidirectional as bools only (its ops do too):
+    `batch_first="False"` would otherwise be read as True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: {arg} should be of type bool, got {type(value).__name__} {value!r}")
+
+
+def _check_complex(name: str, weight: Tensor) -> None:
+    if weight.is_complex():
+        raise NotImplementedError(f"{name}: complex parameters are not supported (the fused kernels are real-valued), "
+                                  f"got {weight.dtype}; torch.nn's recurrent modules run complex dtypes")
+
+
+def _dense(t: Tensor) -> Tensor:
+    """A sparse tensor as the dense one it stands for (eager only): torch.nn runs sparse input to
+    its cells and sparse weights in its layers through ops that take either layout."""
+    if t.layout != torch.strided:
+        return t.to_dense()
+    return t
+
+
+def _check_input_dims(name: str, input: Tensor, dims: List[int], what: str) -> None:
     if input.dim() not in dims:
         raise ValueError(f"{name}: expected input to be {what}, got {input.dim()}-D input of shape "
                          f"{_size(input.shape)}")
+
+
+def _check_input(name: str, input: Tensor, dims: List[int], what: str, input_size: int, weight: Tensor) -> None:
+    """The input checks shared by layers and cells: a floating tensor of `dims` dimensions, its last one
+    input_size, on the parameters' device and of their dtype (or, under autocast, running in the same
+    dtype). Exception types are torch.nn's for each mistake."""
+    _check_input_dims(name, input, dims, what)
+    if not torch.jit.is_scripting():
+        _check_complex(name, weight)
     if not input.is_floating_point() or not functional.same_run_dtype(input.dtype, weight.dtype,
                                                                         input.device.type):
-        message = (f"{name}: input dtype ({input.dtype}) does not match the module's parameters' dtype "
-                   f"({weight.dtype}); convert one of them, e.g. input.to({weight.dtype})")
-        # torch.nn's layers check this themselves (ValueError) except under autocast, where the op
-        # fails (RuntimeError), as its cells' ops always do.
-        if is_cell or functional.autocast_dtype(input.device.type) is not None:
-            raise RuntimeError(message)
-        raise ValueError(message)
+        raise DtypeMismatchError(f"{name}: input dtype ({input.dtype}) does not match the module's parameters' "
+                                 f"dtype ({weight.dtype}); convert one of them, e.g. input.to({weight.dtype})")
     if input.size(-1) != input_size:
         raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size. Expected {input_size}, "
                            f"got {input.size(-1)}")
@@ -84,18 +158,50 @@ def _check_state(name: str, state: Tensor, arg: str, expected: List[int], input:
     if list(state.shape) != expected:
         raise RuntimeError(f"{name}: expected {arg} of size {_size(expected)}, got {_size(state.shape)}")
     if not functional.same_run_dtype(state.dtype, input.dtype, input.device.type):
-        raise RuntimeError(f"{name}: {arg} must have the dtype of input ({input.dtype}), got {state.dtype}")
+        raise DtypeMismatchError(f"{name}: {arg} must have the dtype of input ({input.dtype}), got {state.dtype}")
     if state.device != input.device:
         raise RuntimeError(f"{name}: {arg} must be on the device of input ({input.device}), got {state.device}")
 
 
-def _check_lstm_state_pair(name: str, hx, exception) -> None:
-    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-        raise exception(f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
+def _split_lstm_state(name: str, hx, is_cell: bool) -> Tuple[Tensor, Tensor]:
+    """(h_0, c_0) from an LSTM's hx, eager only, with torch.nn's exception type for each mistake: a
+    non-tensor entry (None included) as NotATensorError (nn: AttributeError or TypeError); a Tensor
+    instead of a tuple RuntimeError for layers, TypeError for cells; a tuple of the wrong length
+    RuntimeError, except IndexError for fewer than two entries to a layer (nn indexes hx[1])."""
+    if isinstance(hx, Tensor):
+        message = f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got a Tensor of shape {_size(hx.shape)}"
+        if is_cell:
+            raise TypeError(message)
+        raise RuntimeError(message)
+    if not isinstance(hx, (tuple, list)):
+        raise NotATensorError(f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
+    kinds = ", ".join(type(v).__name__ for v in hx)
+    for value in hx:
+        if not isinstance(value, Tensor):
+            raise NotATensorError(f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got ({kinds})")
+        if is_cell and value.dim() not in (1, 2):
+            raise ValueError(f"{name}: expected each of hx to be 1-D or 2-D, got {value.dim()}-D of shape "
+                             f"{_size(value.shape)}")
+    if len(hx) != 2:
+        message = f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got {len(hx)} ({kinds})"
+        if len(hx) < 2 and not is_cell:
+            raise IndexError(message)
+        raise RuntimeError(message)
+    return hx[0], hx[1]
 
 
-class _RNNBase(nn.Module):
-    """Shared machinery of LSTM, GRU and RNN (torch.nn.RNNBase's contract)."""
+class _ModuleInit(nn.Module):
+    """Ends our classes' super().__init__() chain at nn.Module.__init__, skipping torch.nn's
+    RNNBase / RNNCellBase constructors (which would create and initialise the weights a second
+    time, drawing random numbers, and call cuDNN's flatten on CUDA): ours create them."""
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+
+
+class _RNNBase(_ModuleInit, nn.RNNBase):
+    """Shared machinery of LSTM, GRU and RNN (torch.nn.RNNBase's contract). A torch.nn.RNNBase: its
+    bookkeeping (`_flat_weights` and its refresh, pickling, DataParallel replicas) is inherited."""
 
     __constants__ = ["mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
                      "bidirectional", "proj_size", "_type_name"]
@@ -110,30 +216,34 @@ class _RNNBase(nn.Module):
                  device=None, dtype=None) -> None:
         super().__init__()
         factory_kwargs = {"device": device, "dtype": dtype}
+        name = self._type_name
+        # torch.nn's checks, in its order: float(dropout) comes first there (TypeError for None).
+        try:
+            float(dropout)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{name}: dropout should be a number in range [0, 1], got {dropout!r}") from None
         if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
-            raise ValueError("dropout should be a number in range [0, 1] representing the probability of an "
-                             f"element being zeroed, got {dropout!r}")
+            raise ValueError(f"{name}: dropout should be a number in range [0, 1] representing the probability of "
+                             f"an element being zeroed, got {dropout!r}")
         if dropout > 0 and num_layers == 1:
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
                           f"expects num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}")
-        for arg, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers),
-                           ("proj_size", proj_size)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{arg} should be of type int, got: {type(value).__name__}")
-        if hidden_size <= 0:
-            raise ValueError(f"hidden_size must be greater than zero, got {hidden_size}")
-        if num_layers <= 0:
-            raise ValueError(f"num_layers must be greater than zero, got {num_layers}")
-        if input_size < 0:
-            raise ValueError(f"input_size must be non-negative, got {input_size}")
+        _check_bool_arg(name, "bias", bias)
+        _check_bool_arg(name, "batch_first", batch_first)
+        # bidirectional is not checked here: torch.nn builds the module and raises TypeError (from its op)
+        # on every call, as forward does here.
+        _check_int_arg(name, "input_size", input_size, positive=True)
+        _check_int_arg(name, "hidden_size", hidden_size, positive=True)
+        _check_int_arg(name, "num_layers", num_layers, positive=True)
+        _check_int_arg(name, "proj_size", proj_size, positive=False)
         if proj_size < 0:
-            raise ValueError("proj_size should be a positive integer or zero to disable projections, "
+            raise ValueError(f"{name}: proj_size should be a positive integer or zero to disable projections, "
                              f"got {proj_size}")
         if proj_size >= hidden_size:
-            raise ValueError(f"proj_size has to be smaller than hidden_size, got proj_size={proj_size} and "
+            raise ValueError(f"{name}: proj_size has to be smaller than hidden_size, got proj_size={proj_size} and "
                              f"hidden_size={hidden_size}")
         if proj_size > 0 and mode != "LSTM":
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+            raise ValueError(f"{name}: proj_size argument is only supported for LSTM, not RNN or GRU")
         self.mode = mode
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -164,13 +274,21 @@ class _RNNBase(nn.Module):
                     names.append(base + suffix)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
+        self._init_flat_weights()  # nn.RNNBase's `_flat_weights` (calls our no-op flatten_parameters)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         _reset_uniform(self)
 
     def flatten_parameters(self) -> None:
-        """No-op, kept for drop-in compatibility: the fused kernels take the weights as they are."""
+        """No-op, kept for drop-in compatibility: the fused kernels take the weights as they are
+        (torch.nn's compacts them for cuDNN on CUDA and is a no-op elsewhere too)."""
+
+    def __setstate__(self, state) -> None:
+        if "_flat_weights" not in state:  # pickled by fusedrnn 0.1.0, whose modules were not nn.RNNBase's
+            state = dict(state)
+            state["_flat_weights"] = [state["_parameters"].get(n) for n in state["_flat_weights_names"]]
+        super().__setstate__(state)
 
     @property
     def all_weights(self) -> List[List[nn.Parameter]]:
@@ -216,20 +334,75 @@ class _RNNBase(nn.Module):
     def _weights(self) -> List[LayerWeights]:
         if torch.jit.is_scripting():
             return self._script_weights
-        return self._layer_weights()
+        return self._checked_weights()
+
+    def _checked_weights(self) -> List[LayerWeights]:
+        """The weights read from the attributes, checked as torch.nn's op checks them on every call: the
+        attributes it reads per call (bias, batch_first, bidirectional: bools; num_layers and bias: as many
+        weights as they say), every weight a Tensor (a None bias is a TypeError there, not "no bias").
+        A sparse weight_ih or weight_hr, which torch.nn's layers run, is made dense; a sparse weight_hh or
+        bias fails there (RuntimeError), and here. The common case costs a few type tests; the diagnosis
+        is in _weights_error."""
+        bias = self.bias
+        if (type(bias) is not bool or type(self.batch_first) is not bool or type(self.bidirectional) is not bool
+                or type(self.num_layers) is not int
+                or len(self._flat_weights_names) != self.num_layers * (2 if self.bidirectional else 1)
+                * (2 + (2 if bias else 0) + (1 if self.proj_size > 0 else 0))):
+            self._attributes_error()
+        out = self._layer_weights()
+        strided = torch.strided
+        for k, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(out):
+            if not (isinstance(w_ih, Tensor) and isinstance(w_hh, Tensor) and w_hh.layout == strided
+                    and (b_ih.layout == strided if isinstance(b_ih, Tensor) else b_ih is None and not bias)
+                    and (b_hh.layout == strided if isinstance(b_hh, Tensor) else b_hh is None and not bias)):
+                self._weights_error(out[k])
+            if w_ih.layout != strided or (w_hr is not None and w_hr.layout != strided):
+                out[k] = (w_ih.to_dense(), w_hh, b_ih, b_hh, None if w_hr is None else w_hr.to_dense())
+        return out
+
+    def _attributes_error(self) -> None:
+        name = self._type_name
+        if isinstance(self.num_layers, bool):  # accepted by the constructor, refused by torch.nn's op
+            raise TypeError(f"{name}: num_layers should be of type int, got bool {self.num_layers}")
+        _check_bool_arg(name, "bias", self.bias)
+        _check_bool_arg(name, "batch_first", self.batch_first)
+        _check_bool_arg(name, "bidirectional", self.bidirectional)
+        directions = 2 if self.bidirectional else 1
+        per_layer = 2 + (2 if self.bias else 0) + (1 if self.proj_size > 0 else 0)
+        held = ", ".join(self._flat_weights_names)
+        raise RuntimeError(
+            f"{name}: the module holds {len(self._flat_weights_names)} weights ({held}), but num_layers="
+            f"{self.num_layers}, bidirectional={self.bidirectional}, bias={self.bias} and proj_size={self.proj_size} "
+            f"need {self.num_layers * directions * per_layer}: were these attributes changed after construction?")
+
+    def _weights_error(self, weights: LayerWeights) -> None:
+        name = self._type_name
+        given = [("weight_ih", weights[0]), ("weight_hh", weights[1])]
+        if self.bias:
+            given += [("bias_ih", weights[2]), ("bias_hh", weights[3])]
+        for arg, w in given:
+            if not isinstance(w, Tensor):
+                raise NotATensorError(f"{name}: every weight must be a Tensor (bias={self.bias}), got {arg} = "
+                                      f"{type(w).__name__}")
+            if arg != "weight_ih" and w.layout != torch.strided:
+                raise RuntimeError(f"{name}: {arg} must be a dense (strided) tensor, got {w.layout}")
+        raise RuntimeError(f"{name}: the module has biases but bias=False")
 
     def _check_input(self, input: Tensor, packed: bool) -> None:
         if not torch.jit.is_scripting():
             _require_tensor(self._type_name, input, "input")
+            if input.layout != torch.strided:  # torch.nn's layers fail on it too (RuntimeError)
+                raise RuntimeError(f"{self._type_name}: input must be a dense (strided) tensor, got {input.layout}")
         if packed:
-            _check_input(self._type_name, False, input, [2], "2-D packed data", self.input_size, self.weight_ih_l0)
+            _check_input(self._type_name, input, [2], "2-D packed data", self.input_size, self.weight_ih_l0)
         else:
-            _check_input(self._type_name, False, input, [2, 3], "2-D (unbatched) or 3-D (batched)",
-                         self.input_size, self.weight_ih_l0)
+            _check_input(self._type_name, input, [2, 3], "2-D (unbatched) or 3-D (batched)", self.input_size,
+                         self.weight_ih_l0)
 
     def _initial_state(self, h0: Optional[Tensor], c0: Optional[Tensor], batch: int, input: Tensor,
-                       batched: bool) -> Tuple[Tensor, Optional[Tensor], bool]:
-        """(h_0, c_0 or None, given): the caller's states checked and made batched, or zeros."""
+                       batched: bool, packed: bool) -> Tuple[Tensor, Optional[Tensor], bool]:
+        """(h_0, c_0 or None, given): the caller's states checked and made batched, or zeros. An LSTM's
+        forward gives both states or neither (_split_lstm_state)."""
         d = 2 if self.bidirectional else 1
         real_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         is_lstm = self.mode == "LSTM"
@@ -241,16 +414,22 @@ class _RNNBase(nn.Module):
                                 device=input.device)
             return h, c, False
         h = self._check_state(h0, "h_0" if is_lstm else "hx", [self.num_layers * d, batch, real_size], input,
-                              batched)
+                              batched, packed)
         if c0 is not None:
-            c0 = self._check_state(c0, "c_0", [self.num_layers * d, batch, self.hidden_size], input, batched)
+            c0 = self._check_state(c0, "c_0", [self.num_layers * d, batch, self.hidden_size], input, batched,
+                                   packed)
         return h, c0, True
 
-    def _check_state(self, state: Tensor, arg: str, expected: List[int], input: Tensor, batched: bool) -> Tensor:
+    def _check_state(self, state: Tensor, arg: str, expected: List[int], input: Tensor, batched: bool,
+                     packed: bool) -> Tensor:
         name = self._type_name
         if not torch.jit.is_scripting():
             _require_tensor(name, state, arg)
-        if not batched:
+        if packed:
+            if state.dim() != 3:
+                raise StateDimError(f"{name}: for PackedSequence input, {arg} should be 3-D (num_layers * "
+                                    f"num_directions, batch, hidden) but got {state.dim()}-D tensor")
+        elif not batched:
             if state.dim() != 2:
                 raise RuntimeError(f"{name}: for unbatched 2-D input, {arg} should also be 2-D but got "
                                    f"{state.dim()}-D tensor")
@@ -282,7 +461,7 @@ class _RNNBase(nn.Module):
         if steps == 0:
             raise RuntimeError(f"{self._type_name}: expected sequence length to be larger than 0, got input of "
                                f"shape {_size(input.shape)}")
-        h, c, _ = self._initial_state(h0, c0, batch, x, batched)
+        h, c, _ = self._initial_state(h0, c0, batch, x, batched, False)
         batch_sizes = torch.full((steps,), batch, dtype=torch.int64)
         out, h, c = self._run(x.reshape(steps * batch, x.shape[2]), batch_sizes, h, c)
         out = out.view(steps, batch, out.shape[-1])
@@ -301,8 +480,11 @@ class _RNNBase(nn.Module):
         data, batch_sizes = input.data, input.batch_sizes
         sorted_indices, unsorted_indices = input.sorted_indices, input.unsorted_indices
         self._check_input(data, packed=True)
-        batch = int(batch_sizes[0]) if batch_sizes.numel() > 0 else 0
-        h, c, given = self._initial_state(h0, c0, batch, data, batched=True)
+        if batch_sizes.numel() == 0:  # torch.nn reads batch_sizes[0] (IndexError)
+            raise IndexError(f"{self._type_name}: a PackedSequence must hold at least one time step, got empty "
+                             "batch_sizes")
+        batch = int(batch_sizes[0])
+        h, c, given = self._initial_state(h0, c0, batch, data, True, True)
         if given and sorted_indices is not None:
             # hx is given in the caller's batch order; the packed data is sorted by length.
             h = h.index_select(1, sorted_indices)
@@ -349,7 +531,7 @@ def _no_lengths_with_packed(name: str, lengths: Optional[Tensor]) -> None:
         raise ValueError(f"{name}: lengths must not be given with a PackedSequence input")
 
 
-class LSTM(_RNNBase):
+class LSTM(_RNNBase, nn.LSTM):
     """Drop-in for torch.nn.LSTM (gates i, f, g, o; proj_size supported)."""
 
     _type_name = "fusedrnn.LSTM"
@@ -373,9 +555,10 @@ class LSTM(_RNNBase):
         h0: Optional[Tensor] = None
         c0: Optional[Tensor] = None
         if hx is not None:
-            if not torch.jit.is_scripting():
-                _check_lstm_state_pair(self._type_name, hx, RuntimeError)  # torch.nn.LSTM's type for it
-            h0, c0 = hx[0], hx[1]
+            if torch.jit.is_scripting():
+                h0, c0 = hx[0], hx[1]
+            else:
+                h0, c0 = _split_lstm_state(self._type_name, hx, is_cell=False)
         if isinstance(input, PackedSequence):
             _no_lengths_with_packed(self._type_name, lengths)
             packed, h, c = self._forward_packed(input, h0, c0)
@@ -386,14 +569,14 @@ class LSTM(_RNNBase):
         return out, (h, c)
 
 
-class GRU(_RNNBase):
+class GRU(_RNNBase, nn.GRU):
     """Drop-in for torch.nn.GRU (PyTorch's / cuDNN's variant: reset applied after the W_hn matmul)."""
 
     _type_name = "fusedrnn.GRU"
 
     def __init__(self, *args, **kwargs):
         if "proj_size" in kwargs:
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+            raise ValueError(f"{self._type_name}: proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
 
     @overload  # type: ignore[override]
@@ -417,20 +600,24 @@ class GRU(_RNNBase):
         return out, h
 
 
-class RNN(_RNNBase):
+class RNN(_RNNBase, nn.RNN):
     """Drop-in for torch.nn.RNN (Elman network, nonlinearity 'tanh' or 'relu')."""
 
     _type_name = "fusedrnn.RNN"
 
     def __init__(self, *args, **kwargs):
         if "proj_size" in kwargs:
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+            raise ValueError(f"{self._type_name}: proj_size argument is only supported for LSTM, not RNN or GRU")
         if len(args) > 3:  # torch.nn.RNN's positional order: input_size, hidden_size, num_layers, nonlinearity
             kwargs["nonlinearity"] = args[3]
             args = args[:3] + args[4:]
         self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
         if self.nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+            raise ValueError(f"{self._type_name}: Unknown nonlinearity {self.nonlinearity!r}. Select from 'tanh' or "
+                             "'relu'.")
+        hidden_size = args[1] if len(args) > 1 else kwargs.get("hidden_size")
+        if hidden_size is True:  # torch.nn.RNN's weights would get a bool in their shape: TypeError
+            raise TypeError(f"{self._type_name}: hidden_size should be of type int, got bool {hidden_size}")
         super().__init__("RNN_TANH" if self.nonlinearity == "tanh" else "RNN_RELU", *args, **kwargs)
 
     @overload  # type: ignore[override]
@@ -446,6 +633,11 @@ class RNN(_RNNBase):
         pass
 
     def forward(self, input, hx=None, lengths=None):  # noqa: F811
+        # Like torch.nn.RNN, the call runs the cell that `mode` names (read per call; `nonlinearity` only
+        # chooses it at construction).
+        if not torch.jit.is_scripting():
+            if self.mode not in ("RNN_TANH", "RNN_RELU"):
+                raise AssertionError(f"{self._type_name}: mode must be 'RNN_TANH' or 'RNN_RELU', got '{self.mode}'")
         if isinstance(input, PackedSequence):
             _no_lengths_with_packed(self._type_name, lengths)
             packed, h, _ = self._forward_packed(input, hx, None)
@@ -456,8 +648,8 @@ class RNN(_RNNBase):
 
 # ---- cells ------------------------------------------------------------------------------------
 
-class _CellBase(nn.Module):
-    """One time step: runs the layer op over a one-step sequence."""
+class _CellBase(_ModuleInit, nn.RNNCellBase):
+    """One time step: runs the layer op over a one-step sequence. A torch.nn.RNNCellBase."""
 
     __constants__ = ["mode", "input_size", "hidden_size", "bias", "_type_name"]
     _type_name = "fusedrnn.RNNCellBase"
@@ -498,37 +690,80 @@ class _CellBase(nn.Module):
             s += ", nonlinearity={nonlinearity}"
         return s.format(**self.__dict__)
 
-    def _check_state(self, input: Tensor, state: Tensor, arg: str, batched: bool) -> Tensor:
-        if not torch.jit.is_scripting():
-            _require_tensor(self._type_name, state, arg)
+    def _check_state(self, input: Tensor, state: Tensor, arg: str, batched: bool, hidden: int) -> Tensor:
+        # hidden: the hidden size the weights have (what torch.nn's op checks), not the attribute.
         if batched:
-            expected = [input.shape[0], self.hidden_size]
+            expected = [input.shape[0], hidden]
         else:
-            expected = [self.hidden_size]
+            expected = [hidden]
         _check_state(self._type_name, state, arg, expected, input)
         return state if batched else state.unsqueeze(0)
 
-    def _step(self, input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+    def _step(self, mode: str, input: Tensor, h0: Optional[Tensor],
+              c0: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        """One step of the cell `mode`. The checks are torch.nn's, in its order: input's dimensions, the
+        states' dimensions (ValueError), then what its op checks (RuntimeError)."""
+        name = self._type_name
+        is_lstm = mode == "LSTM"
+        h_arg = "h_0" if is_lstm else "hx"
+        out_dtype: Optional[torch.dtype] = None
+        # Each read once: a Module's parameter lookup costs about a microsecond.
+        w_ih, w_hh, b_ih, b_hh = self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
         if not torch.jit.is_scripting():
-            _require_tensor(self._type_name, input, "input")
-        _check_input(self._type_name, True, input, [1, 2], "1-D (unbatched) or 2-D (batched)", self.input_size,
-                     self.weight_ih)
+            _require_tensor(name, input, "input")
+            input = _dense(input)  # torch.nn's cells take sparse input
+            if h0 is not None:
+                _require_tensor(name, h0, h_arg)
+        _check_input_dims(name, input, [1, 2], "1-D (unbatched) or 2-D (batched)")
+        if h0 is not None and h0.dim() not in (1, 2):
+            raise ValueError(f"{name}: expected {h_arg} to be 1-D or 2-D, got {h0.dim()}-D of shape {_size(h0.shape)}")
+        if not torch.jit.is_scripting():
+            for arg, w in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh)):
+                if w is not None and w.layout != torch.strided:  # torch.nn's cells fail on them (RuntimeError)
+                    raise RuntimeError(f"{name}: {arg} must be a dense (strided) tensor, got {w.layout}")
+            if h0 is not None and h0.layout != torch.strided:
+                if mode == "GRU":  # torch.nn.GRUCell fails on it (RuntimeError), LSTMCell and RNNCell run it
+                    raise RuntimeError(f"{name}: hx must be a dense (strided) tensor, got {h0.layout}")
+                h0 = h0.to_dense()
+            if c0 is not None and c0.layout != torch.strided:  # as torch.nn.LSTMCell (RuntimeError)
+                raise RuntimeError(f"{name}: c_0 must be a dense (strided) tensor, got {c0.layout}")
+            if c0 is not None and c0.is_complex():
+                raise NotImplementedError(f"{name}: complex states are not supported (the fused kernels are "
+                                          f"real-valued), got c_0 of {c0.dtype}")
+            if (c0 is not None and input.is_floating_point() and not c0.is_complex()
+                    and not functional.same_run_dtype(c0.dtype, input.dtype, input.device.type)):
+                # torch.nn.LSTMCell uses c_0 only in elementwise math, which promotes: its outputs come in
+                # the promoted dtype. Run in input's dtype and return that one.
+                out_dtype = torch.promote_types(input.dtype, c0.dtype)
+                c0 = c0.to(input.dtype)
+        _check_input(name, input, [1, 2], "1-D (unbatched) or 2-D (batched)", w_ih.shape[1], w_ih)
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
         batch = x.shape[0]
-        is_lstm = self.mode == "LSTM"
         c: Optional[Tensor] = None
         if h0 is None:
             h = x.new_zeros(batch, self.hidden_size)
             if is_lstm:
                 c = x.new_zeros(batch, self.hidden_size)
         else:
-            h = self._check_state(input, h0, "h_0" if is_lstm else "hx", batched)
+            h = self._check_state(input, h0, h_arg, batched, w_hh.shape[1])
             if c0 is not None:
-                c = self._check_state(input, c0, "c_0", batched)
-        weights: LayerWeights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
-        batch_sizes = torch.full((1,), batch, dtype=torch.int64)
-        _, h, c = functional.layer(self.mode, x, h, c, weights, batch_sizes, False)
+                c = self._check_state(input, c0, "c_0", batched, w_hh.shape[1])
+        if w_hh.shape[1] == 0:
+            # hidden_size 0 (torch.nn returns empty states): nothing for the kernels to do. Computed from the
+            # weights, so that the empty result is part of the autograd graph as torch.nn's is.
+            empty = F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
+            h = empty
+            if is_lstm:
+                c = empty.clone()
+        else:
+            weights: LayerWeights = (w_ih, w_hh, b_ih, b_hh, None)
+            batch_sizes = torch.full((1,), batch, dtype=torch.int64)
+            _, h, c = functional.layer(mode, x, h, c, weights, batch_sizes, False)
+        if out_dtype is not None:
+            h = h.to(out_dtype)
+            if c is not None:
+                c = c.to(out_dtype)
         if not batched:
             h = h.squeeze(0)
             if c is not None:
@@ -536,7 +771,7 @@ class _CellBase(nn.Module):
         return h, c
 
 
-class LSTMCell(_CellBase):
+class LSTMCell(_CellBase, nn.LSTMCell):
     """Drop-in for torch.nn.LSTMCell."""
 
     _type_name = "fusedrnn.LSTMCell"
@@ -548,15 +783,18 @@ class LSTMCell(_CellBase):
         h0: Optional[Tensor] = None
         c0: Optional[Tensor] = None
         if hx is not None:
-            if not torch.jit.is_scripting():
-                _check_lstm_state_pair(self._type_name, hx, TypeError)  # torch.nn.LSTMCell's type for it
-            h0, c0 = hx[0], hx[1]
-        h, c = self._step(input, h0, c0)
+            if torch.jit.is_scripting():
+                h0, c0 = hx[0], hx[1]
+                if c0.dim() not in (1, 2):
+                    raise ValueError(f"{self._type_name}: expected c_0 to be 1-D or 2-D, got {c0.dim()}-D")
+            else:
+                h0, c0 = _split_lstm_state(self._type_name, hx, is_cell=True)
+        h, c = self._step(self.mode, input, h0, c0)
         assert c is not None
         return h, c
 
 
-class GRUCell(_CellBase):
+class GRUCell(_CellBase, nn.GRUCell):
     """Drop-in for torch.nn.GRUCell."""
 
     _type_name = "fusedrnn.GRUCell"
@@ -565,21 +803,60 @@ class GRUCell(_CellBase):
         super().__init__("GRU", input_size, hidden_size, bias, device, dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
-        return self._step(input, hx, None)[0]
+        return self._step(self.mode, input, hx, None)[0]
 
 
-class RNNCell(_CellBase):
+class RNNCell(_CellBase, nn.RNNCell):
     """Drop-in for torch.nn.RNNCell."""
 
     _type_name = "fusedrnn.RNNCell"
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
                  device=None, dtype=None):
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"Unknown nonlinearity: {nonlinearity}. Select from 'tanh' or 'relu'.")
+        # As torch.nn.RNNCell: any value is accepted here, and forward reads `nonlinearity` on every call
+        # (so setting it afterwards takes effect, and an unknown one raises there). `mode` says which cell
+        # the constructor's nonlinearity chose; forward does not read it.
         self.nonlinearity = nonlinearity
-        super().__init__("RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU", input_size, hidden_size, bias,
+        super().__init__("RNN_RELU" if nonlinearity == "relu" else "RNN_TANH", input_size, hidden_size, bias,
                          device, dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
-        return self._step(input, hx, None)[0]
+        if self.nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif self.nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise RuntimeError(f"{self._type_name}: Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' "
+                               "or 'relu'.")
+        return self._step(mode, input, hx, None)[0]
+
+
+# ---- TorchDynamo: accept our layers, which are nn.LSTM / GRU / RNN instances --------------------
+
+def _accept_ours_in_dynamo(builder_module) -> None:
+    """Dynamo's VariableBuilder.wrap_module refuses every nn.RNN / GRU / LSTM instance unless
+    torch._dynamo.config.allow_rnn is set. Ours trace to fusedrnn's registered ops (tested with
+    fullgraph=True), so for instances of our classes, and only those, the refusal is lifted for
+    the duration of that one call; torch.nn's modules meet the check unchanged. Dynamo compiles one
+    frame at a time (convert_frame.compile_lock) and reads allow_rnn only in this check, so the
+    lifted flag cannot reach another compilation. See the module docstring for why this and not a
+    global allow_rnn=True."""
+    from torch._dynamo import config
+
+    builder = getattr(builder_module, "VariableBuilder", None)
+    refusing = getattr(builder, "wrap_module", None)
+    if refusing is None or not hasattr(config, "allow_rnn") or getattr(refusing, "_fusedrnn", False):
+        return  # a torch without the refusal (or already wrapped): nothing to lift
+
+    @functools.wraps(refusing)
+    def wrap_module(self, value):
+        if isinstance(value, _RNNBase) and not config.allow_rnn:
+            with config.patch(allow_rnn=True):
+                return refusing(self, value)
+        return refusing(self, value)
+
+    wrap_module._fusedrnn = True  # type: ignore[attr-defined]
+    builder.wrap_module = wrap_module
+
+
+onnx._after_import("torch._dynamo.variables.builder", _accept_ours_in_dynamo)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import fusedrnn
-from conftest import CELLS, flat_state, make_pair
+from conftest import CELLS, DEVICES, flat_state, make_pair
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,15 +124,16 @@ def test_torch_func_vmap_over_parameters_equals_a_loop():
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func's jvp scripts a helper
-def test_torch_func_forward_mode_and_nested_grad_raise_instead_of_returning_zeros():
-    """No forward-mode formula (jvp) and no double backward: both say so. (torch.nn's CPU RNNs are
-    composite ops, so jacfwd and hessian work there.)"""
-    _, ours = make_pair("gru", 3, 4)
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_torch_func_forward_mode_and_nested_grad_match_torch_nn(cell):
+    """jacfwd, hessian and nested grad (issue 14; more in tests/test_higher_order.py): the layers run
+    on fusedrnn.reference under forward mode and nested reverse mode, equal to torch.nn's."""
+    ref, ours = make_pair(cell, 3, 4)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
-    with pytest.raises(NotImplementedError, match="jvp"):
-        torch.func.jacfwd(lambda x: ours(x)[0])(x)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.func.grad(lambda x: torch.func.grad(lambda y: ours(y)[0].sum())(x).sum())(x)
+    for transform in (lambda f: torch.func.jacfwd(lambda x: f(x)[0]),
+                      lambda f: torch.func.hessian(lambda x: f(x)[0].sin().sum()),
+                      lambda f: torch.func.grad(lambda x: torch.func.grad(lambda y: f(y)[0].sin().sum())(x).sum())):
+        torch.testing.assert_close(transform(ours)(x), transform(ref)(x), rtol=0, atol=1e-10)
 
 
 # ---- autocast: one contract on every device (fusedrnn/functional.py) -----------------------------
@@ -277,8 +278,31 @@ def _cell(name):
     return make
 
 
-def _packed(x, lengths=(4, 2)):
-    return nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lengths))
+def _packed(x, lengths=(4, 2), enforce_sorted=True):
+    return nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=enforce_sorted)
+
+
+def _pair(name, *args, dtype=torch.float32, setup=None, **kwargs):
+    """A maker of (torch.nn module, fusedrnn module) of class `name` with the same weights; `setup`
+    then runs on both (an attribute changed after construction, a weight replaced)."""
+    def make():
+        torch.manual_seed(0)
+        ref = getattr(nn, name)(*args, **kwargs).to(dtype)
+        ours = getattr(fusedrnn, name)(*args, **kwargs).to(dtype)
+        ours.load_state_dict(ref.state_dict())
+        if setup is not None:
+            setup(ref)
+            setup(ours)
+        return ref, ours
+    return make
+
+
+def _set(**attributes):
+    return lambda m: [setattr(m, k, v) for k, v in attributes.items()]
+
+
+def _sparse(*names):
+    return lambda m: [setattr(m, n, nn.Parameter(getattr(m, n).detach().to_sparse())) for n in names]
 
 
 _h = torch.randn
@@ -319,6 +343,50 @@ MISTAKES = {
     "cell_hx_dtype": (_cell("GRUCell"), lambda: (_h(2, 3), _h(2, 5, dtype=torch.float64))),
     "lstm_cell_hx_tensor": (_cell("LSTMCell"), lambda: (_h(2, 3), _h(2, 5))),
     "lstm_cell_c0_shape": (_cell("LSTMCell"), lambda: (_h(2, 3), (_h(2, 5), _h(3, 5)))),
+    # issue 14.5: an LSTM's hx with a None (c_0 was silently ignored, h_0 a bare AssertionError)
+    "lstm_hx_none_c0": (_lstm2, lambda: (_h(4, 2, 3), (None, _h(2, 2, 5)))),
+    "lstm_hx_h0_none": (_lstm2, lambda: (_h(4, 2, 3), (_h(2, 2, 5), None))),
+    "lstm_hx_none_none": (_lstm2, lambda: (_h(4, 2, 3), (None, None))),
+    "packed_lstm_hx_none_c0": (_lstm2, lambda: (_packed(_h(4, 2, 3)), (None, _h(2, 2, 5)))),
+    "packed_lstm_hx_h0_none": (_lstm2, lambda: (_packed(_h(4, 2, 3)), (_h(2, 2, 5), None))),
+    "packed_unsorted_lstm_hx_none_c0": (_lstm2, lambda: (_packed(_h(4, 2, 3), (2, 4), False), (None, _h(2, 2, 5)))),
+    "lstm_cell_hx_none_c0": (_cell("LSTMCell"), lambda: (_h(2, 3), (None, _h(2, 5)))),
+    "lstm_cell_hx_h0_none": (_cell("LSTMCell"), lambda: (_h(2, 3), (_h(2, 5), None))),
+    # the rest of an LSTM's hx
+    "lstm_hx_one": (_lstm2, lambda: (_h(4, 2, 3), (_h(2, 2, 5),))),
+    "lstm_hx_not_a_tensor": (_lstm2, lambda: (_h(4, 2, 3), 3)),
+    "lstm_cell_hx_three": (_cell("LSTMCell"), lambda: (_h(2, 3), (_h(2, 5),) * 3)),
+    "lstm_cell_hx_one": (_cell("LSTMCell"), lambda: (_h(2, 3), (_h(2, 5),))),
+    "lstm_cell_c0_3d": (_cell("LSTMCell"), lambda: (_h(2, 3), (_h(2, 5), _h(1, 2, 5)))),
+    # a cell's state of the wrong rank: nn's ValueError "Expected hidden to be 1D or 2D"
+    "cell_hx_0d": (_cell("GRUCell"), lambda: (_h(2, 3), _h(()))),
+    "cell_hx_3d": (_cell("RNNCell"), lambda: (_h(2, 3), _h(1, 2, 5))),
+    "cell_hx_4d": (_cell("GRUCell"), lambda: (_h(2, 3), _h(1, 1, 2, 5))),
+    "lstm_cell_h0_0d": (_cell("LSTMCell"), lambda: (_h(2, 3), (_h(()), _h(2, 5)))),
+    # attributes torch.nn reads on every call: of the wrong type, or no longer matching the weights
+    "bidirectional_int": (_pair("GRU", 3, 5, bidirectional=1), lambda: (_h(4, 2, 3),)),
+    "bidirectional_str": (_pair("LSTM", 3, 5, bidirectional="False"), lambda: (_h(4, 2, 3),)),
+    "num_layers_bool": (_pair("RNN", 3, 5, num_layers=True), lambda: (_h(4, 2, 3),)),
+    "set_batch_first_str": (_pair("GRU", 3, 5, setup=_set(batch_first="False")), lambda: (_h(4, 2, 3),)),
+    "set_bias_str": (_pair("LSTM", 3, 5, setup=_set(bias="yes")), lambda: (_h(4, 2, 3),)),
+    "set_bias_false": (_pair("RNN", 3, 5, setup=_set(bias=False)), lambda: (_h(4, 2, 3),)),
+    "set_num_layers": (_pair("GRU", 3, 5, num_layers=2, setup=_set(num_layers=1)), lambda: (_h(4, 2, 3),)),
+    "set_bidirectional": (_pair("LSTM", 3, 5, setup=_set(bidirectional=True)), lambda: (_h(4, 2, 3),)),
+    "set_rnn_mode_lstm": (_pair("RNN", 3, 5, setup=_set(mode="LSTM")), lambda: (_h(4, 2, 3),)),
+    "set_rnn_cell_nonlinearity": (_pair("RNNCell", 3, 5, setup=_set(nonlinearity="gelu")), lambda: (_h(2, 3),)),
+    "layer_bias_none": (_pair("GRU", 3, 5, setup=_set(bias_ih_l0=None)), lambda: (_h(4, 2, 3),)),
+    # sparse tensors where torch.nn fails on them
+    "layer_sparse_weight_hh": (_pair("LSTM", 3, 5, setup=_sparse("weight_hh_l0")), lambda: (_h(4, 2, 3),)),
+    "layer_sparse_bias": (_pair("GRU", 3, 5, setup=_sparse("bias_hh_l0")), lambda: (_h(4, 2, 3),)),
+    "cell_sparse_weight": (_pair("LSTMCell", 3, 5, setup=_sparse("weight_ih")), lambda: (_h(2, 3),)),
+    "cell_sparse_bias": (_pair("RNNCell", 3, 5, setup=_sparse("bias_hh")), lambda: (_h(2, 3),)),
+    "gru_cell_sparse_hx": (_cell("GRUCell"), lambda: (_h(2, 3), _h(2, 5).to_sparse())),
+    "lstm_cell_sparse_c0": (_cell("LSTMCell"), lambda: (_h(2, 3), (_h(2, 5), _h(2, 5).to_sparse()))),
+    "layer_sparse_input": (_gru2, lambda: (_h(4, 2, 3).to_sparse(),)),
+    # PackedSequence: nn.LSTM's packed path raises other types than its padded one
+    "packed_lstm_hx_2d": (_lstm2, lambda: (_packed(_h(4, 2, 3)), (_h(2, 5), _h(2, 5)))),
+    "packed_lstm_float64": (_lstm2, lambda: (_packed(_h(4, 2, 3, dtype=torch.float64)),)),
+    "packed_empty": (_gru2, lambda: (nn.utils.rnn.PackedSequence(_h(0, 3), torch.zeros(0, dtype=torch.int64)),)),
 }
 
 
@@ -333,6 +401,193 @@ def test_mistakes_raise_the_exception_type_torch_nn_raises(mistake):
     assert isinstance(got.value, expected.type), (
         f"torch.nn raises {expected.type.__name__}, fusedrnn {got.type.__name__}: {got.value}")
     assert "fusedrnn." in str(got.value)  # our message, not one from deeper down
+
+
+# Constructor arguments torch.nn refuses, each with the exception type torch.nn raises.
+CONSTRUCTOR_MISTAKES = {
+    "input_size_0": ("LSTM", (0, 5), {}),
+    "input_size_false": ("GRU", (False, 5), {}),
+    "hidden_size_false": ("RNN", (3, False), {}),
+    "bias_int": ("LSTM", (3, 5), {"bias": 0}),
+    "bias_str": ("GRU", (3, 5), {"bias": "False"}),
+    "bias_none": ("RNN", (3, 5), {"bias": None}),
+    "batch_first_str": ("LSTM", (3, 5), {"batch_first": "False"}),
+    "batch_first_int": ("GRU", (3, 5), {"batch_first": 1}),
+    "batch_first_positional": ("RNN", (3, 5, 1, "tanh", True, "no"), {}),
+    "dropout_none": ("GRU", (3, 5, 2), {"dropout": None}),
+}
+
+
+@pytest.mark.parametrize("mistake", list(CONSTRUCTOR_MISTAKES))
+def test_constructor_mistakes_raise_the_exception_type_torch_nn_raises(mistake):
+    name, args, kwargs = CONSTRUCTOR_MISTAKES[mistake]
+    with pytest.raises(Exception) as expected:
+        getattr(nn, name)(*args, **kwargs)
+    with pytest.raises(Exception) as got:
+        getattr(fusedrnn, name)(*args, **kwargs)
+    assert isinstance(got.value, expected.type), (
+        f"torch.nn raises {expected.type.__name__}, fusedrnn {got.type.__name__}: {got.value}")
+    assert "fusedrnn." in str(got.value)
+
+
+def test_batch_first_given_as_a_string_is_refused_not_read_as_true():
+    """`batch_first="False"` is truthy: before, the module built and read it as batch-first."""
+    with pytest.raises(TypeError, match="fusedrnn.LSTM: batch_first should be of type bool, got str 'False'"):
+        fusedrnn.LSTM(3, 5, batch_first="False")
+
+
+# Unusual but legal uses: where torch.nn returns, fusedrnn returns the same (float64, outputs and the
+# gradients of every parameter and of the input).
+_d = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
+RETURNS = {
+    # hidden_size 0: empty states
+    "lstm_cell_hidden_size_0": (_pair("LSTMCell", 3, 0, dtype=torch.float64), lambda: (_d(2, 3),)),
+    "gru_cell_hidden_size_0_hx": (_pair("GRUCell", 3, 0, dtype=torch.float64), lambda: (_d(2, 3), _d(2, 0))),
+    "rnn_cell_sizes_0_unbatched": (_pair("RNNCell", 0, 0, dtype=torch.float64), lambda: (_d(0),)),
+    # bools are ints
+    "lstm_hidden_size_true": (_pair("LSTM", 3, True, dtype=torch.float64), lambda: (_d(4, 2, 3),)),
+    "gru_input_size_true": (_pair("GRU", True, 4, dtype=torch.float64), lambda: (_d(4, 2, 1),)),
+    # attributes read on every call
+    "rnn_cell_nonlinearity_set_to_relu": (_pair("RNNCell", 3, 5, dtype=torch.float64, setup=_set(nonlinearity="relu")),
+                                          lambda: (3 * _d(2, 3),)),
+    "rnn_cell_nonlinearity_set_to_tanh": (_pair("RNNCell", 3, 5, nonlinearity="relu", dtype=torch.float64,
+                                                setup=_set(nonlinearity="tanh")), lambda: (3 * _d(2, 3),)),
+    "cell_input_size_attribute_changed": (_pair("GRUCell", 3, 5, dtype=torch.float64, setup=_set(input_size=7)),
+                                          lambda: (_d(2, 3),)),
+    # an LSTMCell's c_0 of another real dtype: torch.nn promotes
+    "lstm_cell_c0_float32": (_pair("LSTMCell", 3, 5, dtype=torch.float64),
+                             lambda: (_d(2, 3), (_d(2, 5), torch.randn(2, 5)))),
+    "lstm_cell_c0_int_unbatched": (_pair("LSTMCell", 3, 5, dtype=torch.float64),
+                                   lambda: (_d(3), (_d(5), torch.arange(5)))),
+    # sparse tensors where torch.nn runs them
+    "cell_sparse_input": (_pair("GRUCell", 3, 5, dtype=torch.float64), lambda: (_d(2, 3).to_sparse(),)),
+    "lstm_cell_sparse_h0": (_pair("LSTMCell", 3, 5, dtype=torch.float64),
+                            lambda: (_d(2, 3), (_d(2, 5).to_sparse(), _d(2, 5)))),
+    "rnn_cell_sparse_hx": (_pair("RNNCell", 3, 5, dtype=torch.float64), lambda: (_d(2, 3), _d(2, 5).to_sparse())),
+    "layer_sparse_weight_ih": (_pair("GRU", 3, 5, num_layers=2, dtype=torch.float64, setup=_sparse("weight_ih_l1")),
+                               lambda: (_d(4, 2, 3),)),
+    "lstm_sparse_weight_hr": (_pair("LSTM", 3, 5, proj_size=2, dtype=torch.float64, setup=_sparse("weight_hr_l0")),
+                              lambda: (_d(4, 2, 3),)),
+}
+
+
+def _dense_leaves(out):
+    leaves = [out.data] if isinstance(out, nn.utils.rnn.PackedSequence) else torch.utils._pytree.tree_leaves(out)
+    return [t.to_dense() if t.layout != torch.strided else t for t in leaves]
+
+
+@pytest.mark.parametrize("case", list(RETURNS))
+def test_where_torch_nn_returns_fusedrnn_returns_the_same(case):
+    make, args = RETURNS[case]
+    ref, ours = make()
+    torch.manual_seed(1)
+    inputs = args()
+    results = []
+    for module in (ref, ours):
+        out = _dense_leaves(module(*inputs))
+        params = [p for p in module.parameters() if p.layout == torch.strided]
+        loss = sum((t.double() * torch.linspace(-1, 1, t.numel(), dtype=torch.float64).view(t.shape)).sum()
+                   for t in out if t.numel() > 0)
+        grads = torch.autograd.grad(loss, params, allow_unused=True) if torch.is_tensor(loss) else ()
+        results.append((out, grads))
+    (expected, expected_grads), (got, got_grads) = results
+    assert [(t.dtype, t.shape) for t in got] == [(t.dtype, t.shape) for t in expected]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    for a, b in zip(got_grads, expected_grads):
+        assert (a is None) == (b is None) or (a is not None and a.numel() == 0) or (b is not None and b.numel() == 0)
+        if a is not None and b is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_rnn_cell_reads_nonlinearity_on_every_call():
+    """torch.nn.RNNCell reads `nonlinearity` in forward; the fused cell chose its kernel at construction,
+    so setting it afterwards changed nothing (relu results from a tanh cell: silently wrong numbers)."""
+    ref, ours = _pair("RNNCell", 3, 5, dtype=torch.float64)()
+    x = 3 * torch.randn(4, 3, dtype=torch.float64)
+    for nonlinearity in ("relu", "tanh", "relu"):
+        ref.nonlinearity = ours.nonlinearity = nonlinearity
+        torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-12)
+    ours.nonlinearity = "gelu"
+    with pytest.raises(RuntimeError, match="fusedrnn.RNNCell: Unknown nonlinearity 'gelu'"):
+        ours(x)
+
+
+def test_lstm_refuses_an_hx_with_none_instead_of_ignoring_c0():
+    """(None, c_0) ran from zero states, dropping the caller's c_0 without a word."""
+    lstm = fusedrnn.LSTM(3, 5)
+    x, h0, c0 = torch.randn(4, 2, 3), torch.randn(1, 2, 5), torch.randn(1, 2, 5)
+    for hx in ((None, c0), (h0, None)):
+        with pytest.raises(TypeError, match=r"fusedrnn.LSTM: hx must be a tuple \(h_0, c_0\) of two tensors"):
+            lstm(x, hx)
+    with pytest.raises(AttributeError):  # what torch.nn raises for it
+        fusedrnn.LSTMCell(3, 5)(x[0], (None, c0[0]))
+
+
+# ---- input_size=0 (issue 14.2): the input projection with K = 0 is b_ih (or 0) ------------------
+
+def _rnn_op(impl, nonlinearity):
+    return lambda *a: impl.rnn_layer(nonlinearity, *a)
+
+
+def _lstm_op(impl):
+    return lambda *a: impl.lstm_layer(*a[:7], None, *a[7:])  # no projection
+
+
+_LAYER_OPS = {  # (the compiled op, fusedrnn.reference's, gates), with the arguments of gru_layer
+    "lstm": (_lstm_op(fusedrnn._ops), _lstm_op(fusedrnn.reference), 4),
+    "gru": (fusedrnn._ops.gru_layer, fusedrnn.reference.gru_layer, 3),
+    "rnn_tanh": (_rnn_op(fusedrnn._ops, "tanh"), _rnn_op(fusedrnn.reference, "tanh"), 1),
+    "rnn_relu": (_rnn_op(fusedrnn._ops, "relu"), _rnn_op(fusedrnn.reference, "relu"), 1),
+}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("cell", list(_LAYER_OPS))
+def test_layer_ops_with_input_size_0_equal_the_reference(cell, bias, monkeypatch):
+    """The op itself at input_size 0 over a ragged packed sequence, both directions, on the CPU engine
+    with and without the input projection in its tiles, float32 and float64: outputs (every buffer
+    starts as NaN: an element never written shows) and gradients equal fusedrnn.reference's. The
+    engine read the empty input's nullptr as "projection precomputed" and added uninitialised memory."""
+    op, reference_op, gates = _LAYER_OPS[cell]
+    hidden, batch_sizes = 5, torch.tensor([3, 3, 2, 1])
+    for fuse in ("1", "0"):
+        monkeypatch.setenv("FUSEDRNN_CPU_FUSE_INPUT", fuse)
+        for dtype in (torch.float32, torch.float64):
+            torch.manual_seed(0)
+            x = torch.randn(int(batch_sizes.sum()), 0, dtype=dtype, requires_grad=True)
+            h0 = torch.randn(3, hidden, dtype=dtype, requires_grad=True)
+            c0 = torch.randn(3, hidden, dtype=dtype, requires_grad=True)
+            w_ih = torch.randn(gates * hidden, 0, dtype=dtype, requires_grad=True)
+            w_hh = (0.5 * torch.randn(gates * hidden, hidden, dtype=dtype)).requires_grad_()
+            b_ih = torch.randn(gates * hidden, dtype=dtype, requires_grad=True) if bias else None
+            b_hh = torch.randn(gates * hidden, dtype=dtype, requires_grad=True) if bias else None
+            states = [h0, c0] if cell == "lstm" else [h0]
+            leaves = [x] + states + [w_ih, w_hh] + ([b_ih, b_hh] if bias else [])
+            for reverse in (False, True):
+                got = op(x, *states, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
+                expected = reference_op(x, *states, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
+                tol = dict(rtol=0, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+                for a, b in zip(got, expected):
+                    torch.testing.assert_close(a, b, **tol, msg=f"fuse={fuse} {dtype} reverse={reverse}")
+                grads = [torch.autograd.grad(sum(t.sin().sum() for t in outs), leaves) for outs in (got, expected)]
+                for a, b in zip(*grads):
+                    torch.testing.assert_close(a, b, **tol, msg=f"fuse={fuse} {dtype} reverse={reverse}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cells_with_input_size_0_equal_torch_nn(name, batched, device):
+    """nn.LSTMCell(0, 4) is legal; the float32 fused cells returned uninitialised memory for it."""
+    ref, ours = _pair(name, 0, 4, setup=lambda m: m.to(device))()
+    x = torch.randn(3, 0, device=device) if batched else torch.randn(0, device=device)
+    for _ in range(2):  # the same numbers every call
+        expected, got = ref(x), ours(x)
+        for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="fusedrnn.LSTM: input_size must be greater than zero, got 0"):
+        fusedrnn.LSTM(0, 4)  # as torch.nn's layers
 
 
 def test_not_a_tensor_error_is_both_type_error_and_attribute_error():

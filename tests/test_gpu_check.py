@@ -3,6 +3,7 @@ order, each with a time limit, CUDA skips made failures, sanitizers limited to o
 rehearsal of the script on the CPU kernels (step bookkeeping, report, exit status, what lands in
 $OUT), the smoke check and the report on their own, and the FUSEDRNN_REQUIRE_CUDA gate."""
 
+import glob
 import json
 import os
 import re
@@ -20,10 +21,15 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
 sys.path.insert(0, ROOT)
 from benchmarks import gpu_report, gpu_smoke, sanitize_cuda  # noqa: E402
 
-QUICK_STEPS = ["machine", "build", "loaded", "smoke-per_step", "smoke-persistent", "parity-per_step",
-               "parity-persistent", "memcheck-per_step", "memcheck-persistent", "racecheck-persistent",
-               "initcheck-auto", "bench-float32-per_step", "bench-bfloat16-per_step", "bench-float32-persistent",
-               "bench-bfloat16-persistent", "sentiment"]
+# The order issue 13 asks for: build, smoke of every op on both paths, kernel vs emulation, parity
+# subset, the sentiment-shape benchmark of both paths vs cuDNN, then the rest.
+QUICK_STEPS = ["machine", "build", "loaded", "smoke-per_step", "smoke-persistent", "kernel-vs-emulation",
+               "parity-per_step", "parity-persistent", "bench-sentiment-float32-per_step",
+               "bench-sentiment-float32-persistent", "sentiment", "bench-sentiment-bfloat16-per_step",
+               "bench-skewed-float32-per_step", "bench-sentiment-bfloat16-persistent",
+               "bench-skewed-float32-persistent", "bench-fastrnns-float32-per_step",
+               "bench-fastrnns-bfloat16-per_step", "sanitizer-probe", "memcheck-per_step", "memcheck-persistent",
+               "racecheck-persistent", "initcheck-auto"]
 
 
 def run_script(*args, env=None, timeout=600):
@@ -53,15 +59,15 @@ def test_dry_run_plans_every_step_in_order_each_with_a_time_limit(mode):
     result = run_script("--dry-run", *(["--full"] if mode == "full" else []))
     assert result.returncode == 0, result.stderr
     steps = planned_steps(result.stdout)
-    full_steps = ["machine", "build", "loaded", "parity-per_step", "parity-persistent"]
+    full_steps = ["machine", "build", "loaded", "kernel-vs-emulation", "parity-per_step", "parity-persistent"]
     assert list(steps) == (QUICK_STEPS if mode == "quick" else full_steps)
     for name, line in steps.items():
-        assert re.match(r"limit +\d+s: ", line), f"{name} has no time limit: {line}"
+        assert re.match(r"limit +\d+s expect +\d+s \[[\w-]+\]: ", line), f"{name} has no time limit: {line}"
         assert not re.search(r"benchmarks/\w+\.py", line), f"{name} runs a file, not a module: {line}"
     assert "'setup.py' 'build_ext' '--inplace'" in steps["build"]
-    for path in ("per_step", "persistent"):
+    for path, env_path in (("per_step", "per_step"), ("persistent", "auto")):
         parity = steps[f"parity-{path}"]
-        assert "'FUSEDRNN_REQUIRE_CUDA=1'" in parity and f"'FUSEDRNN_CUDA_PATH={path}'" in parity
+        assert "'FUSEDRNN_REQUIRE_CUDA=1'" in parity and f"'FUSEDRNN_CUDA_PATH={env_path}'" in parity
         assert f"'--junitxml=" in parity
         assert ("'-k' 'cuda' 'tests'" in parity) == (mode == "full")
     if mode == "full":
@@ -72,6 +78,169 @@ def test_dry_run_plans_every_step_in_order_each_with_a_time_limit(mode):
     assert "'--kernel-name' 'kns=fusedrnn'" in steps["racecheck-persistent"]
     assert "'--tool' 'initcheck'" in steps["initcheck-auto"] and "kns=" not in steps["initcheck-auto"]
     assert "'--device' 'cuda'" in steps["sentiment"]
+
+
+NOT_PERSISTENT_CONFIGS = ("fastrnns",)  # benchmarks.layers configs with H > 128
+
+
+def test_no_step_forces_the_persistent_path_on_a_layer_it_cannot_run():
+    """FUSEDRNN_CUDA_PATH=persistent raises on float64, proj_size and H > 128: only benchmark steps
+    of H=128 configurations may force it; the smoke, parity and sanitizer steps of the persistent
+    path run under auto (or force it per eligible layer, inside the Python step)."""
+    steps = planned_steps(run_script("--dry-run").stdout)
+    forcing = [name for name, line in steps.items() if "FUSEDRNN_CUDA_PATH=persistent" in line]
+    assert forcing and all(name.startswith("bench-") for name in forcing), forcing
+    for name in forcing:
+        config = re.search(r"'--configs' '([^']*)'", steps[name]).group(1)
+        assert config not in NOT_PERSISTENT_CONFIGS, f"{name} forces persistent on {config} (H=512)"
+    assert "FUSEDRNN_CUDA_PATH" not in steps["smoke-persistent"] and "'--path' 'persistent'" in steps["smoke-persistent"]
+    assert "'FUSEDRNN_CUDA_PATH=auto'" in steps["parity-persistent"]
+
+
+def test_each_benchmark_step_writes_one_configuration_to_its_own_file():
+    """One configuration per process and results file: a configuration that fails (or times
+    out) loses no other's rows; the sentiment shape runs first, on both paths."""
+    steps = planned_steps(run_script("--dry-run").stdout)
+    bench = {n: line for n, line in steps.items() if n.startswith("bench-")}
+    outs = [re.search(r"'--out' '([^']*)'", line).group(1) for line in bench.values()]
+    assert len(set(outs)) == len(outs) == len(bench)
+    for line in bench.values():
+        assert "," not in re.search(r"'--configs' '([^']*)'", line).group(1)
+    assert list(bench)[:2] == ["bench-sentiment-float32-per_step", "bench-sentiment-float32-persistent"]
+    assert "'--configs' 'fastrnns'" in bench["bench-fastrnns-float32-per_step"]
+
+
+def test_quick_run_compares_the_real_kernel_with_the_emulation_and_gates_skips():
+    steps = planned_steps(run_script("--dry-run").stdout)
+    line = steps["kernel-vs-emulation"]
+    assert "'tests/test_persistent.py'" in line and "'-k' 'cuda'" in line
+    assert "'FUSEDRNN_REQUIRE_CUDA=1'" in line and "'--gated-pytest'" in line
+    order = list(steps)
+    assert order.index("smoke-persistent") < order.index("kernel-vs-emulation") < order.index("parity-per_step")
+
+
+def test_rehearsal_kernel_vs_emulation_passes_and_fails_when_a_selected_test_skips(tmp_path):
+    """tests/conftest.py does not count test_persistent.py's kernel tests as CUDA tests, so the
+    step itself must fail when one skips (here: a CUDA-only test on a machine without CUDA)."""
+    env = {"OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work")}
+    result = run_script("--rehearse-on-cpu", "--only", "emulation", env=env)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "junit gate: 24 tests, none skipped" in result.stdout
+    env["GPU_CHECK_EMULATION_K"] = "test_cuda_path_switch_errors"
+    result = run_script("--rehearse-on-cpu", "--only", "emulation", env=env)
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "junit gate: FAILED, 1 tests, 1 skipped" in result.stdout
+    assert result.stdout.splitlines()[-1].startswith("GPU CHECK FAILED: kernel-vs-emulation")
+
+
+REFUSING_SANITIZER = """#!/usr/bin/env bash
+# What compute-sanitizer said under gVisor: it refuses the device, the program fails at its first allocation.
+echo "========= COMPUTE-SANITIZER"
+echo "========= Error: Device not supported"
+echo "========= Error: CUDA error 999 at the first allocation"
+exit 1
+"""
+
+# Runs the probe (and the option probe, `true`) for real; records every other command line and
+# reports a finding in the persistent path's memcheck when FIND is set.
+RECORDING_SANITIZER = """#!/usr/bin/env bash
+echo "$*" >> "$SANITIZER_LOG"
+args=("$@")
+while [ $# -gt 0 ]; do
+  case $1 in --tool|--kernel-name|--filter|--print-limit|--error-exitcode|--racecheck-report) shift 2 ;; -*) shift ;; *) break ;; esac
+done
+case " ${args[*]} " in
+  *" --probe "*|*" true ") "$@"; exit $? ;;
+  *"--tool memcheck"*"--path persistent"*) if [ -n "${FIND:-}" ]; then echo "========= Invalid __global__ write of size 4"; echo "========= ERROR SUMMARY: 1 error"; exit 1; fi ;;
+esac
+echo "========= ERROR SUMMARY: 0 errors"
+"""
+
+
+def stub_sanitizer(tmp_path, text):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "compute-sanitizer").write_text(text)
+    (bin_dir / "compute-sanitizer").chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+            "GPU_CHECK_WORK": str(tmp_path / "work"), "SANITIZER_LOG": str(tmp_path / "sanitizer.log")}
+
+
+def test_a_sanitizer_that_refuses_the_device_is_unavailable_not_failed(tmp_path):
+    result = run_script("--rehearse-on-cpu", "--only", "sanitizers", env=stub_sanitizer(tmp_path, REFUSING_SANITIZER))
+    assert result.returncode == 0, result.stdout[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu_report.json").read_text())
+    assert [(s["step"], s["status"]) for s in report["steps"]] == [
+        (n, "unavailable") for n in ("memcheck-per_step", "memcheck-persistent", "racecheck-persistent",
+                                     "initcheck-auto")]
+    assert "Error: Device not supported" in report["steps"][0]["detail"]
+    assert result.stdout.splitlines()[-1].startswith("GPU CHECK PASSED (not checked here: memcheck-per_step")
+
+
+@pytest.mark.parametrize("finding", [False, True])
+def test_sanitizer_steps_run_our_workload_on_each_path_and_fail_on_a_finding(tmp_path, finding):
+    env = stub_sanitizer(tmp_path, RECORDING_SANITIZER)
+    if finding:
+        env["FIND"] = "1"
+    result = run_script("--rehearse-on-cpu", "--only", "sanitizers", env=env)
+    assert result.returncode == (1 if finding else 0), result.stdout[-3000:]
+    statuses = {s["step"]: s["status"] for s in json.loads((tmp_path / "out" / "gpu_report.json").read_text())["steps"]}
+    assert statuses == {"memcheck-per_step": "ok", "memcheck-persistent": "FAILED" if finding else "ok",
+                        "racecheck-persistent": "ok", "initcheck-auto": "ok"}
+    runs = [line for line in (tmp_path / "sanitizer.log").read_text().splitlines() if "--path" in line]
+    assert len(runs) == 4
+    for tool, path, ours in (("memcheck", "per_step", True), ("memcheck", "persistent", True),
+                             ("racecheck", "persistent", True), ("initcheck", "auto", False)):
+        line = next(r for r in runs if f"--tool {tool}" in r and r.endswith(f"--path {path}"))
+        assert "-m benchmarks.sanitize_cuda --device cpu" in line
+        assert ("--kernel-name kns=fusedrnn" in line) == ours
+
+
+def test_the_budget_cuts_whole_steps_and_prints_the_follow_up_command(tmp_path):
+    env = {"OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"), "GPU_CHECK_BUDGET_S": "45"}
+    result = run_script("--rehearse-on-cpu", "--only", "machine,emulation,bench", env=env)
+    assert result.returncode == 2, result.stdout[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu_report.json").read_text())
+    assert [(s["step"], s["status"]) for s in report["steps"]] == [
+        ("machine", "ok"), ("kernel-vs-emulation", "skipped"), ("bench-sentiment-float32-cpu", "skipped")]
+    last = result.stdout.rstrip().splitlines()
+    assert last[-1].startswith("GPU CHECK INCOMPLETE")
+    assert last[-2].startswith("FOLLOW-UP (what the budget cut; device tool timeout_s ")
+    assert last[-2].endswith("bash benchmarks/gpu_check.sh --only build,loaded,emulation,bench")
+    budget = int(re.search(r"GPU_CHECK_BUDGET_S=(\d+)", last[-2]).group(1))
+    assert budget == gpu_report.FOLLOW_UP_OVERHEAD_S + 150 + 120  # the two cut steps' own limits
+
+
+@pytest.mark.parametrize("inherited,ours,want", [("3.5;5.0", None, "9.0"), ("3.5;5.0", "8.0;9.0", "8.0;9.0")])
+def test_the_check_builds_for_its_own_arch_list_whatever_the_image_sets(tmp_path, inherited, ours, want):
+    env = {"OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"), "TORCH_CUDA_ARCH_LIST": inherited}
+    if ours:
+        env["FUSEDRNN_CUDA_ARCHS"] = ours
+    result = run_script("--rehearse-on-cpu", "--only", "machine", env=env)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert f"build for: FUSEDRNN_CUDA_ARCHS={want} TORCH_CUDA_ARCH_LIST={want}" in result.stdout
+
+
+def _cuda_toolkit():
+    return next((d for d in [os.environ.get("CUDA_HOME", "")] + sorted(glob.glob("/usr/local/cuda*"))
+                 if d and os.path.isfile(os.path.join(d, "bin", "nvcc"))), None)
+
+
+@pytest.mark.skipif(_cuda_toolkit() is None, reason="setup.py plans the CUDA build only where a CUDA toolkit is")
+@pytest.mark.parametrize("inherited,ours,want", [("7.0;7.5", "9.0", "9.0"), ("7.0;7.5", None, "7.0;7.5"),
+                                                 (None, None, "9.0+PTX")])
+def test_setup_lets_fusedrnn_cuda_archs_win_over_an_inherited_torch_cuda_arch_list(inherited, ours, want):
+    """setup.py, run with setuptools.setup replaced: the arch list its CUDA extension is built for."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_CUDA_ARCH_LIST", "FUSEDRNN_CUDA_ARCHS")}
+    env.update({"FUSEDRNN_CUDA": "1", "CUDA_HOME": _cuda_toolkit()})
+    env.update({k: v for k, v in (("TORCH_CUDA_ARCH_LIST", inherited), ("FUSEDRNN_CUDA_ARCHS", ours)) if v})
+    code = ("import runpy, sys, setuptools; kw = {}; setuptools.setup = lambda **k: kw.update(k); "
+            "sys.argv = ['setup.py', 'build_ext']; runpy.run_path('setup.py', run_name='__main__'); "
+            "print('ARCHS', dict(kw['ext_modules'][0].define_macros)['FUSEDRNN_CUDA_ARCHS'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f'ARCHS "{want}"' in result.stdout
 
 
 def test_unknown_option_is_a_usage_error():
@@ -124,7 +293,8 @@ def write_work(work, steps, junit=None):
 
 
 @pytest.mark.parametrize("statuses,code,verdict", [
-    (["ok", "ok", "absent"], 0, "PASSED"),
+    (["ok", "ok", "absent"], 0, "PASSED (not checked here: c (absent))"),
+    (["ok", "unavailable", "ok"], 0, "PASSED (not checked here: b (unavailable))"),
     (["ok", "FAILED", "ok"], 1, "FAILED: b"),
     (["ok", "TIMEOUT", "skipped"], 1, "FAILED: b"),
     (["ok", "ok", "missing-data"], 2, "INCOMPLETE"),
@@ -167,6 +337,66 @@ def test_smoke_passes_on_the_cpu_kernels_and_fails_a_wrong_op(tmp_path, monkeypa
     monkeypatch.setattr(gpu_smoke, "reference_forward",
                         lambda cell, args, reverse: [t * (1 + 1e-6) for t in real(cell, args, reverse)])
     assert gpu_smoke.main(["--device", "cpu", "--dtypes", "float64"]) == gpu_smoke.EXIT_WRONG
+
+
+@pytest.mark.parametrize("cell,size,dtype,eligible", [
+    ("gru", "h128", torch.float32, True), ("lstm", "tiny", torch.bfloat16, True),
+    ("lstm_proj", "h128", torch.float32, False), ("rnn_tanh", "tiny", torch.float64, False),
+])
+def test_smoke_knows_which_layers_the_persistent_kernel_can_run(cell, size, dtype, eligible):
+    assert gpu_smoke.persistent_eligible(cell, size, dtype) is eligible
+
+
+def test_smoke_tells_the_forward_path_from_the_kernel_names():
+    persistent = "void fusedrnn::persistent::forward_kernel<fusedrnn::GruCell, float>(fusedrnn::persistent::ForwardParams<float>)"
+    per_step = "void fusedrnn::step_kernel<fusedrnn::ForwardStep<fusedrnn::GruCell, float> >(...)"
+    assert gpu_smoke.forward_path_of([per_step, persistent, "ampere_sgemm_32x32"]) == "persistent"
+    assert gpu_smoke.forward_path_of([per_step, "ampere_sgemm_32x32"]) == "per_step"
+    assert gpu_smoke.forward_path_of([]) == "unknown"
+
+
+@pytest.mark.parametrize("cell,dtype,kernels,error", [
+    ("gru", torch.float32, {"fusedrnn::persistent::forward_kernel<G>"}, None),
+    ("gru", torch.float32, {"fusedrnn::step_kernel<G>"}, "auto should run persistent here"),
+    ("lstm_proj", torch.float32, {"fusedrnn::step_kernel<L>"}, None),
+    ("gru", torch.float64, {"fusedrnn::step_kernel<G>"}, None),
+    ("lstm_proj", torch.float32, {"fusedrnn::persistent::forward_kernel<L>"}, "auto should run per_step here"),
+])
+def test_smoke_persistent_runs_under_auto_and_checks_the_path_taken(monkeypatch, cell, dtype, kernels, error):
+    """--path persistent never forces the path (that raises on float64 and proj_size): every
+    check runs under auto, and the kernels that ran must be the persistent one exactly where the
+    persistent kernel can run."""
+    seen = []
+    monkeypatch.setattr(gpu_smoke, "check_one", lambda *a: seen.append(os.environ["FUSEDRNN_CUDA_PATH"]) or 1e-7)
+    monkeypatch.setattr(gpu_smoke, "cuda_kernels_of", lambda fn: (fn(), kernels))
+    monkeypatch.delenv("FUSEDRNN_CUDA_PATH", raising=False)
+    err, taken, path_error = gpu_smoke.run_config(cell, "h128", dtype, False, "cuda", "persistent", None)
+    assert seen == ["auto"] and err == 1e-7
+    assert (path_error is None) if error is None else error in path_error
+
+
+def test_smoke_persistent_forces_eligible_layers_when_the_profiler_sees_no_kernel(monkeypatch):
+    seen = []
+    monkeypatch.setattr(gpu_smoke, "check_one", lambda *a: seen.append(os.environ["FUSEDRNN_CUDA_PATH"]) or 1e-7)
+    monkeypatch.setattr(gpu_smoke, "cuda_kernels_of", lambda fn: (fn(), set()))
+    monkeypatch.delenv("FUSEDRNN_CUDA_PATH", raising=False)
+    _, taken, path_error = gpu_smoke.run_config("gru", "h128", torch.float32, False, "cuda", "persistent", None)
+    assert seen == ["auto", "persistent"] and path_error is None and taken.startswith("persistent (forced")
+    seen.clear()
+    _, taken, path_error = gpu_smoke.run_config("gru", "h128", torch.float64, False, "cuda", "persistent", None)
+    assert seen == ["auto"] and path_error is None
+
+
+def test_sanitizer_workload_forces_persistent_only_where_it_can_run(monkeypatch):
+    """The persistent path's sanitizer runs: the proj_size module under auto (forcing raises)."""
+    monkeypatch.setattr(sanitize_cuda, "CELLS", [(fusedrnn.LSTM, {}), (fusedrnn.LSTM, {"proj_size": 5})])
+    monkeypatch.setattr(sanitize_cuda, "HIDDEN_SIZES", (6,))
+    monkeypatch.delenv("FUSEDRNN_CUDA_PATH", raising=False)
+    per_dtype = ["persistent"] * 2 + ["auto"] * 2 + ["persistent"]
+    assert sanitize_cuda.run("cpu", "persistent") == per_dtype * 2
+    assert sanitize_cuda.run("cpu", "per_step") == ["per_step"] * 10
+    assert sanitize_cuda.layer_path("persistent", {}, 256, torch.float32) == "auto"
+    assert sanitize_cuda.main(["--device", "cpu", "--probe"]) == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without a GPU")

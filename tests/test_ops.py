@@ -1,5 +1,6 @@
 """The registered operators on their own: against fusedrnn.reference, gradcheck, opcheck,
-argument errors, and what happens on a second or double backward."""
+argument errors, double backward, and what happens on a second backward or when a backward op
+is differentiated directly."""
 
 import pytest
 import torch
@@ -109,12 +110,47 @@ def test_opcheck_backward_op(cell, device, need_grad_input):
         torch.library.opcheck(backward, (*grads, x, h0, w_ih, w_hh, bs, False, need_grad_input, *saved))
 
 
-def test_double_backward_raises():
-    op, args = make_args("gru", RAGGED, requires_grad=True)
-    out, h = op(*args, False)[:2]
-    (g,) = torch.autograd.grad(out.sum() + h.sum(), args[0], create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        g.sum().backward()
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cell,sizes,reverse", CASES)
+def test_gradgradcheck(cell, sizes, reverse, device):
+    """Double backward through the forward ops (fusedrnn/_ops.py: _FirstOrderGrads)."""
+    batch_sizes = RAGGED if sizes == "ragged" else UNIFORM
+    op, args = make_args(cell, batch_sizes, requires_grad=True, device=device)
+    n_main = 3 if cell.startswith("lstm") else 2
+
+    def fn(*a):
+        return op(*a, batch_sizes, reverse)[:n_main]
+
+    assert torch.autograd.gradgradcheck(fn, args[:-1], eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("bias", [True, False])
+def test_double_backward_matches_reference(cell, bias, device):
+    """Gradient of the squared first gradients, every argument, against fusedrnn.reference (float64)."""
+    op, args = make_args(cell, RAGGED, bias=bias, requires_grad=True, device=device)
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    results = []
+    for main in (op(*args, True)[: 3 if cell.startswith("lstm") else 2], reference_forward(cell, args, True)):
+        loss = sum((t.sin() * (k + 1)).sum() for k, t in enumerate(main))
+        first = torch.autograd.grad(loss, leaves, create_graph=True)
+        results.append(torch.autograd.grad(sum(g.square().sum() for g in first), leaves))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_differentiating_a_backward_op_directly_raises():
+    """The backward ops' derivative is not implemented (their saved forward outputs are caches):
+    differentiating one called directly says so instead of returning zeros."""
+    op, args = make_args("gru", RAGGED)
+    outs = op(*args, False)
+    x, h0, w_ih, w_hh, _, _, bs = args
+    grad_out = torch.randn_like(outs[0]).requires_grad_()
+    grads = OPS.gru_backward(grad_out, torch.zeros_like(h0), x, h0, w_ih, w_hh, bs, False, True, outs[0], outs[2],
+                             outs[3])
+    with pytest.raises(RuntimeError, match="differentiating the backward op itself is not supported"):
+        grads[2].sum().backward()
 
 
 def test_second_backward_through_freed_graph_raises():

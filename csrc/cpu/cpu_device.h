@@ -65,7 +65,11 @@ struct CpuDevice {
     at::Tensor x, w_ih, b_ih;
     // Small calls: a one-step call reads W_ih in place beside W_hh (no GEMM call
     // at all); longer ones take the input projection as one GEMM over all steps.
-    const bool fuse = a.small ? s.steps() == 1 : cpu_engine::fuse_input_projection(Cell::kGates, a.I, a.H);
+    // input_size 0 (torch.nn's cells allow it): nothing to fuse, and the empty
+    // input's data pointer is nullptr, which the engine would read as "gates
+    // already hold the projection" and then add whatever the buffer held. The
+    // one GEMM below writes b_ih (or zeros) for K = 0.
+    const bool fuse = a.I > 0 && (a.small ? s.steps() == 1 : cpu_engine::fuse_input_projection(Cell::kGates, a.I, a.H));
     if (fuse) {
       x = input.contiguous();
       w_ih = w.w_ih.contiguous();

@@ -51,7 +51,9 @@ struct ForwardArgs {
   // The input projection: either the engine computes it per step (input, w_ih,
   // b_ih given: fuse_input_projection() said so), or input is nullptr and
   // `gates` holds x W_ih^T + b_ih on entry (one large GEMM by the caller).
-  const float* input = nullptr;  // [N, I] the layer's input, packed rows, or nullptr
+  // [N, I] the layer's input, packed rows, or nullptr. Never fused at I = 0
+  // (an empty tensor's data pointer is nullptr too): cpu_device.h.
+  const float* input = nullptr;
   const float* w_ih = nullptr;   // [G*H, I]
   const float* b_ih = nullptr;   // [G*H] or nullptr
   const float* w_hh = nullptr;   // [G*H, H]

@@ -25,7 +25,10 @@ namespace fusedrnn {
 
 using OptTensor = std::optional<at::Tensor>;
 
-inline at::Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
+// An optional tensor as the drivers take it: contiguous (see check_layer), or undefined when absent.
+inline at::Tensor contiguous_or_undefined(const OptTensor& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
 
 // Validates the arguments common to every op and returns the layer's weights
 // (made contiguous where a kernel reads them through raw pointers).
@@ -59,12 +62,17 @@ inline LayerWeights check_layer(const char* op, int64_t gates, const at::Tensor&
                    "w_hr must be 2-D [proj_size, hidden_size] with 0 < proj_size < hidden_size = ", H,
                    ", got shape ", w_hr->sizes());
   }
+  // A weight may have any strides a torch.nn weight can have: an expanded (stride-0) view
+  // from a parametrization that ties rows, a transposed or sliced view passed through
+  // torch.func.functional_call or load_state_dict(assign=True). The kernels and BLAS take
+  // row-major matrices with unit column stride and a leading dimension >= the row length,
+  // so anything else is copied (contiguous() returns the tensor itself when it already is).
   LayerWeights w;
-  w.w_ih = w_ih;
-  w.w_hh = w_hh;
-  w.b_ih = value_or_undefined(b_ih);
-  w.b_hh = value_or_undefined(b_hh);
-  w.w_hr = value_or_undefined(w_hr);
+  w.w_ih = w_ih.contiguous();
+  w.w_hh = w_hh.contiguous();
+  w.b_ih = contiguous_or_undefined(b_ih);
+  w.b_hh = contiguous_or_undefined(b_hh);
+  w.w_hr = contiguous_or_undefined(w_hr);
   return w;
 }
 
