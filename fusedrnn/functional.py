@@ -6,7 +6,7 @@ a PackedSequence holds and what a full-length [T, B, F] batch is once
 reshaped. The modules (fusedrnn.modules) turn user input into this form.
 """
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -71,17 +71,38 @@ def _autocast_optional(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tens
 
 # ---- layers -----------------------------------------------------------------------------------
 
+_BATCH_SIZES: Dict[Tuple[int, int], Tensor] = {}
+
+
+def full_batch_sizes(steps: int, batch: int) -> Tensor:
+    """batch_sizes of a full-length batch ([batch] * steps, CPU int64), as the ops take it. Eager calls
+    share one tensor per (steps, batch) (the ops only read it; a cell or a decoding step would
+    otherwise allocate it on every call); traced, scripted or under a dispatch mode (FakeTensorMode,
+    ...) a fresh one, so that it is part of what is traced."""
+    if not torch.jit.is_scripting():
+        if not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0:
+            key = (steps, batch)
+            t = _BATCH_SIZES.get(key)
+            if t is None or t._version != 0:
+                if len(_BATCH_SIZES) > 256:
+                    _BATCH_SIZES.clear()
+                t = _BATCH_SIZES[key] = torch.full((steps,), batch, dtype=torch.int64)
+            return t
+    return torch.full((steps,), batch, dtype=torch.int64)
+
+
 def layer(mode: str, input: Tensor, h0: Tensor, c0: Optional[Tensor], weights: LayerWeights, batch_sizes: Tensor,
           reverse: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """One layer, one direction. Returns (output [N, P], h_n [B, P], c_n [B, H] or None)."""
     w_ih, w_hh, b_ih, b_hh, w_hr = weights
-    if not torch.jit.is_scripting() and _autocast_possible():
-        cast_to = autocast_dtype(input.device.type)
-        if cast_to is not None:
-            input, h0, w_ih, w_hh = (_autocast(input, cast_to), _autocast(h0, cast_to), _autocast(w_ih, cast_to),
-                                     _autocast(w_hh, cast_to))
-            c0, b_ih, b_hh, w_hr = (_autocast_optional(c0, cast_to), _autocast_optional(b_ih, cast_to),
-                                    _autocast_optional(b_hh, cast_to), _autocast_optional(w_hr, cast_to))
+    if not torch.jit.is_scripting():
+        if _autocast_possible():
+            cast_to = autocast_dtype(input.device.type)
+            if cast_to is not None:
+                input, h0, w_ih, w_hh = (_autocast(input, cast_to), _autocast(h0, cast_to),
+                                         _autocast(w_ih, cast_to), _autocast(w_hh, cast_to))
+                c0, b_ih, b_hh, w_hr = (_autocast_optional(c0, cast_to), _autocast_optional(b_ih, cast_to),
+                                        _autocast_optional(b_hh, cast_to), _autocast_optional(w_hr, cast_to))
     if mode == "LSTM":
         assert c0 is not None
         return _ops.lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)

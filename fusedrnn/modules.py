@@ -51,7 +51,7 @@ import functools
 import math
 import numbers
 import warnings
-from typing import List, Optional, Tuple, overload
+from typing import Dict, List, Optional, Tuple, overload
 
 import torch
 import torch.nn.functional as F
@@ -199,6 +199,22 @@ class _ModuleInit(nn.Module):
         nn.Module.__init__(self)
 
 
+_ROLES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+_ROLE_INDEX: Dict[Tuple[str, ...], Tuple[int, ...]] = {}
+
+
+def _weight_roles(names: Tuple[str, ...]) -> Tuple[int, ...]:
+    """Where (w_ih, w_hh, b_ih, b_hh, w_hr) are in one layer's weight names (-1: absent); worked out
+    once per list of names instead of splitting the names on every call."""
+    roles = _ROLE_INDEX.get(names)
+    if roles is None:
+        bases = [n.split("_l")[0] for n in names]
+        roles = _ROLE_INDEX[names] = tuple(bases.index(r) if r in bases else -1 for r in _ROLES)
+        if roles[0] < 0 or roles[1] < 0:
+            raise KeyError(f"weight_ih and weight_hh among {names}")
+    return roles
+
+
 class _RNNBase(_ModuleInit, nn.RNNBase):
     """Shared machinery of LSTM, GRU and RNN (torch.nn.RNNBase's contract). A torch.nn.RNNBase: its
     bookkeeping (`_flat_weights` and its refresh, pickling, DataParallel replicas) is inherited."""
@@ -297,8 +313,10 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
     def _layer_weights(self) -> List[LayerWeights]:
         out = []
         for names in self._all_weights:
-            w = {n.split("_l")[0]: getattr(self, n) for n in names}
-            out.append((w["weight_ih"], w["weight_hh"], w.get("bias_ih"), w.get("bias_hh"), w.get("weight_hr")))
+            roles = _weight_roles(tuple(names))
+            w = [getattr(self, n) for n in names]  # getattr: parametrizations compute theirs here
+            out.append((w[roles[0]], w[roles[1]], None if roles[2] < 0 else w[roles[2]],
+                        None if roles[3] < 0 else w[roles[3]], None if roles[4] < 0 else w[roles[4]]))
         return out
 
     def __prepare_scriptable__(self):
@@ -462,7 +480,7 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
             raise RuntimeError(f"{self._type_name}: expected sequence length to be larger than 0, got input of "
                                f"shape {_size(input.shape)}")
         h, c, _ = self._initial_state(h0, c0, batch, x, batched, False)
-        batch_sizes = torch.full((steps,), batch, dtype=torch.int64)
+        batch_sizes = functional.full_batch_sizes(steps, batch)
         out, h, c = self._run(x.reshape(steps * batch, x.shape[2]), batch_sizes, h, c)
         out = out.view(steps, batch, out.shape[-1])
         if not batched:
@@ -758,7 +776,7 @@ class _CellBase(_ModuleInit, nn.RNNCellBase):
                 c = empty.clone()
         else:
             weights: LayerWeights = (w_ih, w_hh, b_ih, b_hh, None)
-            batch_sizes = torch.full((1,), batch, dtype=torch.int64)
+            batch_sizes = functional.full_batch_sizes(1, batch)
             _, h, c = functional.layer(mode, x, h, c, weights, batch_sizes, False)
         if out_dtype is not None:
             h = h.to(out_dtype)
