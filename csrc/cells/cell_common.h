@@ -36,8 +36,8 @@ using acc_t = typename AccumulateType<T>::type;
 // tanhf are opaque calls that stop the SIMD loop), accurate to a few ulp
 // RELATIVE over the whole float range (tests/test_activations.py; measured over
 // every float32 bit pattern: benchmarks/NOTES.md, entry 14). The AVX2 engine
-// restates them with intrinsics (cpu/avx2_engine_common.h: exp_n, sigmoid_n,
-// tanh_n): the same operations in the same order, so both give bitwise the same
+// restates them with intrinsics (cpu/avx2_engine_common.h: exp_nonpos_n,
+// sigmoid_n, tanh_n): the same operations in the same order, so both give bitwise the same
 // results. Every multiply-add that the intrinsics fuse is written as fma_simd
 // here, so the result does not depend on the compiler's contraction choices.
 // (FUSEDRNN_TARGET_HAS_FMA: the AVX2 engine's translation units, compiled for FMA
@@ -88,11 +88,12 @@ inline float exp_nonpos_simd(float x) {
 }
 
 // sigmoid(x) = 1 / (1 + e) for x >= 0 and e / (1 + e) for x < 0, e = exp(-|x|)
-// in (0, 1]: no overflow and no cancellation, ~2 ulp relative everywhere. For
-// x < -87.3 the result is a denormal, down to 2^-149 at x = -103.3 (torch.nn
-// computes 1 / (1 + exp(-x)), whose exp overflows below -88.72, and returns 0
-// there: the absolute difference is below 1.2e-38; here the value is the true
-// one rounded). sigmoid(+-inf) = 1, 0; NaN -> NaN.
+// in (0, 1]: no overflow and no cancellation, at most 2.4 ulp from the true
+// value for any float32 x. For x < -87.3 the result is a denormal, down to 2^-149
+// at x = -103.3. torch.sigmoid computes 1 / (1 + exp(-x)), whose exp overflows
+// below -88.72, and returns 0 there (nn.LSTM's cell already below about -86.5):
+// a difference below 2^-124, and the value here is the true one rounded; being
+// more accurate than nn costs nothing. sigmoid(+-inf) = 1, 0; NaN -> NaN.
 inline float sigmoid_simd(float x) {
   const float e = exp_nonpos_simd(-__builtin_fabsf(x));
   return (x < 0.0f ? e : 1.0f) / (1.0f + e);
@@ -105,7 +106,7 @@ inline float sigmoid_simd(float x) {
 //   |x| >= 0.625: (1 - e) / (1 + e), e = exp(-2|x|) <= 0.287: no cancellation.
 // |x| is capped at 9.5 first (tanh rounds to 1 in float32 from |x| = 9.01 on), so
 // e is never a denormal. tanh(+-inf) = +-1; NaN -> NaN (the cap keeps NaN).
-// Both within ~2 ulp relative.
+// At most 1.5 ulp from the true value for any float32 x (0.7 on the polynomial).
 inline float tanh_simd(float x) {
   const float a = __builtin_fabsf(x);
   const float z = a * a;
