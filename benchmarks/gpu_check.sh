@@ -28,7 +28,8 @@
 #              per-step path and the CPU emulation; every selected test must run (none skipped)
 #   parity     the CUDA tests on each path (per_step: forced; persistent: auto, so the persistent
 #              kernel where it can run), with FUSEDRNN_REQUIRE_CUDA=1: a CUDA test that skips
-#              FAILS; quick: tests/test_cuda.py, tests/test_ops.py and the sixth of the parity
+#              FAILS; quick: tests/test_cuda.py, tests/test_ops.py, tests/test_activations.py (the
+#              float32 activations on the CUDA cells) and the sixth of the parity
 #              matrix that is hardest (ragged packed batches with initial states: packed_hx);
 #              --full: every CUDA test, and only machine, build, loaded, emulation and parity run
 #   bench      benchmarks.layers at the sentiment shape (T=100 B=32 I=100 H=128), float32, each
@@ -324,7 +325,7 @@ sys.exit(0 if ok else 1)" || {
   # --- parity: the CUDA tests, a skip is a failure
   if want parity; then
     local select=${GPU_CHECK_PYTEST_K:-"cuda and (packed_hx or not test_module_matches_torch_nn)"}
-    local files=(tests/test_cuda.py tests/test_ops.py tests/test_parity.py) workers=()
+    local files=(tests/test_cuda.py tests/test_ops.py tests/test_activations.py tests/test_parity.py) workers=()
     if [ $MODE = full ]; then select=${GPU_CHECK_PYTEST_K:-cuda}; files=(tests); fi
     if [ $DEVICE = cpu ]; then select=${GPU_CHECK_PYTEST_K:-"cpu and gru-1-True-False-True-packed_hx"}; fi
     if [ $DRY_RUN = 1 ] || "$PY" -c "import xdist" 2>/dev/null; then workers=(-n "${GPU_CHECK_WORKERS:-8}"); fi

@@ -51,7 +51,7 @@ import functools
 import math
 import numbers
 import warnings
-from typing import Dict, List, Optional, Tuple, overload
+from typing import List, Optional, Tuple, overload
 
 import torch
 import torch.nn.functional as F
@@ -199,22 +199,6 @@ class _ModuleInit(nn.Module):
         nn.Module.__init__(self)
 
 
-_ROLES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
-_ROLE_INDEX: Dict[Tuple[str, ...], Tuple[int, ...]] = {}
-
-
-def _weight_roles(names: Tuple[str, ...]) -> Tuple[int, ...]:
-    """Where (w_ih, w_hh, b_ih, b_hh, w_hr) are in one layer's weight names (-1: absent); worked out
-    once per list of names instead of splitting the names on every call."""
-    roles = _ROLE_INDEX.get(names)
-    if roles is None:
-        bases = [n.split("_l")[0] for n in names]
-        roles = _ROLE_INDEX[names] = tuple(bases.index(r) if r in bases else -1 for r in _ROLES)
-        if roles[0] < 0 or roles[1] < 0:
-            raise KeyError(f"weight_ih and weight_hh among {names}")
-    return roles
-
-
 class _RNNBase(_ModuleInit, nn.RNNBase):
     """Shared machinery of LSTM, GRU and RNN (torch.nn.RNNBase's contract). A torch.nn.RNNBase: its
     bookkeeping (`_flat_weights` and its refresh, pickling, DataParallel replicas) is inherited."""
@@ -310,13 +294,20 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
     def all_weights(self) -> List[List[nn.Parameter]]:
         return [[getattr(self, name) for name in names] for names in self._all_weights]
 
-    def _layer_weights(self) -> List[LayerWeights]:
+    def _layer_weights(self, flat: Optional[List[Optional[Tensor]]] = None) -> List[LayerWeights]:
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) of each layer and direction, from `flat` (ordered as
+        _flat_weights_names: each group w_ih, w_hh, [b_ih, b_hh], [w_hr], as torch.nn lays them out)
+        or, without it, read by name."""
+        if flat is None:
+            flat = [getattr(self, n) for n in self._flat_weights_names]
         out = []
+        start = 0
         for names in self._all_weights:
-            roles = _weight_roles(tuple(names))
-            w = [getattr(self, n) for n in names]  # getattr: parametrizations compute theirs here
-            out.append((w[roles[0]], w[roles[1]], None if roles[2] < 0 else w[roles[2]],
-                        None if roles[3] < 0 else w[roles[3]], None if roles[4] < 0 else w[roles[4]]))
+            w = flat[start:start + len(names)]
+            start += len(names)
+            has_bias = len(names) - (1 if self.proj_size > 0 else 0) == 4
+            out.append((w[0], w[1], w[2] if has_bias else None, w[3] if has_bias else None,
+                        w[-1] if self.proj_size > 0 else None))
         return out
 
     def __prepare_scriptable__(self):
@@ -350,11 +341,21 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
     # _forward_packed; both return (output, h_n, c_n or None).
 
     def _weights(self) -> List[LayerWeights]:
+        """The weights one forward runs with, read once per forward. Eager: exactly as torch.nn reads
+        them (nn.RNNBase._update_flat_weights: a hasattr and a getattr of each weight up to the first one
+        that changed since the last call, then of every weight again), so that a parametrization with
+        side effects (spectral_norm's power iteration in training mode) runs as often as under torch.nn
+        and gives its numbers; then everything in the forward uses what was read."""
         if torch.jit.is_scripting():
             return self._script_weights
-        return self._checked_weights()
+        if torch.compiler.is_compiling():
+            # Traced (torch.compile, torch.export): each weight read once, by name. Refreshing
+            # _flat_weights would assign module state inside the graph (torch.export warns of it).
+            return self._checked_weights([getattr(self, n) for n in self._flat_weights_names])
+        self._update_flat_weights()
+        return self._checked_weights(self._flat_weights)
 
-    def _checked_weights(self) -> List[LayerWeights]:
+    def _checked_weights(self, flat: List[Optional[Tensor]]) -> List[LayerWeights]:
         """The weights read from the attributes, checked as torch.nn's op checks them on every call: the
         attributes it reads per call (bias, batch_first, bidirectional: bools; num_layers and bias: as many
         weights as they say), every weight a Tensor (a None bias is a TypeError there, not "no bias").
@@ -367,7 +368,7 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
                 or len(self._flat_weights_names) != self.num_layers * (2 if self.bidirectional else 1)
                 * (2 + (2 if bias else 0) + (1 if self.proj_size > 0 else 0))):
             self._attributes_error()
-        out = self._layer_weights()
+        out = self._layer_weights(flat)
         strided = torch.strided
         for k, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(out):
             if not (isinstance(w_ih, Tensor) and isinstance(w_hh, Tensor) and w_hh.layout == strided
@@ -406,16 +407,16 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
                 raise RuntimeError(f"{name}: {arg} must be a dense (strided) tensor, got {w.layout}")
         raise RuntimeError(f"{name}: the module has biases but bias=False")
 
-    def _check_input(self, input: Tensor, packed: bool) -> None:
+    def _check_input(self, input: Tensor, packed: bool, w_ih: Tensor) -> None:
         if not torch.jit.is_scripting():
             _require_tensor(self._type_name, input, "input")
             if input.layout != torch.strided:  # torch.nn's layers fail on it too (RuntimeError)
                 raise RuntimeError(f"{self._type_name}: input must be a dense (strided) tensor, got {input.layout}")
         if packed:
-            _check_input(self._type_name, input, [2], "2-D packed data", self.input_size, self.weight_ih_l0)
+            _check_input(self._type_name, input, [2], "2-D packed data", self.input_size, w_ih)
         else:
             _check_input(self._type_name, input, [2, 3], "2-D (unbatched) or 3-D (batched)", self.input_size,
-                         self.weight_ih_l0)
+                         w_ih)
 
     def _initial_state(self, h0: Optional[Tensor], c0: Optional[Tensor], batch: int, input: Tensor,
                        batched: bool, packed: bool) -> Tuple[Tensor, Optional[Tensor], bool]:
@@ -458,16 +459,17 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
         _check_state(name, state, arg, expected, input)
         return state
 
-    def _run(self, data: Tensor, batch_sizes: Tensor, h: Tensor,
-             c: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        return functional.rnn_packed(self.mode, data, batch_sizes, h, c, self._weights(), self.num_layers,
+    def _run(self, data: Tensor, batch_sizes: Tensor, h: Tensor, c: Optional[Tensor],
+             weights: List[LayerWeights]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        return functional.rnn_packed(self.mode, data, batch_sizes, h, c, weights, self.num_layers,
                                      self.bidirectional, self.dropout, self.training)
 
     def _forward_tensor(self, input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor],
                         lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        weights = self._weights()
         if lengths is not None:
-            return self._forward_lengths(input, h0, c0, lengths)
-        self._check_input(input, packed=False)
+            return self._forward_lengths(input, h0, c0, lengths, weights)
+        self._check_input(input, False, weights[0][0])
         batched = input.dim() == 3
         if not batched:
             x = input.unsqueeze(1)
@@ -481,7 +483,7 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
                                f"shape {_size(input.shape)}")
         h, c, _ = self._initial_state(h0, c0, batch, x, batched, False)
         batch_sizes = functional.full_batch_sizes(steps, batch)
-        out, h, c = self._run(x.reshape(steps * batch, x.shape[2]), batch_sizes, h, c)
+        out, h, c = self._run(x.reshape(steps * batch, x.shape[2]), batch_sizes, h, c, weights)
         out = out.view(steps, batch, out.shape[-1])
         if not batched:
             out, h = out.squeeze(1), h.squeeze(1)
@@ -491,13 +493,16 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
             out = out.transpose(0, 1)
         return out, h, c
 
-    def _forward_packed(self, input: PackedSequence, h0: Optional[Tensor],
-                        c0: Optional[Tensor]) -> Tuple[PackedSequence, Tensor, Optional[Tensor]]:
+    def _forward_packed(self, input: PackedSequence, h0: Optional[Tensor], c0: Optional[Tensor],
+                        weights: Optional[List[LayerWeights]] = None
+                        ) -> Tuple[PackedSequence, Tensor, Optional[Tensor]]:
         if not torch.jit.is_scripting():
             onnx.reject_variable_lengths(self._type_name)  # an ONNX export cannot capture packing
+        if weights is None:
+            weights = self._weights()
         data, batch_sizes = input.data, input.batch_sizes
         sorted_indices, unsorted_indices = input.sorted_indices, input.unsorted_indices
-        self._check_input(data, packed=True)
+        self._check_input(data, True, weights[0][0])
         if batch_sizes.numel() == 0:  # torch.nn reads batch_sizes[0] (IndexError)
             raise IndexError(f"{self._type_name}: a PackedSequence must hold at least one time step, got empty "
                              "batch_sizes")
@@ -508,21 +513,21 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
             h = h.index_select(1, sorted_indices)
             if c is not None:
                 c = c.index_select(1, sorted_indices)
-        out, h, c = self._run(data, batch_sizes, h, c)
+        out, h, c = self._run(data, batch_sizes, h, c, weights)
         if unsorted_indices is not None:
             h = h.index_select(1, unsorted_indices)
             if c is not None:
                 c = c.index_select(1, unsorted_indices)
         return PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), h, c
 
-    def _forward_lengths(self, input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor],
-                         lengths: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    def _forward_lengths(self, input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], lengths: Tensor,
+                         weights: List[LayerWeights]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """Padded batch plus per-sequence lengths: runs only the real tokens and returns a padded
         output (zeros past each length) and the state at each sequence's last real step."""
         name = self._type_name
         if not torch.jit.is_scripting():
             onnx.reject_variable_lengths(name)  # before the data-dependent checks below
-        self._check_input(input, packed=False)
+        self._check_input(input, False, weights[0][0])
         if input.dim() != 3:
             raise ValueError(f"{name}: lengths needs batched 3-D input, got {input.dim()}-D")
         if self.batch_first:
@@ -539,7 +544,7 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
             raise ValueError(f"{name}: every length must be in [1, {steps}] (the padded sequence length), got "
                              f"min {int(lengths.min())} and max {int(lengths.max())}")
         packed = pack_padded_sequence(input, lengths, batch_first=self.batch_first, enforce_sorted=False)
-        out, h, c = self._forward_packed(packed, h0, c0)
+        out, h, c = self._forward_packed(packed, h0, c0, weights)
         padded, _ = pad_packed_sequence(out, batch_first=self.batch_first, total_length=steps)
         return padded, h, c
 

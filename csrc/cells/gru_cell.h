@@ -24,9 +24,9 @@ struct GruCell {
     const A r = sigmoid_(A(gates[j]) + A(hproj[j]));
     const A z = sigmoid_(A(gates[H + j]) + A(hproj[H + j]));
     const A hn = A(hproj[2 * H + j]);
-    const A n = tanh_(A(gates[2 * H + j]) + r * hn);
+    const A n = tanh_(fma_(r, hn, A(gates[2 * H + j])));  // fma_: as the AVX2 epilogue, bitwise
     const int64_t k = b * H + j;
-    const A h = (A(1) - z) * n + z * A(p.h_state[k]);
+    const A h = fma_(z, A(p.h_state[k]), (A(1) - z) * n);
     gates[j] = T(r);
     gates[H + j] = T(z);
     gates[2 * H + j] = T(n);

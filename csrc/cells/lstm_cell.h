@@ -25,7 +25,7 @@ struct LstmCell {
     const A g = tanh_(A(gates[2 * H + j]) + A(hproj[2 * H + j]));
     const A o = sigmoid_(A(gates[3 * H + j]) + A(hproj[3 * H + j]));
     const int64_t k = b * H + j;
-    const A c = f * A(p.c_state[k]) + i * g;
+    const A c = fma_(f, A(p.c_state[k]), i * g);  // as the AVX2 epilogue: bitwise the same
     const A h = o * tanh_(c);
     gates[j] = T(i);
     gates[H + j] = T(f);

@@ -7,7 +7,7 @@
 // switches the compiler to AVX2+FMA for the rest of the file (the entry points
 // are called only after available() has checked the CPU at run time). The cell
 // math is included into a namespace of its own, so the AVX2 copies of the
-// shared inline functions (Cell::forward, exp_simd, ...) are distinct symbols:
+// shared inline functions (Cell::forward, tanh_simd, ...) are distinct symbols:
 // the linker cannot hand them to the portable code in other translation units
 // (the ODR trap that PyTorch avoids with its CPU_CAPABILITY namespaces). Each
 // including file closes the target with `#pragma GCC pop_options`.
@@ -33,6 +33,9 @@
 // anonymous namespace: internal linkage, so these copies are neither exported
 // nor merged with the portable ones (and are called directly, not through the PLT).
 // <cmath> and <cstdint> are already included, so only the cell code lands here.
+// The target pragma enables FMA but (in C++, GCC 12) does not define __FMA__:
+// tell cell_common.h, so that its fma_simd is one fused operation here too.
+#define FUSEDRNN_TARGET_HAS_FMA 1
 namespace {
 namespace fusedrnn_avx2 {
 #include "../cells/gru_cell.h"
@@ -40,6 +43,7 @@ namespace fusedrnn_avx2 {
 #include "../cells/rnn_cell.h"
 }  // namespace fusedrnn_avx2
 }  // namespace
+#undef FUSEDRNN_TARGET_HAS_FMA
 
 namespace fusedrnn {
 namespace cpu_engine {
@@ -106,26 +110,33 @@ inline __m256 load_partial(const float* src, int64_t valid) {
 // ---------------------------------------------------------------------------
 // Activations on arrays of 8-float vectors
 // ---------------------------------------------------------------------------
-// The formulas and constants of cells/cell_common.h (exp_simd, sigmoid_,
-// tanh_simd), restated with intrinsics for two reasons measured on the
-// engine's forward tile (benchmarks/NOTES.md, entry 12): GCC compiles the
-// NaN-safe clamps `x > 88 ? 88 : x` to compare + blend pairs (it may only use
-// min/max under -ffinite-math-only; _mm256_min_ps(88, x) returns x when x is
-// NaN, the same result), and a cell written per element runs one 8-lane vector
-// through a ~40-cycle chain of dependent operations at a time. Here every
-// operation is applied to N independent vectors in turn, so the chains overlap.
+// cells/cell_common.h's exp_nonpos_simd, sigmoid_simd and tanh_simd (formulas,
+// accuracy and special values explained there), restated with intrinsics: the
+// same operations in the same order, so the engine's forward computes bitwise
+// what the per-step path's cells compute (tests/test_activations.py checks it
+// over a sweep of float32 inputs). Why intrinsics, measured on the engine's
+// forward tile (benchmarks/NOTES.md, entry 12): GCC compiles the NaN-safe
+// clamps `x < -104 ? -104 : x` to compare + blend pairs (it may only use min/max
+// under -ffinite-math-only; _mm256_max_ps(-104, x) returns x when x is NaN, the
+// same result), and a cell written per element runs one 8-lane vector through
+// a ~40-cycle chain of dependent operations at a time. Here every operation is
+// applied to N independent vectors in turn, so the chains overlap.
 template <int N>
 using Vecs = __m256[N];
 
+// x = exp(x) for x <= 0 (or NaN).
 template <int N>
-inline void exp_n(Vecs<N>& x) {
-  const __m256 hi = _mm256_set1_ps(88.0f), lo = _mm256_set1_ps(-87.0f);
+inline void exp_nonpos_n(Vecs<N>& x) {
+  const __m256 lo = _mm256_set1_ps(-104.0f);
   const __m256 log2e = _mm256_set1_ps(1.44269504088896341f), round = _mm256_set1_ps(12582912.0f);
-  const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
-  __m256 k[N], r[N], p[N];
-  for (int i = 0; i < N; ++i) x[i] = _mm256_max_ps(lo, _mm256_min_ps(hi, x[i]));  // NaN passes both
-  for (int i = 0; i < N; ++i) k[i] = _mm256_sub_ps(_mm256_fmadd_ps(x[i], log2e, round), round);
-  for (int i = 0; i < N; ++i) r[i] = _mm256_fnmadd_ps(k[i], ln2_lo, _mm256_fnmadd_ps(k[i], ln2_hi, x[i]));
+  const __m256 minus_ln2_hi = _mm256_set1_ps(-0.693359375f), ln2_lo = _mm256_set1_ps(2.12194440e-4f);
+  __m256 kr[N], r[N], p[N];
+  for (int i = 0; i < N; ++i) x[i] = _mm256_max_ps(lo, x[i]);  // NaN passes
+  for (int i = 0; i < N; ++i) kr[i] = _mm256_fmadd_ps(x[i], log2e, round);
+  for (int i = 0; i < N; ++i) {
+    const __m256 k = _mm256_sub_ps(kr[i], round);
+    r[i] = _mm256_fmadd_ps(k, ln2_lo, _mm256_fmadd_ps(k, minus_ln2_hi, x[i]));
+  }
   for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500e-4f), r[i], _mm256_set1_ps(1.3981999507e-3f));
   for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(8.3334519073e-3f));
   for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(4.1665795894e-2f));
@@ -134,29 +145,58 @@ inline void exp_n(Vecs<N>& x) {
   for (int i = 0; i < N; ++i) {
     p[i] = _mm256_add_ps(_mm256_fmadd_ps(p[i], _mm256_mul_ps(r[i], r[i]), r[i]), _mm256_set1_ps(1.0f));
   }
-  // 2^k in the exponent field; k is in [-126, 127] after the clamps.
+  // 2^(k+64) in the exponent field (k from kr's low bits), then 2^-64.
+  const __m256i bias = _mm256_set1_epi32(191 - 0x4B400000);  // + 191 - bits(1.5 * 2^23), modulo 2^32
   for (int i = 0; i < N; ++i) {
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(k[i]), _mm256_set1_epi32(127)), 23);
-    x[i] = _mm256_mul_ps(p[i], _mm256_castsi256_ps(bits));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(kr[i]), bias), 23);
+    x[i] = _mm256_mul_ps(_mm256_mul_ps(p[i], _mm256_castsi256_ps(bits)), _mm256_set1_ps(0x1p-64f));
   }
 }
 
-// x = 1 / (1 + exp(-x))
+// x = (x < 0 ? e : 1) / (1 + e), e = exp(-|x|)
 template <int N>
 inline void sigmoid_n(Vecs<N>& x) {
   const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
-  for (int i = 0; i < N; ++i) x[i] = _mm256_xor_ps(x[i], sign);
-  exp_n<N>(x);
-  for (int i = 0; i < N; ++i) x[i] = _mm256_div_ps(one, _mm256_add_ps(one, x[i]));
+  Vecs<N> e;
+  for (int i = 0; i < N; ++i) e[i] = _mm256_or_ps(x[i], sign);  // -|x|
+  exp_nonpos_n<N>(e);
+  // blendv picks e where x's sign bit is set: also for x = -0, where e = 1 (the same result).
+  for (int i = 0; i < N; ++i) x[i] = _mm256_div_ps(_mm256_blendv_ps(one, e[i], x[i]), _mm256_add_ps(one, e[i]));
 }
 
-// x = 2 / (1 + exp(-2x)) - 1
+// x = copysign(|x| < 0.625 ? |x| + |x|^3 P(x^2) : (1 - e) / (1 + e), x), e = exp(-2 min(|x|, 9.5)),
+// for N <= kTanhGroup vectors.
+template <int N>
+inline void tanh_group(__m256* x) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+  Vecs<N> a, small, e;
+  for (int i = 0; i < N; ++i) a[i] = _mm256_andnot_ps(sign, x[i]);
+  for (int i = 0; i < N; ++i) {
+    const __m256 z = _mm256_mul_ps(a[i], a[i]);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(-5.70498872745e-3f), z, _mm256_set1_ps(2.06390887954e-2f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531e-2f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036e-1f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422e-1f));
+    small[i] = _mm256_fmadd_ps(_mm256_mul_ps(p, z), a[i], a[i]);
+  }
+  for (int i = 0; i < N; ++i) e[i] = _mm256_mul_ps(_mm256_set1_ps(-2.0f), _mm256_min_ps(_mm256_set1_ps(9.5f), a[i]));
+  exp_nonpos_n<N>(e);
+  for (int i = 0; i < N; ++i) {
+    const __m256 big = _mm256_div_ps(_mm256_sub_ps(one, e[i]), _mm256_add_ps(one, e[i]));
+    const __m256 t = _mm256_blendv_ps(big, small[i], _mm256_cmp_ps(a[i], _mm256_set1_ps(0.625f), _CMP_LT_OQ));
+    x[i] = _mm256_or_ps(t, _mm256_and_ps(x[i], sign));
+  }
+}
+
+// In groups of at most 6 vectors: tanh keeps |x|, the polynomial and e live across its exp, and
+// the GRU and RNN epilogues' 12 at once spilled more: 4.7 ns per 8 floats against 4.2 in groups
+// (the old formula: 3.4; L1-resident micro-benchmark, benchmarks/NOTES.md entry 14).
+constexpr int kTanhGroup = 6;
 template <int N>
 inline void tanh_n(Vecs<N>& x) {
-  const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
-  for (int i = 0; i < N; ++i) x[i] = _mm256_mul_ps(_mm256_set1_ps(-2.0f), x[i]);
-  exp_n<N>(x);
-  for (int i = 0; i < N; ++i) x[i] = _mm256_sub_ps(_mm256_div_ps(two, _mm256_add_ps(one, x[i])), one);
+  constexpr int full = N / kTanhGroup * kTanhGroup;
+  for (int g = 0; g < full; g += kTanhGroup) tanh_group<kTanhGroup>(x + g);
+  if constexpr (full < N) tanh_group<N - full>(x + full);
 }
 
 // x = x < 0 ? 0 : x, NaN kept (as torch.relu): max(0, x) returns x when x is NaN.
