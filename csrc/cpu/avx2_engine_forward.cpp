@@ -339,7 +339,7 @@ void forward_impl(const ForwardArgs& args) {
 // ---------------------------------------------------------------------------
 // A cell, a one-step layer call or a short sequence of a few rows reads W_hh a
 // handful of times; packing it (a [G*H, H] scatter into fresh memory) cost more
-// than the whole product (benchmarks/NOTES.md, entry 14). Here the weights are
+// than the whole product (benchmarks/NOTES.md, entry 15). Here the weights are
 // read where they are, row-major: lane r of a vector of 8 dot products is
 // W[row + r] . v, i.e. 8 consecutive units of one gate, which is the layout the
 // cell epilogues above take. The same tile, the same epilogue, only the

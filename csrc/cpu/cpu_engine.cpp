@@ -9,7 +9,7 @@
 namespace fusedrnn {
 namespace cpu_engine {
 
-// The small-call rule (use_small_path), set by measurement (benchmarks/NOTES.md, entry 14).
+// The small-call rule (use_small_path), set by measurement (benchmarks/NOTES.md, entry 15).
 constexpr int64_t kSmallMaxBatch = 8;
 constexpr int64_t kSmallMaxSteps = 64;
 

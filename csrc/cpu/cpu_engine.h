@@ -104,7 +104,7 @@ bool fuse_input_projection(int gates, int64_t input_size, int64_t hidden_size);
 // saves: few rows and few steps (a cell, a one-token decoding step, a short
 // sequence of a small batch). Such calls read the weights in place (forward)
 // and skip the backward's panel copy where H is a multiple of the panel width.
-// Measured rule: benchmarks/NOTES.md, entry 14. FUSEDRNN_CPU_SMALL=1 or 0
+// Measured rule: benchmarks/NOTES.md, entry 15. FUSEDRNN_CPU_SMALL=1 or 0
 // forces it (tests run both ways).
 bool use_small_path(int64_t batch, int64_t steps);
 
