@@ -10,7 +10,7 @@ freed and reallocated storage), must give torch.nn's numbers after every change,
 paths. Any future cache keyed on data pointers or version counters would fail here.
 
 The second half checks the small-call path itself (FUSEDRNN_CPU_SMALL=1 forces it, =0 forbids
-it; read on every call) against fusedrnn.reference in float64 over the shapes where it can go
+it; read on every call; by default at most 8 rows and 32 tokens) against fusedrnn.reference in float64 over the shapes where it can go
 wrong: hidden sizes that are not whole vectors (8 lanes) or unit blocks (8 / 16 units), input
 sizes with a vector tail, 1-8 rows, ragged batches, both directions, one and two threads, the
 fused one-step input projection and the precomputed one, and the backward's in-place W_hh read
@@ -234,13 +234,17 @@ SMALL_SHAPES = [
 ]
 
 
+# Both paths: these shapes take the small path by default, so the packed path's partial row and
+# unit blocks at these sizes are checked here with FUSEDRNN_CPU_SMALL=0 (tests/test_cpu_engine.py
+# does not set it).
+@PATHS
 @pytest.mark.parametrize("nthreads", [1, 2])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("hidden,input_size,lengths", SMALL_SHAPES)
 @pytest.mark.parametrize("cell", list(GATES))
-def test_small_path_matches_float64_reference(cell, hidden, input_size, lengths, reverse, nthreads, threads,
+def test_small_path_matches_float64_reference(cell, hidden, input_size, lengths, reverse, nthreads, small, threads,
                                               monkeypatch):
-    monkeypatch.setenv("FUSEDRNN_CPU_SMALL", "1")
+    monkeypatch.setenv("FUSEDRNN_CPU_SMALL", small)
     threads(nthreads)
     args = make_args(cell, hidden, lengths_to_batch_sizes(lengths), input_size)
     expected = outputs_and_grads(run_reference, cell, args, reverse)
@@ -326,3 +330,44 @@ def test_no_grad_fast_path_keeps_autograd_semantics():
     torch.testing.assert_close(gx, gr, rtol=1e-4, atol=1e-5)
     with torch.inference_mode():
         torch.testing.assert_close(m(x), h_no_grad, rtol=0, atol=0)
+
+
+def _library_autograd_calls(fn):
+    """Python calls into torch.library's autograd machinery (torch/_library/autograd.py, utils.py)
+    while fn runs."""
+    import sys
+    calls = []
+
+    def profiler(frame, event, arg):
+        if event == "call" and "_library" in frame.f_code.co_filename.replace("\\", "/").split("/")[-2:-1]:
+            calls.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
+
+    sys.setprofile(profiler)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_small_calls_skip_torch_library_python_autograd(cell):
+    """The fixed cost of a call (entry 15 of benchmarks/NOTES.md): an eager no-grad cell call, an
+    eager training step (forward and backward) and a one-token layer call never enter
+    torch.library's Python autograd kernel (a round trip of 10-20 us per op, as much as a whole
+    cell); the same formulas run (test_higher_order.py covers the derivatives)."""
+    torch.manual_seed(0)
+    m = FUSED_CELLS[cell](8, 16)
+    layer = FUSED[cell](8, 16, num_layers=2)
+    x = torch.randn(2, 8)
+    m(x)  # first calls may import lazily
+    with torch.no_grad():
+        assert _library_autograd_calls(lambda: m(x)) == []
+        assert _library_autograd_calls(lambda: layer(x.unsqueeze(0))) == []
+
+    def step():
+        out = m(x)
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+
+    assert _library_autograd_calls(step) == []
+    assert _library_autograd_calls(lambda: layer(x.unsqueeze(0))[0].sum().backward()) == []

@@ -101,8 +101,8 @@ struct BackwardArgs {
 bool fuse_input_projection(int gates, int64_t input_size, int64_t hidden_size);
 
 // Whether a call is small enough that packing W_hh would cost more than it
-// saves: few rows and few steps (a cell, a one-token decoding step, a short
-// sequence of a small batch). Such calls read the weights in place (forward)
+// saves: at most 8 rows and 32 tokens (a cell, a one-token decoding step, a
+// short sequence of one or two rows). Such calls read the weights in place (forward)
 // and skip the backward's panel copy where H is a multiple of the panel width.
 // Measured rule: benchmarks/NOTES.md, entry 15. FUSEDRNN_CPU_SMALL=1 or 0
 // forces it (tests run both ways).
