@@ -278,7 +278,7 @@ def test_fresh_venv_made_inside_a_virtualenv_sees_the_virtualenvs_packages(tmp_p
 
     # From inside the virtualenv, this module's helper makes the venv the sdist test installs into.
     make = ("import sys\n"
-            f"sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})\n"
+            f"sys.path[:0] = [{os.path.join(ROOT, 'tests')!r}, {ROOT!r}]\n"
             "import test_packaging\n"
             "print('VENV-PYTHON', test_packaging._fresh_venv(sys.argv[1]))\n")
     result = _run([_venv_python(virtualenv), "-c", make, str(tmp_path / "venv")], timeout=300, cwd=ROOT)
