@@ -80,6 +80,13 @@ class StateDimError(RuntimeError, IndexError):
     and RNN raise RuntimeError for it, torch.nn.LSTM an IndexError."""
 
 
+class StateNotATupleError(RuntimeError, IndexError, TypeError):
+    """A Tensor given as an LSTM layer's hx instead of the tuple (h_0, c_0). torch.nn.LSTM indexes it:
+    IndexError when it has fewer than two rows, else RuntimeError from the shape check on padded input
+    and TypeError from its op on packed input. One type that is all three, so code written against
+    torch.nn catches it whichever it expects."""
+
+
 def _reset_uniform(module: nn.Module) -> None:
     """torch.nn's initialisation of every recurrent weight: U(-1/sqrt(hidden), 1/sqrt(hidden))."""
     stdv = 1.0 / math.sqrt(module.hidden_size) if module.hidden_size > 0 else 0
@@ -166,13 +173,14 @@ def _check_state(name: str, state: Tensor, arg: str, expected: List[int], input:
 def _split_lstm_state(name: str, hx, is_cell: bool) -> Tuple[Tensor, Tensor]:
     """(h_0, c_0) from an LSTM's hx, eager only, with torch.nn's exception type for each mistake: a
     non-tensor entry (None included) as NotATensorError (nn: AttributeError or TypeError); a Tensor
-    instead of a tuple RuntimeError for layers, TypeError for cells; a tuple of the wrong length
-    RuntimeError, except IndexError for fewer than two entries to a layer (nn indexes hx[1])."""
+    instead of a tuple TypeError for cells, StateNotATupleError for layers (nn: IndexError, RuntimeError
+    or TypeError, by shape and path); a tuple of the wrong length RuntimeError, except IndexError for
+    fewer than two entries to a layer (nn indexes hx[1])."""
     if isinstance(hx, Tensor):
         message = f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got a Tensor of shape {_size(hx.shape)}"
         if is_cell:
             raise TypeError(message)
-        raise RuntimeError(message)
+        raise StateNotATupleError(message)
     if not isinstance(hx, (tuple, list)):
         raise NotATensorError(f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
     kinds = ", ".join(type(v).__name__ for v in hx)
@@ -287,7 +295,7 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
     def __setstate__(self, state) -> None:
         if "_flat_weights" not in state:  # pickled by fusedrnn 0.1.0, whose modules were not nn.RNNBase's
             state = dict(state)
-            state["_flat_weights"] = [state["_parameters"].get(n) for n in state["_flat_weights_names"]]
+            state["_flat_weights"] = [state["_parameters"].get(n, state.get(n)) for n in state["_flat_weights_names"]]
         super().__setstate__(state)
 
     @property
@@ -742,6 +750,8 @@ class _CellBase(_ModuleInit, nn.RNNCellBase):
             raise ValueError(f"{name}: expected {h_arg} to be 1-D or 2-D, got {h0.dim()}-D of shape {_size(h0.shape)}")
         if not torch.jit.is_scripting():
             for arg, w in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh)):
+                if w is None and arg.startswith("weight"):  # torch.nn's op refuses it (TypeError)
+                    raise NotATensorError(f"{name}: {arg} must be a Tensor, got None")
                 if w is not None and w.layout != torch.strided:  # torch.nn's cells fail on them (RuntimeError)
                     raise RuntimeError(f"{name}: {arg} must be a dense (strided) tensor, got {w.layout}")
             if h0 is not None and h0.layout != torch.strided:

@@ -324,6 +324,10 @@ MISTAKES = {
     "hx_device": (_gru2, lambda: (_h(4, 2, 3), _h(2, 2, 5, device="meta"))),
     "hx_not_a_tensor": (_gru2, lambda: (_h(4, 2, 3), 3)),
     "lstm_hx_tensor": (_lstm2, lambda: (_h(4, 2, 3), _h(2, 2, 5))),
+    # a single tensor as an LSTM's hx, the commonest hx mistake: nn's hx[1] fails (IndexError) when it
+    # has one row (one layer, one direction)
+    "lstm_hx_tensor_one_layer": (_pair("LSTM", 3, 5), lambda: (_h(4, 2, 3), _h(1, 2, 5))),
+    "packed_lstm_hx_tensor_one_layer": (_pair("LSTM", 3, 5), lambda: (_packed(_h(4, 2, 3)), _h(1, 2, 5))),
     "lstm_hx_three": (_lstm2, lambda: (_h(4, 2, 3), (_h(2, 2, 5),) * 3)),
     "lstm_c0_shape": (_lstm2, lambda: (_h(4, 2, 3), (_h(2, 2, 5), _h(2, 2, 4)))),
     "lstm_c0_dtype": (_lstm2, lambda: (_h(4, 2, 3), (_h(2, 2, 5), _h(2, 2, 5, dtype=torch.float64)))),
@@ -375,6 +379,9 @@ MISTAKES = {
     "set_rnn_mode_lstm": (_pair("RNN", 3, 5, setup=_set(mode="LSTM")), lambda: (_h(4, 2, 3),)),
     "set_rnn_cell_nonlinearity": (_pair("RNNCell", 3, 5, setup=_set(nonlinearity="gelu")), lambda: (_h(2, 3),)),
     "layer_bias_none": (_pair("GRU", 3, 5, setup=_set(bias_ih_l0=None)), lambda: (_h(4, 2, 3),)),
+    "cell_weight_hh_none": (_pair("LSTMCell", 3, 5, setup=_set(weight_hh=None)), lambda: (_h(2, 3),)),
+    "cell_weight_ih_none": (_pair("GRUCell", 3, 5, setup=_set(weight_ih=None)), lambda: (_h(2, 3),)),
+    "rnn_cell_weight_hh_none": (_pair("RNNCell", 3, 5, setup=_set(weight_hh=None)), lambda: (_h(2, 3),)),
     # sparse tensors where torch.nn fails on them
     "layer_sparse_weight_hh": (_pair("LSTM", 3, 5, setup=_sparse("weight_hh_l0")), lambda: (_h(4, 2, 3),)),
     "layer_sparse_bias": (_pair("GRU", 3, 5, setup=_sparse("bias_hh_l0")), lambda: (_h(4, 2, 3),)),

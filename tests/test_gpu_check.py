@@ -197,10 +197,11 @@ def test_sanitizer_steps_run_our_workload_on_each_path_and_fail_on_a_finding(tmp
 
 
 def test_the_budget_cuts_whole_steps_and_prints_the_follow_up_command(tmp_path):
-    # 40 s less the 20 s report reserve: the machine step (expects 10 s) starts; after it, under 20 s
-    # are left, so the rehearsal bench (expects 20 s) is cut before it starts, however fast the
-    # machine is (with 45 s it started on a quiet machine and finished inside the cut limit).
-    env = {"OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"), "GPU_CHECK_BUDGET_S": "40"}
+    # 39 s less the 20 s report reserve: the machine step (expects 10 s) starts; after it at most 19 s
+    # are left (bash's SECONDS counts whole seconds, so even a step under 1 s leaves no more), so the
+    # rehearsal bench (expects 20 s) is cut before it starts, however fast the machine is (with 45 s
+    # it started on a quiet machine and finished inside the cut limit).
+    env = {"OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"), "GPU_CHECK_BUDGET_S": "39"}
     result = run_script("--rehearse-on-cpu", "--only", "machine,emulation,bench", env=env)
     assert result.returncode == 2, result.stdout[-3000:]
     report = json.loads((tmp_path / "out" / "gpu_report.json").read_text())

@@ -3,15 +3,20 @@ cannot be used; the supported torch range is declared, checked at build time, an
 built against another torch is refused before it is loaded.
 
 The test marked `sdist` compiles fusedrnn from its sdist in a fresh venv (1-3 minutes on
-2 cores); `-m "not sdist"` leaves it out while iterating. CI runs it.
+2 cores); `-m "not sdist"` leaves it out while iterating. CI runs it. That venv sees the packages
+of the interpreter running the tests, whichever it is (a virtualenv, a conda env, a system
+Python): see _fresh_venv, and the test after it that runs it from inside a virtualenv.
 """
 
 import glob
+import importlib.util
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 from email.parser import Parser
 
@@ -43,6 +48,18 @@ def _fake_torch_dir(tmp_path, body: str) -> str:
 
 # ---- the sdist -----------------------------------------------------------------------------------
 
+_BUILD_OUTPUTS = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+                                        "*.so", "*.o")
+
+
+def _not_in_a_fresh_checkout(folder, names):
+    """copytree's ignore: build outputs, and any virtualenv or conda env made inside the checkout
+    (`python -m venv .venv` is common practice; copying one would copy gigabytes of torch)."""
+    env_markers = ("pyvenv.cfg", "conda-meta")
+    envs = {n for n in names if any(os.path.exists(os.path.join(folder, n, m)) for m in env_markers)}
+    return set(_BUILD_OUTPUTS(folder, names)) | envs
+
+
 @pytest.fixture(scope="module")
 def sdist(tmp_path_factory):
     """The sdist, packed on a machine WITHOUT torch (a `torch` that fails to import shadows the
@@ -51,8 +68,7 @@ def sdist(tmp_path_factory):
     # From a copy without build outputs, as a fresh checkout: setuptools also ships whatever an
     # existing fusedrnn.egg-info/SOURCES.txt lists, which would hide a gap in MANIFEST.in.
     source = tmp / "checkout"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "*.so", "*.o"))
+    shutil.copytree(ROOT, source, ignore=_not_in_a_fresh_checkout)
     no_torch = _fake_torch_dir(tmp, "raise ImportError('No module named torch (hidden by the sdist test)')\n")
     env = dict(os.environ, PYTHONPATH=no_torch)
     result = _run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp / "dist"),
@@ -61,6 +77,20 @@ def sdist(tmp_path_factory):
     path = tmp / "dist" / f"fusedrnn-{VERSION}.tar.gz"
     assert path.is_file(), os.listdir(tmp / "dist")
     return path
+
+
+def test_checkout_copy_leaves_out_build_outputs_and_virtualenvs(tmp_path):
+    """The sdist is packed from a copy of the checkout: a venv or conda env inside it (`python -m
+    venv .venv`) must not be copied (gigabytes), nor build outputs; sources are."""
+    source = tmp_path / "checkout"
+    for name in ("csrc/cells/lstm.h", "fusedrnn/__init__.py", ".venv/pyvenv.cfg", ".venv/lib/torch/big.so.txt",
+                 "myenv/conda-meta/history", "myenv/lib/x.py", "build/temp/x.o", "fusedrnn/_C.so",
+                 "fusedrnn.egg-info/SOURCES.txt", "venv-notes/readme.txt"):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_text("x")
+    shutil.copytree(source, tmp_path / "copy", ignore=_not_in_a_fresh_checkout)
+    copied = {os.path.relpath(os.path.join(d, f), tmp_path / "copy") for d, _, fs in os.walk(tmp_path / "copy") for f in fs}
+    assert copied == {"csrc/cells/lstm.h", "fusedrnn/__init__.py", "venv-notes/readme.txt"}, copied
 
 
 def _sdist_members(path):
@@ -109,22 +139,183 @@ def test_sdist_metadata_states_supported_versions(sdist):
     assert "torch 2.11 or newer" in readme and "Python 3.10+" in readme
 
 
+# ---- a fresh venv that sees the packages of the interpreter running the tests ---------------------
+
+# Run by the interpreter in question, in an empty folder: where it imports installed packages from
+# (its sys.path less the script folder: the standard library, the site dirs and what their .pth
+# files and PYTHONPATH add), and which of those are site dirs, whose own .pth files count too.
+_IMPORT_DIRS = (
+    "import json, os, site, sys\n"
+    "sites = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])\n"
+    "print(json.dumps({'path': [p for p in sys.path if p not in ('', os.getcwd())], 'sites': sites}))\n"
+)
+
+
+def _import_dirs(python: str, cwd) -> dict:
+    result = _run([python, "-c", _IMPORT_DIRS], timeout=120, cwd=cwd)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+def _venv_python(venv) -> str:
+    return os.path.join(str(venv), "Scripts" if os.name == "nt" else "bin", "python")
+
+
+def _add_import_dirs(python: str, dirs: dict, cwd) -> None:
+    """Makes `python` (a venv's) import, after its own site-packages, from `dirs` in their order,
+    with the site dirs' .pth files processed as their own interpreter processes them (editable
+    installs, setuptools' distutils shim). Entries it already has (its standard library) are
+    skipped by `site`, as are entries that do not exist."""
+    purelib = _run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                   timeout=120, cwd=cwd).stdout.strip()
+    assert os.path.isdir(purelib), purelib
+    lines = [f"import site; site.addsitedir({p!r})" if p in dirs["sites"] else p
+             for p in dirs["path"] if "\n" not in p]
+    with open(os.path.join(purelib, "_fusedrnn_tests_caller_packages.pth"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _fresh_venv(venv) -> str:
+    """A new, empty venv at `venv` whose python imports, after its own site-packages, the packages
+    of the interpreter running this function (a virtualenv's, a conda env's or a system Python's),
+    without copying them (torch is gigabytes): what a user gets from `python -m venv` with this
+    interpreter's packages installed. Returns its python.
+
+    Not `venv --system-site-packages`: that gives the venv the *base* interpreter's packages, which
+    from inside a virtualenv are not the virtualenv's, so the build found no wheel ("invalid
+    command 'bdist_wheel'") and no torch. Without a pip of its own: `python -m pip` runs this
+    interpreter's pip, which installs into the venv it runs in, and the setuptools bundled with
+    venv's pip cannot shadow the installed one. That needs no ensurepip either (Debian's python3
+    may have none) and takes well under a second."""
+    result = _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    python = _venv_python(venv)
+    _add_import_dirs(python, _import_dirs(sys.executable, cwd=venv), cwd=venv)
+    return python
+
+
+def _env_for_fresh_venv() -> dict:
+    """The environment for commands in a _fresh_venv: no PYTHONPATH (the venv has its import dirs),
+    a CPU-only build, and this interpreter's scripts folder first on PATH, so the build finds the
+    `ninja` installed beside torch even where the virtualenv running the tests is not activated."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FUSEDRNN_CUDA")}
+    env.update(FUSEDRNN_CUDA="0", PIP_DISABLE_PIP_VERSION_CHECK="1",
+               PATH=os.pathsep.join([sysconfig.get_path("scripts"), env.get("PATH", os.defpath)]))
+    return env
+
+
+def _packageless_copy_of_this_python(dest) -> str:
+    """This Python with no packages installed, as a new machine has it: a copy of its executable
+    beside its standard library, headers and libpython (linked, not copied), and an empty
+    site-packages. Returns the copy's executable. The layout is POSIX CPython's (a pyenv, python.org,
+    Debian or conda Python); elsewhere the test skips, saying so."""
+    executable = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    paths = sysconfig.get_paths()  # in a virtualenv, its base's standard library and headers
+    stdlib, include = paths["stdlib"], paths["include"]
+    lib = os.path.dirname(stdlib)
+    if os.name != "posix" or os.path.basename(lib) != "lib" or not os.path.isdir(include):
+        pytest.skip(f"this Python's layout is not POSIX CPython's (stdlib {stdlib}, headers {include}), so the "
+                    "test cannot make a package-less copy of it")
+    os.makedirs(os.path.join(dest, "bin"))
+    copy = os.path.join(dest, "bin", os.path.basename(executable))
+    shutil.copy2(executable, copy)  # a copy, not a link: Python finds its prefix from where it lies
+    os.makedirs(os.path.join(dest, "lib", os.path.basename(stdlib)))
+    for name in os.listdir(stdlib):
+        if name not in ("site-packages", "dist-packages"):
+            os.symlink(os.path.join(stdlib, name), os.path.join(dest, "lib", os.path.basename(stdlib), name))
+    for library in glob.glob(os.path.join(lib, "libpython*")):
+        os.symlink(library, os.path.join(dest, "lib", os.path.basename(library)))
+    os.makedirs(os.path.join(dest, "include"))
+    os.symlink(include, os.path.join(dest, "include", os.path.basename(include)))
+    probe = _run([copy, "-c", "import importlib.util, json, sys\n"
+                              "print(json.dumps([sys.prefix, importlib.util.find_spec('torch') is None]))"],
+                 timeout=120, cwd=dest)
+    assert probe.returncode == 0, probe.stdout + probe.stderr
+    prefix, no_torch = json.loads(probe.stdout)
+    if os.path.realpath(prefix) != os.path.realpath(dest) or not no_torch:
+        pytest.skip(f"a copy of {executable} still finds its original prefix ({prefix}) or packages, so the test "
+                    "cannot make a package-less Python from it")
+    return copy
+
+
+_PROBE_PROJECT = {
+    "pyproject.toml": ('[build-system]\nrequires = ["setuptools>=64", "wheel"]\nbuild-backend = "setuptools.build_meta"\n\n'
+                       '[project]\nname = "fusedrnn-venv-probe"\nversion = "1.0"\n'),
+    "fusedrnn_venv_probe/__init__.py": "",
+}
+_BUILD_MODULES = ("torch", "setuptools", "wheel", "ninja", "pip", "packaging")
+
+
+def test_fresh_venv_made_inside_a_virtualenv_sees_the_virtualenvs_packages(tmp_path):
+    """The issue's case: the tests run inside a virtualenv made from a Python that has no packages
+    (as on a new machine), with torch and the build tools installed in the virtualenv only. The
+    venv that the sdist test installs into, made from inside that virtualenv, must import them from
+    the virtualenv, and pip must build and install a package into it with them. (With
+    `venv --system-site-packages` it saw the empty base instead: no torch, and the build failed with
+    "invalid command 'bdist_wheel'".) Seconds: nothing is compiled."""
+    base = _packageless_copy_of_this_python(str(tmp_path / "base"))
+    virtualenv = tmp_path / "virtualenv"
+    result = _run([base, "-m", "venv", "--without-pip", str(virtualenv)], timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # "Installed in the virtualenv": it imports this interpreter's packages, which its base lacks.
+    _add_import_dirs(_venv_python(virtualenv), _import_dirs(sys.executable, cwd=tmp_path), cwd=tmp_path)
+    specs = {name: importlib.util.find_spec(name) for name in _BUILD_MODULES}
+    # (wheel may be missing: setuptools 70.1 and newer build wheels without it)
+    here = {name: os.path.realpath(spec.origin) for name, spec in specs.items() if spec is not None}
+    assert {"torch", "setuptools", "pip"} <= set(here), here
+    where = ("import importlib.util, json, os, sys\n"
+             f"names = {sorted(here)!r}\n"
+             "specs = {n: importlib.util.find_spec(n) for n in names}\n"
+             "print(json.dumps({n: s and os.path.realpath(s.origin) for n, s in specs.items()}))\n")
+
+    def imports_of(python):
+        out = _run([python, "-c", where], timeout=120, cwd=tmp_path, env=_env_for_fresh_venv())
+        assert out.returncode == 0, out.stdout + out.stderr
+        return json.loads(out.stdout)
+
+    assert imports_of(base) == dict.fromkeys(here), "the package-less base Python imports packages"
+    assert imports_of(_venv_python(virtualenv)) == here
+
+    # From inside the virtualenv, this module's helper makes the venv the sdist test installs into.
+    make = ("import sys\n"
+            f"sys.path[:0] = [{os.path.join(ROOT, 'tests')!r}, {ROOT!r}]\n"
+            "import test_packaging\n"
+            "print('VENV-PYTHON', test_packaging._fresh_venv(sys.argv[1]))\n")
+    result = _run([_venv_python(virtualenv), "-c", make, str(tmp_path / "venv")], timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    python = result.stdout.split("VENV-PYTHON", 1)[1].strip()
+    assert python == _venv_python(tmp_path / "venv"), python
+    assert imports_of(python) == here, "the fresh venv does not import the virtualenv's packages"
+
+    project = tmp_path / "probe"
+    for name, text in _PROBE_PROJECT.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(text)
+    result = _run([python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", str(project)],
+                  timeout=300, env=_env_for_fresh_venv(), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    installed = _run([python, "-c", "import fusedrnn_venv_probe; print(fusedrnn_venv_probe.__file__)"],
+                     timeout=120, cwd=tmp_path, env=_env_for_fresh_venv())
+    assert installed.returncode == 0, installed.stderr
+    assert installed.stdout.strip().startswith(str(tmp_path / "venv")), installed.stdout  # not the virtualenv's
+
+
 @pytest.mark.sdist
 def test_sdist_installs_in_a_fresh_venv_and_matches_torch_nn(sdist, tmp_path):
-    """pip install of the sdist, CPU only, into a fresh venv that sees the installed torch, then
-    an LSTM and a GRU from the installed package against torch.nn in float64."""
+    """pip install of the sdist, CPU only, into a fresh venv that sees the packages of the
+    interpreter running the tests (its torch, setuptools, wheel and ninja: the build is
+    --no-build-isolation), then an LSTM and a GRU from the installed package against torch.nn in
+    float64."""
     venv = tmp_path / "venv"
-    result = _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], timeout=300)
-    assert result.returncode == 0, result.stderr
-    python = str(venv / "bin" / "python")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FUSEDRNN_CUDA")}
-    env.update(FUSEDRNN_CUDA="0", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    python = _fresh_venv(venv)
+    env = _env_for_fresh_venv()
     result = _run([python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", str(sdist)],
                   timeout=1200, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     check = (
         "import os, warnings, torch\n"
         "warnings.simplefilter('error')  # a load warning would mean the build did not take\n"
+        f"assert torch.__file__ == {torch.__file__!r}, ('not the torch running the tests', torch.__file__)\n"
         "import fusedrnn\n"
         f"assert fusedrnn.__file__.startswith({str(venv)!r}), fusedrnn.__file__\n"
         "info = fusedrnn.backends()\n"

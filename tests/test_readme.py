@@ -3,7 +3,7 @@
 - Every ```python block of README.md runs, on its own, in a fresh interpreter (so a snippet
   added later is tested too). A block with a line `# requires: cuda` is skipped, saying so,
   where there is no GPU.
-- The quick start's test command is exactly what .ci/run runs.
+- The quick start's test command is exactly what .ci/run runs, inside a fresh venv it makes.
 - The numbers in "Measured speed" are generated from benchmarks/results/ between
   `<!-- begin generated: NAME -->` and `<!-- end generated: NAME -->` markers; after new
   results are committed, regenerate them with `python tests/test_readme.py --write`.
@@ -60,13 +60,66 @@ def test_python_snippet_runs_as_written(index, tmp_path):
     assert result.returncode == 0, f"README python block {index} failed:\n{PYTHON_BLOCKS[index]}\n{result.stderr}"
 
 
-def test_ci_runs_the_readme_test_command():
+CI_RUN = os.path.join(ROOT, ".ci", "run")
+
+
+def readme_test_command() -> str:
     bash = [b.strip() for b in code_blocks(read_readme(), "bash")]
     test_commands = [b for b in bash if "pytest" in b]
     assert len(test_commands) == 1, test_commands
-    with open(os.path.join(ROOT, ".ci", "run")) as f:
+    return test_commands[0]
+
+
+def test_ci_runs_the_readme_test_command():
+    with open(CI_RUN) as f:
         ci_lines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
-    assert test_commands[0] in ci_lines, f".ci/run does not run the README's test command:\n{test_commands[0]}"
+    assert ci_lines[-1] == readme_test_command(), (
+        f".ci/run's last line is not the README's test command:\n{ci_lines[-1]}\n{readme_test_command()}")
+
+
+# Stand-ins for python, pip and python -m venv, for running .ci/run without installing or testing
+# anything: each records how it was called. The ones on PATH before .ci/run starts (those a
+# user's shell has) fail, so a command .ci/run runs outside its own venv fails it.
+_OUTSIDE_STUB = '#!/bin/sh\necho "outside $(basename "$0") $*" >> "$CI_STUB_LOG"\nexit 1\n'
+_VENV_STUB = '#!/bin/sh\necho "venv $0 $*" >> "$CI_STUB_LOG"\n'
+_MAKE_VENV = f"""#!/bin/sh
+echo "make-venv $*" >> "$CI_STUB_LOG"
+[ "$1 $2" = "-m venv" ] && [ $# -eq 3 ] || exit 1
+mkdir -p "$3/bin" && printf 'home = /nowhere\\ninclude-system-site-packages = false\\n' > "$3/pyvenv.cfg"
+for tool in python pip; do printf '%s' '{_VENV_STUB}' > "$3/bin/$tool"; chmod +x "$3/bin/$tool"; done
+"""
+
+
+def test_ci_runs_the_readme_test_command_inside_a_fresh_plain_venv(tmp_path):
+    """.ci/run makes a plain venv (no --system-site-packages: the README's command installs
+    everything itself) outside the checkout, runs each part of the README's command with that
+    venv's pip and python, and deletes the venv when done, as a new user's virtualenv would be
+    used. Run with stand-ins for python and pip, so nothing is installed or tested here."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for tool in ("python", "python3", "pip", "pip3"):
+        (outside / tool).write_text(_OUTSIDE_STUB)
+        (outside / tool).chmod(0o755)
+    (tmp_path / "make-venv").write_text(_MAKE_VENV)
+    (tmp_path / "make-venv").chmod(0o755)
+    (tmp_path / "tmp").mkdir()
+    log = tmp_path / "log"
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME", "CONDA_PREFIX")}
+    env.update(CI="true", CI_STUB_LOG=str(log), PYTHON=str(tmp_path / "make-venv"), TMPDIR=str(tmp_path / "tmp"),
+               PATH=os.pathsep.join([str(outside), os.environ.get("PATH", os.defpath)]))
+    result = subprocess.run(["bash", CI_RUN], env=env, cwd=tmp_path, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=60)
+    calls = log.read_text().splitlines() if log.exists() else []
+    assert result.returncode == 0, (calls, result.stdout + result.stderr)
+    assert calls[0].startswith("make-venv -m venv "), calls
+    venv = calls[0][len("make-venv -m venv "):]
+    assert os.path.isabs(venv) and venv.startswith(str(tmp_path / "tmp") + os.sep), venv  # outside the checkout
+    expected = []
+    for part in readme_test_command().split(" && "):
+        tool, args = part.split(" ", 1)
+        expected.append(f"venv {venv}/bin/{tool} {args}")
+    assert calls[1:] == expected, calls
+    assert not os.listdir(tmp_path / "tmp"), "the venv was not deleted"
 
 
 def test_quick_start_states_the_time_it_takes():
