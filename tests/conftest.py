@@ -93,3 +93,11 @@ def make_pair(cell, input_size=3, hidden_size=5, dtype=torch.float64, device="cp
 
 def flat_state(state):
     return list(state) if isinstance(state, tuple) else [state]
+
+
+@pytest.fixture
+def threads():
+    """Sets torch's thread count for one test and restores it afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)

@@ -20,6 +20,7 @@ import torch
 
 import fusedrnn
 from conftest import DEVICES
+from engine_helpers import cpu_has_avx2_fma
 
 pytestmark = pytest.mark.skipif(not fusedrnn.backends()["compiled"], reason="compiled operators not loaded: "
                                 + str(fusedrnn.backends()["load_error"]))
@@ -32,16 +33,7 @@ ULP = 2.0 ** -23
 RTOL, DENORMAL_ATOL = 4 * ULP, 2.0 ** -148
 
 
-def _cpu_has_avx2_fma():
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx2" in flags and "fma" in flags
-
-
-HAS_ENGINE = _cpu_has_avx2_fma()
+HAS_ENGINE = cpu_has_avx2_fma()
 requires_engine = pytest.mark.skipif(not HAS_ENGINE, reason="the CPU engine needs AVX2+FMA; this CPU runs the "
                                      "per-step path only (tested here too)")
 # The per-step path computes bitwise what the engine computes when its cells are compiled with FMA

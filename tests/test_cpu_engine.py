@@ -14,91 +14,16 @@ import pytest
 import torch
 
 import fusedrnn
-from fusedrnn import reference
+from engine_helpers import (GATES, as_float32, cpu_has_avx2_fma, lengths_to_batch_sizes, make_args, outputs_and_grads,
+                            run_op, run_reference)
 
 pytestmark = pytest.mark.skipif(not fusedrnn.backends()["compiled"], reason="compiled operators not loaded: "
                                 + str(fusedrnn.backends()["load_error"]))
 
-OPS = torch.ops.fusedrnn
 
 
-def _cpu_has_avx2_fma():
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx2" in flags and "fma" in flags
-
-
-requires_avx2 = pytest.mark.skipif(not _cpu_has_avx2_fma(), reason="the engine needs AVX2+FMA; this CPU runs "
+requires_avx2 = pytest.mark.skipif(not cpu_has_avx2_fma(), reason="the engine needs AVX2+FMA; this CPU runs "
                                    "the per-step path, which the other test files cover")
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-
-
-def lengths_to_batch_sizes(lengths):
-    """Per-step batch sizes of sequences sorted by decreasing length."""
-    lengths = sorted(lengths, reverse=True)
-    return torch.tensor([sum(1 for n in lengths if n > t) for t in range(lengths[0])])
-
-
-def make_args(cell, hidden, batch_sizes, input_size=5, bias=True, seed=0):
-    """float64 leaves of the forward op of `cell` (the order of its schema)."""
-    g = torch.Generator().manual_seed(seed)
-    n, b = int(batch_sizes.sum()), int(batch_sizes[0])
-    gh = GATES[cell] * hidden
-    scale = hidden ** -0.5  # keeps the gates in the range where every activation has a slope
-
-    def rand(*shape, s=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).requires_grad_()
-
-    x, h0 = rand(n, input_size), rand(b, hidden)
-    w_ih, w_hh = rand(gh, input_size, s=scale), rand(gh, hidden, s=scale)
-    b_ih, b_hh = (rand(gh, s=0.5), rand(gh, s=0.5)) if bias else (None, None)
-    if cell == "lstm":
-        return [x, h0, rand(b, hidden), w_ih, w_hh, b_ih, b_hh, None, batch_sizes]
-    return [x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes]
-
-
-def run_op(cell, args, reverse):
-    """Main outputs of the compiled op and the gradients of a random projection of them."""
-    if cell == "lstm":
-        outs = OPS.lstm_forward(*args, reverse)[:3]
-    elif cell == "gru":
-        outs = OPS.gru_forward(*args, reverse)[:2]
-    else:
-        outs = getattr(OPS, cell + "_forward")(*args, reverse)[:2]
-    return outs
-
-
-def run_reference(cell, args, reverse):
-    if cell == "lstm":
-        return reference.lstm_layer(*args, reverse)
-    if cell == "gru":
-        return reference.gru_layer(*args, reverse)
-    return reference.rnn_layer(cell.split("_")[1], *args, reverse)
-
-
-def outputs_and_grads(fn, cell, args, reverse):
-    outs = fn(cell, args, reverse)
-    g = torch.Generator().manual_seed(1)
-    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outs]
-    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), leaves)
-    return [o.detach() for o in outs] + list(grads)
-
-
-def as_float32(args):
-    return [a.detach().float().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-            for a in args]
-
-
-@pytest.fixture
-def threads():
-    """Sets torch's thread count for one test and restores it afterwards."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
 
 
 # (hidden, per-sequence lengths): partial and whole unit blocks (LSTM 8 units, GRU/RNN 16),

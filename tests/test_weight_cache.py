@@ -17,18 +17,15 @@ fused one-step input projection and the precomputed one, and the backward's in-p
 (H a multiple of 16) and its packed copy (any other H).
 """
 
-import numpy as np
 import pytest
 import torch
 
 import fusedrnn
-from fusedrnn import reference
+from engine_helpers import GATES, as_float32, lengths_to_batch_sizes, make_args, outputs_and_grads, run_op, run_reference
 
 pytestmark = pytest.mark.skipif(not fusedrnn.backends()["compiled"], reason="compiled operators not loaded: "
                                 + str(fusedrnn.backends()["load_error"]))
 
-OPS = torch.ops.fusedrnn
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 NN = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn_tanh": torch.nn.RNN}
 FUSED = {"lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU, "rnn_tanh": fusedrnn.RNN}
 NN_CELLS = {"lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell, "rnn_tanh": torch.nn.RNNCell}
@@ -158,63 +155,6 @@ def test_training_steps_use_the_updated_weights(small, monkeypatch):
 
 # ---- the small-call path against the float64 reference --------------------------------------
 
-def lengths_to_batch_sizes(lengths):
-    lengths = sorted(lengths, reverse=True)
-    return torch.tensor([sum(1 for n in lengths if n > t) for t in range(lengths[0])])
-
-
-def make_args(cell, hidden, batch_sizes, input_size, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n, b = int(batch_sizes.sum()), int(batch_sizes[0])
-    gh = GATES[cell] * hidden
-    scale = hidden ** -0.5
-
-    def rand(*shape, s=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).requires_grad_()
-
-    x, h0 = rand(n, input_size), rand(b, hidden)
-    w_ih, w_hh = rand(gh, input_size, s=scale), rand(gh, hidden, s=scale)
-    b_ih, b_hh = (rand(gh, s=0.5), rand(gh, s=0.5)) if bias else (None, None)
-    if cell == "lstm":
-        return [x, h0, rand(b, hidden), w_ih, w_hh, b_ih, b_hh, None, batch_sizes]
-    return [x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes]
-
-
-def run_op(cell, args, reverse):
-    if cell == "lstm":
-        return OPS.lstm_forward(*args, reverse)[:3]
-    if cell == "gru":
-        return OPS.gru_forward(*args, reverse)[:2]
-    return getattr(OPS, cell + "_forward")(*args, reverse)[:2]
-
-
-def run_reference(cell, args, reverse):
-    if cell == "lstm":
-        return reference.lstm_layer(*args, reverse)
-    if cell == "gru":
-        return reference.gru_layer(*args, reverse)
-    return reference.rnn_layer(cell.split("_")[1], *args, reverse)
-
-
-def outputs_and_grads(fn, cell, args, reverse):
-    outs = fn(cell, args, reverse)
-    g = torch.Generator().manual_seed(1)
-    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outs]
-    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), leaves)
-    return [o.detach() for o in outs] + list(grads)
-
-
-def as_float32(args):
-    return [a.detach().float().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-            for a in args]
-
-
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
 
 
 # (hidden, input_size, lengths): one step (the fused input projection) and several (the
