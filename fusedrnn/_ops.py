@@ -195,10 +195,12 @@ def _call(name: str, *args):
 
 
 def _untraced() -> bool:
-    """Eager and nothing looking: not compiling or exporting, no dispatch mode (make_fx, FakeTensorMode,
-    AOTAutograd's tracing), no forward-AD level (dual tensors go through the autograd key)."""
-    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
-            and torch.autograd.forward_ad._current_level < 0)
+    """Eager and nothing looking: not compiling or exporting, not under torch.jit.trace (which the
+    TorchScript ONNX exporter uses: a Python autograd.Function would be recorded as a PythonOp instead
+    of the op), no dispatch mode (make_fx, FakeTensorMode, AOTAutograd's tracing), no forward-AD level
+    (dual tensors go through the autograd key)."""
+    return (not torch.compiler.is_compiling() and not torch._C._is_tracing()
+            and torch._C._len_torch_dispatch_stack() == 0 and torch.autograd.forward_ad._current_level < 0)
 
 
 def _register_vmap_loop(name: str) -> None:

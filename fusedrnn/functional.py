@@ -80,7 +80,8 @@ def full_batch_sizes(steps: int, batch: int) -> Tensor:
     otherwise allocate it on every call); traced, scripted or under a dispatch mode (FakeTensorMode,
     ...) a fresh one, so that it is part of what is traced."""
     if not torch.jit.is_scripting():
-        if not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0:
+        if (not torch.compiler.is_compiling() and not torch._C._is_tracing()
+                and torch._C._len_torch_dispatch_stack() == 0):
             key = (steps, batch)
             t = _BATCH_SIZES.get(key)
             if t is None or t._version != 0:

@@ -311,3 +311,15 @@ def test_small_calls_skip_torch_library_python_autograd(cell):
 
     assert _library_autograd_calls(step) == []
     assert _library_autograd_calls(lambda: layer(x.unsqueeze(0))[0].sum().backward()) == []
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_jit_trace_records_the_op_not_a_python_function(cell):
+    """torch.jit.trace (and the TorchScript ONNX exporter, which traces) must see the registered op:
+    the eager training shortcut is an autograd.Function, which a trace records as a PythonOp that
+    neither torch.jit.save nor the ONNX symbolics can handle."""
+    module = FUSED[cell](3, 4)  # parameters require grad: the training path
+    traced = torch.jit.trace(module, (torch.randn(5, 2, 3),), check_trace=False)
+    kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+    assert f"fusedrnn::{cell}_forward" in kinds
+    assert "prim::PythonOp" not in kinds
