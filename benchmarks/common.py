@@ -47,12 +47,19 @@ def output_base(name: str, results_dir: Optional[str] = None, publish: bool = Fa
 
 def machine() -> Dict[str, str]:
     cpu = platform.processor() or platform.machine()
+    flags: List[str] = []
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            lines = f.read().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
+        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
+    # The instruction sets that decide which kernels run (ours and oneDNN's): torch's own verdict,
+    # and the vector/matrix extensions the CPU reports.
+    extensions = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16") if f in flags]
+    isa = torch.backends.cpu.get_cpu_capability() + (f" ({' '.join(extensions)})" if extensions else "")
+    info = {"cpu": cpu, "isa": isa, "cores": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
             "torch": torch.__version__, "python": platform.python_version()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

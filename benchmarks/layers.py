@@ -339,8 +339,14 @@ def streaming_markdown(rows, info: Dict, args) -> str:
 
 
 def cpu_slug(info: Dict) -> str:
-    """The CPU's name as a file-name part ('AMD EPYC 7B13' -> 'amd-epyc-7b13')."""
-    name = info.get("gpu") if info.get("gpu") and info.get("device") == "cuda" else info.get("cpu", "cpu")
+    """The machine as a file-name part: the GPU's name on CUDA, else the CPU's name and torch's ISA
+    level ('AMD EPYC 7B13', 'AVX2 (...)' -> 'amd-epyc-7b13-avx2'). Virtual machines often report
+    only 'AMD EPYC' for CPUs as different as an AVX2-only Zen 3 and an AVX-512 Zen 4: the ISA keeps
+    their results apart."""
+    if info.get("gpu") and info.get("device") == "cuda":
+        name = info["gpu"]
+    else:
+        name = f"{info.get('cpu', 'cpu')} {str(info.get('isa', '')).split(' ')[0]}"
     return "-".join("".join(c if c.isalnum() else " " for c in str(name).lower()).split()) or "unknown"
 
 
