@@ -277,6 +277,23 @@ __attribute__((noinline)) void forward_tile(const StepPtrs& q, const float* x, c
 // by them, so the weights stream from L2 once per group, not once per row block.
 constexpr int64_t kGroupBlocks = 3;
 
+// The cell's view of rows [m0, m0 + mr) of the step whose tokens start at row `off`: its gates,
+// output and saved tensors in the packed sequence, its running state in the batch. Shared by
+// the packed (forward_impl) and in-place (small_forward_impl) drivers.
+inline StepPtrs step_rows(const ForwardArgs& args, int G, int64_t off, int64_t m0, int64_t mr) {
+  const int64_t H = args.H;
+  StepPtrs q;
+  q.batch = mr;
+  q.hidden = H;
+  q.gates = args.gates + (off + m0) * G * H;
+  q.h_state = args.h_state + m0 * H;
+  q.out = args.output + (off + m0) * H;
+  if (args.c_state != nullptr) q.c_state = args.c_state + m0 * H;
+  if (args.cells != nullptr) q.cells = args.cells + (off + m0) * H;
+  if (args.hn != nullptr) q.hn = args.hn + (off + m0) * H;
+  return q;
+}
+
 template <typename Cell>
 void forward_impl(const ForwardArgs& args) {
   using E = ForwardEpilogue<Cell>;
@@ -315,15 +332,7 @@ void forward_impl(const ForwardArgs& args) {
         for (int64_t ub = 0; ub < blocks; ++ub) {
           for (size_t rb = g0; rb < g1; ++rb) {
             const int64_t m0 = row_blocks[rb].first, mr = row_blocks[rb].second;
-            StepPtrs q;
-            q.batch = mr;
-            q.hidden = H;
-            q.gates = args.gates + (off + m0) * G * H;
-            q.h_state = args.h_state + m0 * H;
-            q.out = args.output + (off + m0) * H;
-            if (args.c_state != nullptr) q.c_state = args.c_state + m0 * H;
-            if (args.cells != nullptr) q.cells = args.cells + (off + m0) * H;
-            if (args.hn != nullptr) q.hn = args.hn + (off + m0) * H;
+            const StepPtrs q = step_rows(args, G, off, m0, mr);
             const float* x = w.fused_input ? args.input + (off + m0) * args.I : nullptr;
             const float* h = h_prev.data() + (m0 - first) * H;
             with_rows(mr, [&](auto rows) { forward_tile<Cell, rows.value>(q, x, h, w, ub, tile.data()); });
@@ -451,15 +460,7 @@ void small_forward_impl(const ForwardArgs& args) {
       std::memcpy(h_prev, args.h_state + lo * H, (end - lo) * H * sizeof(float));
       for (int64_t ub = 0; ub < blocks; ++ub) {
         for_each_row_block(lo, end, [&](int64_t m0, int64_t mr) {
-          StepPtrs q;
-          q.batch = mr;
-          q.hidden = H;
-          q.gates = args.gates + (off + m0) * G * H;
-          q.h_state = args.h_state + m0 * H;
-          q.out = args.output + (off + m0) * H;
-          if (args.c_state != nullptr) q.c_state = args.c_state + m0 * H;
-          if (args.cells != nullptr) q.cells = args.cells + (off + m0) * H;
-          if (args.hn != nullptr) q.hn = args.hn + (off + m0) * H;
+          const StepPtrs q = step_rows(args, G, off, m0, mr);
           const float* x = args.input != nullptr ? args.input + (off + m0) * args.I : nullptr;
           const float* h = h_prev + (m0 - lo) * H;
           with_rows(mr, [&](auto rows) { small_tile<Cell, rows.value>(q, args, x, h, ub, tile); });
