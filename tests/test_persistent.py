@@ -1,14 +1,16 @@
-"""The persistent CUDA forward kernel's logic, run on the CPU.
+"""The persistent CUDA forward kernel's own source, run on the CPU.
 
-`fusedrnn::persistent_emulate_forward` runs the kernel's phase functions
-(csrc/persistent/persistent_forward.h) for every CTA and every thread in order, with the warp
-shuffles done lane by lane as the hardware does them; the CUDA kernel
-(csrc/cuda/persistent_kernel.cuh) calls the same functions with barriers in between. So these
-tests check, without a GPU, how the kernel splits weights, units and rows over threads and CTAs,
-the partial tiles (H not a multiple of the k-slices, rows past the batch), the reduction, ragged
-stops and the reverse direction, against fusedrnn.reference and against the per-step path's
+`fusedrnn::persistent_emulate_forward` runs the kernel body (Forward<Cell, T>::run in
+csrc/persistent/persistent_forward.h, the same source the `__global__` wrapper in
+csrc/cuda/persistent_kernel.cuh runs) through the CPU kernel runner (csrc/exec/cpu_runner.h):
+every thread of every CTA as a fiber, real barriers, lane-exact warp shuffles, shared memory
+poisoned and checked for races, out-of-bounds and uninitialised reads (any of which raises). So
+these tests check, without a GPU, how the kernel splits weights, units and rows over threads and
+CTAs, the partial tiles (H not a multiple of the k-slices, rows past the batch), the reduction,
+ragged stops and the reverse direction, against fusedrnn.reference and against the per-step path's
 saved tensors (which the existing backward ops read). `fusedrnn::persistent_plan` is the host-side
-path choice, run with made-up device limits.
+path choice, run with made-up device limits. tests/test_kernel_runner.py shows the runner's checks
+catch a planted bug of each kind.
 """
 
 import pytest
@@ -216,8 +218,9 @@ def test_plan_sentiment_shape_runs_one_sequence_per_cta():
 
 def test_plan_shared_memory_per_cell_and_dtype():
     """The weight bytes in shared memory follow the register/shared split (limits header):
-    RNN stages through one 32 x 512 slot; GRU keeps 1 gate, LSTM 2 gates in shared memory."""
-    state = lambda gates, acc: acc * (3 * 1 * 128 + 3 * gates * 128 + 3 * 128)  # noqa: E731
+    RNN stages through one 32 x 512 slot; GRU keeps 1 gate, LSTM 2 gates in shared memory. The
+    state, in the accumulation type: h (two buffers) and c per row, and b_hh (G x 128)."""
+    state = lambda gates, acc: acc * (3 * 1 * 128 + gates * 128)  # noqa: E731
     slot = 32 * THREADS
     assert plan("rnn_tanh", dtype=torch.float32)["shared"] == 4 * slot + state(1, 4)
     assert plan("gru", dtype=torch.float32)["shared"] == 4 * slot + state(3, 4)

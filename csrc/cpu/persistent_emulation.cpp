@@ -1,15 +1,13 @@
-// CPU driver of the persistent forward kernel's phase functions
-// (csrc/persistent/persistent_forward.h), for the tests: it runs every CTA and,
-// within a CTA, every thread in order between the barriers, with the warp
-// shuffles done as the hardware does them (every lane reads its partner's
-// value from before the exchange). Same schedule, same partitioning of weights
-// and units, same reduction order as the CUDA kernel; only the parallelism is
-// serial. Registered as the test-only op fusedrnn::persistent_emulate_forward
+// The persistent CUDA forward kernel's own source on the CPU, for the tests:
+// the layer's ATen part (csrc/persistent/persistent_layer.h) with the launch
+// replaced by the CPU runner (csrc/exec/cpu_runner.h), which runs the kernel
+// body Forward<Cell, T>::run for every thread of every CTA with real barriers,
+// lane-exact warp shuffles and checked, poisoned shared memory; a failed check
+// raises. Registered as the test-only op fusedrnn::persistent_emulate_forward
 // (CPU), plus fusedrnn::persistent_plan to test the path choice.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <array>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -20,61 +18,27 @@
 #include "../layer/layer_ops.h"
 #include "../persistent/persistent_layer.h"
 #include "../persistent/persistent_plan.h"
+#include "../exec/cpu_runner.h"
 
 namespace fusedrnn {
 namespace persistent {
 namespace {
 
-struct EmulatedLaunch {
+// The kernel's own body (Forward<Cell, T>::run) on the CPU runner: the grid and
+// shared memory the CUDA launch would have, every thread of each CTA as a fiber.
+struct RunnerLaunch {
   template <typename Cell, typename T>
   void run(const ForwardParams<T>& p) {
     using K = Forward<Cell, T>;
-    using A = typename K::A;
-    constexpr int G = K::G;
-    const int64_t grid = (p.batch + p.rows_per_cta - 1) / p.rows_per_cta;
-    std::vector<unsigned char> smem(K::shared_bytes(p.rows_per_cta));
-    std::vector<typename K::Thread> threads(kThreads);
-    std::vector<std::array<A, G>> acc(kThreads), before(kThreads), xin(kThreads);
-    auto acc_of = [](std::array<A, G>& a) -> A(&)[G] { return *reinterpret_cast<A(*)[G]>(a.data()); };
-    for (int64_t cta = 0; cta < grid; ++cta) {
-      // Poison shared memory (all-ones bytes are NaN in every floating type):
-      // a read of an element no phase wrote shows up as NaN in the outputs.
-      std::fill(smem.begin(), smem.end(), static_cast<unsigned char>(0xff));
-      const Shared<T, A> s = K::carve(smem.data(), p.rows_per_cta);
-      for (int tid = 0; tid < kThreads; ++tid) K::stage(p, s, 0, tid);
-      for (int tid = 0; tid < kThreads; ++tid) K::template take<0>(s, threads[tid], tid);  // after a barrier
-      if constexpr (K::kRegGates > 1) {
-        for (int tid = 0; tid < kThreads; ++tid) K::stage(p, s, 1, tid);
-        for (int tid = 0; tid < kThreads; ++tid) K::template take<1>(s, threads[tid], tid);
-      }
-      for (int tid = 0; tid < kThreads; ++tid) {
-        for (int g = K::kRegGates; g < G; ++g) K::stage(p, s, g, tid);
-        K::load_state(p, s, cta, tid);
-      }
-      // __syncthreads
-      const int64_t steps = K::cta_steps(p, cta);
-      int parity = 0;
-      for (int64_t i = 0; i < steps; ++i) {
-        const int64_t t = K::time_of(p, steps, i);
-        for (int64_t r = 0; r < p.rows_per_cta; ++r) {
-          const bool active = K::row_active(p, cta, r, t);
-          if (active) {
-            for (int tid = 0; tid < kThreads; ++tid) K::fetch_input(p, cta, tid, r, t, acc_of(xin[tid]));
-            for (int tid = 0; tid < kThreads; ++tid) K::partial(p, s, threads[tid], tid, r, parity, acc_of(acc[tid]));
-            for (int round = 0; round < kShuffleRounds; ++round) {  // __shfl_xor_sync(~0u, acc[g], 1 << round)
-              before = acc;
-              for (int tid = 0; tid < kThreads; ++tid) {
-                K::add_shuffled(acc_of(acc[tid]), acc_of(before[tid ^ (1 << round)]));
-              }
-            }
-          }
-          for (int tid = 0; tid < kThreads; ++tid) {
-            K::cell(p, s, threads[tid], cta, tid, r, t, parity, active, acc_of(acc[tid]), acc_of(xin[tid]));
-          }
-        }
-        parity = 1 - parity;  // __syncthreads
-      }
-      for (int tid = 0; tid < kThreads; ++tid) K::store_final(p, s, cta, tid, parity);
+    exec::LaunchConfig config;
+    config.grid = (p.batch + p.rows_per_cta - 1) / p.rows_per_cta;
+    config.threads = kThreads;
+    config.shared_bytes = K::shared_bytes(p.rows_per_cta);
+    try {
+      exec::run_kernel(config, [&p](const exec::CpuThread& ctx) { K::run(ctx, p); });
+    } catch (const exec::KernelCheckError& e) {
+      TORCH_CHECK(false, "fusedrnn.persistent_emulate_forward: the ", Cell::kName,
+                  " kernel failed a check of the CPU runner: ", e.what());
     }
   }
 };
@@ -96,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulate_f
   FUSEDRNN_CHECK(h0.size(1) <= kMaxHidden, op, "hidden_size must be at most ", kMaxHidden, ", got ", h0.size(1));
   FUSEDRNN_CHECK(rows_per_cta >= 1 && rows_per_cta <= kMaxRowsPerCta, op, "rows_per_cta must be in [1, ",
                  kMaxRowsPerCta, "], got ", rows_per_cta);
-  EmulatedLaunch launch;
+  RunnerLaunch launch;
   ForwardOutputs r;
   if (lstm) r = layer_forward<LstmCell>(input, h0, c0t, w, s, reverse, rows_per_cta, launch);
   else if (cell == "gru") r = layer_forward<GruCell>(input, h0, c0t, w, s, reverse, rows_per_cta, launch);

@@ -1,14 +1,17 @@
-// The persistent forward kernel's logic, framework-free and host+device: one
-// CTA runs a group of sequences (batch rows) through EVERY time step of one
-// layer and direction, with W_hh on chip (registers + shared memory) for all
-// steps. The kernel (csrc/cuda/persistent_kernel.cuh) and the CPU driver
-// (csrc/cpu/persistent_emulation.cpp) call the same phase functions below,
-// separated where the GPU needs a barrier or a warp shuffle:
+// The persistent forward kernel, framework-free and host+device: one CTA runs
+// a group of sequences (batch rows) through EVERY time step of one layer and
+// direction, with W_hh on chip (registers + shared memory) for all steps.
+// `Forward<Cell, T>::run(ctx, p)` is the kernel's body, written once against an
+// execution context (csrc/exec/cuda_block.h): the `__global__` wrapper
+// (csrc/cuda/persistent_kernel.cuh) runs it with CUDA's intrinsics, the CPU
+// runner (csrc/exec/cpu_runner.h, used by csrc/cpu/persistent_emulation.cpp
+// and the tests) runs the same source with every thread of the CTA as a fiber,
+// real barriers, lane-exact shuffles and checked shared memory. Its phases:
 //
 //   for each register gate g (0, 1):
-//     stage(g) __syncthreads take<g> __syncthreads   W_hh block -> shared slot -> registers
+//     stage(g) sync take<g> sync         W_hh block -> shared slot -> registers
 //   stage(g) for the shared gates, load_state        W_hh blocks, b_hh, h0, c0 -> shared
-//   __syncthreads
+//   sync
 //   for each step i of the CTA's longest row (time t = i, or reversed):
 //     for each row r of the CTA:
 //       if row_active(r, t):             (uniform over the CTA)
@@ -17,7 +20,7 @@
 //         xor-shuffle 1, xor-shuffle 2   (add_shuffled) the unit's kKSlices partial sums meet
 //       cell(tid, r)                     slice-0 thread of unit j: the shared cell math on
 //                                        (row, j), h_t into the other h buffer, outputs out
-//     __syncthreads                      h_t visible to every thread for step i + 1
+//     sync                               h_t visible to every thread for step i + 1
 //   store_final(cta, tid)                h_n, c_n
 //
 // Ownership: thread tid = j * kKSlices + q owns hidden unit j and the k-slice
@@ -37,6 +40,7 @@
 
 #include "../cells/cell_common.h"
 #include "../cells/step_params.h"
+#include "../exec/cuda_block.h"
 #include "persistent_limits.h"
 
 // Loops over register arrays must be unrolled on the device: a run-time index
@@ -74,20 +78,16 @@ struct ForwardParams {
   T* c_n = nullptr;         // [B, H] LSTM only
 };
 
-// The CTA's shared memory, carved from one dynamic allocation. State and the
-// cell's staging are in the accumulation type A (float for half types), so
+// The CTA's shared memory, carved from one dynamic allocation through the
+// execution context (plain pointers on the GPU, checked ones on the CPU
+// runner). State is in the accumulation type A (float for half types), so
 // sums, h between steps and the LSTM cell state never round to half.
-template <typename T, typename A>
+template <typename Ctx, typename T, typename A>
 struct Shared {
-  T* w;       // [slots][kKPerThread][kThreads]: a warp reads 32 consecutive words
-  A* h;       // [2][rows][kMaxHidden] double-buffered state, zero beyond H
-  A* c;       // [rows][kMaxHidden] LSTM cell state (single buffer: only its owner touches it)
-  A* xg;      // [G * H] the cell's gates: in x W_ih^T + b_ih, out activations
-  A* hp;      // [G * H] h W_hh^T + b_hh
-  A* bias;    // [G * H] b_hh (zero without bias): kept here, not in registers, which the weights fill
-  A* out;     // [H]
-  A* cells;   // [H]
-  A* hn;      // [H]
+  exec::shared_ptr_t<Ctx, T> w;     // [slots][kKPerThread][kThreads]: a warp reads 32 consecutive words
+  exec::shared_ptr_t<Ctx, A> h;     // [2][rows][kMaxHidden] double-buffered state, zero beyond H
+  exec::shared_ptr_t<Ctx, A> c;     // [rows][kMaxHidden] LSTM cell state (single buffer: only its owner touches it)
+  exec::shared_ptr_t<Ctx, A> bias;  // [G][kMaxHidden] b_hh (zero without bias): here, not in registers, which the weights fill
 };
 
 template <typename Cell, typename T>
@@ -99,6 +99,8 @@ struct Forward {
   static_assert(kRegGates >= 1 && kRegGates <= 2, "the kernel and the CPU driver stage gates 0 and 1 by name");
   // Shared weight slots: the shared gates, and at least one to stage the register gates through.
   static constexpr int kSlots = kSmemGates > 0 ? kSmemGates : 1;
+  // LSTM (4 gates) carries a cell state c between steps; GRU and RNN do not.
+  static constexpr bool kCellState = G == 4;
 
   // What a thread keeps in registers for the whole sequence.
   struct Thread {
@@ -106,28 +108,22 @@ struct Forward {
   };
 
   // Bytes of dynamic shared memory for `rows` rows per CTA (host and device agree).
+  FUSEDRNN_HOST_DEVICE static size_t weight_bytes() { return sizeof(T) * size_t(kSlots) * kKPerThread * kThreads; }
   FUSEDRNN_HOST_DEVICE static size_t shared_bytes(int64_t rows) {
-    return sizeof(T) * size_t(kSlots) * kKPerThread * kThreads +
-           sizeof(A) * (size_t(3) * rows * kMaxHidden + size_t(3) * G * kMaxHidden + 3 * kMaxHidden);
+    return weight_bytes() + sizeof(A) * (size_t(3) * rows * kMaxHidden + size_t(G) * kMaxHidden);
   }
 
-  FUSEDRNN_HOST_DEVICE static Shared<T, A> carve(unsigned char* base, int64_t rows) {
-    Shared<T, A> s;
-    s.w = reinterpret_cast<T*>(base);
-    A* a = reinterpret_cast<A*>(base + sizeof(T) * size_t(kSlots) * kKPerThread * kThreads);
-    s.h = a;
-    a += 2 * rows * kMaxHidden;
-    s.c = a;
-    a += rows * kMaxHidden;
-    s.xg = a;
-    a += G * kMaxHidden;
-    s.hp = a;
-    a += G * kMaxHidden;
-    s.bias = a;
-    a += G * kMaxHidden;
-    s.out = a;
-    s.cells = a + kMaxHidden;
-    s.hn = a + 2 * kMaxHidden;
+  template <typename Ctx>
+  FUSEDRNN_HOST_DEVICE static Shared<Ctx, T, A> carve(const Ctx& ctx, int64_t rows) {
+    Shared<Ctx, T, A> s;
+    size_t off = 0;
+    s.w = ctx.template shared<T>(off);
+    off += weight_bytes();
+    s.h = ctx.template shared<A>(off);
+    off += sizeof(A) * size_t(2) * rows * kMaxHidden;
+    s.c = ctx.template shared<A>(off);
+    off += sizeof(A) * size_t(rows) * kMaxHidden;
+    s.bias = ctx.template shared<A>(off);
     return s;
   }
 
@@ -175,25 +171,27 @@ struct Forward {
   //              global loads in flight, so the load phase does not spill.
   // Register gates stage through slot 0, before the shared gates fill it.
   FUSEDRNN_HOST_DEVICE static int slot_of(int g) { return g < kRegGates ? 0 : g - kRegGates; }
-  FUSEDRNN_HOST_DEVICE static void stage(const ForwardParams<T>& p, const Shared<T, A>& s, int g, int tid) {
+  template <typename S>
+  FUSEDRNN_HOST_DEVICE static void stage(const ForwardParams<T>& p, const S& s, int g, int tid) {
     const int64_t H = p.hidden;
-    T* slot = s.w + size_t(slot_of(g)) * kKPerThread * kThreads;
+    const auto slot = s.w + int64_t(slot_of(g)) * kKPerThread * kThreads;
     for (int e = tid; e < kKPerThread * kThreads; e += kThreads) {
       const int owner = e % kThreads, i = e / kThreads;
       const int64_t j = unit(owner), k = int64_t(i) * kKSlices + slice(owner);
       slot[e] = j < H && k < H ? p.w_hh[(g * H + j) * H + k] : T(0);
     }
   }
-  template <int g>
-  FUSEDRNN_HOST_DEVICE static void take(const Shared<T, A>& s, Thread& th, int tid) {
+  template <int g, typename S>
+  FUSEDRNN_HOST_DEVICE static void take(const S& s, Thread& th, int tid) {
     static_assert(g < kRegGates, "only register gates are taken");
     FUSEDRNN_UNROLL
-    for (int i = 0; i < kKPerThread; ++i) th.w[g][i] = s.w[size_t(i) * kThreads + tid];
+    for (int i = 0; i < kKPerThread; ++i) th.w[g][i] = s.w[int64_t(i) * kThreads + tid];
   }
 
   // Phase 0, the state (after the weights; no barrier needed between): b_hh,
   // and this thread's stride of h0 / c0 into shared memory.
-  FUSEDRNN_HOST_DEVICE static void load_state(const ForwardParams<T>& p, const Shared<T, A>& s, int64_t cta,
+  template <typename S>
+  FUSEDRNN_HOST_DEVICE static void load_state(const ForwardParams<T>& p, const S& s, int64_t cta,
                                               int tid) {
     const int64_t H = p.hidden;
     for (int64_t e = tid; e < G * kMaxHidden; e += kThreads) {
@@ -224,9 +222,10 @@ struct Forward {
 
   // Phase 1b (row r active): this thread's share of h_{t-1} W_hh^T for every gate
   // of its unit. `parity` selects the h buffer holding h_{t-1}.
-  FUSEDRNN_HOST_DEVICE static void partial(const ForwardParams<T>& p, const Shared<T, A>& s, const Thread& th,
+  template <typename S>
+  FUSEDRNN_HOST_DEVICE static void partial(const ForwardParams<T>& p, const S& s, const Thread& th,
                                            int tid, int64_t r, int parity, A (&acc)[G]) {
-    const A* h = s.h + (int64_t(parity) * p.rows_per_cta + r) * kMaxHidden + slice(tid);
+    const auto h = s.h + (int64_t(parity) * p.rows_per_cta + r) * kMaxHidden + slice(tid);
     const int used = k_used(p.hidden);
     FUSEDRNN_UNROLL
     for (int g = 0; g < G; ++g) acc[g] = A(0);
@@ -241,7 +240,7 @@ struct Forward {
           FUSEDRNN_UNROLL
           for (int g = 0; g < G; ++g) {
             const T w = g < kRegGates ? th.w[g < kRegGates ? g : 0][i]
-                                      : s.w[(size_t(g - kRegGates) * kKPerThread + i) * kThreads + tid];
+                                      : T(s.w[(int64_t(g - kRegGates) * kKPerThread + i) * kThreads + tid]);
             acc[g] += A(w) * hk;
           }
         }
@@ -257,48 +256,54 @@ struct Forward {
   }
 
   // Phase 3: the slice-0 thread of unit j < H runs the cell on (row r, unit j)
-  // through the shared per-element math (csrc/cells/), staged in shared memory
-  // in the accumulation type, and writes the step's outputs. Every unit's
-  // slice-0 thread carries h_{t-1} into the h_t buffer first, so an inactive
-  // row keeps its state. Reads h buffer `parity`, writes buffer 1 - parity.
-  FUSEDRNN_HOST_DEVICE static void cell(const ForwardParams<T>& p, const Shared<T, A>& s, const Thread& th,
-                                        int64_t cta, int tid, int64_t r, int64_t t, int parity, bool active,
-                                        const A (&acc)[G], const A (&xin)[G]) {
+  // through the shared per-element math (csrc/cells/), on one element in
+  // registers (hidden = 1, element 0: every index the cell computes is a
+  // constant), and writes the step's outputs. It carries h_{t-1} into the h_t
+  // buffer, so an inactive row keeps its state. Reads h buffer `parity`,
+  // writes buffer 1 - parity; the LSTM cell state is read and written by this
+  // thread only.
+  template <typename S>
+  FUSEDRNN_HOST_DEVICE static void cell(const ForwardParams<T>& p, const S& s, int64_t cta, int tid, int64_t r,
+                                        int64_t t, int parity, bool active, const A (&acc)[G], const A (&xin)[G]) {
     const int64_t H = p.hidden, j = unit(tid);
     if (slice(tid) != 0 || j >= H) return;
     const int64_t R = p.rows_per_cta;
-    A* h_next = s.h + (int64_t(1 - parity) * R + r) * kMaxHidden;
-    h_next[j] = s.h[(int64_t(parity) * R + r) * kMaxHidden + j];
-    if (!active) return;
-    const int64_t b = cta * R + r;
-    const int64_t tok = offset_at(p, t) + b;
-    T* gates = p.gates + tok * G * H;
-    FUSEDRNN_UNROLL
-    for (int g = 0; g < G; ++g) {
-      s.xg[g * H + j] = xin[g];
-      s.hp[g * H + j] = acc[g] + s.bias[g * kMaxHidden + j];
+    A h = s.h[(int64_t(parity) * R + r) * kMaxHidden + j];
+    if (active) {
+      const int64_t tok = offset_at(p, t) + cta * R + r;
+      A xg[G], hp[G], c = A(0), out = A(0), cells = A(0), hn = A(0);
+      FUSEDRNN_UNROLL
+      for (int g = 0; g < G; ++g) {
+        xg[g] = xin[g];
+        hp[g] = acc[g] + s.bias[g * kMaxHidden + j];
+      }
+      if constexpr (kCellState) c = s.c[r * kMaxHidden + j];
+      ForwardStepParams<A> e;
+      e.batch = 1;
+      e.hidden = 1;
+      e.gates = xg;
+      e.hproj = hp;
+      e.h_state = &h;
+      e.c_state = &c;
+      e.out = &out;
+      e.cells = &cells;
+      e.hn = &hn;
+      Cell::forward(e, 0, 0);
+      if constexpr (kCellState) s.c[r * kMaxHidden + j] = c;
+      T* gates = p.gates + tok * G * H;
+      FUSEDRNN_UNROLL
+      for (int g = 0; g < G; ++g) gates[g * H + j] = T(xg[g]);
+      p.output[tok * H + j] = T(out);
+      if (p.cells != nullptr) p.cells[tok * H + j] = T(cells);
+      if (p.hn != nullptr) p.hn[tok * H + j] = T(hn);
     }
-    ForwardStepParams<A> c;
-    c.batch = 1;
-    c.hidden = H;
-    c.gates = s.xg;
-    c.hproj = s.hp;
-    c.h_state = h_next;
-    c.c_state = s.c + r * kMaxHidden;
-    c.out = s.out;
-    c.cells = s.cells;
-    c.hn = s.hn;
-    Cell::forward(c, 0, j);
-    FUSEDRNN_UNROLL
-    for (int g = 0; g < G; ++g) gates[g * H + j] = T(s.xg[g * H + j]);
-    p.output[tok * H + j] = T(s.out[j]);
-    if (p.cells != nullptr) p.cells[tok * H + j] = T(s.cells[j]);
-    if (p.hn != nullptr) p.hn[tok * H + j] = T(s.hn[j]);
+    s.h[(int64_t(1 - parity) * R + r) * kMaxHidden + j] = h;
   }
 
   // Last phase (after the final barrier): h_n and c_n of the CTA's rows, from
   // the buffer the last step wrote (`parity`).
-  FUSEDRNN_HOST_DEVICE static void store_final(const ForwardParams<T>& p, const Shared<T, A>& s, int64_t cta,
+  template <typename S>
+  FUSEDRNN_HOST_DEVICE static void store_final(const ForwardParams<T>& p, const S& s, int64_t cta,
                                                int tid, int parity) {
     const int64_t R = p.rows_per_cta, H = p.hidden;
     for (int64_t e = tid; e < R * kMaxHidden; e += kThreads) {
@@ -307,6 +312,55 @@ struct Forward {
       p.h_n[b * H + k] = T(s.h[int64_t(parity) * R * kMaxHidden + e]);
       if (p.c_n != nullptr) p.c_n[b * H + k] = T(s.c[e]);
     }
+  }
+
+  // The kernel body, for every thread of a CTA (block ctx.block() = the CTA's
+  // index): the phases above with the barriers and warp shuffles between them.
+  // The `__global__` wrapper (csrc/cuda/persistent_kernel.cuh) runs it on the
+  // GPU; the CPU runner (csrc/exec/cpu_runner.h) runs the same source on the host.
+  template <typename Ctx>
+  FUSEDRNN_HOST_DEVICE static void run(const Ctx& ctx, const ForwardParams<T>& p) {
+    const auto s = carve(ctx, p.rows_per_cta);
+    const int64_t cta = ctx.block();
+    const int tid = ctx.thread();
+    Thread th;
+    stage(p, s, 0, tid);
+    ctx.sync();
+    take<0>(s, th, tid);
+    ctx.sync();
+    if constexpr (kRegGates > 1) {
+      stage(p, s, 1, tid);
+      ctx.sync();
+      take<kRegGates - 1>(s, th, tid);
+      ctx.sync();
+    }
+    for (int g = kRegGates; g < G; ++g) stage(p, s, g, tid);
+    load_state(p, s, cta, tid);
+    ctx.sync();
+    const int64_t steps = cta_steps(p, cta);
+    int parity = 0;
+    for (int64_t i = 0; i < steps; ++i) {
+      const int64_t t = time_of(p, steps, i);
+      for (int64_t r = 0; r < p.rows_per_cta; ++r) {
+        const bool active = row_active(p, cta, r, t);  // the same for every thread of the CTA
+        A acc[G], xin[G];
+        if (active) {
+          fetch_input(p, cta, tid, r, t, xin);
+          partial(p, s, th, tid, r, parity, acc);
+          FUSEDRNN_UNROLL
+          for (int round = 0; round < kShuffleRounds; ++round) {
+            A partner[G];
+            FUSEDRNN_UNROLL
+            for (int g = 0; g < G; ++g) partner[g] = ctx.shfl_xor(acc[g], 1 << round);
+            add_shuffled(acc, partner);
+          }
+        }
+        cell(p, s, cta, tid, r, t, parity, active, acc, xin);
+      }
+      parity = 1 - parity;
+      ctx.sync();
+    }
+    store_final(p, s, cta, tid, parity);
   }
 };
 
