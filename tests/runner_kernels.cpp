@@ -24,7 +24,7 @@ struct ReduceOk {
   int lane_mask;
   template <typename Ctx>
   void operator()(const Ctx& ctx) const {
-    const int tid = ctx.thread(), n = ctx.block_dim();
+    const int tid = int(ctx.thread()), n = int(ctx.block_dim());
     const auto s = ctx.template shared<int64_t>(0);
     lanes[ctx.block() * n + tid] = ctx.shfl_xor(int64_t(1000 * ctx.block() + tid), lane_mask);
     s[tid] = tid + 1;
@@ -46,7 +46,7 @@ struct ReduceOk {
 struct RaceReadAfterWrite {
   template <typename Ctx>
   void operator()(const Ctx& ctx) const {
-    const int tid = ctx.thread(), n = ctx.block_dim();
+    const int tid = int(ctx.thread()), n = int(ctx.block_dim());
     const auto s = ctx.template shared<float>(0);
     s[tid] = float(tid);
     ctx.sync();
@@ -60,7 +60,7 @@ struct RaceReadAfterWrite {
 struct RaceWriteAfterRead {
   template <typename Ctx>
   void operator()(const Ctx& ctx) const {
-    const int tid = ctx.thread(), n = ctx.block_dim();
+    const int tid = int(ctx.thread()), n = int(ctx.block_dim());
     const auto s = ctx.template shared<float>(0);
     s[tid] = float(tid);
     ctx.sync();
@@ -151,7 +151,7 @@ struct OutOfBoundsWrite {
   template <typename Ctx>
   void operator()(const Ctx& ctx) const {
     const auto s = ctx.template shared<double>(0);
-    s[ctx.thread() - 1] = 0.0;  // BUG: thread 0 writes before the start
+    s[int(ctx.thread()) - 1] = 0.0;  // BUG: thread 0 writes before the start
   }
 };
 

@@ -1,31 +1,23 @@
-// The CUDA pointwise steps: one thread per (active row, hidden unit) element,
-// each calling the cell's shared per-element math (csrc/cells/). Grid-stride
-// loops so any batch x hidden size fits a bounded grid.
+// The CUDA pointwise steps: the `__global__` wrapper of the body in
+// pointwise_step.h (one thread per element, grid-stride), instantiated with
+// CUDA's indices (exec::CudaBlock); the CPU tests run the same body on the CPU
+// runner.
 #pragma once
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include <algorithm>
 #include <cstdint>
 
+#include "../exec/cuda_block.h"
 #include "pointwise_launch.h"
+#include "pointwise_step.h"
 
 namespace fusedrnn {
 
-constexpr int kPointwiseThreads = 256;
-
-inline int64_t pointwise_blocks(int64_t elements) {
-  // Enough blocks to fill any current GPU several times over; the loop covers the rest.
-  return std::min<int64_t>((elements + kPointwiseThreads - 1) / kPointwiseThreads, 4096);
-}
-
 template <typename Cell, typename Params>
 __global__ void __launch_bounds__(kPointwiseThreads) step_kernel(const Params p) {
-  const int64_t n = p.batch * p.hidden;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    apply_cell<Cell>(p, i / p.hidden, i % p.hidden);
-  }
+  PointwiseStep<Cell>::run(exec::CudaBlock{nullptr}, p);
 }
 
 template <typename Cell, typename Params>

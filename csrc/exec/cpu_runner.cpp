@@ -126,7 +126,7 @@ class BlockRun {
   BlockRun(const LaunchConfig& c, BodyFn fn, void* body) : config_(c), fn_(fn), body_(body) {
     const int n = c.threads;
     if (n < 1 || n > 1024) throw std::invalid_argument("fusedrnn kernel runner: threads per block must be in [1, 1024]");
-    if (c.grid < 0) throw std::invalid_argument("fusedrnn kernel runner: negative grid");
+    if (c.grid < 0 || c.grid > 0x7fffffff) throw std::invalid_argument("fusedrnn kernel runner: grid must be in [0, 2^31 - 1]");
     // One allocation: the shared memory, then its shadow.
     const size_t granules = (c.shared_bytes + kGranuleBytes - 1) / kGranuleBytes;
     smem_.resize(c.shared_bytes + 64);

@@ -35,7 +35,7 @@ class KernelCheckError : public std::runtime_error {
 };
 
 struct LaunchConfig {
-  int64_t grid = 1;          // blocks
+  int64_t grid = 1;          // blocks (at most 2^31 - 1, CUDA's limit)
   int threads = 1;           // threads per block
   size_t shared_bytes = 0;   // dynamic shared memory per block
 };
@@ -150,10 +150,10 @@ class CpuThread {
   template <typename U>
   using ptr = SharedPtr<U>;
 
-  int thread() const { return tid_; }
-  int64_t block() const { return *block_; }
-  int block_dim() const { return threads_; }
-  int64_t grid_dim() const { return grid_; }
+  unsigned thread() const { return unsigned(tid_); }
+  unsigned block() const { return unsigned(*block_); }
+  unsigned block_dim() const { return unsigned(threads_); }
+  unsigned grid_dim() const { return unsigned(grid_); }
   void sync(const char* file = __builtin_FILE(), int line = __builtin_LINE()) const;
   template <typename V>
   V shfl_xor(V v, int lane_mask, const char* file = __builtin_FILE(), int line = __builtin_LINE()) const {

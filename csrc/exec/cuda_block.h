@@ -1,10 +1,13 @@
 // The execution context of a kernel body on the GPU. A kernel's body is a
 // template over its context `Ctx` and uses only what every context offers:
 //
-//   ctx.thread()               threadIdx.x                 (int)
-//   ctx.block()                blockIdx.x                  (int64_t)
-//   ctx.block_dim()            blockDim.x                  (int)
-//   ctx.grid_dim()             gridDim.x                   (int64_t)
+//   ctx.thread()               threadIdx.x
+//   ctx.block()                blockIdx.x
+//   ctx.block_dim()            blockDim.x
+//   ctx.grid_dim()             gridDim.x
+//                              (all unsigned, as CUDA's: the body's index arithmetic is then the
+//                              same on both machines, and nvcc keeps its range facts about them;
+//                              returning int cost the pointwise kernels up to 6 registers)
 //   ctx.sync()                 __syncthreads()
 //   ctx.shfl_xor(v, lane_mask) __shfl_xor_sync(0xffffffff, v, lane_mask): every lane of the warp
 //   ctx.template shared<U>(byte_offset)
@@ -37,28 +40,28 @@ struct CudaBlock {
   template <typename U>
   using ptr = U*;
 
-  FUSEDRNN_HOST_DEVICE int thread() const {
+  FUSEDRNN_HOST_DEVICE unsigned thread() const {
 #if defined(__CUDA_ARCH__)
     return threadIdx.x;
 #else
     return 0;
 #endif
   }
-  FUSEDRNN_HOST_DEVICE int64_t block() const {
+  FUSEDRNN_HOST_DEVICE unsigned block() const {
 #if defined(__CUDA_ARCH__)
     return blockIdx.x;
 #else
     return 0;
 #endif
   }
-  FUSEDRNN_HOST_DEVICE int block_dim() const {
+  FUSEDRNN_HOST_DEVICE unsigned block_dim() const {
 #if defined(__CUDA_ARCH__)
     return blockDim.x;
 #else
     return 0;
 #endif
   }
-  FUSEDRNN_HOST_DEVICE int64_t grid_dim() const {
+  FUSEDRNN_HOST_DEVICE unsigned grid_dim() const {
 #if defined(__CUDA_ARCH__)
     return gridDim.x;
 #else
