@@ -35,7 +35,7 @@ def build_library(sources, headers, extra_flags=(), name="runner_kernels"):
     if not os.path.exists(lib):
         os.makedirs(out_dir, exist_ok=True)
         tmp = lib + f".{os.getpid()}.tmp"
-        cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-I", os.path.join(ROOT, "csrc"), *extra_flags,
+        cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-pthread", "-I", os.path.join(ROOT, "csrc"), *extra_flags,
                *sources, "-o", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"building the runner's test kernels failed:\n{' '.join(cmd)}\n{proc.stderr[-4000:]}"

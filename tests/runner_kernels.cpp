@@ -167,6 +167,17 @@ struct UninitialisedRead {
   }
 };
 
+// Fails (out of bounds) in blocks 3 and 5 only: the launch must report block 3, however many OS
+// threads share the blocks.
+struct FailsInBlocks3And5 {
+  template <typename Ctx>
+  void operator()(const Ctx& ctx) const {
+    const auto s = ctx.template shared<float>(0);
+    const bool bad = ctx.block() == 3 || ctx.block() == 5;
+    s[ctx.thread() + (bad ? ctx.block_dim() : 0)] = 1.0f;  // BUG in blocks 3 and 5
+  }
+};
+
 // A full-mask shuffle that half of a warp skips.
 struct InactiveLaneShuffle {
   template <typename Ctx>
@@ -218,9 +229,9 @@ int runner_reduce(int64_t grid, int threads, int lane_mask, int64_t* out, int64_
 
 // A planted-bug (or, for halves_ok, a correct) kernel by name: 0 = no error, 1 = a check failed
 // (message), 2 = another error, 3 = unknown name.
-int runner_planted(const char* name, int threads, char* message, int capacity) {
+int runner_planted(const char* name, int64_t grid, int threads, char* message, int capacity) {
   LaunchConfig c;
-  c.grid = 2;
+  c.grid = grid;
   c.threads = threads;
   c.shared_bytes = sizeof(double) * size_t(threads);
   const std::string n = name;
@@ -238,6 +249,10 @@ int runner_planted(const char* name, int threads, char* message, int capacity) {
   if (n == "out_of_bounds_read") {
     c.shared_bytes = sizeof(float) * size_t(threads);
     return launch(c, OutOfBoundsRead{}, message, capacity);
+  }
+  if (n == "fails_in_blocks_3_and_5") {
+    c.shared_bytes = sizeof(float) * size_t(threads);
+    return launch(c, FailsInBlocks3And5{}, message, capacity);
   }
   if (n == "out_of_bounds_write") return launch(c, OutOfBoundsWrite{}, message, capacity);
   if (n == "uninitialised_read") return launch(c, UninitialisedRead{}, message, capacity);

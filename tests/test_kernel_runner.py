@@ -20,17 +20,21 @@ SOURCES = [os.path.join(ROOT, "csrc", "exec", "cpu_runner.cpp"), os.path.join(RO
 HEADERS = [os.path.join(ROOT, "csrc", "exec", "cpu_runner.h")]
 
 
-@pytest.fixture(scope="module")
-def lib():
+@pytest.fixture(scope="module", params=["asm", "ucontext"])
+def lib(request):
+    """The runner with its x86-64 stack switch (where it has one) and with the portable ucontext
+    fallback that other machines use."""
+    if request.param == "ucontext":
+        return build_library(SOURCES, HEADERS, ["-DFUSEDRNN_EXEC_UCONTEXT=1"], name="runner_kernels_ucontext")
     return build_library(SOURCES, HEADERS)
 
 
 MESSAGE = 8192
 
 
-def planted(lib, name, threads=256):
+def planted(lib, name, threads=256, grid=2):
     buf = ctypes.create_string_buffer(MESSAGE)
-    rc = lib.runner_planted(name.encode(), threads, buf, MESSAGE)
+    rc = lib.runner_planted(name.encode(), ctypes.c_int64(grid), threads, buf, MESSAGE)
     assert rc != 3, f"unknown test kernel {name}"
     return rc, buf.value.decode()
 
@@ -88,3 +92,12 @@ def test_planted_bug_is_caught(lib, name, threads, message):
     rc, got = planted(lib, name, threads)
     assert rc == 1, f"{name}: the runner did not report the planted bug (rc {rc}): {got}"
     assert re.search(message, got), got
+
+
+@pytest.mark.parametrize("workers", ["1", "3", "8"])
+def test_the_lowest_failing_block_is_reported_whatever_the_os_threads(lib, workers, monkeypatch):
+    """Blocks run on several OS threads (FUSEDRNN_RUNNER_THREADS); the error is still the first
+    failing block's, so a message does not depend on the machine."""
+    monkeypatch.setenv("FUSEDRNN_RUNNER_THREADS", workers)
+    rc, got = planted(lib, "fails_in_blocks_3_and_5", threads=64, grid=8)
+    assert rc == 1 and re.search(r"write out of bounds: block 3, thread 0 .*offset 256 of a 256-byte block", got), got

@@ -1,5 +1,5 @@
 // The CPU runner's scheduler (see cpu_runner.h): one fiber per CUDA thread, switched
-// cooperatively on ONE OS thread, so a block of 512 threads costs 512 small stacks and a context
+// cooperatively on one OS thread per group of blocks, so a block of 512 threads costs 512 small stacks and a context
 // switch per barrier or shuffle per thread, not 512 OS threads waking on 2 cores. The switch is
 // a few instructions of assembly on x86-64 (callee-saved registers, MXCSR and the x87 control
 // word, then the stack pointer); elsewhere it falls back to ucontext (slower: it saves the
@@ -10,13 +10,19 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <exception>
+#include <thread>
 #include <cstdio>
 #include <cstdlib>
 #include <sstream>
 #include <utility>
 
-#if !(defined(__x86_64__) && (defined(__linux__) || defined(__APPLE__)))
+// FUSEDRNN_EXEC_UCONTEXT=1 forces the portable switch (tests/test_kernel_runner.py builds both).
+#if !defined(FUSEDRNN_EXEC_UCONTEXT) && !(defined(__x86_64__) && (defined(__linux__) || defined(__APPLE__)))
 #define FUSEDRNN_EXEC_UCONTEXT 1
+#endif
+#if defined(FUSEDRNN_EXEC_UCONTEXT)
 #include <ucontext.h>
 #endif
 
@@ -154,11 +160,13 @@ class BlockRun {
     stacks().ensure(n);
   }
 
-  void run() {
+  // Blocks first, first + stride, ... below `stop` (lowered by any worker that fails, so the
+  // launch reports the failing block with the lowest index, whatever the number of workers).
+  void run(int64_t first, int64_t stride, std::atomic<int64_t>& stop) {
     BlockRun* outer = t_current;
     t_current = this;
     try {
-      for (block_ = 0; block_ < config_.grid; ++block_) run_block();
+      for (block_ = first; block_ < config_.grid && block_ < stop.load(); block_ += stride) run_block();
     } catch (...) {
       t_current = outer;
       throw;
@@ -206,6 +214,7 @@ class BlockRun {
     return o.str();
   }
   uint32_t epoch_count() const { return checker_.epoch - 1; }
+  int64_t block() const { return block_; }
 
   static void fiber_main() {
     BlockRun* r = t_current;
@@ -436,10 +445,53 @@ void SharedChecker::fail_bounds(uintptr_t addr, size_t n, const char* what) {
   r->abandon();
 }
 
+// Blocks are independent (CUDA runs them in any order, at once), so they are spread over OS
+// threads, each with its own fibers, shared memory and shadow: FUSEDRNN_RUNNER_THREADS, default
+// the hardware's threads, at most one per block.
+int runner_threads(int64_t grid) {
+  int64_t n = std::thread::hardware_concurrency();
+  if (const char* env = std::getenv("FUSEDRNN_RUNNER_THREADS")) {
+    const long v = std::strtol(env, nullptr, 10);
+    if (v >= 1) n = v;
+  }
+  return int(std::max<int64_t>(1, std::min<int64_t>({n, grid, 64})));
+}
+
 void run_kernel_erased(const LaunchConfig& config, BodyFn fn, void* body) {
   if (config.grid == 0) return;
-  BlockRun run(config, fn, body);
-  run.run();
+  std::atomic<int64_t> stop{INT64_MAX};
+  const int workers = runner_threads(config.grid);
+  if (workers == 1) {
+    BlockRun run(config, fn, body);
+    run.run(0, 1, stop);
+    return;
+  }
+  std::vector<std::exception_ptr> errors(workers);
+  std::vector<int64_t> error_block(workers, INT64_MAX);
+  std::vector<std::thread> pool;
+  for (int w = 0; w < workers; ++w) {
+    pool.emplace_back([&, w] {
+      int64_t at = w;  // the block that failed (setting up counts as the worker's first block)
+      try {
+        BlockRun run(config, fn, body);
+        try {
+          run.run(w, workers, stop);
+        } catch (...) {
+          at = run.block();
+          throw;
+        }
+      } catch (...) {
+        errors[w] = std::current_exception();
+        error_block[w] = at;
+        int64_t cur = stop.load();
+        while (at < cur && !stop.compare_exchange_weak(cur, at)) {
+        }
+      }
+    });
+  }
+  for (auto& t : pool) t.join();
+  const int first = int(std::min_element(error_block.begin(), error_block.end()) - error_block.begin());
+  if (errors[first]) std::rethrow_exception(errors[first]);
 }
 
 }  // namespace exec

@@ -15,7 +15,8 @@
 //              barriers) are errors.
 // A failed check stops the launch and `run_kernel` throws KernelCheckError naming the block, the
 // threads, the shared-memory byte offset and the barriers around it. Global memory is plain host
-// memory, unchecked. Blocks run one after another (they are independent by CUDA's rules).
+// memory, unchecked. Blocks are independent by CUDA's rules, so they run on several OS threads
+// (FUSEDRNN_RUNNER_THREADS, default the hardware's); a block's threads always share one.
 #pragma once
 
 #include <cstddef>

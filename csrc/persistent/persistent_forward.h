@@ -343,7 +343,14 @@ struct Forward {
       const int64_t t = time_of(p, steps, i);
       for (int64_t r = 0; r < p.rows_per_cta; ++r) {
         const bool active = row_active(p, cta, r, t);  // the same for every thread of the CTA
+#if defined(__CUDA_ARCH__)
         A acc[G], xin[G];
+#else
+        // Zeroed on the host only, for g++'s -Wmaybe-uninitialized (it cannot see that cell()
+        // reads them only where fetch_input and partial wrote them); on the device the zeroing
+        // cost LSTM fp32 7 registers.
+        A acc[G] = {}, xin[G] = {};
+#endif
         if (active) {
           fetch_input(p, cta, tid, r, t, xin);
           partial(p, s, th, tid, r, parity, acc);
