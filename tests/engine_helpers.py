@@ -1,21 +1,46 @@
 """Helpers shared by the CPU kernel tests (test_cpu_engine, test_weight_cache, test_activations):
 the float64 leaves of a layer op, the op and fusedrnn.reference run on them, their outputs and
-gradients, and whether this CPU runs the AVX2 engine."""
+gradients, and which of the engine's instruction sets this CPU runs (csrc/cpu/cpu_engine.h: isa())."""
 
+import ctypes
+
+import pytest
 import torch
 
-from fusedrnn import reference
+from fusedrnn import _ops, reference
 
 OPS = torch.ops.fusedrnn
 
 
-def cpu_has_avx2_fma():
+def cpu_flags():
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
-        return False
-    return "avx2" in flags and "fma" in flags
+        return []
+
+
+def cpu_has_avx2_fma():
+    return "avx2" in cpu_flags() and "fma" in cpu_flags()
+
+
+def cpu_has_avx512f():
+    return "avx512f" in cpu_flags()
+
+
+# The engine's instruction sets, each skipped (with the reason) where this CPU lacks it.
+# FUSEDRNN_CPU_ISA caps the engine's choice (read on every call), so an AVX-512 machine tests both.
+ISAS = [pytest.param("avx2", marks=pytest.mark.skipif(not cpu_has_avx2_fma(), reason="this CPU has no AVX2+FMA")),
+        pytest.param("avx512", marks=pytest.mark.skipif(not cpu_has_avx512f(), reason="this CPU has no AVX-512F: "
+                                                         "the AVX-512 engine is tested on a machine with it"))]
+
+
+def engine_isa():
+    """The instruction set the compiled engine runs a float32 layer on now ("avx512", "avx2", or
+    "none": no engine on this CPU or FUSEDRNN_CPU_ENGINE=0), asked from the library itself."""
+    lib = ctypes.CDLL(_ops._C.__file__)
+    lib.fusedrnn_cpu_engine_isa.restype = ctypes.c_char_p
+    return lib.fusedrnn_cpu_engine_isa().decode()
 
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}

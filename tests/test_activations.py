@@ -1,5 +1,5 @@
-"""The float32 activations of every cell (csrc/cells/cell_common.h, and their AVX2 restatement in
-csrc/cpu/avx2_engine_common.h) are accurate to a few ulp RELATIVE over the whole float range.
+"""The float32 activations of every cell (csrc/cells/cell_common.h, and their vector restatement in
+csrc/cpu/engine_common.h, compiled for AVX2 and AVX-512) are accurate to a few ulp RELATIVE over the whole float range.
 
 The old tanh, 2 / (1 + exp(-2x)) - 1, cancelled near 0 (tanh(1e-8) was 0.0, tanh(1e-6) 1.07e-6),
 and the old exp clamped its argument at -87, so the negative side of sigmoid was wrong below it.
@@ -7,8 +7,9 @@ and the old exp clamped its argument at -87, so the negative side of sigmoid was
 A layer is built so that every gate's pre-activation is the swept value itself (identity input
 weights, zero recurrent weights and initial states, no bias), and the activations the op saves
 for backward (LSTM i, f, g, o; GRU r, z, n; the RNN's output) are compared with float64 torch,
-on each float32 path: the CPU engine (its AVX2 epilogues), the per-step CPU path (the cells'
-scalar code in a SIMD loop), and CUDA where there is a GPU. The two CPU paths must agree bitwise.
+on each float32 path: the CPU engine's epilogues on each instruction set this CPU has (8-lane
+AVX2, 16-lane AVX-512: FUSEDRNN_CPU_ISA picks), the per-step CPU path (the cells' scalar code in a
+SIMD loop), and CUDA where there is a GPU. The CPU paths must all agree bitwise.
 Then the modules against torch.nn in float32 at the special values (signed zeros, denormals,
 the saturation and overflow points, +-inf, NaN), and the backward at tiny inputs against float64.
 """
@@ -20,7 +21,7 @@ import torch
 
 import fusedrnn
 from conftest import DEVICES
-from engine_helpers import cpu_has_avx2_fma
+from engine_helpers import cpu_has_avx2_fma, cpu_has_avx512f, engine_isa
 
 pytestmark = pytest.mark.skipif(not fusedrnn.backends()["compiled"], reason="compiled operators not loaded: "
                                 + str(fusedrnn.backends()["load_error"]))
@@ -41,13 +42,22 @@ requires_engine = pytest.mark.skipif(not HAS_ENGINE, reason="the CPU engine need
 # multiply-add twice there.
 PORTABLE_BUILD = "FUSEDRNN_CPU_FLAGS" in os.environ and "-mfma" not in os.environ["FUSEDRNN_CPU_FLAGS"].split()
 
-PATHS = [pytest.param("engine", marks=requires_engine), "per_step",
-         pytest.param("cuda", marks=DEVICES[1].marks)]
+HAS_AVX512 = cpu_has_avx512f()
+# The engine's paths on this CPU: each instruction set it has (FUSEDRNN_CPU_ISA caps the choice).
+ENGINE_PATHS = (["engine_avx2"] if HAS_ENGINE else []) + (["engine_avx512"] if HAS_AVX512 else [])
+requires_avx512 = pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512F: its engine path is tested "
+                                     "on a machine with it")
+PATHS = [pytest.param("engine_avx2", marks=requires_engine), pytest.param("engine_avx512", marks=requires_avx512),
+         "per_step", pytest.param("cuda", marks=DEVICES[1].marks)]
 
 
 def use_path(path, monkeypatch):
-    """The device for `path`, with the CPU engine switched on or off (read on every call)."""
+    """The device for `path`, with the CPU engine switched on or off and its instruction set
+    chosen (both read on every call)."""
     monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "0" if path == "per_step" else "1")
+    if path.startswith("engine_"):
+        monkeypatch.setenv("FUSEDRNN_CPU_ISA", path[len("engine_"):])
+        assert engine_isa() == path[len("engine_"):]
     return "cuda" if path == "cuda" else "cpu"
 
 
@@ -129,7 +139,8 @@ def check_close(name, got, want, x, rtol=RTOL):
 
 def sweep_layouts():
     """(inputs [N, H], H): the finite dense sweep with 16 values per row, so that every lane of
-    the engine's vectors holds one (16 units: one LSTM block of 8 twice, one GRU/RNN block), and
+    the engine's vectors holds one (16 units: AVX2's LSTM block of 8 twice and GRU/RNN block of 16;
+    AVX-512's LSTM block of 16 and the first vector of its GRU/RNN block of 32), and
     the special values (inf and NaN included) one per row, where the identity weights' zeros never
     multiply them (0 * inf is NaN)."""
     dense = dense_sweep()
@@ -143,9 +154,9 @@ CHUNK_ROWS = 1 << 16
 
 @pytest.mark.parametrize("cell", list(GATES))
 def test_activations_are_accurate_on_every_path(cell, monkeypatch):
-    """Each float32 path within 4 ulp of float64 over the sweep, and the two CPU paths bitwise
+    """Each float32 path within 4 ulp of float64 over the sweep, and the CPU paths bitwise
     equal to each other."""
-    paths = ["per_step"] + (["engine"] if HAS_ENGINE else [])
+    paths = ["per_step"] + ENGINE_PATHS
     for x_all, H in sweep_layouts():
         for start in range(0, x_all.shape[0], CHUNK_ROWS):
             x = x_all[start:start + CHUNK_ROWS]
@@ -155,14 +166,14 @@ def test_activations_are_accurate_on_every_path(cell, monkeypatch):
                 want = expected(cell, x, acts)
                 for name, value in acts.items():
                     check_close(f"{cell} {name} ({path}, H={H})", value, want[name], x)
-            if len(results) == 2 and not PORTABLE_BUILD:
-                for name in results["engine"]:
-                    a, b = results["engine"][name], results["per_step"][name]
+            for engine in ENGINE_PATHS if not PORTABLE_BUILD else []:
+                for name in results[engine]:
+                    a, b = results[engine][name], results["per_step"][name]
                     same = (a.view(torch.int32) == b.view(torch.int32)) | (a.isnan() & b.isnan())
-                    assert bool(same.all()), (f"{cell} {name}: engine and per-step path differ at x = "
+                    assert bool(same.all()), (f"{cell} {name}: {engine} and per-step path differ at x = "
                                               f"{x[~same][:5].tolist()}: {a[~same][:5].tolist()} vs "
                                               f"{b[~same][:5].tolist()}")
-    if HAS_ENGINE and not PORTABLE_BUILD:
+    if ENGINE_PATHS and not PORTABLE_BUILD:
         # The state updates (LSTM c = f c_{t-1} + i g, GRU h = (1 - z) n + z h_{t-1}) from random
         # states: the cells' explicit fma_ where the epilogues fuse, so the bits agree here too.
         g = torch.Generator().manual_seed(0)
@@ -170,7 +181,7 @@ def test_activations_are_accurate_on_every_path(cell, monkeypatch):
         x, h0, c0 = (torch.randn(n, H, generator=g) * 4 for _ in range(3))
         args = [torch.eye(H).repeat(G, 1), torch.zeros(G * H, H), None, None]
         outs = {}
-        for path in ["engine", "per_step"]:
+        for path in ENGINE_PATHS + ["per_step"]:
             use_path(path, monkeypatch)
             if cell == "lstm":
                 outs[path] = OPS.lstm_forward(x, h0, c0, *args, None, torch.tensor([n]), False)
@@ -178,8 +189,9 @@ def test_activations_are_accurate_on_every_path(cell, monkeypatch):
                 outs[path] = OPS.gru_forward(x, h0, *args, torch.tensor([n]), False)
             else:
                 outs[path] = OPS.rnn_tanh_forward(x, h0, *args, torch.tensor([n]), False)
-        for a, b in zip(outs["engine"], outs["per_step"]):
-            assert torch.equal(a, b), f"{cell}: engine and per-step path differ from random states"
+        for engine in ENGINE_PATHS:
+            for a, b in zip(outs[engine], outs["per_step"]):
+                assert torch.equal(a, b), f"{cell}: {engine} and per-step path differ from random states"
 
 
 @pytest.mark.parametrize("cell", list(GATES))

@@ -1,10 +1,14 @@
-"""The CPU recurrent engine (csrc/cpu/avx2_engine_forward.cpp, avx2_engine_backward.cpp): float32 layers on a CPU with AVX2+FMA.
+"""The CPU recurrent engine (csrc/cpu/engine_forward.h, engine_backward.h, compiled per instruction
+set: engine_avx2.cpp, engine_avx512.cpp): float32 layers on a CPU with AVX2+FMA or AVX-512F.
 
 Against fusedrnn.reference in float64 over the shapes where a blocked kernel goes wrong: partial
-row blocks (the micro-tile is 6 rows) and partial unit blocks (8 or 16 units), one row, one unit,
-ragged batches in both directions, one and two threads; and bitwise reproducibility, which by
-construction does not depend on the thread count either. The engine is the default for float32;
-FUSEDRNN_CPU_ENGINE=0 leaves the per-step path to compare with; read on every call.
+row blocks (the micro-tile is 6 rows for AVX2, 8 for AVX-512) and partial unit blocks (AVX2: 8 or
+16 units, AVX-512: 16 or 32), one row, one unit, ragged batches in both directions, one and two
+threads; and bitwise reproducibility, which by construction does not depend on the thread count
+either. Each test that runs the engine runs on every instruction set this CPU has
+(FUSEDRNN_CPU_ISA caps the engine's choice; the AVX-512 cases skip, with the reason, elsewhere).
+The engine is the default for float32; FUSEDRNN_CPU_ENGINE=0 leaves the per-step path to compare
+with; both switches are read on every call.
 """
 
 import re
@@ -14,8 +18,8 @@ import pytest
 import torch
 
 import fusedrnn
-from engine_helpers import (GATES, as_float32, cpu_has_avx2_fma, lengths_to_batch_sizes, make_args, outputs_and_grads,
-                            run_op, run_reference)
+from engine_helpers import (GATES, ISAS, as_float32, cpu_has_avx2_fma, cpu_has_avx512f, engine_isa,
+                            lengths_to_batch_sizes, make_args, outputs_and_grads, run_op, run_reference)
 
 pytestmark = pytest.mark.skipif(not fusedrnn.backends()["compiled"], reason="compiled operators not loaded: "
                                 + str(fusedrnn.backends()["load_error"]))
@@ -24,10 +28,22 @@ pytestmark = pytest.mark.skipif(not fusedrnn.backends()["compiled"], reason="com
 
 requires_avx2 = pytest.mark.skipif(not cpu_has_avx2_fma(), reason="the engine needs AVX2+FMA; this CPU runs "
                                    "the per-step path, which the other test files cover")
+requires_avx512 = pytest.mark.skipif(not cpu_has_avx512f(), reason="this CPU has no AVX-512F: only the AVX2 "
+                                     "engine runs here")
 
 
-# (hidden, per-sequence lengths): partial and whole unit blocks (LSTM 8 units, GRU/RNN 16),
-# row counts around the 6-row micro-tile, one row, ragged batches.
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    """Runs the test on the engine's kernels for this instruction set."""
+    monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
+    monkeypatch.setenv("FUSEDRNN_CPU_ISA", request.param)
+    assert engine_isa() == request.param
+    return request.param
+
+
+# (hidden, per-sequence lengths): partial and whole unit blocks (LSTM one vector of units, GRU/RNN
+# two: 8 and 16 on AVX2, 16 and 32 on AVX-512), row counts around the micro-tiles (6 rows on
+# AVX2, 8 on AVX-512), one row, ragged batches.
 SHAPES = [
     (1, [3]),
     (5, [4, 4, 4]),
@@ -38,6 +54,8 @@ SHAPES = [
     (37, [9, 8, 8, 6, 3, 3, 3, 2, 1, 1, 1, 1, 1]),
     (128, [6] * 32),
     (130, [5, 4, 4, 1]),
+    (31, [5] * 9),
+    (33, [4] * 17),
 ]
 
 
@@ -48,9 +66,8 @@ SHAPES = [
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("hidden,lengths", SHAPES)
 @pytest.mark.parametrize("cell", list(GATES))
-def test_engine_matches_float64_reference(cell, hidden, lengths, reverse, nthreads, fuse_input, threads,
+def test_engine_matches_float64_reference(cell, hidden, lengths, reverse, nthreads, fuse_input, threads, isa,
                                           monkeypatch):
-    monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
     monkeypatch.setenv("FUSEDRNN_CPU_FUSE_INPUT", fuse_input)
     threads(nthreads)
     args = make_args(cell, hidden, lengths_to_batch_sizes(lengths))
@@ -63,8 +80,7 @@ def test_engine_matches_float64_reference(cell, hidden, lengths, reverse, nthrea
 
 @pytest.mark.parametrize("fuse_input", ["1", "0"], ids=["fused_input", "gemm_input"])
 @pytest.mark.parametrize("cell", list(GATES))
-def test_engine_without_bias_matches_reference(cell, fuse_input, monkeypatch):
-    monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
+def test_engine_without_bias_matches_reference(cell, fuse_input, isa, monkeypatch):
     monkeypatch.setenv("FUSEDRNN_CPU_FUSE_INPUT", fuse_input)
     args = make_args(cell, 21, lengths_to_batch_sizes([5, 5, 3, 3, 3, 3, 3, 2]), bias=False)
     want = outputs_and_grads(run_reference, cell, args, True)
@@ -74,7 +90,7 @@ def test_engine_without_bias_matches_reference(cell, fuse_input, monkeypatch):
 
 
 @pytest.mark.parametrize("cell", list(GATES))
-def test_engine_agrees_with_per_step_path(cell, monkeypatch):
+def test_engine_agrees_with_per_step_path(cell, isa, monkeypatch):
     """The two float32 paths differ only in summation order."""
     args = as_float32(make_args(cell, 64, lengths_to_batch_sizes([12] * 9 + [7] * 9 + [2] * 3)))
     monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
@@ -87,7 +103,7 @@ def test_engine_agrees_with_per_step_path(cell, monkeypatch):
 
 @requires_avx2
 @pytest.mark.parametrize("cell", list(GATES))
-def test_engine_runs_where_the_cpu_has_avx2(cell, monkeypatch):
+def test_engine_runs_where_the_cpu_has_avx2(cell, isa, monkeypatch):
     """The engine really ran (the other tests would also pass on the per-step path): its sums
     run in another order than MKL's, so some float32 results differ in the last bits."""
     args = as_float32(make_args(cell, 128, lengths_to_batch_sizes([20] * 16)))
@@ -99,9 +115,8 @@ def test_engine_runs_where_the_cpu_has_avx2(cell, monkeypatch):
 
 
 @pytest.mark.parametrize("cell", list(GATES))
-def test_engine_is_bitwise_reproducible_for_any_thread_count(cell, threads, monkeypatch):
+def test_engine_is_bitwise_reproducible_for_any_thread_count(cell, threads, isa, monkeypatch):
     """Each element is computed by the same operations whatever the row split."""
-    monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
     args = as_float32(make_args(cell, 40, lengths_to_batch_sizes([9] * 10 + [6] * 7 + [1] * 2), seed=3))
     results = []
     for n in (1, 2, 2, 1):
@@ -157,10 +172,9 @@ def test_library_splits_work_across_threads_like_torch():
 @pytest.mark.parametrize("fuse_input", ["1", "0"], ids=["fused_input", "gemm_input"])
 @pytest.mark.parametrize("input_size", [1, 2, 40])
 @pytest.mark.parametrize("cell", list(GATES))
-def test_engine_input_sizes_and_strided_tensors(cell, input_size, fuse_input, monkeypatch):
+def test_engine_input_sizes_and_strided_tensors(cell, input_size, fuse_input, isa, monkeypatch):
     # The input projection's K dimension (1, 2 and more than a micro-kernel's usual depth) and
     # inputs / weights that arrive as non-contiguous views.
-    monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
     monkeypatch.setenv("FUSEDRNN_CPU_FUSE_INPUT", fuse_input)
     args = make_args(cell, 23, lengths_to_batch_sizes([6, 6, 5, 3, 3, 3, 2, 1]), input_size=input_size)
     want = outputs_and_grads(run_reference, cell, args, False)
@@ -173,3 +187,57 @@ def test_engine_input_sizes_and_strided_tensors(cell, input_size, fuse_input, mo
     got = outputs_and_grads(run_op, cell, strided, False)
     for a, e in zip(got, want):
         torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=2e-5)
+
+
+@requires_avx2
+def test_isa_switch(monkeypatch):
+    """The widest instruction set by default, FUSEDRNN_CPU_ISA caps it (read on every call), a cap
+    above the CPU's changes nothing, and a value that names no instruction set is an error."""
+    monkeypatch.delenv("FUSEDRNN_CPU_ENGINE", raising=False)
+    monkeypatch.delenv("FUSEDRNN_CPU_ISA", raising=False)
+    widest = "avx512" if cpu_has_avx512f() else "avx2"
+    assert engine_isa() == widest
+    monkeypatch.setenv("FUSEDRNN_CPU_ISA", "avx2")
+    assert engine_isa() == "avx2"
+    monkeypatch.setenv("FUSEDRNN_CPU_ISA", "avx512")
+    assert engine_isa() == widest
+    monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "0")
+    assert engine_isa() == "none"
+    monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
+    monkeypatch.setenv("FUSEDRNN_CPU_ISA", "sse9")
+    args = as_float32(make_args("gru", 8, lengths_to_batch_sizes([3, 2])))
+    with pytest.raises(RuntimeError, match="FUSEDRNN_CPU_ISA must be avx2 or avx512.*got 'sse9'"):
+        run_op("gru", args, False)
+
+
+@requires_avx512
+@pytest.mark.parametrize("cell", list(GATES))
+def test_instruction_sets_agree_bitwise_on_the_packed_path(cell, threads, monkeypatch):
+    """Every output element is the same chain of operations at 8 and 16 lanes (engine_common.h),
+    so the packed path (forward and backward) gives bitwise the same results on both."""
+    monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
+    monkeypatch.setenv("FUSEDRNN_CPU_SMALL", "0")
+    threads(2)
+    args = as_float32(make_args(cell, 45, lengths_to_batch_sizes([9] * 11 + [6] * 7 + [1] * 2), seed=5))
+    results = {}
+    for isa in ("avx2", "avx512"):
+        monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
+        results[isa] = outputs_and_grads(run_op, cell, args, True)
+    assert all(torch.equal(a, b) for a, b in zip(results["avx2"], results["avx512"]))
+
+
+@requires_avx512
+@pytest.mark.parametrize("cell", list(GATES))
+def test_avx512_kernels_really_run(cell, monkeypatch):
+    """The small-call path reduces its dot products in registers in an order that depends on the
+    vector width, so its float32 results differ in the last bits between the two instruction sets:
+    the AVX-512 kernels ran when FUSEDRNN_CPU_ISA allowed them (both are checked against float64
+    by the tests above)."""
+    monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
+    monkeypatch.setenv("FUSEDRNN_CPU_SMALL", "1")
+    args = as_float32(make_args(cell, 96, lengths_to_batch_sizes([6, 6, 5, 4]), input_size=40, seed=2))
+    results = {}
+    for isa in ("avx2", "avx512"):
+        monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
+        results[isa] = outputs_and_grads(run_op, cell, args, False)
+    assert not all(torch.equal(a, b) for a, b in zip(results["avx2"], results["avx512"]))

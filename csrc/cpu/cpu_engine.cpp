@@ -1,10 +1,14 @@
-// The engine's run-time switch: portable code (no AVX2 here), so that asking
-// whether the engine can run is safe on any x86-64 CPU.
+// The engine's run-time switch: portable code (no AVX2 or AVX-512 here), so
+// that asking whether the engine can run, and on which kernels, is safe on any
+// x86-64 CPU.
+#include <c10/util/Exception.h>
 #include <unistd.h>
 
 #include <cstdlib>
+#include <string>
 
 #include "cpu_engine.h"
+#include "engine_isa.h"
 
 namespace fusedrnn {
 namespace cpu_engine {
@@ -15,18 +19,55 @@ namespace cpu_engine {
 constexpr int64_t kSmallMaxBatch = 8;
 constexpr int64_t kSmallMaxTokens = 32;  // batch x steps
 
-bool available() {
-  static const bool cpu_has_avx2_fma = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+Isa isa() {
+  static const Isa widest = [] {
+    __builtin_cpu_init();  // libgcc's checks include the OS's support for the wider registers (XCR0)
+    if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    return Isa::kNone;
   }();
-  if (!cpu_has_avx2_fma) return false;
+  const char* cap = std::getenv("FUSEDRNN_CPU_ISA");
+  if (cap == nullptr || cap[0] == '\0') return widest;
+  const std::string v(cap);
+  TORCH_CHECK(v == "avx2" || v == "avx512", "fusedrnn: FUSEDRNN_CPU_ISA must be avx2 or avx512 (the widest "
+              "instruction set the CPU engine may use), got '", v, "'");
+  if (v == "avx2" && widest == Isa::kAvx512) return Isa::kAvx2;
+  return widest;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kNone: break;
+  }
+  return "none";
+}
+
+bool available() {
+  if (isa() == Isa::kNone) return false;
   // On by default: once the library was built with OpenMP (entry 11 of
   // benchmarks/NOTES.md: before that its thread split never ran), the engine
   // measured faster than the per-step path for every cell, inference and
   // training. FUSEDRNN_CPU_ENGINE=0 switches it off (to compare the paths).
   const char* v = std::getenv("FUSEDRNN_CPU_ENGINE");
   return v == nullptr || v[0] != '0';
+}
+
+void forward(const ForwardArgs& a) {
+  if (isa() == Isa::kAvx512) {
+    avx512::forward(a);
+  } else {
+    avx2::forward(a);
+  }
+}
+
+void backward(const BackwardArgs& a) {
+  if (isa() == Isa::kAvx512) {
+    avx512::backward(a);
+  } else {
+    avx2::backward(a);
+  }
 }
 
 bool fuse_input_projection(int gates, int64_t input_size, int64_t hidden_size) {
@@ -52,3 +93,17 @@ bool use_small_path(int64_t batch, int64_t steps) {
 
 }  // namespace cpu_engine
 }  // namespace fusedrnn
+
+// For tests and benchmarks (read through ctypes, no op schema needed): the
+// instruction set the engine would run a float32 layer on now, "avx512", "avx2"
+// or "none" (no engine on this CPU, or FUSEDRNN_CPU_ENGINE=0); the error's
+// message for a bad FUSEDRNN_CPU_ISA.
+extern "C" __attribute__((visibility("default"))) const char* fusedrnn_cpu_engine_isa() {
+  static thread_local std::string answer;
+  try {
+    answer = fusedrnn::cpu_engine::available() ? fusedrnn::cpu_engine::isa_name(fusedrnn::cpu_engine::isa()) : "none";
+  } catch (const c10::Error& e) {
+    answer = e.what_without_backtrace();
+  }
+  return answer.c_str();
+}

@@ -1,10 +1,11 @@
 // The CPU recurrent engine: the whole time loop of one layer and direction in
-// float32, with the recurrent GEMM and the cell fused (csrc/cpu/avx2_engine_forward.cpp, avx2_engine_backward.cpp).
+// float32, with the recurrent GEMM and the cell fused (csrc/cpu/engine_forward.h,
+// engine_backward.h).
 //
 //   forward, per step and block of rows: h_{t-1} W_hh^T + b_hh (and, when the
 //     weights are small, x_t W_ih^T + b_ih: fuse_input_projection) in
 //     registers, plus the input projection computed before, stored to an L1 tile,
-//     then the cell (the 8-lane form of cells/*_cell.h) on the same units at
+//     then the cell (the vector form of cells/*_cell.h) on the same units at
 //     once: the pre-activations never leave L1.
 //   backward, per step and block of rows: the cell backward (Cell::backward),
 //     then dh_{t-1} = dgates_h W_hh while those gate gradients are in L1.
@@ -12,14 +13,17 @@
 // Threads split the batch rows; each runs its rows' whole time loop with no
 // synchronisation between steps (sequences are independent). W_hh is packed
 // once per call into the panels the micro-kernel streams. Each output element
-// is computed by the same sequence of operations whatever the thread count or
-// the row blocking, so results are bitwise reproducible (and do not even
-// depend on the number of threads).
+// is computed by the same sequence of operations whatever the thread count, the
+// row blocking or the vector width, so results are bitwise reproducible (and do
+// not even depend on the number of threads, nor, outside the small-call path, on
+// the instruction set).
 //
-// This header is what the rest of the library sees: plain pointers and sizes,
-// no cell headers and no intrinsics, so nothing compiled for AVX2 leaks into
-// code that runs on CPUs without it (the implementation is compiled for AVX2+FMA
-// in its own translation unit and chosen at run time: available()).
+// The kernels are written once against a vector type and compiled per
+// instruction set in its own translation unit (engine_avx2.cpp: 8 lanes,
+// engine_avx512.cpp: 16 lanes), chosen at run time: isa(). This header is what
+// the rest of the library sees: plain pointers and sizes, no cell headers and no
+// intrinsics, so nothing compiled for AVX2 or AVX-512 leaks into code that runs
+// on CPUs without it.
 #pragma once
 
 #include <cstdint>
@@ -30,9 +34,20 @@ namespace cpu_engine {
 
 enum class CellKind { kLstm, kGru, kRnnTanh, kRnnRelu };
 
-// True when this CPU has AVX2 and FMA (checked once) and the engine is not
-// switched off with FUSEDRNN_CPU_ENGINE=0 (read on every call, so a benchmark
-// or a test can compare both paths in one process).
+// The instruction sets the engine is compiled for.
+enum class Isa { kNone, kAvx2, kAvx512 };
+
+// The one the engine runs on this call: the widest this CPU has (AVX-512F, else
+// AVX2+FMA, else none; checked once), capped by FUSEDRNN_CPU_ISA=avx2|avx512
+// (read on every call, so that a test or a benchmark runs both paths in one
+// process on an AVX-512 machine; a cap above what the CPU has changes nothing).
+// Any other value of FUSEDRNN_CPU_ISA is an error (c10::Error: RuntimeError).
+Isa isa();
+const char* isa_name(Isa isa);
+
+// True when isa() is not kNone and the engine is not switched off with
+// FUSEDRNN_CPU_ENGINE=0 (read on every call, so a benchmark or a test can
+// compare both paths in one process).
 bool available();
 
 // One layer, one direction; every matrix row-major and contiguous. Rows of a
@@ -108,6 +123,7 @@ bool fuse_input_projection(int gates, int64_t input_size, int64_t hidden_size);
 // forces it (tests run both ways).
 bool use_small_path(int64_t batch, int64_t steps);
 
+// Run on isa()'s kernels; call only when available().
 void forward(const ForwardArgs& a);
 void backward(const BackwardArgs& a);
 

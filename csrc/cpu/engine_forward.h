@@ -1,25 +1,20 @@
-// The AVX2+FMA engine, forward: the whole time loop of one layer and direction,
-// recurrent GEMM and cell fused per tile (design: cpu_engine.h).
-#include "avx2_engine_common.h"  // last: switches the target to AVX2+FMA
-
-namespace fusedrnn {
-namespace cpu_engine {
-namespace avx2 {
-namespace {
+// The engine's forward: the whole time loop of one layer and direction,
+// recurrent GEMM and cell fused per tile (design: cpu_engine.h). Written for any
+// vector width: included once per instruction set after engine_common.h (see there).
 
 // ---------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------
 
 // Gate-interleaved packing of W_ih and W_hh for forward. Hidden units go in
-// blocks of U (8 for LSTM, 16 for GRU and RNN, so that a block's G*U columns
-// are whole 16-column micro-kernel panels); block ub holds, for every k, the G
+// blocks of U (one vector for LSTM, two for GRU and RNN: AVX2 8 and 16, AVX-512
+// 16 and 32, so that a block's G*U columns are whole 2-vector micro-kernel panels); block ub holds, for every k, the G
 // gates of its U units: packed[ub][k][g * U + u] = W[g * H + ub * U + u][k],
 // zero past H. One micro-tile of rows x (G*U) columns then holds all the gates
 // of its units, ready for the cell.
 template <int G>
 struct ForwardPacking {
-  static constexpr int U = (G % 2 == 0) ? 8 : 16;
+  static constexpr int U = (G % 2 == 0) ? kVec : 2 * kVec;
   static constexpr int kWidth = G * U;  // columns of one unit block's panel
   static constexpr int kCalls = kWidth / kPanel;
   static_assert(kWidth % kPanel == 0, "a unit block must be whole micro-kernel panels");
@@ -73,13 +68,13 @@ void pack_biases(const float* b_ih, const float* b_hh, int64_t H, std::vector<fl
   }
 }
 
-// ---- The cells on a tile, 8 units per vector ------------------------------
+// ---- The cells on a tile, kVec units per vector ---------------------------
 // tile[m * width + g * U + u]: row m's pre-activation x_t W_ih^T + b_ih +
 // h_{t-1} W_hh^T + b_hh of gate g, unit j0 + u (GRU: the n gate's input part
 // at 2U, its hidden part W_hn h + b_hn at 3U), for `valid` (<= U) real units.
 // The pointers of q are at the row block's first row (row m of a [rows, G*H]
 // or [rows, H] buffer is m * G * H or m * H further). Each epilogue is the
-// 8-lane form of its cell's forward in cells/*_cell.h: the same formulas and
+// vector form of its cell's forward in cells/*_cell.h: the same formulas and
 // outputs, so fusedrnn.reference and the per-step path check it
 // (tests/test_cpu_engine.py, tests/test_parity.py).
 using StepPtrs = cells::ForwardStepParams<float>;
@@ -90,29 +85,29 @@ struct ForwardEpilogue;
 // i, f, o = sigmoid, g = tanh; c = f c_{t-1} + i g; h = o tanh(c).
 template <>
 struct ForwardEpilogue<cells::LstmCell> {
-  static constexpr int G = 4, U = 8, kTileWidth = G * U;
+  static constexpr int G = 4, U = kVec, kTileWidth = G * U;
   template <int MR>
   static void apply(const StepPtrs& q, const float* tile, int64_t j0, int64_t valid) {
     const int64_t H = q.hidden;
     Vecs<MR> i, f, g, o, c, h;
     for (int m = 0; m < MR; ++m) {
       const float* t = tile + m * kTileWidth;
-      i[m] = _mm256_loadu_ps(t);
-      f[m] = _mm256_loadu_ps(t + U);
-      g[m] = _mm256_loadu_ps(t + 2 * U);
-      o[m] = _mm256_loadu_ps(t + 3 * U);
+      i[m] = Simd::load(t);
+      f[m] = Simd::load(t + U);
+      g[m] = Simd::load(t + 2 * U);
+      o[m] = Simd::load(t + 3 * U);
     }
     sigmoid_n<MR>(i);
     sigmoid_n<MR>(f);
     sigmoid_n<MR>(o);
     tanh_n<MR>(g);
     for (int m = 0; m < MR; ++m) {
-      c[m] = _mm256_fmadd_ps(f[m], load_partial(q.c_state + m * H + j0, valid), _mm256_mul_ps(i[m], g[m]));
+      c[m] = Simd::fmadd(f[m], load_partial(q.c_state + m * H + j0, valid), Simd::mul(i[m], g[m]));
       h[m] = c[m];
     }
     tanh_n<MR>(h);
     for (int m = 0; m < MR; ++m) {
-      h[m] = _mm256_mul_ps(o[m], h[m]);
+      h[m] = Simd::mul(o[m], h[m]);
       float* x = q.gates + m * G * H + j0;
       store_partial(x, i[m], valid);
       store_partial(x + H, f[m], valid);
@@ -127,10 +122,10 @@ struct ForwardEpilogue<cells::LstmCell> {
 };
 
 // r, z = sigmoid; n = tanh(x_n + r hn) with hn = W_hn h + b_hn (saved);
-// h = (1 - z) n + z h_{t-1}. 16 units: two vectors per gate and row.
+// h = (1 - z) n + z h_{t-1}. 2 * kVec units: two vectors per gate and row.
 template <>
 struct ForwardEpilogue<cells::GruCell> {
-  static constexpr int G = 3, U = 16, kTileWidth = (G + 1) * U;
+  static constexpr int G = 3, U = 2 * kVec, kTileWidth = (G + 1) * U;
   template <int MR>
   static void apply(const StepPtrs& q, const float* tile, int64_t j0, int64_t valid) {
     const int64_t H = q.hidden;
@@ -139,9 +134,9 @@ struct ForwardEpilogue<cells::GruCell> {
     for (int m = 0; m < MR; ++m) {
       for (int v = 0; v < 2; ++v) {
         const float* t = tile + m * kTileWidth + v * kVec;
-        r[2 * m + v] = _mm256_loadu_ps(t);
-        z[2 * m + v] = _mm256_loadu_ps(t + U);
-        hn[2 * m + v] = _mm256_loadu_ps(t + 3 * U);
+        r[2 * m + v] = Simd::load(t);
+        z[2 * m + v] = Simd::load(t + U);
+        hn[2 * m + v] = Simd::load(t + 3 * U);
       }
     }
     sigmoid_n<N>(r);
@@ -149,17 +144,17 @@ struct ForwardEpilogue<cells::GruCell> {
     for (int m = 0; m < MR; ++m) {
       for (int v = 0; v < 2; ++v) {
         const int k = 2 * m + v;
-        n[k] = _mm256_fmadd_ps(r[k], hn[k], _mm256_loadu_ps(tile + m * kTileWidth + 2 * U + v * kVec));
+        n[k] = Simd::fmadd(r[k], hn[k], Simd::load(tile + m * kTileWidth + 2 * U + v * kVec));
       }
     }
     tanh_n<N>(n);
-    const __m256 one = _mm256_set1_ps(1.0f);
+    const V one = Simd::set1(1.0f);
     for (int m = 0; m < MR; ++m) {
       for (int v = 0; v < 2; ++v) {
         const int k = 2 * m + v;
         const int64_t left = valid - v * kVec, col = j0 + v * kVec;
-        const __m256 h_prev = load_partial(q.h_state + m * H + col, left);
-        const __m256 h = _mm256_fmadd_ps(z[k], h_prev, _mm256_mul_ps(_mm256_sub_ps(one, z[k]), n[k]));
+        const V h_prev = load_partial(q.h_state + m * H + col, left);
+        const V h = Simd::fmadd(z[k], h_prev, Simd::mul(Simd::sub(one, z[k]), n[k]));
         float* x = q.gates + m * G * H + col;
         store_partial(x, r[k], left);
         store_partial(x + H, z[k], left);
@@ -172,16 +167,16 @@ struct ForwardEpilogue<cells::GruCell> {
   }
 };
 
-// h = tanh or relu of the pre-activation. 16 units: two vectors per row.
+// h = tanh or relu of the pre-activation. 2 * kVec units: two vectors per row.
 template <bool Relu>
 struct ForwardEpilogue<cells::RnnCell<Relu>> {
-  static constexpr int G = 1, U = 16, kTileWidth = G * U;
+  static constexpr int G = 1, U = 2 * kVec, kTileWidth = G * U;
   template <int MR>
   static void apply(const StepPtrs& q, const float* tile, int64_t j0, int64_t valid) {
     const int64_t H = q.hidden;
     constexpr int N = 2 * MR;
     Vecs<N> a;
-    for (int k = 0; k < N; ++k) a[k] = _mm256_loadu_ps(tile + k * kVec);  // rows are 16 floats apart
+    for (int k = 0; k < N; ++k) a[k] = Simd::load(tile + k * kVec);  // rows are 2 * kVec floats apart
     if constexpr (Relu) {
       relu_n<N>(a);
     } else {
@@ -209,15 +204,15 @@ struct ForwardPanels {
   const float* bias_panel(int64_t ub) const { return bias.data() + ub * kBiasWidth; }
 };
 
-// acc (MR rows x 16 columns) = bias + x rows . x_panel + h rows . h_panel, stored
+// acc (MR rows x kPanel columns) = bias + x rows . x_panel + h rows . h_panel, stored
 // to the tile at column `col`; either product may be skipped (panel nullptr).
 template <int MR>
 __attribute__((always_inline)) inline void tile_product(const float* bias, const float* x, int64_t I,
                                                         const float* x_panel, const float* h, int64_t H,
                                                         const float* h_panel, int64_t ldw, float* tile,
                                                         int64_t tile_width) {
-  __m256 acc[kMR][2];
-  const __m256 bias0 = _mm256_loadu_ps(bias), bias1 = _mm256_loadu_ps(bias + kVec);
+  V acc[kMR][2];
+  const V bias0 = Simd::load(bias), bias1 = Simd::load(bias + kVec);
   for (int m = 0; m < MR; ++m) {
     acc[m][0] = bias0;
     acc[m][1] = bias1;
@@ -225,13 +220,13 @@ __attribute__((always_inline)) inline void tile_product(const float* bias, const
   if (x_panel != nullptr) micro_kernel<MR>(I, x, I, x_panel, ldw, acc);
   if (h_panel != nullptr) micro_kernel<MR>(H, h, H, h_panel, ldw, acc);
   for (int m = 0; m < MR; ++m) {
-    _mm256_storeu_ps(tile + m * tile_width, acc[m][0]);
-    _mm256_storeu_ps(tile + m * tile_width + kVec, acc[m][1]);
+    Simd::store(tile + m * tile_width, acc[m][0]);
+    Simd::store(tile + m * tile_width + kVec, acc[m][1]);
   }
 }
 
 // One row block x unit block: the input and recurrent products in registers
-// (16 columns per micro-kernel call), stored to the L1 tile, then the cell on
+// (kPanel columns per micro-kernel call), stored to the L1 tile, then the cell on
 // these rows and units at once.
 // noinline keeps each (cell, rows) variant a function of its own, small
 // enough for GCC to inline the micro-kernel and the activations into.
@@ -264,7 +259,7 @@ __attribute__((noinline)) void forward_tile(const StepPtrs& q, const float* x, c
         for (int v = 0; v < P::U / kVec; ++v) {
           float* t = tile + m * E::kTileWidth + g * P::U + v * kVec;
           const float* x_part = q.gates + m * E::G * q.hidden + g * q.hidden + j0 + v * kVec;
-          _mm256_storeu_ps(t, _mm256_add_ps(_mm256_loadu_ps(t), load_partial(x_part, valid - v * kVec)));
+          Simd::store(t, Simd::add(Simd::load(t), load_partial(x_part, valid - v * kVec)));
         }
       }
     }
@@ -349,36 +344,28 @@ void forward_impl(const ForwardArgs& args) {
 // A cell, a one-step layer call or a short sequence of a few rows reads W_hh a
 // handful of times; packing it (a [G*H, H] scatter into fresh memory) cost more
 // than the whole product (benchmarks/NOTES.md, entry 15). Here the weights are
-// read where they are, row-major: lane r of a vector of 8 dot products is
-// W[row + r] . v, i.e. 8 consecutive units of one gate, which is the layout the
+// read where they are, row-major: lane r of a vector of kVec dot products is
+// W[row + r] . v, i.e. kVec consecutive units of one gate, which is the layout the
 // cell epilogues above take. The same tile, the same epilogue, only the
 // product differs (summation order included: not bitwise equal to the packed
-// path; each call picks its path from its shapes alone, so runs repeat).
+// path, nor across instruction sets, whose Simd::sum_each reduce in other
+// orders; each call picks its path from its shapes alone, so runs repeat).
 
-// lane r = sum of the 8 lanes of a[r].
-__attribute__((always_inline)) inline __m256 reduce8(const __m256 (&a)[8]) {
-  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
-// acc[r] += lanes of W[r] * v over k < K, for the `valid` (1..8) rows of w
+// acc[r] += lanes of W[r] * v over k < K, for the `valid` (1..kVec) rows of w
 // (row stride ld); rows past `valid` repeat the last valid one (their lanes are
 // never stored). The tail of K is read with masked loads: nothing past a row.
-__attribute__((always_inline)) inline void dot8(const float* w, int64_t ld, int64_t valid, const float* v, int64_t K,
-                                                __m256 (&acc)[8]) {
-  const float* r[8];
-  for (int i = 0; i < 8; ++i) r[i] = w + std::min<int64_t>(i, valid - 1) * ld;
+__attribute__((always_inline)) inline void dot_rows(const float* w, int64_t ld, int64_t valid, const float* v,
+                                                    int64_t K, V (&acc)[kVec]) {
+  const float* r[kVec];
+  for (int i = 0; i < kVec; ++i) r[i] = w + std::min<int64_t>(i, valid - 1) * ld;
   int64_t k = 0;
   for (; k + kVec <= K; k += kVec) {
-    const __m256 x = _mm256_loadu_ps(v + k);
-    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(r[i] + k), x, acc[i]);
+    const V x = Simd::load(v + k);
+    for (int i = 0; i < kVec; ++i) acc[i] = Simd::fmadd(Simd::load(r[i] + k), x, acc[i]);
   }
   if (k < K) {
-    const __m256i mask = lane_mask(K - k);
-    const __m256 x = _mm256_maskload_ps(v + k, mask);
-    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(_mm256_maskload_ps(r[i] + k, mask), x, acc[i]);
+    const V x = Simd::load_first(v + k, K - k);
+    for (int i = 0; i < kVec; ++i) acc[i] = Simd::fmadd(Simd::load_first(r[i] + k, K - k), x, acc[i]);
   }
 }
 
@@ -401,35 +388,35 @@ __attribute__((noinline)) void small_tile(const StepPtrs& q, const ForwardArgs& 
       float* col_h = tile + 3 * U + s * kVec;  // GRU: W_hn h + b_hn
       if (lanes <= 0) {  // past H: the epilogue reads these lanes but stores none of them
         for (int m = 0; m < MR; ++m) {
-          _mm256_storeu_ps(col + m * E::kTileWidth, _mm256_setzero_ps());
-          if (split) _mm256_storeu_ps(col_h + m * E::kTileWidth, _mm256_setzero_ps());
+          Simd::store(col + m * E::kTileWidth, Simd::zero());
+          if (split) Simd::store(col_h + m * E::kTileWidth, Simd::zero());
         }
         continue;
       }
-      const __m256 b_ih = a.b_ih != nullptr && x != nullptr ? load_partial(a.b_ih + row, lanes) : _mm256_setzero_ps();
-      const __m256 b_hh = a.b_hh != nullptr ? load_partial(a.b_hh + row, lanes) : _mm256_setzero_ps();
+      const V b_ih = a.b_ih != nullptr && x != nullptr ? load_partial(a.b_ih + row, lanes) : Simd::zero();
+      const V b_hh = a.b_hh != nullptr ? load_partial(a.b_hh + row, lanes) : Simd::zero();
       for (int m = 0; m < MR; ++m) {
-        __m256 acc[8];
-        for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-        __m256 x_part = _mm256_setzero_ps();
+        V acc[kVec];
+        for (int i = 0; i < kVec; ++i) acc[i] = Simd::zero();
+        V x_part = Simd::zero();
         if (x != nullptr) {
-          dot8(a.w_ih + row * I, I, lanes, x + m * I, I, acc);
+          dot_rows(a.w_ih + row * I, I, lanes, x + m * I, I, acc);
           if (split) {
-            x_part = _mm256_add_ps(reduce8(acc), b_ih);
-            for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+            x_part = Simd::add(Simd::sum_each(acc), b_ih);
+            for (int i = 0; i < kVec; ++i) acc[i] = Simd::zero();
           }
         } else {
           x_part = load_partial(q.gates + m * G * H + row, lanes);  // x W_ih^T + b_ih, precomputed
         }
-        dot8(a.w_hh + row * H, H, lanes, h + m * H, H, acc);
-        const __m256 sum = reduce8(acc);
+        dot_rows(a.w_hh + row * H, H, lanes, h + m * H, H, acc);
+        const V sum = Simd::sum_each(acc);
         if (split) {
-          _mm256_storeu_ps(col + m * E::kTileWidth, x_part);
-          _mm256_storeu_ps(col_h + m * E::kTileWidth, _mm256_add_ps(sum, b_hh));
+          Simd::store(col + m * E::kTileWidth, x_part);
+          Simd::store(col_h + m * E::kTileWidth, Simd::add(sum, b_hh));
         } else if (x != nullptr) {
-          _mm256_storeu_ps(col + m * E::kTileWidth, _mm256_add_ps(_mm256_add_ps(sum, b_ih), b_hh));
+          Simd::store(col + m * E::kTileWidth, Simd::add(Simd::add(sum, b_ih), b_hh));
         } else {
-          _mm256_storeu_ps(col + m * E::kTileWidth, _mm256_add_ps(x_part, _mm256_add_ps(sum, b_hh)));
+          Simd::store(col + m * E::kTileWidth, Simd::add(x_part, Simd::add(sum, b_hh)));
         }
       }
     }
@@ -451,7 +438,7 @@ void small_forward_impl(const ForwardArgs& args) {
     // place while later unit blocks still multiply by the old one.
     std::vector<float> h_buffer((hi - lo) * H);
     float* h_prev = h_buffer.data();
-    alignas(32) float tile[kMR * E::kTileWidth];
+    alignas(64) float tile[kMR * E::kTileWidth];
     for (int64_t k = 0; k < T; ++k) {
       const int64_t t = args.sched.reverse ? T - 1 - k : k;
       const int64_t end = std::min(hi, batch[t]);
@@ -470,18 +457,12 @@ void small_forward_impl(const ForwardArgs& args) {
   });
 }
 
-}  // namespace
-}  // namespace avx2
 
-void forward(const ForwardArgs& a) {
+// The forward of one layer call (what the instruction set's forward() runs).
+inline void run_forward(const ForwardArgs& a) {
   if (a.small) {
-    avx2::with_cell(a.cell, [&](auto cell) { avx2::small_forward_impl<decltype(cell)>(a); });
+    with_cell(a.cell, [&](auto cell) { small_forward_impl<decltype(cell)>(a); });
     return;
   }
-  avx2::with_cell(a.cell, [&](auto cell) { avx2::forward_impl<decltype(cell)>(a); });
+  with_cell(a.cell, [&](auto cell) { forward_impl<decltype(cell)>(a); });
 }
-
-}  // namespace cpu_engine
-}  // namespace fusedrnn
-
-#pragma GCC pop_options

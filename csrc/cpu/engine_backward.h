@@ -1,18 +1,14 @@
-// The AVX2+FMA engine, backward: the cell backward and dh_{t-1} = dgates_h W_hh
-// per block of rows, the whole time loop of one layer and direction (design: cpu_engine.h).
-#include "avx2_engine_common.h"  // last: switches the target to AVX2+FMA
-
-namespace fusedrnn {
-namespace cpu_engine {
-namespace avx2 {
-namespace {
+// The engine's backward: the cell backward and dh_{t-1} = dgates_h W_hh per block
+// of rows, the whole time loop of one layer and direction (design: cpu_engine.h).
+// Written for any vector width: included once per instruction set after
+// engine_common.h (see there).
 
 // ---------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------
 
-// W_hh [G*H, H] in 16-column panels for dh = dgates_h W_hh:
-// packed[nb][k][e] = W_hh[k][nb * 16 + e], zero past H.
+// W_hh [G*H, H] in kPanel-column panels for dh = dgates_h W_hh:
+// packed[nb][k][e] = W_hh[k][nb * kPanel + e], zero past H.
 void pack_backward(const float* w_hh, int64_t G, int64_t H, std::vector<float>& w_packed) {
   const int64_t K = G * H;
   const int64_t blocks = (H + kPanel - 1) / kPanel;
@@ -41,10 +37,10 @@ void backward_gemm(const float* dgates_h, int64_t G, int64_t H, const BackwardPa
   const int64_t blocks = (H + kPanel - 1) / kPanel;
   for (int64_t nb = 0; nb < blocks; ++nb) {
     const int64_t n0 = nb * kPanel;
-    __m256 acc[kMR][2];
+    V acc[kMR][2];
     for (int m = 0; m < MR; ++m) {
       for (int v = 0; v < 2; ++v) {
-        acc[m][v] = accumulate ? load_partial(dh + m * H + n0 + v * kVec, H - n0 - v * kVec) : _mm256_setzero_ps();
+        acc[m][v] = accumulate ? load_partial(dh + m * H + n0 + v * kVec, H - n0 - v * kVec) : Simd::zero();
       }
     }
     micro_kernel<MR>(K, dgates_h, K, w.w + nb * w.panel_stride, w.ldb, acc);
@@ -63,7 +59,7 @@ __attribute__((noinline, flatten)) void backward_block(const cells::BackwardStep
                                                        float* dh) {
   constexpr int G = Cell::kGates;
   for (int m = 0; m < MR; ++m) {
-#pragma omp simd simdlen(8)
+#pragma omp simd simdlen(FUSEDRNN_ENGINE_SIMDLEN)
     for (int64_t j = 0; j < q.hidden; ++j) Cell::backward(q, m, j);
   }
   backward_gemm<MR>(dgates_h, G, q.hidden, w_packed, G == 3, dh);
@@ -145,14 +141,8 @@ void backward_impl(const BackwardArgs& args) {
   });
 }
 
-}  // namespace
-}  // namespace avx2
 
-void backward(const BackwardArgs& a) {
-  avx2::with_cell(a.cell, [&](auto cell) { avx2::backward_impl<decltype(cell)>(a); });
+// The backward of one layer call (what the instruction set's backward() runs).
+inline void run_backward(const BackwardArgs& a) {
+  with_cell(a.cell, [&](auto cell) { backward_impl<decltype(cell)>(a); });
 }
-
-}  // namespace cpu_engine
-}  // namespace fusedrnn
-
-#pragma GCC pop_options
