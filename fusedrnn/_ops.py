@@ -190,8 +190,35 @@ def _call(name: str, *args):
         return _FUNCTORCH_FUNCTIONS[name].apply(*args)
     if not torch.is_grad_enabled() and _untraced():
         with torch._C._AutoDispatchBelowAutograd():
-            return getattr(torch.ops.fusedrnn, name).default(*args)
+            return _RAW_OPS[name](*args)
     return getattr(torch.ops.fusedrnn, name)(*args)
+
+
+# name -> the op's C++ entry point (OpOverload.default's `_op`: the same call without OpOverload.__call__'s
+# Python frame, ~1 us of a ~10 us small call). Eager, untraced calls only; filled after registration.
+_RAW_OPS: Dict[str, object] = {}
+
+
+def _raw(overload):
+    return getattr(overload, "_op", overload)
+
+
+_ZERO_SCALARS: Dict[Tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _unused_grad(grad: Optional[Tensor], like: Tensor) -> Tensor:
+    """_zeros_like_if_none for a plain backward's op call: in eager, untraced code a shared 0-d zero per
+    dtype and device (never written: the backward ops copy their gradients before writing), instead of
+    an allocation and a fill per call."""
+    if grad is not None:
+        return grad
+    if _functorch_level() is None and not _is_compiling() and not _is_tracing() and _dispatch_modes() == 0:
+        key = (like.dtype, like.device)
+        zero = _ZERO_SCALARS.get(key)
+        if zero is None:
+            zero = _ZERO_SCALARS[key] = like.new_zeros(())
+        return zero.expand_as(like)
+    return like.new_zeros(()).expand_as(like)
 
 
 def _untraced() -> bool:
@@ -486,7 +513,7 @@ def _register():
                                        batch_sizes, (out, gates, cells))
         gi, gh0, gc0, gwih, gwhh, gbih, gbhh, gwhr = _call(
             "lstm_backward",
-            _zeros_like_if_none(g_out, out), _zeros_like_if_none(g_hn, h0), _zeros_like_if_none(g_cn, c0),
+            _unused_grad(g_out, out), _unused_grad(g_hn, h0), _unused_grad(g_cn, c0),
             input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse, ctx.needs_input_grad[0], out, gates, cells)
         gbih, gbhh = _bias_grads(ctx, gbih, gbhh)
         return (gi if ctx.needs_input_grad[0] else None), gh0, gc0, gwih, gwhh, gbih, gbhh, (gwhr if w_hr is not None else None), None, None
@@ -509,7 +536,7 @@ def _register():
                                        (out, gates, hn))
         gi, gh0, gwih, gwhh, gbih, gbhh = _call(
             "gru_backward",
-            _zeros_like_if_none(g_out, out), _zeros_like_if_none(g_hn, h0), input, h0, w_ih, w_hh,
+            _unused_grad(g_out, out), _unused_grad(g_hn, h0), input, h0, w_ih, w_hh,
             batch_sizes, ctx.reverse, ctx.needs_input_grad[0], out, gates, hn)
         gbih, gbhh = _bias_grads(ctx, gbih, gbhh)
         return (gi if ctx.needs_input_grad[0] else None), gh0, gwih, gwhh, gbih, gbhh, None, None
@@ -532,7 +559,7 @@ def _register():
                                            batch_sizes, (out,))
             gi, gh0, gwih, gwhh, gbih, gbhh = _call(
                 f"rnn_{act}_backward",
-                _zeros_like_if_none(g_out, out), _zeros_like_if_none(g_hn, h0), input, h0, w_ih, w_hh,
+                _unused_grad(g_out, out), _unused_grad(g_hn, h0), input, h0, w_ih, w_hh,
                 batch_sizes, ctx.reverse, ctx.needs_input_grad[0], out)
             gbih, gbhh = _bias_grads(ctx, gbih, gbhh)
             return (gi if ctx.needs_input_grad[0] else None), gh0, gwih, gwhh, gbih, gbhh, None, None
@@ -574,11 +601,29 @@ _forward_ad = torch.autograd.forward_ad
 # (argument defaults filled from the schema, a metadata object, the redispatch) on every call:
 # LSTMCell B=1 H=128 training step 8-9% faster, entry 15. Traced calls keep the registered
 # kernel, which is what torch.compile / export / make_fx see.
-_NO_GRAD, _EAGER_GRAD, _DISPATCHER = 0, 1, 2
+_NO_GRAD, _EAGER_GRAD, _DISPATCHER, _FUNCTORCH, _REFERENCE = 0, 1, 2, 3, 4
+_functorch_level = torch._C._functorch.maybe_current_level
+_is_tracing = torch._C._is_tracing
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
 
 
 def _route(*tensors) -> int:
-    """How a layer call runs the op (see above): _NO_GRAD, _EAGER_GRAD or through the dispatcher."""
+    """How a layer call runs (see above): on fusedrnn.reference (_forward_mode), through the op's
+    functorch twin, below autograd (_NO_GRAD), through the eager Function (_EAGER_GRAD), or through
+    the dispatcher. The usual eager call is decided by the first test, a few C calls: a small call's
+    whole budget is ~10-20 us (benchmarks/NOTES.md, entries 15 and 16)."""
+    if _functorch_level() is None and _forward_ad._current_level < 0 and COMPILED:
+        if _is_compiling() or _is_tracing() or _dispatch_modes() != 0:
+            return _DISPATCHER
+        if not _grad_enabled() or not _any_requires_grad(*tensors):
+            return _NO_GRAD
+        return _EAGER_GRAD
+    if not COMPILED or _forward_mode(*tensors):
+        return _REFERENCE
+    if _functorch_active():
+        return _FUNCTORCH
     if not _untraced():
         return _DISPATCHER
     if not torch.is_grad_enabled() or not _any_requires_grad(*tensors):
@@ -592,7 +637,7 @@ _EAGER_FUNCTIONS: Dict[str, Type[torch.autograd.Function]] = {}
 def _make_eager_functions() -> None:
     for name in ("lstm_forward", "gru_forward", "rnn_tanh_forward", "rnn_relu_forward"):
         twin = _FUNCTORCH_FUNCTIONS[name]
-        op = getattr(torch.ops.fusedrnn, name).default
+        op = _RAW_OPS[name]
 
         _EAGER_FUNCTIONS[name] = _eager_function(twin, op)
 
@@ -619,23 +664,23 @@ def _eager_function(twin: Type[torch.autograd.Function], op) -> Type[torch.autog
 
 
 if COMPILED:
-    _LSTM_FORWARD = torch.ops.fusedrnn.lstm_forward.default
-    _GRU_FORWARD = torch.ops.fusedrnn.gru_forward.default
-    _RNN_FORWARD = {"tanh": torch.ops.fusedrnn.rnn_tanh_forward.default,
-                    "relu": torch.ops.fusedrnn.rnn_relu_forward.default}
+    _RAW_OPS.update({name: _raw(getattr(torch.ops.fusedrnn, name).default) for name in OPS})
+    _LSTM_FORWARD = _RAW_OPS["lstm_forward"]
+    _GRU_FORWARD = _RAW_OPS["gru_forward"]
+    _RNN_FORWARD = {"tanh": _RAW_OPS["rnn_tanh_forward"], "relu": _RAW_OPS["rnn_relu_forward"]}
     _make_eager_functions()
 
 def lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                b_hh: Optional[Tensor], w_hr: Optional[Tensor], batch_sizes: Tensor,
                reverse: bool) -> Tuple[Tensor, Tensor, Tensor]:
     if not torch.jit.is_scripting():
-        if not COMPILED or _forward_mode(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+        route = _route(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+        if route == _REFERENCE:
             return reference.lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
-        if _functorch_active():
+        if route == _FUNCTORCH:
             out, h, c, _, _ = _FUNCTORCH_FUNCTIONS["lstm_forward"].apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                                                          w_hr, batch_sizes, reverse)
             return out, h, c
-        route = _route(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
         if route == _NO_GRAD:
             with _below_autograd():
                 out, h, c, _, _ = _LSTM_FORWARD(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
@@ -652,13 +697,13 @@ def lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
 def gru_layer(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
               b_hh: Optional[Tensor], batch_sizes: Tensor, reverse: bool) -> Tuple[Tensor, Tensor]:
     if not torch.jit.is_scripting():
-        if not COMPILED or _forward_mode(input, h0, w_ih, w_hh, b_ih, b_hh):
+        route = _route(input, h0, w_ih, w_hh, b_ih, b_hh)
+        if route == _REFERENCE:
             return reference.gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
-        if _functorch_active():
+        if route == _FUNCTORCH:
             out, h, _, _ = _FUNCTORCH_FUNCTIONS["gru_forward"].apply(input, h0, w_ih, w_hh, b_ih, b_hh,
                                                                      batch_sizes, reverse)
             return out, h
-        route = _route(input, h0, w_ih, w_hh, b_ih, b_hh)
         if route == _NO_GRAD:
             with _below_autograd():
                 out, h, _, _ = _GRU_FORWARD(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
@@ -674,13 +719,13 @@ def gru_layer(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optio
 def rnn_layer(nonlinearity: str, input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
               b_hh: Optional[Tensor], batch_sizes: Tensor, reverse: bool) -> Tuple[Tensor, Tensor]:
     if not torch.jit.is_scripting():
-        if not COMPILED or _forward_mode(input, h0, w_ih, w_hh, b_ih, b_hh):
+        route = _route(input, h0, w_ih, w_hh, b_ih, b_hh)
+        if route == _REFERENCE:
             return reference.rnn_layer(nonlinearity, input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
-        if _functorch_active():
+        if route == _FUNCTORCH:
             out, h = _FUNCTORCH_FUNCTIONS[f"rnn_{nonlinearity}_forward"].apply(input, h0, w_ih, w_hh, b_ih, b_hh,
                                                                                batch_sizes, reverse)
             return out, h
-        route = _route(input, h0, w_ih, w_hh, b_ih, b_hh)
         if route == _NO_GRAD:
             with _below_autograd():
                 out, h = _RNN_FORWARD[nonlinearity](input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)

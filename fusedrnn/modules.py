@@ -198,6 +198,26 @@ def _split_lstm_state(name: str, hx, is_cell: bool) -> Tuple[Tensor, Tensor]:
     return hx[0], hx[1]
 
 
+
+# ---- the common eager call, checked cheaply -----------------------------------------------------
+# A small call (a cell step, a one-token layer call) costs torch.nn ~15-40 us in all, so the ~15 us
+# that the full checks below cost (each a few attribute reads and Python calls) decide the ratio.
+# The fast checks test, with a few C-level attribute reads, the conditions under which the full
+# checks pass and do nothing but pass their arguments on: plain dense tensors, the parameters'
+# dtype (one that the kernels run) and device, the expected shapes, no autocast, no
+# parametrization. Anything else, every mistake included, takes the full path, which raises
+# torch.nn's exception types exactly as before; so the fast path changes no outcome, only the
+# cost of the calls that were right.
+_PLAIN_TENSORS = (Tensor, nn.Parameter)  # not subclasses: their __torch_function__ may want the full path
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_STRIDED = torch.strided
+
+
+def _plain(t, dtype: torch.dtype, device: torch.device) -> bool:
+    """t is a plain dense tensor of `dtype` on `device` (eager only)."""
+    return type(t) in _PLAIN_TENSORS and t.layout is _STRIDED and t.dtype is dtype and t.device == device
+
+
 class _ModuleInit(nn.Module):
     """Ends our classes' super().__init__() chain at nn.Module.__init__, skipping torch.nn's
     RNNBase / RNNCellBase constructors (which would create and initialise the weights a second
@@ -489,11 +509,56 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
         return functional.rnn_packed(self.mode, data, batch_sizes, h, c, weights, self.num_layers,
                                      self.bidirectional, self.dropout, self.training)
 
+    def _fast_tensor(self, input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor],
+                     weights: List[LayerWeights]) -> Optional[Tuple[Tensor, Tensor, Optional[Tensor]]]:
+        """_forward_tensor for the common eager call (batched 3-D input, see _plain), or None when it
+        needs the full checks: each condition here is one that they test too, so what passes runs
+        exactly as there."""
+        if functional._autocast_possible():  # autocast on, or compiling: the full path
+            return None
+        if type(input) not in _PLAIN_TENSORS or input.layout is not _STRIDED or input.dim() != 3:
+            return None
+        w_ih = weights[0][0]
+        dtype = input.dtype
+        device = input.device
+        if (dtype not in _KERNEL_DTYPES or w_ih.dtype is not dtype or w_ih.device != device
+                or input.shape[2] != self.input_size):
+            return None
+        x = input.transpose(0, 1) if self.batch_first else input
+        steps, batch = x.shape[0], x.shape[1]
+        if steps == 0:
+            return None
+        is_lstm = self.mode == "LSTM"
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        state = (layers, batch, self.proj_size if self.proj_size > 0 else self.hidden_size)
+        cell_state = (layers, batch, self.hidden_size)
+        c: Optional[Tensor] = None
+        if h0 is None:
+            h = torch.zeros(state, dtype=dtype, device=device)
+            if is_lstm:
+                c = torch.zeros(cell_state, dtype=dtype, device=device)
+        else:
+            if not _plain(h0, dtype, device) or h0.shape != state:
+                return None
+            h = h0
+            if is_lstm:
+                if c0 is None or not _plain(c0, dtype, device) or c0.shape != cell_state:
+                    return None
+                c = c0
+        out, h, c = self._run(x.reshape(steps * batch, x.shape[2]), functional.full_batch_sizes(steps, batch), h, c,
+                              weights)
+        out = out.view(steps, batch, out.shape[-1])
+        return (out.transpose(0, 1) if self.batch_first else out), h, c
+
     def _forward_tensor(self, input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor],
                         lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         weights = self._weights()
         if lengths is not None:
             return self._forward_lengths(input, h0, c0, lengths, weights)
+        if not torch.jit.is_scripting():
+            fast = self._fast_tensor(input, h0, c0, weights)
+            if fast is not None:
+                return fast
         self._check_input(input, False, weights[0][0])
         batched = input.dim() == 3
         if not batched:
@@ -605,6 +670,9 @@ class LSTM(_RNNBase, nn.LSTM):
         if hx is not None:
             if torch.jit.is_scripting():
                 h0, c0 = hx[0], hx[1]
+            elif (type(hx) is tuple and len(hx) == 2 and type(hx[0]) in _PLAIN_TENSORS
+                  and type(hx[1]) in _PLAIN_TENSORS):
+                h0, c0 = hx  # what _split_lstm_state returns for it, without its diagnosis
             else:
                 h0, c0 = _split_lstm_state(self._type_name, hx, is_cell=False)
         if isinstance(input, PackedSequence):
@@ -747,6 +815,56 @@ class _CellBase(_ModuleInit, nn.RNNCellBase):
         _check_state(self._type_name, state, arg, expected, input)
         return state if batched else state.unsqueeze(0)
 
+    def _fast_step(self, mode: str, input: Tensor, h0: Optional[Tensor],
+                   c0: Optional[Tensor]) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+        """_step for the common eager call (see _plain), or None when the call needs _step's full
+        checks: each condition here is one that _step tests too, so what passes is run exactly as
+        _step would run it. Batched 2-D input only; weights read from _parameters (a parametrized
+        weight is not there: full path, which reads it as torch.nn does)."""
+        if functional._autocast_possible():  # autocast on, or compiling: the full path
+            return None
+        params = self._parameters
+        try:
+            w_ih, w_hh, b_ih, b_hh = params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"]
+        except KeyError:
+            return None
+        if type(input) not in _PLAIN_TENSORS or type(w_ih) not in _PLAIN_TENSORS or type(w_hh) not in _PLAIN_TENSORS:
+            return None
+        dtype = input.dtype
+        device = input.device
+        if (dtype not in _KERNEL_DTYPES or input.layout is not _STRIDED or input.dim() != 2
+                or w_ih.dtype is not dtype or w_ih.device != device or w_ih.layout is not _STRIDED
+                or w_hh.layout is not _STRIDED or input.shape[1] != w_ih.shape[1]):
+            return None
+        if (b_ih is not None and b_ih.layout is not _STRIDED) or (b_hh is not None and b_hh.layout is not _STRIDED):
+            return None
+        batch = input.shape[0]
+        hidden = w_hh.shape[1]
+        if hidden == 0:
+            return None
+        state = (batch, hidden)
+        if h0 is None:
+            h = input.new_zeros(batch, self.hidden_size)
+            c = input.new_zeros(batch, self.hidden_size) if mode == "LSTM" else None
+        else:
+            if not _plain(h0, dtype, device) or h0.shape != state:
+                return None
+            h = h0
+            c = None
+            if mode == "LSTM":
+                if c0 is None or not _plain(c0, dtype, device) or c0.shape != state:
+                    return None
+                c = c0
+        # functional.layer minus its autocast test (done above)
+        batch_sizes = functional.full_batch_sizes(1, batch)
+        if mode == "LSTM":
+            _, h, c = _ops.lstm_layer(input, h, c, w_ih, w_hh, b_ih, b_hh, None, batch_sizes, False)
+            return h, c
+        if mode == "GRU":
+            return _ops.gru_layer(input, h, w_ih, w_hh, b_ih, b_hh, batch_sizes, False)[1], None
+        nonlinearity = "tanh" if mode == "RNN_TANH" else "relu"
+        return _ops.rnn_layer(nonlinearity, input, h, w_ih, w_hh, b_ih, b_hh, batch_sizes, False)[1], None
+
     def _step(self, mode: str, input: Tensor, h0: Optional[Tensor],
               c0: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         """One step of the cell `mode`. The checks are torch.nn's, in its order: input's dimensions, the
@@ -832,6 +950,15 @@ class LSTMCell(_CellBase, nn.LSTMCell):
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         h0: Optional[Tensor] = None
         c0: Optional[Tensor] = None
+        if not torch.jit.is_scripting():
+            if hx is None:
+                fast = self._fast_step(self.mode, input, None, None)
+                if fast is not None:
+                    return fast[0], fast[1]
+            elif type(hx) is tuple and len(hx) == 2 and hx[0] is not None and hx[1] is not None:
+                fast = self._fast_step(self.mode, input, hx[0], hx[1])
+                if fast is not None:
+                    return fast[0], fast[1]
         if hx is not None:
             if torch.jit.is_scripting():
                 h0, c0 = hx[0], hx[1]
@@ -853,6 +980,10 @@ class GRUCell(_CellBase, nn.GRUCell):
         super().__init__("GRU", input_size, hidden_size, bias, device, dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        if not torch.jit.is_scripting():
+            fast = self._fast_step(self.mode, input, hx, None)
+            if fast is not None:
+                return fast[0]
         return self._step(self.mode, input, hx, None)[0]
 
 
@@ -878,6 +1009,10 @@ class RNNCell(_CellBase, nn.RNNCell):
         else:
             raise RuntimeError(f"{self._type_name}: Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' "
                                "or 'relu'.")
+        if not torch.jit.is_scripting():
+            fast = self._fast_step(mode, input, hx, None)
+            if fast is not None:
+                return fast[0]
         return self._step(mode, input, hx, None)[0]
 
 

@@ -203,8 +203,8 @@ BackwardOutputs layer_backward(const at::Tensor& grad_output_in, const at::Tenso
   const at::Tensor h0 = saved.h0.contiguous();
   const at::Tensor c0 = is_lstm ? saved.c0.contiguous() : at::Tensor();
   at::Tensor prev_scratch;  // [B, H], for steps whose previous states come from two places
-  at::Tensor dh_state = grad_h_n.clone(at::MemoryFormat::Contiguous);
-  at::Tensor dc_state = is_lstm ? grad_c_n.clone(at::MemoryFormat::Contiguous) : at::Tensor();
+  at::Tensor dh_state = copy_of_state(grad_h_n);
+  at::Tensor dc_state = is_lstm ? copy_of_state(grad_c_n) : at::Tensor();
   // With projection: dh of every token (for dW_hr), dr of this step, r of every token.
   at::Tensor dh_all = has_proj ? new_buffer({N, P}, opts) : at::Tensor();
   at::Tensor dr = has_proj ? new_buffer({B, H}, opts) : at::Tensor();

@@ -18,6 +18,7 @@
 #include <ATen/Dispatch.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -37,6 +38,35 @@ inline at::Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& opt
     return v != nullptr && v[0] == '1';
   }();
   return poison ? at::full(sizes, std::numeric_limits<double>::quiet_NaN(), opts) : at::empty(sizes, opts);
+}
+
+// A contiguous copy of a state tensor, in a fresh buffer. On the CPU a plain memcpy: Tensor::clone
+// goes through the dispatcher and a TensorIterator copy, ~6 K instructions, as much as the whole
+// one-step RNN kernel of a small call (B = 1, H = 64; benchmarks/NOTES.md, entry 16).
+// The gradient of an unused state arrives as a zero scalar expanded to the state's shape
+// (fusedrnn/_ops.py: _unused_grad): that one becomes a memset.
+inline at::Tensor copy_of_state(const at::Tensor& t) {
+  if (t.is_cpu() && !t.is_neg() && !t.is_conj() && t.layout() == at::kStrided) {
+    const size_t bytes = static_cast<size_t>(t.numel()) * t.element_size();
+    if (t.is_contiguous()) {
+      at::Tensor out = new_buffer(t.sizes(), t.options());
+      if (bytes > 0) std::memcpy(out.data_ptr(), t.const_data_ptr(), bytes);
+      return out;
+    }
+    bool expanded_scalar = t.numel() > 0;
+    for (int64_t d = 0; d < t.dim() && expanded_scalar; ++d) expanded_scalar = t.stride(d) == 0;
+    if (expanded_scalar) {
+      const auto* first = static_cast<const unsigned char*>(t.const_data_ptr());
+      bool zero = true;
+      for (int64_t i = 0; i < t.element_size(); ++i) zero = zero && first[i] == 0;
+      if (zero) {
+        at::Tensor out = new_buffer(t.sizes(), t.options());
+        std::memset(out.data_ptr(), 0, bytes);
+        return out;
+      }
+    }
+  }
+  return t.clone(at::MemoryFormat::Contiguous);
 }
 
 // View of rows [start, start + count) of a 2-D tensor, skipping the view when
@@ -95,8 +125,8 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
   ForwardOutputs r;
   r.gates = new_buffer({N, G * H}, opts);
   r.output = new_buffer({N, P}, opts);
-  r.h_n = h0.clone(at::MemoryFormat::Contiguous);  // the running state; final state at the end
-  r.c_n = is_lstm ? c0.clone(at::MemoryFormat::Contiguous) : at::Tensor();
+  r.h_n = copy_of_state(h0);  // the running state; final state at the end
+  r.c_n = is_lstm ? copy_of_state(c0) : at::Tensor();
   r.cells = is_lstm ? new_buffer({N, H}, opts) : at::empty({0}, opts);
   r.hn = G == 3 ? new_buffer({N, H}, opts) : at::empty({0}, opts);
   if constexpr (has_sequence_engine<Device>::value) {
