@@ -29,6 +29,7 @@
 #include "../cells/cell_common.h"
 #include "../cpu/cpu_blas.h"
 #include "../layer/checks.h"
+#include "../layer/layer_forward.h"  // new_buffer: NaN-filled under FUSEDRNN_POISON_OUTPUTS=1
 
 namespace fusedrnn {
 namespace layernorm {
@@ -158,6 +159,29 @@ inline Shapes check_common(const char* op, int64_t gates, const at::Tensor& inpu
   return s;
 }
 
+// The per-call parameter vectors in the accumulation type, absent ones as 0 (the row loops then
+// need no branch): the gains of LN(W_ih x) and LN(W_hh h), the two gate biases summed (they enter
+// the LSTM only as a sum; the GRU keeps them apart), and LN(c)'s gain and shift.
+template <typename A>
+struct ParamVectors {
+  std::vector<A> gain_x, gain_h, bias, bias_x, bias_h, gain_c, shift_c;
+  ParamVectors(const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
+               const at::Tensor& ln_c_w, const at::Tensor& ln_c_b, int64_t G, int64_t H)
+      : gain_x(read(ln_ih_w, G)), gain_h(read(ln_hh_w, G)), bias(G), bias_x(read(b_ih, G)),
+        bias_h(read(b_hh, G)), gain_c(read(ln_c_w, H)), shift_c(read(ln_c_b, H)) {
+    for (int64_t c = 0; c < G; ++c) bias[c] = bias_x[c] + bias_h[c];
+  }
+  static std::vector<A> read(const at::Tensor& t, int64_t n) {
+    std::vector<A> v(n, A(0));
+    if (t.defined()) {
+      const at::Tensor c = t.contiguous().to(c10::CppTypeToScalarType<A>::value);
+      const A* d = c.const_data_ptr<A>();
+      for (int64_t i = 0; i < n; ++i) v[i] = d[i];
+    }
+    return v;
+  }
+};
+
 // ---- LSTM ------------------------------------------------------------------------------------
 
 template <typename S>
@@ -180,10 +204,10 @@ void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool rever
   A* rs = rstd.data_ptr<A>();
   S* hs = h_state.data_ptr<S>();
   S* cs = c_state.data_ptr<S>();
-  const S *bih = ptr_or_null<S>(b_ih), *bhh = ptr_or_null<S>(b_hh);
-  const S *gx = ln_ih_w.const_data_ptr<S>(), *gh = ln_hh_w.const_data_ptr<S>();
-  const S *gc = ln_c_w.const_data_ptr<S>(), *bc = ptr_or_null<S>(ln_c_b);
   const S *zh = ptr_or_null<S>(zh_t), *zc = ptr_or_null<S>(zc_t);
+  const ParamVectors<A> pv(b_ih, b_hh, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b, G, H);
+  const A *gx = pv.gain_x.data(), *gh = pv.gain_h.data(), *bsum = pv.bias.data();
+  const A *gc = pv.gain_c.data(), *bc = pv.shift_c.data();
 
   // LN of the input projection, all rows at once (off the recurrence's critical path).
   at::parallel_for(0, s.N, kRowGrain, [&](int64_t begin, int64_t end) {
@@ -195,42 +219,42 @@ void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool rever
     const int64_t bs = sched.batch[t], off = sched.offset[t];
     matmul<S>(h_state.narrow(0, 0, bs), w_hh_t, norm_h.narrow(0, off, bs), false);
     at::parallel_for(0, bs, kRowGrain, [&](int64_t begin, int64_t end) {
-      std::vector<A> buf(2 * H);
-      A* c_new = buf.data();
-      A* c_hat = c_new + H;
+      // Each loop below is branch-free over contiguous arrays, so that it vectorises (the
+      // activations included: cell_common.h's are written for it).
+      std::vector<A> buf(G + 3 * H);
+      A* a = buf.data();        // gate pre-activations, then activations [G]
+      A* c_new = a + G;         // c' [H]
+      A* c_hat = c_new + H;     // LN(c') before gain and shift [H]
+      A* h_new = c_hat + H;     // o tanh(LN(c')) [H]
       for (int64_t j = begin; j < end; ++j) {
         const int64_t p = off + j;
-        S* xr = nx + p * G;
+        const S* xr = nx + p * G;
         S* hr = nh + p * G;
         rs[p * 3 + 1] = normalize_row<S, A>(hr, G, eps);
+        for (int64_t c = 0; c < G; ++c) a[c] = A(xr[c]) * gx[c] + A(hr[c]) * gh[c] + bsum[c];
+        for (int64_t c = 0; c < 2 * H; ++c) a[c] = sigmoid_(a[c]);          // i, f
+        for (int64_t c = 2 * H; c < 3 * H; ++c) a[c] = tanh_(a[c]);         // g
+        for (int64_t c = 3 * H; c < G; ++c) a[c] = sigmoid_(a[c]);          // o
         S* g = gt + p * G;
-        for (int64_t k = 0; k < H; ++k) {
-          A a[4];
-          for (int q = 0; q < 4; ++q) {
-            const int64_t c = q * H + k;
-            A v = A(xr[c]) * A(gx[c]) + A(hr[c]) * A(gh[c]);
-            if (bih) v += A(bih[c]);
-            if (bhh) v += A(bhh[c]);
-            a[q] = v;
-          }
-          const A ig = sigmoid_(a[0]), fg = sigmoid_(a[1]), gg = tanh_(a[2]), og = sigmoid_(a[3]);
-          g[k] = S(ig);
-          g[H + k] = S(fg);
-          g[2 * H + k] = S(gg);
-          g[3 * H + k] = S(og);
-          c_new[k] = fg * A(cs[j * H + k]) + ig * gg;
-        }
+        for (int64_t c = 0; c < G; ++c) g[c] = S(a[c]);
+        S* cs_row = cs + j * H;
+        S* hs_row = hs + j * H;
+        for (int64_t k = 0; k < H; ++k) c_new[k] = a[H + k] * A(cs_row[k]) + a[k] * a[2 * H + k];
         rs[p * 3 + 2] = normalize_into<S, A>(c_new, H, eps, nc + p * H, c_hat);
+        for (int64_t k = 0; k < H; ++k) h_new[k] = a[3 * H + k] * tanh_(c_hat[k] * gc[k] + bc[k]);
+        S* out_row = out + p * H;
+        S* cl_row = cl + p * H;
+        if (zh != nullptr) {
+          const S* z = zh + p * H;
+          for (int64_t k = 0; k < H; ++k) h_new[k] = A(z[k]) * A(hs_row[k]) + (A(1) - A(z[k])) * h_new[k];
+        }
+        if (zc != nullptr) {
+          const S* z = zc + p * H;
+          for (int64_t k = 0; k < H; ++k) c_new[k] = A(z[k]) * A(cs_row[k]) + (A(1) - A(z[k])) * c_new[k];
+        }
         for (int64_t k = 0; k < H; ++k) {
-          const A y = c_hat[k] * A(gc[k]) + (bc ? A(bc[k]) : A(0));
-          const A h_new = A(g[3 * H + k]) * tanh_(y);
-          const A h_prev = A(hs[j * H + k]), c_prev = A(cs[j * H + k]);
-          const A h_next = zh ? A(zh[p * H + k]) * h_prev + (A(1) - A(zh[p * H + k])) * h_new : h_new;
-          const A c_next = zc ? A(zc[p * H + k]) * c_prev + (A(1) - A(zc[p * H + k])) * c_new[k] : c_new[k];
-          out[p * H + k] = S(h_next);
-          cl[p * H + k] = S(c_next);
-          hs[j * H + k] = S(h_next);
-          cs[j * H + k] = S(c_next);
+          out_row[k] = hs_row[k] = S(h_new[k]);
+          cl_row[k] = cs_row[k] = S(c_new[k]);
         }
       }
     });
@@ -257,81 +281,131 @@ inline at::Tensor previous_states(const StepSchedule& sched, bool reverse, const
   return prev;
 }
 
+// Per-thread sums of the gain and bias gradients over the rows a thread handles (summed over threads
+// at the end, in thread order: bitwise reproducible for a fixed thread count).
+template <typename A>
+struct ColumnSums {
+  int64_t width;
+  std::vector<A> data;
+  ColumnSums(int64_t width_) : width(width_), data(static_cast<size_t>(at::get_num_threads()) * width_, A(0)) {}
+  A* mine() { return data.data() + static_cast<int64_t>(at::get_thread_num()) * width; }
+  at::Tensor total(int64_t start, int64_t n, const at::TensorOptions& opts) const {
+    std::vector<A> sum(n, A(0));
+    for (size_t t = 0; t < data.size() / width; ++t) {
+      for (int64_t i = 0; i < n; ++i) sum[i] += data[t * width + start + i];
+    }
+    return at::tensor(c10::ArrayRef<A>(sum), opts.dtype(c10::CppTypeToScalarType<A>::value)).to(opts.dtype());
+  }
+};
+
 template <typename S>
 void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reverse, const at::Tensor& grad_output,
                            const at::Tensor& w_hh, const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
                            const at::Tensor& ln_c_w, const at::Tensor& ln_c_b, const at::Tensor& zh_t,
                            const at::Tensor& zc_t, const at::Tensor& cprev, const at::Tensor& norm_x,
                            const at::Tensor& norm_h, const at::Tensor& gates, const at::Tensor& norm_c,
-                           const at::Tensor& rstd, at::Tensor& dh_state, at::Tensor& dc_state, at::Tensor& dgates,
-                           at::Tensor& dxp, at::Tensor& dhp, at::Tensor& dy) {
+                           const at::Tensor& rstd, at::Tensor& dh_state, at::Tensor& dc_state,
+                           ColumnSums<at::opmath_type<S>>& sums, at::Tensor& dxp, at::Tensor& dhp) {
   using A = at::opmath_type<S>;
   const int64_t H = s.H, G = s.G;
   const S* go = grad_output.const_data_ptr<S>();
-  const S *gx = ln_ih_w.const_data_ptr<S>(), *gh = ln_hh_w.const_data_ptr<S>();
-  const S *gc = ln_c_w.const_data_ptr<S>(), *bc = ptr_or_null<S>(ln_c_b);
+  const ParamVectors<A> pv(at::Tensor(), at::Tensor(), ln_ih_w, ln_hh_w, ln_c_w, ln_c_b, G, H);
+  const A *gx = pv.gain_x.data(), *gh = pv.gain_h.data(), *gc = pv.gain_c.data(), *bc = pv.shift_c.data();
   const S *zh = ptr_or_null<S>(zh_t), *zc = ptr_or_null<S>(zc_t);
   const S* cp = cprev.const_data_ptr<S>();
   const S *nx = norm_x.const_data_ptr<S>(), *nh = norm_h.const_data_ptr<S>();
   const S *gt = gates.const_data_ptr<S>(), *nc = norm_c.const_data_ptr<S>();
   const A* rs = rstd.const_data_ptr<A>();
   S *dhs = dh_state.data_ptr<S>(), *dcs = dc_state.data_ptr<S>();
-  S *dg = dgates.data_ptr<S>(), *dx = dxp.data_ptr<S>(), *dhh = dhp.data_ptr<S>(), *dys = dy.data_ptr<S>();
+  S *dx = dxp.data_ptr<S>(), *dhh = dhp.data_ptr<S>();
   const int64_t T = sched.steps();
   for (int64_t i = 0; i < T; ++i) {
     const int64_t t = reverse ? i : T - 1 - i;  // the forward's order, backwards
     const int64_t bs = sched.batch[t], off = sched.offset[t];
     at::parallel_for(0, bs, kRowGrain, [&](int64_t begin, int64_t end) {
-      std::vector<A> buf(3 * H + 2 * G);
-      A* dh_new = buf.data();
-      A* dc_hat = dh_new + H;
-      A* dc_new = dc_hat + H;
-      A* dn = dc_new + H;      // d(gate pre-activations) [G]
-      A* scaled = dn + G;      // dn times one LN's gain [G]
+      // Branch-free loops over contiguous arrays, as in the forward, so that they vectorise.
+      std::vector<A> buf(5 * H + 2 * G);
+      A* dh = buf.data();       // d h_t (output and recurrent) [H]
+      A* dc = dh + H;           // d c_t [H]
+      A* dy = dc + H;           // d(LN(c') gain + shift) [H]
+      A* dc_hat = dy + H;       // d(LN(c') before gain) [H]
+      A* ty = dc_hat + H;       // tanh(y) [H]
+      A* dn = ty + H;           // d(gate pre-activations) [G]
+      A* scaled = dn + G;       // dn times one LN's gain [G]
+      // Column sums: [0, G) d b, [G, 2G) d gain_x, [2G, 3G) d gain_h, [3G, 3G+H) d gain_c, then d shift_c.
+      A* acc = sums.mine();
       for (int64_t j = begin; j < end; ++j) {
         const int64_t p = off + j;
         const S* g = gt + p * G;
         const S* ch = nc + p * H;
-        // Zoneout, then h' = o tanh(y), y = LN(c') gain + bias.
+        S* dhs_row = dhs + j * H;
+        S* dcs_row = dcs + j * H;
+        const S* go_row = go + p * H;
         for (int64_t k = 0; k < H; ++k) {
-          const A dh = A(dhs[j * H + k]) + A(go[p * H + k]);
-          const A dc = A(dcs[j * H + k]);
-          const A kh = zh ? A(zh[p * H + k]) : A(0), kc = zc ? A(zc[p * H + k]) : A(0);
-          dh_new[k] = (A(1) - kh) * dh;
-          dc_new[k] = (A(1) - kc) * dc;
-          dhs[j * H + k] = S(kh * dh);  // the GEMM below adds the recurrent part
-          dcs[j * H + k] = S(kc * dc);  // the cell's f * dc' is added below
-          const A y = A(ch[k]) * A(gc[k]) + (bc ? A(bc[k]) : A(0));
-          const A ty = tanh_(y);
+          dh[k] = A(dhs_row[k]) + A(go_row[k]);
+          dc[k] = A(dcs_row[k]);
+        }
+        // Zoneout: h_t = z h_{t-1} + (1 - z) h'. The kept share goes straight to the previous state
+        // (the GEMM below adds the recurrent part; the cell's f dc' is added below).
+        if (zh != nullptr) {
+          const S* z = zh + p * H;
+          for (int64_t k = 0; k < H; ++k) {
+            dhs_row[k] = S(A(z[k]) * dh[k]);
+            dh[k] *= A(1) - A(z[k]);
+          }
+        } else {
+          for (int64_t k = 0; k < H; ++k) dhs_row[k] = S(0);
+        }
+        if (zc != nullptr) {
+          const S* z = zc + p * H;
+          for (int64_t k = 0; k < H; ++k) {
+            dcs_row[k] = S(A(z[k]) * dc[k]);
+            dc[k] *= A(1) - A(z[k]);
+          }
+        } else {
+          for (int64_t k = 0; k < H; ++k) dcs_row[k] = S(0);
+        }
+        // h' = o tanh(y), y = LN(c') gain + shift.
+        for (int64_t k = 0; k < H; ++k) ty[k] = tanh_(A(ch[k]) * gc[k] + bc[k]);
+        for (int64_t k = 0; k < H; ++k) {
           const A o = A(g[3 * H + k]);
-          const A dyk = dh_new[k] * o * (A(1) - ty * ty);
-          dys[p * H + k] = S(dyk);
-          dc_hat[k] = dyk * A(gc[k]);
-          dn[3 * H + k] = dh_new[k] * ty * o * (A(1) - o);  // d(pre-activation of o)
+          dy[k] = dh[k] * o * (A(1) - ty[k] * ty[k]);
+          dc_hat[k] = dy[k] * gc[k];
+          dn[3 * H + k] = dh[k] * ty[k] * o * (A(1) - o);  // d(pre-activation of o)
+        }
+        for (int64_t k = 0; k < H; ++k) {
+          acc[3 * G + k] += dy[k] * A(ch[k]);
+          acc[3 * G + H + k] += dy[k];
         }
         {
           const A r = rs[p * 3 + 2];
           const A m1 = row_sum<A>(H, [&](int64_t k) { return dc_hat[k]; }) / A(H);
           const A m2 = row_sum<A>(H, [&](int64_t k) { return dc_hat[k] * A(ch[k]); }) / A(H);
-          for (int64_t k = 0; k < H; ++k) dc_new[k] += r * (dc_hat[k] - m1 - A(ch[k]) * m2);
+          for (int64_t k = 0; k < H; ++k) dc[k] += r * (dc_hat[k] - m1 - A(ch[k]) * m2);
         }
         // c' = f c + i g.
+        const S* cp_row = cp + p * H;
         for (int64_t k = 0; k < H; ++k) {
           const A ig = A(g[k]), fg = A(g[H + k]), gg = A(g[2 * H + k]);
-          const A d = dc_new[k];
+          const A d = dc[k];
           dn[k] = d * gg * ig * (A(1) - ig);
-          dn[H + k] = d * A(cp[p * H + k]) * fg * (A(1) - fg);
+          dn[H + k] = d * A(cp_row[k]) * fg * (A(1) - fg);
           dn[2 * H + k] = d * ig * (A(1) - gg * gg);
-          dcs[j * H + k] = S(A(dcs[j * H + k]) + d * fg);
+          dcs_row[k] = S(A(dcs_row[k]) + d * fg);
         }
-        // The gate vector a = LN(W_ih x) gx + b_ih + LN(W_hh h) gh + b_hh: da is each bias's gradient;
+        // The gate vector a = LN(W_ih x) gx + b_ih + LN(W_hh h) gh + b_hh: dn is each bias's gradient;
         // the two LNs' backward give d(W_ih x) and d(W_hh h).
-        S* dgr = dg + p * G;
-        for (int64_t c = 0; c < G; ++c) dgr[c] = S(dn[c]);
-        for (int64_t c = 0; c < G; ++c) scaled[c] = dn[c] * A(gx[c]);
-        layer_norm_backward_row<S, A>(scaled, nx + p * G, rs[p * 3], G, dx + p * G);
-        for (int64_t c = 0; c < G; ++c) scaled[c] = dn[c] * A(gh[c]);
-        layer_norm_backward_row<S, A>(scaled, nh + p * G, rs[p * 3 + 1], G, dhh + p * G);
+        const S* xr = nx + p * G;
+        const S* hr = nh + p * G;
+        for (int64_t c = 0; c < G; ++c) {
+          acc[c] += dn[c];
+          acc[G + c] += dn[c] * A(xr[c]);
+          acc[2 * G + c] += dn[c] * A(hr[c]);
+        }
+        for (int64_t c = 0; c < G; ++c) scaled[c] = dn[c] * gx[c];
+        layer_norm_backward_row<S, A>(scaled, xr, rs[p * 3], G, dx + p * G);
+        for (int64_t c = 0; c < G; ++c) scaled[c] = dn[c] * gh[c];
+        layer_norm_backward_row<S, A>(scaled, hr, rs[p * 3 + 1], G, dhh + p * G);
       }
     });
     matmul<S>(dhp.narrow(0, off, bs), w_hh, dh_state.narrow(0, 0, bs), true);
@@ -356,10 +430,10 @@ ln_lstm_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor&
   const StepSchedule sched = make_schedule(op, batch_sizes, s.N, s.B);
   const auto opts = input.options();
   at::Tensor norm_x = at::mm(input, w_ih.t()).contiguous();
-  at::Tensor norm_h = at::empty({s.N, s.G}, opts), gates = at::empty({s.N, s.G}, opts);
-  at::Tensor output = at::empty({s.N, s.H}, opts), cells = at::empty({s.N, s.H}, opts);
-  at::Tensor norm_c = at::empty({s.N, s.H}, opts);
-  at::Tensor rstd = at::empty({s.N, 3}, opts.dtype(at::toOpMathType(input.scalar_type())));
+  at::Tensor norm_h = new_buffer({s.N, s.G}, opts), gates = new_buffer({s.N, s.G}, opts);
+  at::Tensor output = new_buffer({s.N, s.H}, opts), cells = new_buffer({s.N, s.H}, opts);
+  at::Tensor norm_c = new_buffer({s.N, s.H}, opts);
+  at::Tensor rstd = new_buffer({s.N, 3}, opts.dtype(at::toOpMathType(input.scalar_type())));
   at::Tensor h_state = h0.contiguous().clone(), c_state = c0.contiguous().clone();
   const at::Tensor w_hh_t = w_hh.t().contiguous();  // [H, G]: the step GEMM's right operand
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ln_lstm_forward", [&] {
@@ -410,22 +484,24 @@ ln_lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, cons
   const at::Tensor hprev = previous_states(sched, reverse, out_c, h0.contiguous());
   const at::Tensor cprev = previous_states(sched, reverse, cells_c, c0.contiguous());
   at::Tensor dh_state = grad_h_n.contiguous().clone(), dc_state = grad_c_n.contiguous().clone();
-  at::Tensor dgates = at::empty({s.N, s.G}, opts), dxp = at::empty({s.N, s.G}, opts);
-  at::Tensor dhp = at::empty({s.N, s.G}, opts), dy = at::empty({s.N, s.H}, opts);
+  at::Tensor dxp = new_buffer({s.N, s.G}, opts), dhp = new_buffer({s.N, s.G}, opts);
   const at::Tensor nx = norm_x.contiguous(), nh = norm_h.contiguous(), nc = norm_c.contiguous();
+  at::Tensor grad_b, grad_ln_ih_w, grad_ln_hh_w, grad_ln_c_w, grad_ln_c_b;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ln_lstm_backward", [&] {
+    ColumnSums<at::opmath_type<scalar_t>> sums(3 * s.G + 2 * s.H);
     ln_lstm_backward_impl<scalar_t>(s, sched, reverse, grad_output.contiguous(), w_hh.contiguous(),
-                                    ln_ih_w.contiguous(), ln_hh_w.contiguous(), ln_c_w.contiguous(),
-                                    contiguous_or_undefined(ln_c_b), contiguous_or_undefined(zoneout_h),
-                                    contiguous_or_undefined(zoneout_c), cprev, nx, nh, gates.contiguous(), nc,
-                                    rstd.contiguous(), dh_state, dc_state, dgates, dxp, dhp, dy);
+                                    ln_ih_w, ln_hh_w, ln_c_w, contiguous_or_undefined(ln_c_b),
+                                    contiguous_or_undefined(zoneout_h), contiguous_or_undefined(zoneout_c), cprev, nx,
+                                    nh, gates.contiguous(), nc, rstd.contiguous(), dh_state, dc_state, sums, dxp, dhp);
+    grad_b = sums.total(0, s.G, opts);
+    grad_ln_ih_w = sums.total(s.G, s.G, opts);
+    grad_ln_hh_w = sums.total(2 * s.G, s.G, opts);
+    grad_ln_c_w = sums.total(3 * s.G, s.H, opts);
+    grad_ln_c_b = sums.total(3 * s.G + s.H, s.H, opts);
   });
   at::Tensor grad_input = need_grad_input ? at::mm(dxp, w_ih) : at::empty({0}, opts);
   at::Tensor grad_w_ih = at::mm(dxp.t(), input);
   at::Tensor grad_w_hh = at::mm(dhp.t(), hprev);
-  at::Tensor grad_b = dgates.sum(0);
-  at::Tensor grad_ln_ih_w = (dgates * nx).sum(0), grad_ln_hh_w = (dgates * nh).sum(0);
-  at::Tensor grad_ln_c_b = dy.sum(0), grad_ln_c_w = (dy * nc).sum(0);
   return {grad_input, dh_state, dc_state, grad_w_ih, grad_w_hh, grad_b, grad_b.clone(), grad_ln_ih_w, grad_ln_hh_w,
           grad_ln_c_w, grad_ln_c_b};
 }
@@ -444,8 +520,8 @@ void ln_gru_forward_impl(const Shapes& s, const StepSchedule& sched, bool revers
   S *nx = norm_x.data_ptr<S>(), *nh = norm_h.data_ptr<S>(), *gt = gates.data_ptr<S>(), *out = output.data_ptr<S>();
   A* rs = rstd.data_ptr<A>();
   S* hs = h_state.data_ptr<S>();
-  const S *bih = ptr_or_null<S>(b_ih), *bhh = ptr_or_null<S>(b_hh);
-  const S *gx = ln_ih_w.const_data_ptr<S>(), *gh = ln_hh_w.const_data_ptr<S>();
+  const ParamVectors<A> pv(b_ih, b_hh, ln_ih_w, ln_hh_w, at::Tensor(), at::Tensor(), G, H);
+  const A *gx = pv.gain_x.data(), *gh = pv.gain_h.data(), *bx = pv.bias_x.data(), *bh = pv.bias_h.data();
   const S* zh = ptr_or_null<S>(zh_t);
   at::parallel_for(0, s.N, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) rs[p * 2] = normalize_row<S, A>(nx + p * G, G, eps);
@@ -456,30 +532,34 @@ void ln_gru_forward_impl(const Shapes& s, const StepSchedule& sched, bool revers
     const int64_t bs = sched.batch[t], off = sched.offset[t];
     matmul<S>(h_state.narrow(0, 0, bs), w_hh_t, norm_h.narrow(0, off, bs), false);
     at::parallel_for(0, bs, kRowGrain, [&](int64_t begin, int64_t end) {
+      std::vector<A> buf(2 * G + H);
+      A* ax = buf.data();  // LN(W_ih x) gain + b_ih, then r, z, n [G]
+      A* ah = ax + G;      // LN(W_hh h) gain + b_hh [G]
+      A* h_new = ah + G;   // [H]
       for (int64_t j = begin; j < end; ++j) {
         const int64_t p = off + j;
         const S* xr = nx + p * G;
         S* hr = nh + p * G;
         rs[p * 2 + 1] = normalize_row<S, A>(hr, G, eps);
-        S* g = gt + p * G;
-        for (int64_t k = 0; k < H; ++k) {
-          A ax[3], ah[3];
-          for (int q = 0; q < 3; ++q) {
-            const int64_t c = q * H + k;
-            ax[q] = A(xr[c]) * A(gx[c]) + (bih ? A(bih[c]) : A(0));
-            ah[q] = A(hr[c]) * A(gh[c]) + (bhh ? A(bhh[c]) : A(0));
-          }
-          const A r = sigmoid_(ax[0] + ah[0]), z = sigmoid_(ax[1] + ah[1]);
-          const A n = tanh_(ax[2] + r * ah[2]);
-          const A h_prev = A(hs[j * H + k]);
-          const A h_new = (A(1) - z) * n + z * h_prev;
-          const A h_next = zh ? A(zh[p * H + k]) * h_prev + (A(1) - A(zh[p * H + k])) * h_new : h_new;
-          g[k] = S(r);
-          g[H + k] = S(z);
-          g[2 * H + k] = S(n);
-          out[p * H + k] = S(h_next);
-          hs[j * H + k] = S(h_next);
+        for (int64_t c = 0; c < G; ++c) {
+          ax[c] = A(xr[c]) * gx[c] + bx[c];
+          ah[c] = A(hr[c]) * gh[c] + bh[c];
         }
+        for (int64_t c = 0; c < 2 * H; ++c) ax[c] = sigmoid_(ax[c] + ah[c]);  // r, z
+        for (int64_t k = 0; k < H; ++k) ax[2 * H + k] = tanh_(ax[2 * H + k] + ax[k] * ah[2 * H + k]);  // n
+        S* hs_row = hs + j * H;
+        for (int64_t k = 0; k < H; ++k) {
+          const A z = ax[H + k];
+          h_new[k] = (A(1) - z) * ax[2 * H + k] + z * A(hs_row[k]);
+        }
+        if (zh != nullptr) {
+          const S* zr = zh + p * H;
+          for (int64_t k = 0; k < H; ++k) h_new[k] = A(zr[k]) * A(hs_row[k]) + (A(1) - A(zr[k])) * h_new[k];
+        }
+        S* g = gt + p * G;
+        for (int64_t c = 0; c < G; ++c) g[c] = S(ax[c]);
+        S* out_row = out + p * H;
+        for (int64_t k = 0; k < H; ++k) out_row[k] = hs_row[k] = S(h_new[k]);
       }
     });
   }
@@ -490,40 +570,56 @@ void ln_gru_backward_impl(const Shapes& s, const StepSchedule& sched, bool rever
                           const at::Tensor& w_hh, const at::Tensor& b_hh, const at::Tensor& ln_ih_w,
                           const at::Tensor& ln_hh_w, const at::Tensor& zh_t, const at::Tensor& hprev,
                           const at::Tensor& norm_x, const at::Tensor& norm_h, const at::Tensor& gates,
-                          const at::Tensor& rstd, at::Tensor& dh_state, at::Tensor& dgx, at::Tensor& dgh,
+                          const at::Tensor& rstd, at::Tensor& dh_state, ColumnSums<at::opmath_type<S>>& sums,
                           at::Tensor& dxp, at::Tensor& dhp) {
   using A = at::opmath_type<S>;
   const int64_t H = s.H, G = s.G;
   const S* go = grad_output.const_data_ptr<S>();
-  const S* bhh = ptr_or_null<S>(b_hh);
-  const S *gx = ln_ih_w.const_data_ptr<S>(), *gh = ln_hh_w.const_data_ptr<S>();
+  const ParamVectors<A> pv(at::Tensor(), b_hh, ln_ih_w, ln_hh_w, at::Tensor(), at::Tensor(), G, H);
+  const A *gx = pv.gain_x.data(), *gh = pv.gain_h.data(), *bh = pv.bias_h.data();
   const S* zh = ptr_or_null<S>(zh_t);
   const S* hp = hprev.const_data_ptr<S>();
   const S *nx = norm_x.const_data_ptr<S>(), *nh = norm_h.const_data_ptr<S>(), *gt = gates.const_data_ptr<S>();
   const A* rs = rstd.const_data_ptr<A>();
   S* dhs = dh_state.data_ptr<S>();
-  S *dgxp = dgx.data_ptr<S>(), *dghp = dgh.data_ptr<S>(), *dx = dxp.data_ptr<S>(), *dhh = dhp.data_ptr<S>();
+  S *dx = dxp.data_ptr<S>(), *dhh = dhp.data_ptr<S>();
   const int64_t T = sched.steps();
   for (int64_t i = 0; i < T; ++i) {
     const int64_t t = reverse ? i : T - 1 - i;
     const int64_t bs = sched.batch[t], off = sched.offset[t];
     at::parallel_for(0, bs, kRowGrain, [&](int64_t begin, int64_t end) {
-      std::vector<A> dax(G), dah(G);
+      std::vector<A> buf(2 * G + H);
+      A* dax = buf.data();  // d(LN(W_ih x) gain + b_ih) [G]
+      A* dah = dax + G;     // d(LN(W_hh h) gain + b_hh) [G]
+      A* dh = dah + G;      // [H]
+      // Column sums: [0, G) d b_ih, [G, 2G) d b_hh, [2G, 3G) d gain_x, [3G, 4G) d gain_h.
+      A* acc = sums.mine();
       for (int64_t j = begin; j < end; ++j) {
         const int64_t p = off + j;
         const S* g = gt + p * G;
+        const S* xr = nx + p * G;
         const S* hr = nh + p * G;
+        S* dhs_row = dhs + j * H;
+        const S* go_row = go + p * H;
+        const S* hp_row = hp + p * H;
+        for (int64_t k = 0; k < H; ++k) dh[k] = A(dhs_row[k]) + A(go_row[k]);
+        if (zh != nullptr) {
+          const S* zr = zh + p * H;
+          for (int64_t k = 0; k < H; ++k) {
+            dhs_row[k] = S(A(zr[k]) * dh[k]);
+            dh[k] *= A(1) - A(zr[k]);
+          }
+        } else {
+          for (int64_t k = 0; k < H; ++k) dhs_row[k] = S(0);
+        }
         for (int64_t k = 0; k < H; ++k) {
-          const A dh = A(dhs[j * H + k]) + A(go[p * H + k]);
-          const A kh = zh ? A(zh[p * H + k]) : A(0);
-          const A dh_new = (A(1) - kh) * dh;
           const A r = A(g[k]), z = A(g[H + k]), n = A(g[2 * H + k]);
           const int64_t cn = 2 * H + k;
-          const A ahn = A(hr[cn]) * A(gh[cn]) + (bhh ? A(bhh[cn]) : A(0));
-          const A dan = dh_new * (A(1) - z) * (A(1) - n * n);
-          const A daz = dh_new * (A(hp[p * H + k]) - n) * z * (A(1) - z);
+          const A ahn = A(hr[cn]) * gh[cn] + bh[cn];
+          const A dan = dh[k] * (A(1) - z) * (A(1) - n * n);
+          const A daz = dh[k] * (A(hp_row[k]) - n) * z * (A(1) - z);
           const A dar = dan * ahn * r * (A(1) - r);
-          dhs[j * H + k] = S(kh * dh + dh_new * z);  // the GEMM below adds the recurrent part
+          dhs_row[k] = S(A(dhs_row[k]) + dh[k] * z);  // the GEMM below adds the recurrent part
           dax[k] = dar;
           dax[H + k] = daz;
           dax[cn] = dan;
@@ -532,13 +628,15 @@ void ln_gru_backward_impl(const Shapes& s, const StepSchedule& sched, bool rever
           dah[cn] = dan * r;
         }
         for (int64_t c = 0; c < G; ++c) {
-          dgxp[p * G + c] = S(dax[c]);
-          dghp[p * G + c] = S(dah[c]);
-          dax[c] *= A(gx[c]);
-          dah[c] *= A(gh[c]);
+          acc[c] += dax[c];
+          acc[G + c] += dah[c];
+          acc[2 * G + c] += dax[c] * A(xr[c]);
+          acc[3 * G + c] += dah[c] * A(hr[c]);
+          dax[c] *= gx[c];
+          dah[c] *= gh[c];
         }
-        layer_norm_backward_row<S, A>(dax.data(), nx + p * G, rs[p * 2], G, dx + p * G);
-        layer_norm_backward_row<S, A>(dah.data(), hr, rs[p * 2 + 1], G, dhh + p * G);
+        layer_norm_backward_row<S, A>(dax, xr, rs[p * 2], G, dx + p * G);
+        layer_norm_backward_row<S, A>(dah, hr, rs[p * 2 + 1], G, dhh + p * G);
       }
     });
     matmul<S>(dhp.narrow(0, off, bs), w_hh, dh_state.narrow(0, 0, bs), true);
@@ -555,9 +653,9 @@ ln_gru_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& 
   const StepSchedule sched = make_schedule(op, batch_sizes, s.N, s.B);
   const auto opts = input.options();
   at::Tensor norm_x = at::mm(input, w_ih.t()).contiguous();
-  at::Tensor norm_h = at::empty({s.N, s.G}, opts), gates = at::empty({s.N, s.G}, opts);
-  at::Tensor output = at::empty({s.N, s.H}, opts);
-  at::Tensor rstd = at::empty({s.N, 2}, opts.dtype(at::toOpMathType(input.scalar_type())));
+  at::Tensor norm_h = new_buffer({s.N, s.G}, opts), gates = new_buffer({s.N, s.G}, opts);
+  at::Tensor output = new_buffer({s.N, s.H}, opts);
+  at::Tensor rstd = new_buffer({s.N, 2}, opts.dtype(at::toOpMathType(input.scalar_type())));
   at::Tensor h_state = h0.contiguous().clone();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ln_gru_forward", [&] {
     ln_gru_forward_impl<scalar_t>(s, sched, reverse, eps, w_hh.t().contiguous(), contiguous_or_undefined(b_ih),
@@ -592,19 +690,24 @@ ln_gru_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const
   const auto opts = input.options();
   const at::Tensor hprev = previous_states(sched, reverse, output.contiguous(), h0.contiguous());
   at::Tensor dh_state = grad_h_n.contiguous().clone();
-  at::Tensor dgx = at::empty({s.N, s.G}, opts), dgh = at::empty({s.N, s.G}, opts);
-  at::Tensor dxp = at::empty({s.N, s.G}, opts), dhp = at::empty({s.N, s.G}, opts);
+  at::Tensor dxp = new_buffer({s.N, s.G}, opts), dhp = new_buffer({s.N, s.G}, opts);
   const at::Tensor nx = norm_x.contiguous(), nh = norm_h.contiguous();
+  at::Tensor grad_b_ih, grad_b_hh, grad_ln_ih_w, grad_ln_hh_w;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ln_gru_backward", [&] {
+    ColumnSums<at::opmath_type<scalar_t>> sums(4 * s.G);
     ln_gru_backward_impl<scalar_t>(s, sched, reverse, grad_output.contiguous(), w_hh.contiguous(),
-                                   contiguous_or_undefined(b_hh), ln_ih_w.contiguous(), ln_hh_w.contiguous(),
+                                   contiguous_or_undefined(b_hh), ln_ih_w, ln_hh_w,
                                    contiguous_or_undefined(zoneout_h), hprev, nx, nh, gates.contiguous(),
-                                   rstd.contiguous(), dh_state, dgx, dgh, dxp, dhp);
+                                   rstd.contiguous(), dh_state, sums, dxp, dhp);
+    grad_b_ih = sums.total(0, s.G, opts);
+    grad_b_hh = sums.total(s.G, s.G, opts);
+    grad_ln_ih_w = sums.total(2 * s.G, s.G, opts);
+    grad_ln_hh_w = sums.total(3 * s.G, s.G, opts);
   });
   at::Tensor grad_input = need_grad_input ? at::mm(dxp, w_ih) : at::empty({0}, opts);
   at::Tensor grad_w_ih = at::mm(dxp.t(), input);
   at::Tensor grad_w_hh = at::mm(dhp.t(), hprev);
-  return {grad_input, dh_state, grad_w_ih, grad_w_hh, dgx.sum(0), dgh.sum(0), (dgx * nx).sum(0), (dgh * nh).sum(0)};
+  return {grad_input, dh_state, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_ln_ih_w, grad_ln_hh_w};
 }
 
 }  // namespace layernorm
