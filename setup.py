@@ -137,6 +137,8 @@ def build_extension():
     print(f"fusedrnn: building CPU{' + CUDA' if with_cuda else ''} operators ({why}; CPU flags {cpu_flags()})",
           flush=True)
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/exec/*.cpp"))
+    # Layer-normalised LSTM / GRU and zoneout (their own TORCH_LIBRARY_FRAGMENT; CPU only so far).
+    sources += sorted(glob.glob("csrc/layernorm/*.cpp"))
     define_macros = [("FUSEDRNN_TORCH_VERSION", '"' + torch.__version__ + '"')]
     # -fopenmp: at::parallel_for is an inline header (ATen/ParallelOpenMP.h) whose
     # `#pragma omp parallel` is compiled into OUR objects; without the flag every

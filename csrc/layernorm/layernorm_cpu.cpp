@@ -1,0 +1,749 @@
+// Layer-normalised LSTM and GRU layers with zoneout: schemas and the CPU kernels.
+//
+// Equations, parameter names and epsilon: fusedrnn/reference.py ("layer-normalised LSTM / GRU").
+// Per layer and direction, as the plain ops (csrc/ops.cpp): packed time-major input [N, I] with
+// batch_sizes [T]; `reverse` runs the sequence backwards.
+//
+// Forward: the input projection of every step is one GEMM (W_ih x, no bias: the bias comes after
+// the normalisation), normalised row by row in one parallel pass before the time loop (it does not
+// depend on the recurrence). Per step: one GEMM W_hh h (ATen's CPU BLAS) into the step's rows of
+// norm_h, then ONE fused pass per row: the row's LN statistics of W_hh h, the gates, the cell, the
+// LN of c (LSTM) and zoneout, everything in registers / L1 (the row is 4H values).
+// Saved for backward (outputs after the main ones): the normalised projections norm_x, norm_h
+// [N, G], the activated gates [N, G], the LSTM's state c_t [N, H] and normalised c' [N, H], and the
+// inverse standard deviations rstd [N, 3] (x, h, c; GRU [N, 2]) in float32 (float64 for float64).
+//
+// Backward: reverse time, per step one fused pass per row (zoneout, the LN of c, the cell, the two
+// gate LNs' backward) then one GEMM dh += d(W_hh h) W_hh; after the loop the weight gradients are
+// single large GEMMs over all steps and the gain / bias gradients column sums.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <type_traits>
+#include <tuple>
+#include <vector>
+
+#include "../cells/cell_common.h"
+#include "../cpu/cpu_blas.h"
+#include "../layer/checks.h"
+#include "../layer/layer_forward.h"  // new_buffer: NaN-filled under FUSEDRNN_POISON_OUTPUTS=1
+
+namespace fusedrnn {
+namespace layernorm {
+
+using OptTensor = std::optional<at::Tensor>;
+
+constexpr int64_t kLanes = 16;  // independent partial sums: lets the compiler vectorise the row reductions
+
+// Sum of f(k) for k in [0, n) in `kLanes` interleaved partial sums (a single accumulator would be a
+// serial chain of adds that -O3 may not reorder).
+template <typename A, typename F>
+inline A row_sum(int64_t n, F f) {
+  A acc[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += f(k + l);
+  }
+  A s = 0;
+  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
+  for (; k < n; ++k) s += f(k);
+  return s;
+}
+
+// Normalises v[0..n) in place (to (v - mean) * rstd, stored as S) and returns rstd.
+template <typename S, typename A>
+inline A normalize_row(S* v, int64_t n, A eps) {
+  const A mean = row_sum<A>(n, [&](int64_t k) { return A(v[k]); }) / A(n);
+  const A var = row_sum<A>(n, [&](int64_t k) {
+                  const A d = A(v[k]) - mean;
+                  return d * d;
+                }) / A(n);
+  const A rstd = A(1) / std::sqrt(var + eps);
+  for (int64_t k = 0; k < n; ++k) v[k] = S((A(v[k]) - mean) * rstd);
+  return rstd;
+}
+
+// Same, from an A buffer into an S output, keeping the normalised values in `out_acc` too.
+template <typename S, typename A>
+inline A normalize_into(const A* v, int64_t n, A eps, S* out, A* out_acc) {
+  const A mean = row_sum<A>(n, [&](int64_t k) { return v[k]; }) / A(n);
+  const A var = row_sum<A>(n, [&](int64_t k) {
+                  const A d = v[k] - mean;
+                  return d * d;
+                }) / A(n);
+  const A rstd = A(1) / std::sqrt(var + eps);
+  for (int64_t k = 0; k < n; ++k) {
+    out_acc[k] = (v[k] - mean) * rstd;
+    out[k] = S(out_acc[k]);
+  }
+  return rstd;
+}
+
+// LN backward of one row: given dn = d(normalised) (already multiplied by the gain) and the
+// normalised values xhat, d(pre-LN) = rstd * (dn - mean(dn) - xhat * mean(dn * xhat)).
+template <typename S, typename A>
+inline void layer_norm_backward_row(const A* dn, const S* xhat, A rstd, int64_t n, S* out) {
+  const A m1 = row_sum<A>(n, [&](int64_t k) { return dn[k]; }) / A(n);
+  const A m2 = row_sum<A>(n, [&](int64_t k) { return dn[k] * A(xhat[k]); }) / A(n);
+  for (int64_t k = 0; k < n; ++k) out[k] = S(rstd * (dn[k] - m1 - A(xhat[k]) * m2));
+}
+
+template <typename S>
+inline const S* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<S>() : nullptr;
+}
+
+inline at::Tensor contiguous_or_undefined(const OptTensor& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
+// Row-major C[m, n] (=, or += when accumulate) A[m, k] B[k, n], every matrix contiguous: the direct
+// BLAS call of the plain layers (cpu/cpu_blas.h: MKL's sgemm_/dgemm_, without ATen's dispatch and
+// copies, one thread below ~1M multiply-adds) for float32/64, at::mm otherwise (half types, or a
+// torch without those symbols). ATen's cpublas::gemm would serve every dtype but is not exported
+// from libtorch_cpu (only brgemm is).
+template <typename S>
+inline void matmul(const at::Tensor& a, const at::Tensor& b, at::Tensor c, bool accumulate) {
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  if (m == 0 || n == 0) return;
+  if constexpr (std::is_same_v<S, float> || std::is_same_v<S, double>) {
+    if (blas_matmul<S>(m, n, k, a.const_data_ptr<S>(), k, b.const_data_ptr<S>(), n, nullptr, accumulate,
+                       c.data_ptr<S>(), n)) {
+      return;
+    }
+  }
+  if (accumulate) {
+    c.addmm_(a, b);
+  } else {
+    at::mm_out(c, a, b);
+  }
+}
+
+// Rows per parallel_for chunk: a step of a few rows runs on one thread (a fork costs ~1-2 us).
+constexpr int64_t kRowGrain = 4;
+
+// ---- argument checks -------------------------------------------------------------------------
+
+struct Shapes {
+  int64_t N, B, H, G, I;
+};
+
+inline Shapes check_common(const char* op, int64_t gates, const at::Tensor& input, const at::Tensor& h0,
+                           const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
+                           const OptTensor& b_hh, const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
+                           const OptTensor& zoneout_h) {
+  check_floating(op, "input", input);
+  FUSEDRNN_CHECK(input.device().is_cpu(), op, "input must be a CPU tensor (no CUDA kernel yet), got ",
+                 input.device());
+  FUSEDRNN_CHECK(input.dim() == 2, op, "input must be 2-D [tokens, input_size] (packed, time-major), got shape ",
+                 input.sizes());
+  check_like(op, "h0", h0, input);
+  FUSEDRNN_CHECK(h0.dim() == 2, op, "h0 must be 2-D [batch, hidden], got shape ", h0.sizes());
+  check_like(op, "w_ih", w_ih, input);
+  check_like(op, "w_hh", w_hh, input);
+  FUSEDRNN_CHECK(w_hh.dim() == 2 && w_hh.size(0) == gates * w_hh.size(1) && w_hh.size(1) > 0, op, "w_hh must be 2-D [",
+                 gates, " * hidden_size, hidden_size], got shape ", w_hh.sizes());
+  Shapes s{input.size(0), h0.size(0), w_hh.size(1), w_hh.size(0), input.size(1)};
+  check_shape(op, "w_ih", w_ih, {s.G, s.I}, "[gates * hidden_size, input_size]");
+  check_shape(op, "h0", h0, {s.B, s.H}, "[batch, hidden_size]");
+  check_optional(op, "b_ih", b_ih, input, {s.G}, "[gates * hidden_size]");
+  check_optional(op, "b_hh", b_hh, input, {s.G}, "[gates * hidden_size]");
+  check_like(op, "ln_ih_w", ln_ih_w, input);
+  check_shape(op, "ln_ih_w", ln_ih_w, {s.G}, "[gates * hidden_size]");
+  check_like(op, "ln_hh_w", ln_hh_w, input);
+  check_shape(op, "ln_hh_w", ln_hh_w, {s.G}, "[gates * hidden_size]");
+  check_optional(op, "zoneout_h", zoneout_h, input, {s.N, s.H}, "[tokens, hidden_size]");
+  return s;
+}
+
+// The per-call parameter vectors in the accumulation type, absent ones as 0 (the row loops then
+// need no branch): the gains of LN(W_ih x) and LN(W_hh h), the two gate biases summed (they enter
+// the LSTM only as a sum; the GRU keeps them apart), and LN(c)'s gain and shift.
+template <typename A>
+struct ParamVectors {
+  std::vector<A> gain_x, gain_h, bias, bias_x, bias_h, gain_c, shift_c;
+  ParamVectors(const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
+               const at::Tensor& ln_c_w, const at::Tensor& ln_c_b, int64_t G, int64_t H)
+      : gain_x(read(ln_ih_w, G)), gain_h(read(ln_hh_w, G)), bias(G), bias_x(read(b_ih, G)),
+        bias_h(read(b_hh, G)), gain_c(read(ln_c_w, H)), shift_c(read(ln_c_b, H)) {
+    for (int64_t c = 0; c < G; ++c) bias[c] = bias_x[c] + bias_h[c];
+  }
+  static std::vector<A> read(const at::Tensor& t, int64_t n) {
+    std::vector<A> v(n, A(0));
+    if (t.defined()) {
+      const at::Tensor c = t.contiguous().to(c10::CppTypeToScalarType<A>::value);
+      const A* d = c.const_data_ptr<A>();
+      for (int64_t i = 0; i < n; ++i) v[i] = d[i];
+    }
+    return v;
+  }
+};
+
+// ---- LSTM ------------------------------------------------------------------------------------
+
+template <typename S>
+void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool reverse, double eps_d,
+                          const at::Tensor& w_hh_t, const at::Tensor& b_ih, const at::Tensor& b_hh,
+                          const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w, const at::Tensor& ln_c_w,
+                          const at::Tensor& ln_c_b, const at::Tensor& zh_t, const at::Tensor& zc_t,
+                          at::Tensor& h_state, at::Tensor& c_state, at::Tensor& output, at::Tensor& norm_x,
+                          at::Tensor& norm_h, at::Tensor& gates, at::Tensor& cells, at::Tensor& norm_c,
+                          at::Tensor& rstd) {
+  using A = at::opmath_type<S>;
+  const int64_t H = s.H, G = s.G;
+  const A eps = A(eps_d);
+  S* nx = norm_x.data_ptr<S>();
+  S* nh = norm_h.data_ptr<S>();
+  S* gt = gates.data_ptr<S>();
+  S* out = output.data_ptr<S>();
+  S* cl = cells.data_ptr<S>();
+  S* nc = norm_c.data_ptr<S>();
+  A* rs = rstd.data_ptr<A>();
+  S* hs = h_state.data_ptr<S>();
+  S* cs = c_state.data_ptr<S>();
+  const S *zh = ptr_or_null<S>(zh_t), *zc = ptr_or_null<S>(zc_t);
+  const ParamVectors<A> pv(b_ih, b_hh, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b, G, H);
+  const A *gx = pv.gain_x.data(), *gh = pv.gain_h.data(), *bsum = pv.bias.data();
+  const A *gc = pv.gain_c.data(), *bc = pv.shift_c.data();
+
+  // LN of the input projection, all rows at once (off the recurrence's critical path).
+  at::parallel_for(0, s.N, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) rs[p * 3] = normalize_row<S, A>(nx + p * G, G, eps);
+  });
+  const int64_t T = sched.steps();
+  for (int64_t i = 0; i < T; ++i) {
+    const int64_t t = reverse ? T - 1 - i : i;
+    const int64_t bs = sched.batch[t], off = sched.offset[t];
+    matmul<S>(h_state.narrow(0, 0, bs), w_hh_t, norm_h.narrow(0, off, bs), false);
+    at::parallel_for(0, bs, kRowGrain, [&](int64_t begin, int64_t end) {
+      // Each loop below is branch-free over contiguous arrays, so that it vectorises (the
+      // activations included: cell_common.h's are written for it).
+      std::vector<A> buf(G + 3 * H);
+      A* a = buf.data();        // gate pre-activations, then activations [G]
+      A* c_new = a + G;         // c' [H]
+      A* c_hat = c_new + H;     // LN(c') before gain and shift [H]
+      A* h_new = c_hat + H;     // o tanh(LN(c')) [H]
+      for (int64_t j = begin; j < end; ++j) {
+        const int64_t p = off + j;
+        const S* xr = nx + p * G;
+        S* hr = nh + p * G;
+        rs[p * 3 + 1] = normalize_row<S, A>(hr, G, eps);
+        for (int64_t c = 0; c < G; ++c) a[c] = A(xr[c]) * gx[c] + A(hr[c]) * gh[c] + bsum[c];
+        for (int64_t c = 0; c < 2 * H; ++c) a[c] = sigmoid_(a[c]);          // i, f
+        for (int64_t c = 2 * H; c < 3 * H; ++c) a[c] = tanh_(a[c]);         // g
+        for (int64_t c = 3 * H; c < G; ++c) a[c] = sigmoid_(a[c]);          // o
+        S* g = gt + p * G;
+        for (int64_t c = 0; c < G; ++c) g[c] = S(a[c]);
+        S* cs_row = cs + j * H;
+        S* hs_row = hs + j * H;
+        for (int64_t k = 0; k < H; ++k) c_new[k] = a[H + k] * A(cs_row[k]) + a[k] * a[2 * H + k];
+        rs[p * 3 + 2] = normalize_into<S, A>(c_new, H, eps, nc + p * H, c_hat);
+        for (int64_t k = 0; k < H; ++k) h_new[k] = a[3 * H + k] * tanh_(c_hat[k] * gc[k] + bc[k]);
+        S* out_row = out + p * H;
+        S* cl_row = cl + p * H;
+        if (zh != nullptr) {
+          const S* z = zh + p * H;
+          for (int64_t k = 0; k < H; ++k) h_new[k] = A(z[k]) * A(hs_row[k]) + (A(1) - A(z[k])) * h_new[k];
+        }
+        if (zc != nullptr) {
+          const S* z = zc + p * H;
+          for (int64_t k = 0; k < H; ++k) c_new[k] = A(z[k]) * A(cs_row[k]) + (A(1) - A(z[k])) * c_new[k];
+        }
+        for (int64_t k = 0; k < H; ++k) {
+          out_row[k] = hs_row[k] = S(h_new[k]);
+          cl_row[k] = cs_row[k] = S(c_new[k]);
+        }
+      }
+    });
+  }
+}
+
+// prev[row of step t] = the state that row entered step t with: the previous step's (in the
+// direction's order) row if that step had it, else the initial state.
+inline at::Tensor previous_states(const StepSchedule& sched, bool reverse, const at::Tensor& states,
+                                  const at::Tensor& initial) {
+  at::Tensor prev = at::empty_like(states);
+  const int64_t T = sched.steps();
+  for (int64_t i = 0; i < T; ++i) {
+    const int64_t t = reverse ? T - 1 - i : i;
+    const int64_t bs = sched.batch[t], off = sched.offset[t];
+    int64_t from_prev = 0;
+    if (i > 0) {
+      const int64_t tp = reverse ? t + 1 : t - 1;
+      from_prev = std::min(bs, sched.batch[tp]);
+      prev.narrow(0, off, from_prev).copy_(states.narrow(0, sched.offset[tp], from_prev));
+    }
+    if (bs > from_prev) prev.narrow(0, off + from_prev, bs - from_prev).copy_(initial.narrow(0, from_prev, bs - from_prev));
+  }
+  return prev;
+}
+
+// Per-thread sums of the gain and bias gradients over the rows a thread handles (summed over threads
+// at the end, in thread order: bitwise reproducible for a fixed thread count).
+template <typename A>
+struct ColumnSums {
+  int64_t width;
+  std::vector<A> data;
+  ColumnSums(int64_t width_) : width(width_), data(static_cast<size_t>(at::get_num_threads()) * width_, A(0)) {}
+  A* mine() { return data.data() + static_cast<int64_t>(at::get_thread_num()) * width; }
+  at::Tensor total(int64_t start, int64_t n, const at::TensorOptions& opts) const {
+    std::vector<A> sum(n, A(0));
+    for (size_t t = 0; t < data.size() / width; ++t) {
+      for (int64_t i = 0; i < n; ++i) sum[i] += data[t * width + start + i];
+    }
+    return at::tensor(c10::ArrayRef<A>(sum), opts.dtype(c10::CppTypeToScalarType<A>::value)).to(opts.dtype());
+  }
+};
+
+template <typename S>
+void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reverse, const at::Tensor& grad_output,
+                           const at::Tensor& w_hh, const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
+                           const at::Tensor& ln_c_w, const at::Tensor& ln_c_b, const at::Tensor& zh_t,
+                           const at::Tensor& zc_t, const at::Tensor& cprev, const at::Tensor& norm_x,
+                           const at::Tensor& norm_h, const at::Tensor& gates, const at::Tensor& norm_c,
+                           const at::Tensor& rstd, at::Tensor& dh_state, at::Tensor& dc_state,
+                           ColumnSums<at::opmath_type<S>>& sums, at::Tensor& dxp, at::Tensor& dhp) {
+  using A = at::opmath_type<S>;
+  const int64_t H = s.H, G = s.G;
+  const S* go = grad_output.const_data_ptr<S>();
+  const ParamVectors<A> pv(at::Tensor(), at::Tensor(), ln_ih_w, ln_hh_w, ln_c_w, ln_c_b, G, H);
+  const A *gx = pv.gain_x.data(), *gh = pv.gain_h.data(), *gc = pv.gain_c.data(), *bc = pv.shift_c.data();
+  const S *zh = ptr_or_null<S>(zh_t), *zc = ptr_or_null<S>(zc_t);
+  const S* cp = cprev.const_data_ptr<S>();
+  const S *nx = norm_x.const_data_ptr<S>(), *nh = norm_h.const_data_ptr<S>();
+  const S *gt = gates.const_data_ptr<S>(), *nc = norm_c.const_data_ptr<S>();
+  const A* rs = rstd.const_data_ptr<A>();
+  S *dhs = dh_state.data_ptr<S>(), *dcs = dc_state.data_ptr<S>();
+  S *dx = dxp.data_ptr<S>(), *dhh = dhp.data_ptr<S>();
+  const int64_t T = sched.steps();
+  for (int64_t i = 0; i < T; ++i) {
+    const int64_t t = reverse ? i : T - 1 - i;  // the forward's order, backwards
+    const int64_t bs = sched.batch[t], off = sched.offset[t];
+    at::parallel_for(0, bs, kRowGrain, [&](int64_t begin, int64_t end) {
+      // Branch-free loops over contiguous arrays, as in the forward, so that they vectorise.
+      std::vector<A> buf(5 * H + 2 * G);
+      A* dh = buf.data();       // d h_t (output and recurrent) [H]
+      A* dc = dh + H;           // d c_t [H]
+      A* dy = dc + H;           // d(LN(c') gain + shift) [H]
+      A* dc_hat = dy + H;       // d(LN(c') before gain) [H]
+      A* ty = dc_hat + H;       // tanh(y) [H]
+      A* dn = ty + H;           // d(gate pre-activations) [G]
+      A* scaled = dn + G;       // dn times one LN's gain [G]
+      // Column sums: [0, G) d b, [G, 2G) d gain_x, [2G, 3G) d gain_h, [3G, 3G+H) d gain_c, then d shift_c.
+      A* acc = sums.mine();
+      for (int64_t j = begin; j < end; ++j) {
+        const int64_t p = off + j;
+        const S* g = gt + p * G;
+        const S* ch = nc + p * H;
+        S* dhs_row = dhs + j * H;
+        S* dcs_row = dcs + j * H;
+        const S* go_row = go + p * H;
+        for (int64_t k = 0; k < H; ++k) {
+          dh[k] = A(dhs_row[k]) + A(go_row[k]);
+          dc[k] = A(dcs_row[k]);
+        }
+        // Zoneout: h_t = z h_{t-1} + (1 - z) h'. The kept share goes straight to the previous state
+        // (the GEMM below adds the recurrent part; the cell's f dc' is added below).
+        if (zh != nullptr) {
+          const S* z = zh + p * H;
+          for (int64_t k = 0; k < H; ++k) {
+            dhs_row[k] = S(A(z[k]) * dh[k]);
+            dh[k] *= A(1) - A(z[k]);
+          }
+        } else {
+          for (int64_t k = 0; k < H; ++k) dhs_row[k] = S(0);
+        }
+        if (zc != nullptr) {
+          const S* z = zc + p * H;
+          for (int64_t k = 0; k < H; ++k) {
+            dcs_row[k] = S(A(z[k]) * dc[k]);
+            dc[k] *= A(1) - A(z[k]);
+          }
+        } else {
+          for (int64_t k = 0; k < H; ++k) dcs_row[k] = S(0);
+        }
+        // h' = o tanh(y), y = LN(c') gain + shift.
+        for (int64_t k = 0; k < H; ++k) ty[k] = tanh_(A(ch[k]) * gc[k] + bc[k]);
+        for (int64_t k = 0; k < H; ++k) {
+          const A o = A(g[3 * H + k]);
+          dy[k] = dh[k] * o * (A(1) - ty[k] * ty[k]);
+          dc_hat[k] = dy[k] * gc[k];
+          dn[3 * H + k] = dh[k] * ty[k] * o * (A(1) - o);  // d(pre-activation of o)
+        }
+        for (int64_t k = 0; k < H; ++k) {
+          acc[3 * G + k] += dy[k] * A(ch[k]);
+          acc[3 * G + H + k] += dy[k];
+        }
+        {
+          const A r = rs[p * 3 + 2];
+          const A m1 = row_sum<A>(H, [&](int64_t k) { return dc_hat[k]; }) / A(H);
+          const A m2 = row_sum<A>(H, [&](int64_t k) { return dc_hat[k] * A(ch[k]); }) / A(H);
+          for (int64_t k = 0; k < H; ++k) dc[k] += r * (dc_hat[k] - m1 - A(ch[k]) * m2);
+        }
+        // c' = f c + i g.
+        const S* cp_row = cp + p * H;
+        for (int64_t k = 0; k < H; ++k) {
+          const A ig = A(g[k]), fg = A(g[H + k]), gg = A(g[2 * H + k]);
+          const A d = dc[k];
+          dn[k] = d * gg * ig * (A(1) - ig);
+          dn[H + k] = d * A(cp_row[k]) * fg * (A(1) - fg);
+          dn[2 * H + k] = d * ig * (A(1) - gg * gg);
+          dcs_row[k] = S(A(dcs_row[k]) + d * fg);
+        }
+        // The gate vector a = LN(W_ih x) gx + b_ih + LN(W_hh h) gh + b_hh: dn is each bias's gradient;
+        // the two LNs' backward give d(W_ih x) and d(W_hh h).
+        const S* xr = nx + p * G;
+        const S* hr = nh + p * G;
+        for (int64_t c = 0; c < G; ++c) {
+          acc[c] += dn[c];
+          acc[G + c] += dn[c] * A(xr[c]);
+          acc[2 * G + c] += dn[c] * A(hr[c]);
+        }
+        for (int64_t c = 0; c < G; ++c) scaled[c] = dn[c] * gx[c];
+        layer_norm_backward_row<S, A>(scaled, xr, rs[p * 3], G, dx + p * G);
+        for (int64_t c = 0; c < G; ++c) scaled[c] = dn[c] * gh[c];
+        layer_norm_backward_row<S, A>(scaled, hr, rs[p * 3 + 1], G, dhh + p * G);
+      }
+    });
+    matmul<S>(dhp.narrow(0, off, bs), w_hh, dh_state.narrow(0, 0, bs), true);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+ln_lstm_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& ln_ih_w,
+                const at::Tensor& ln_hh_w, const at::Tensor& ln_c_w, const OptTensor& ln_c_b,
+                const OptTensor& zoneout_h, const OptTensor& zoneout_c, const at::Tensor& batch_sizes, bool reverse,
+                double eps) {
+  const char* op = "ln_lstm_forward";
+  const Shapes s = check_common(op, 4, input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w, zoneout_h);
+  check_like(op, "c0", c0, input);
+  check_shape(op, "c0", c0, {s.B, s.H}, "[batch, hidden_size]");
+  check_like(op, "ln_c_w", ln_c_w, input);
+  check_shape(op, "ln_c_w", ln_c_w, {s.H}, "[hidden_size]");
+  check_optional(op, "ln_c_b", ln_c_b, input, {s.H}, "[hidden_size]");
+  check_optional(op, "zoneout_c", zoneout_c, input, {s.N, s.H}, "[tokens, hidden_size]");
+  FUSEDRNN_CHECK(eps > 0, op, "eps must be positive, got ", eps);
+  const StepSchedule sched = make_schedule(op, batch_sizes, s.N, s.B);
+  const auto opts = input.options();
+  at::Tensor norm_x = at::mm(input, w_ih.t()).contiguous();
+  at::Tensor norm_h = new_buffer({s.N, s.G}, opts), gates = new_buffer({s.N, s.G}, opts);
+  at::Tensor output = new_buffer({s.N, s.H}, opts), cells = new_buffer({s.N, s.H}, opts);
+  at::Tensor norm_c = new_buffer({s.N, s.H}, opts);
+  at::Tensor rstd = new_buffer({s.N, 3}, opts.dtype(at::toOpMathType(input.scalar_type())));
+  at::Tensor h_state = h0.contiguous().clone(), c_state = c0.contiguous().clone();
+  const at::Tensor w_hh_t = w_hh.t().contiguous();  // [H, G]: the step GEMM's right operand
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ln_lstm_forward", [&] {
+    ln_lstm_forward_impl<scalar_t>(s, sched, reverse, eps, w_hh_t, contiguous_or_undefined(b_ih),
+                                   contiguous_or_undefined(b_hh), ln_ih_w.contiguous(), ln_hh_w.contiguous(),
+                                   ln_c_w.contiguous(), contiguous_or_undefined(ln_c_b),
+                                   contiguous_or_undefined(zoneout_h), contiguous_or_undefined(zoneout_c), h_state,
+                                   c_state, output, norm_x, norm_h, gates, cells, norm_c, rstd);
+  });
+  return {output, h_state, c_state, norm_x, norm_h, gates, cells, norm_c, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor>
+ln_lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                 const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                 const at::Tensor& w_hh, const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
+                 const at::Tensor& ln_c_w, const OptTensor& ln_c_b, const OptTensor& zoneout_h,
+                 const OptTensor& zoneout_c, const at::Tensor& batch_sizes, bool reverse, bool need_grad_input,
+                 const at::Tensor& output, const at::Tensor& norm_x, const at::Tensor& norm_h, const at::Tensor& gates,
+                 const at::Tensor& cells, const at::Tensor& norm_c, const at::Tensor& rstd) {
+  const char* op = "ln_lstm_backward";
+  const Shapes s = check_common(op, 4, input, h0, w_ih, w_hh, std::nullopt, std::nullopt, ln_ih_w, ln_hh_w, zoneout_h);
+  check_shape(op, "c0", c0, {s.B, s.H}, "[batch, hidden_size]");
+  check_shape(op, "grad_output", grad_output, {s.N, s.H}, "[tokens, hidden_size]");
+  check_shape(op, "grad_h_n", grad_h_n, {s.B, s.H}, "[batch, hidden_size]");
+  check_shape(op, "grad_c_n", grad_c_n, {s.B, s.H}, "[batch, hidden_size]");
+  check_shape(op, "output", output, {s.N, s.H}, "[tokens, hidden_size]");
+  check_shape(op, "cells", cells, {s.N, s.H}, "[tokens, hidden_size]");
+  check_shape(op, "norm_c", norm_c, {s.N, s.H}, "[tokens, hidden_size]");
+  check_shape(op, "norm_x", norm_x, {s.N, s.G}, "[tokens, gates * hidden_size]");
+  check_shape(op, "norm_h", norm_h, {s.N, s.G}, "[tokens, gates * hidden_size]");
+  check_shape(op, "gates", gates, {s.N, s.G}, "[tokens, gates * hidden_size]");
+  check_shape(op, "rstd", rstd, {s.N, 3}, "[tokens, 3]");
+  check_shape(op, "ln_c_w", ln_c_w, {s.H}, "[hidden_size]");
+  check_optional(op, "ln_c_b", ln_c_b, input, {s.H}, "[hidden_size]");
+  check_optional(op, "zoneout_c", zoneout_c, input, {s.N, s.H}, "[tokens, hidden_size]");
+  for (const at::Tensor* t : {&grad_output, &grad_h_n, &grad_c_n, &c0, &output, &norm_x, &norm_h, &gates, &cells,
+                              &norm_c}) {
+    FUSEDRNN_CHECK(t->scalar_type() == input.scalar_type(), op, "every tensor must have the dtype of input (",
+                   input.scalar_type(), "), got ", t->scalar_type());
+  }
+  FUSEDRNN_CHECK(rstd.scalar_type() == at::toOpMathType(input.scalar_type()), op, "rstd must be ",
+                 at::toOpMathType(input.scalar_type()), ", got ", rstd.scalar_type());
+  const StepSchedule sched = make_schedule(op, batch_sizes, s.N, s.B);
+  const auto opts = input.options();
+  const at::Tensor out_c = output.contiguous(), cells_c = cells.contiguous();
+  const at::Tensor hprev = previous_states(sched, reverse, out_c, h0.contiguous());
+  const at::Tensor cprev = previous_states(sched, reverse, cells_c, c0.contiguous());
+  at::Tensor dh_state = grad_h_n.contiguous().clone(), dc_state = grad_c_n.contiguous().clone();
+  at::Tensor dxp = new_buffer({s.N, s.G}, opts), dhp = new_buffer({s.N, s.G}, opts);
+  const at::Tensor nx = norm_x.contiguous(), nh = norm_h.contiguous(), nc = norm_c.contiguous();
+  at::Tensor grad_b, grad_ln_ih_w, grad_ln_hh_w, grad_ln_c_w, grad_ln_c_b;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ln_lstm_backward", [&] {
+    ColumnSums<at::opmath_type<scalar_t>> sums(3 * s.G + 2 * s.H);
+    ln_lstm_backward_impl<scalar_t>(s, sched, reverse, grad_output.contiguous(), w_hh.contiguous(),
+                                    ln_ih_w, ln_hh_w, ln_c_w, contiguous_or_undefined(ln_c_b),
+                                    contiguous_or_undefined(zoneout_h), contiguous_or_undefined(zoneout_c), cprev, nx,
+                                    nh, gates.contiguous(), nc, rstd.contiguous(), dh_state, dc_state, sums, dxp, dhp);
+    grad_b = sums.total(0, s.G, opts);
+    grad_ln_ih_w = sums.total(s.G, s.G, opts);
+    grad_ln_hh_w = sums.total(2 * s.G, s.G, opts);
+    grad_ln_c_w = sums.total(3 * s.G, s.H, opts);
+    grad_ln_c_b = sums.total(3 * s.G + s.H, s.H, opts);
+  });
+  at::Tensor grad_input = need_grad_input ? at::mm(dxp, w_ih) : at::empty({0}, opts);
+  at::Tensor grad_w_ih = at::mm(dxp.t(), input);
+  at::Tensor grad_w_hh = at::mm(dhp.t(), hprev);
+  return {grad_input, dh_state, dc_state, grad_w_ih, grad_w_hh, grad_b, grad_b.clone(), grad_ln_ih_w, grad_ln_hh_w,
+          grad_ln_c_w, grad_ln_c_b};
+}
+
+// ---- GRU -------------------------------------------------------------------------------------
+
+template <typename S>
+void ln_gru_forward_impl(const Shapes& s, const StepSchedule& sched, bool reverse, double eps_d,
+                         const at::Tensor& w_hh_t, const at::Tensor& b_ih, const at::Tensor& b_hh,
+                         const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w, const at::Tensor& zh_t,
+                         at::Tensor& h_state, at::Tensor& output, at::Tensor& norm_x, at::Tensor& norm_h,
+                         at::Tensor& gates, at::Tensor& rstd) {
+  using A = at::opmath_type<S>;
+  const int64_t H = s.H, G = s.G;
+  const A eps = A(eps_d);
+  S *nx = norm_x.data_ptr<S>(), *nh = norm_h.data_ptr<S>(), *gt = gates.data_ptr<S>(), *out = output.data_ptr<S>();
+  A* rs = rstd.data_ptr<A>();
+  S* hs = h_state.data_ptr<S>();
+  const ParamVectors<A> pv(b_ih, b_hh, ln_ih_w, ln_hh_w, at::Tensor(), at::Tensor(), G, H);
+  const A *gx = pv.gain_x.data(), *gh = pv.gain_h.data(), *bx = pv.bias_x.data(), *bh = pv.bias_h.data();
+  const S* zh = ptr_or_null<S>(zh_t);
+  at::parallel_for(0, s.N, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) rs[p * 2] = normalize_row<S, A>(nx + p * G, G, eps);
+  });
+  const int64_t T = sched.steps();
+  for (int64_t i = 0; i < T; ++i) {
+    const int64_t t = reverse ? T - 1 - i : i;
+    const int64_t bs = sched.batch[t], off = sched.offset[t];
+    matmul<S>(h_state.narrow(0, 0, bs), w_hh_t, norm_h.narrow(0, off, bs), false);
+    at::parallel_for(0, bs, kRowGrain, [&](int64_t begin, int64_t end) {
+      std::vector<A> buf(2 * G + H);
+      A* ax = buf.data();  // LN(W_ih x) gain + b_ih, then r, z, n [G]
+      A* ah = ax + G;      // LN(W_hh h) gain + b_hh [G]
+      A* h_new = ah + G;   // [H]
+      for (int64_t j = begin; j < end; ++j) {
+        const int64_t p = off + j;
+        const S* xr = nx + p * G;
+        S* hr = nh + p * G;
+        rs[p * 2 + 1] = normalize_row<S, A>(hr, G, eps);
+        for (int64_t c = 0; c < G; ++c) {
+          ax[c] = A(xr[c]) * gx[c] + bx[c];
+          ah[c] = A(hr[c]) * gh[c] + bh[c];
+        }
+        for (int64_t c = 0; c < 2 * H; ++c) ax[c] = sigmoid_(ax[c] + ah[c]);  // r, z
+        for (int64_t k = 0; k < H; ++k) ax[2 * H + k] = tanh_(ax[2 * H + k] + ax[k] * ah[2 * H + k]);  // n
+        S* hs_row = hs + j * H;
+        for (int64_t k = 0; k < H; ++k) {
+          const A z = ax[H + k];
+          h_new[k] = (A(1) - z) * ax[2 * H + k] + z * A(hs_row[k]);
+        }
+        if (zh != nullptr) {
+          const S* zr = zh + p * H;
+          for (int64_t k = 0; k < H; ++k) h_new[k] = A(zr[k]) * A(hs_row[k]) + (A(1) - A(zr[k])) * h_new[k];
+        }
+        S* g = gt + p * G;
+        for (int64_t c = 0; c < G; ++c) g[c] = S(ax[c]);
+        S* out_row = out + p * H;
+        for (int64_t k = 0; k < H; ++k) out_row[k] = hs_row[k] = S(h_new[k]);
+      }
+    });
+  }
+}
+
+template <typename S>
+void ln_gru_backward_impl(const Shapes& s, const StepSchedule& sched, bool reverse, const at::Tensor& grad_output,
+                          const at::Tensor& w_hh, const at::Tensor& b_hh, const at::Tensor& ln_ih_w,
+                          const at::Tensor& ln_hh_w, const at::Tensor& zh_t, const at::Tensor& hprev,
+                          const at::Tensor& norm_x, const at::Tensor& norm_h, const at::Tensor& gates,
+                          const at::Tensor& rstd, at::Tensor& dh_state, ColumnSums<at::opmath_type<S>>& sums,
+                          at::Tensor& dxp, at::Tensor& dhp) {
+  using A = at::opmath_type<S>;
+  const int64_t H = s.H, G = s.G;
+  const S* go = grad_output.const_data_ptr<S>();
+  const ParamVectors<A> pv(at::Tensor(), b_hh, ln_ih_w, ln_hh_w, at::Tensor(), at::Tensor(), G, H);
+  const A *gx = pv.gain_x.data(), *gh = pv.gain_h.data(), *bh = pv.bias_h.data();
+  const S* zh = ptr_or_null<S>(zh_t);
+  const S* hp = hprev.const_data_ptr<S>();
+  const S *nx = norm_x.const_data_ptr<S>(), *nh = norm_h.const_data_ptr<S>(), *gt = gates.const_data_ptr<S>();
+  const A* rs = rstd.const_data_ptr<A>();
+  S* dhs = dh_state.data_ptr<S>();
+  S *dx = dxp.data_ptr<S>(), *dhh = dhp.data_ptr<S>();
+  const int64_t T = sched.steps();
+  for (int64_t i = 0; i < T; ++i) {
+    const int64_t t = reverse ? i : T - 1 - i;
+    const int64_t bs = sched.batch[t], off = sched.offset[t];
+    at::parallel_for(0, bs, kRowGrain, [&](int64_t begin, int64_t end) {
+      std::vector<A> buf(2 * G + H);
+      A* dax = buf.data();  // d(LN(W_ih x) gain + b_ih) [G]
+      A* dah = dax + G;     // d(LN(W_hh h) gain + b_hh) [G]
+      A* dh = dah + G;      // [H]
+      // Column sums: [0, G) d b_ih, [G, 2G) d b_hh, [2G, 3G) d gain_x, [3G, 4G) d gain_h.
+      A* acc = sums.mine();
+      for (int64_t j = begin; j < end; ++j) {
+        const int64_t p = off + j;
+        const S* g = gt + p * G;
+        const S* xr = nx + p * G;
+        const S* hr = nh + p * G;
+        S* dhs_row = dhs + j * H;
+        const S* go_row = go + p * H;
+        const S* hp_row = hp + p * H;
+        for (int64_t k = 0; k < H; ++k) dh[k] = A(dhs_row[k]) + A(go_row[k]);
+        if (zh != nullptr) {
+          const S* zr = zh + p * H;
+          for (int64_t k = 0; k < H; ++k) {
+            dhs_row[k] = S(A(zr[k]) * dh[k]);
+            dh[k] *= A(1) - A(zr[k]);
+          }
+        } else {
+          for (int64_t k = 0; k < H; ++k) dhs_row[k] = S(0);
+        }
+        for (int64_t k = 0; k < H; ++k) {
+          const A r = A(g[k]), z = A(g[H + k]), n = A(g[2 * H + k]);
+          const int64_t cn = 2 * H + k;
+          const A ahn = A(hr[cn]) * gh[cn] + bh[cn];
+          const A dan = dh[k] * (A(1) - z) * (A(1) - n * n);
+          const A daz = dh[k] * (A(hp_row[k]) - n) * z * (A(1) - z);
+          const A dar = dan * ahn * r * (A(1) - r);
+          dhs_row[k] = S(A(dhs_row[k]) + dh[k] * z);  // the GEMM below adds the recurrent part
+          dax[k] = dar;
+          dax[H + k] = daz;
+          dax[cn] = dan;
+          dah[k] = dar;
+          dah[H + k] = daz;
+          dah[cn] = dan * r;
+        }
+        for (int64_t c = 0; c < G; ++c) {
+          acc[c] += dax[c];
+          acc[G + c] += dah[c];
+          acc[2 * G + c] += dax[c] * A(xr[c]);
+          acc[3 * G + c] += dah[c] * A(hr[c]);
+          dax[c] *= gx[c];
+          dah[c] *= gh[c];
+        }
+        layer_norm_backward_row<S, A>(dax, xr, rs[p * 2], G, dx + p * G);
+        layer_norm_backward_row<S, A>(dah, hr, rs[p * 2 + 1], G, dhh + p * G);
+      }
+    });
+    matmul<S>(dhp.narrow(0, off, bs), w_hh, dh_state.narrow(0, 0, bs), true);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+ln_gru_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+               const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
+               const OptTensor& zoneout_h, const at::Tensor& batch_sizes, bool reverse, double eps) {
+  const char* op = "ln_gru_forward";
+  const Shapes s = check_common(op, 3, input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w, zoneout_h);
+  FUSEDRNN_CHECK(eps > 0, op, "eps must be positive, got ", eps);
+  const StepSchedule sched = make_schedule(op, batch_sizes, s.N, s.B);
+  const auto opts = input.options();
+  at::Tensor norm_x = at::mm(input, w_ih.t()).contiguous();
+  at::Tensor norm_h = new_buffer({s.N, s.G}, opts), gates = new_buffer({s.N, s.G}, opts);
+  at::Tensor output = new_buffer({s.N, s.H}, opts);
+  at::Tensor rstd = new_buffer({s.N, 2}, opts.dtype(at::toOpMathType(input.scalar_type())));
+  at::Tensor h_state = h0.contiguous().clone();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ln_gru_forward", [&] {
+    ln_gru_forward_impl<scalar_t>(s, sched, reverse, eps, w_hh.t().contiguous(), contiguous_or_undefined(b_ih),
+                                  contiguous_or_undefined(b_hh), ln_ih_w.contiguous(), ln_hh_w.contiguous(),
+                                  contiguous_or_undefined(zoneout_h), h_state, output, norm_x, norm_h, gates, rstd);
+  });
+  return {output, h_state, norm_x, norm_h, gates, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+ln_gru_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
+                const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_hh,
+                const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w, const OptTensor& zoneout_h,
+                const at::Tensor& batch_sizes, bool reverse, bool need_grad_input, const at::Tensor& output,
+                const at::Tensor& norm_x, const at::Tensor& norm_h, const at::Tensor& gates, const at::Tensor& rstd) {
+  const char* op = "ln_gru_backward";
+  const Shapes s = check_common(op, 3, input, h0, w_ih, w_hh, std::nullopt, b_hh, ln_ih_w, ln_hh_w, zoneout_h);
+  check_shape(op, "grad_output", grad_output, {s.N, s.H}, "[tokens, hidden_size]");
+  check_shape(op, "grad_h_n", grad_h_n, {s.B, s.H}, "[batch, hidden_size]");
+  check_shape(op, "output", output, {s.N, s.H}, "[tokens, hidden_size]");
+  check_shape(op, "norm_x", norm_x, {s.N, s.G}, "[tokens, gates * hidden_size]");
+  check_shape(op, "norm_h", norm_h, {s.N, s.G}, "[tokens, gates * hidden_size]");
+  check_shape(op, "gates", gates, {s.N, s.G}, "[tokens, gates * hidden_size]");
+  check_shape(op, "rstd", rstd, {s.N, 2}, "[tokens, 2]");
+  for (const at::Tensor* t : {&grad_output, &grad_h_n, &output, &norm_x, &norm_h, &gates}) {
+    FUSEDRNN_CHECK(t->scalar_type() == input.scalar_type(), op, "every tensor must have the dtype of input (",
+                   input.scalar_type(), "), got ", t->scalar_type());
+  }
+  FUSEDRNN_CHECK(rstd.scalar_type() == at::toOpMathType(input.scalar_type()), op, "rstd must be ",
+                 at::toOpMathType(input.scalar_type()), ", got ", rstd.scalar_type());
+  const StepSchedule sched = make_schedule(op, batch_sizes, s.N, s.B);
+  const auto opts = input.options();
+  const at::Tensor hprev = previous_states(sched, reverse, output.contiguous(), h0.contiguous());
+  at::Tensor dh_state = grad_h_n.contiguous().clone();
+  at::Tensor dxp = new_buffer({s.N, s.G}, opts), dhp = new_buffer({s.N, s.G}, opts);
+  const at::Tensor nx = norm_x.contiguous(), nh = norm_h.contiguous();
+  at::Tensor grad_b_ih, grad_b_hh, grad_ln_ih_w, grad_ln_hh_w;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ln_gru_backward", [&] {
+    ColumnSums<at::opmath_type<scalar_t>> sums(4 * s.G);
+    ln_gru_backward_impl<scalar_t>(s, sched, reverse, grad_output.contiguous(), w_hh.contiguous(),
+                                   contiguous_or_undefined(b_hh), ln_ih_w, ln_hh_w,
+                                   contiguous_or_undefined(zoneout_h), hprev, nx, nh, gates.contiguous(),
+                                   rstd.contiguous(), dh_state, sums, dxp, dhp);
+    grad_b_ih = sums.total(0, s.G, opts);
+    grad_b_hh = sums.total(s.G, s.G, opts);
+    grad_ln_ih_w = sums.total(2 * s.G, s.G, opts);
+    grad_ln_hh_w = sums.total(3 * s.G, s.G, opts);
+  });
+  at::Tensor grad_input = need_grad_input ? at::mm(dxp, w_ih) : at::empty({0}, opts);
+  at::Tensor grad_w_ih = at::mm(dxp.t(), input);
+  at::Tensor grad_w_hh = at::mm(dhp.t(), hprev);
+  return {grad_input, dh_state, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_ln_ih_w, grad_ln_hh_w};
+}
+
+}  // namespace layernorm
+}  // namespace fusedrnn
+
+// Schemas: see the file comment (and fusedrnn/_layernorm_ops.py for fake kernels and autograd).
+// zoneout_h / zoneout_c: [tokens, hidden] weights of the previous state (a 0/1 mask in training,
+// the probability p in eval), or None for no zoneout.
+TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
+  m.def(
+      "ln_lstm_forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor ln_ih_w, Tensor ln_hh_w, Tensor ln_c_w, Tensor? ln_c_b, Tensor? zoneout_h, Tensor? zoneout_c, "
+      "Tensor batch_sizes, bool reverse, float eps) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor norm_x, "
+      "Tensor norm_h, Tensor gates, Tensor cells, Tensor norm_c, Tensor rstd)");
+  m.def(
+      "ln_lstm_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, Tensor h0, Tensor c0, "
+      "Tensor w_ih, Tensor w_hh, Tensor ln_ih_w, Tensor ln_hh_w, Tensor ln_c_w, Tensor? ln_c_b, Tensor? zoneout_h, "
+      "Tensor? zoneout_c, Tensor batch_sizes, bool reverse, bool need_grad_input, Tensor output, Tensor norm_x, "
+      "Tensor norm_h, Tensor gates, Tensor cells, Tensor norm_c, Tensor rstd) -> (Tensor grad_input, "
+      "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, "
+      "Tensor grad_ln_ih_w, Tensor grad_ln_hh_w, Tensor grad_ln_c_w, Tensor grad_ln_c_b)");
+  m.def(
+      "ln_gru_forward(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor ln_ih_w, Tensor ln_hh_w, Tensor? zoneout_h, Tensor batch_sizes, bool reverse, float eps) -> "
+      "(Tensor output, Tensor h_n, Tensor norm_x, Tensor norm_h, Tensor gates, Tensor rstd)");
+  m.def(
+      "ln_gru_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_hh, Tensor ln_ih_w, Tensor ln_hh_w, Tensor? zoneout_h, Tensor batch_sizes, bool reverse, "
+      "bool need_grad_input, Tensor output, Tensor norm_x, Tensor norm_h, Tensor gates, Tensor rstd) -> "
+      "(Tensor grad_input, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
+      "Tensor grad_b_hh, Tensor grad_ln_ih_w, Tensor grad_ln_hh_w)");
+}
+
+TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
+  m.impl("ln_lstm_forward", &fusedrnn::layernorm::ln_lstm_forward);
+  m.impl("ln_lstm_backward", &fusedrnn::layernorm::ln_lstm_backward);
+  m.impl("ln_gru_forward", &fusedrnn::layernorm::ln_gru_forward);
+  m.impl("ln_gru_backward", &fusedrnn::layernorm::ln_gru_backward);
+}
