@@ -189,8 +189,11 @@ def _call(name: str, *args):
     if _functorch_active():
         return _FUNCTORCH_FUNCTIONS[name].apply(*args)
     if not torch.is_grad_enabled() and _untraced():
+        raw = _RAW_OPS.get(name)
+        if raw is None:  # an op registered elsewhere (fusedrnn/_layernorm_ops.py): fill in on first use
+            raw = _RAW_OPS[name] = getattr(torch.ops.fusedrnn, name).default._op
         with torch._C._AutoDispatchBelowAutograd():
-            return _RAW_OPS[name](*args)
+            return raw(*args)
     return getattr(torch.ops.fusedrnn, name)(*args)
 
 

@@ -36,7 +36,7 @@ using acc_t = typename AccumulateType<T>::type;
 // tanhf are opaque calls that stop the SIMD loop), accurate to a few ulp
 // RELATIVE over the whole float range (tests/test_activations.py; measured over
 // every float32 bit pattern: benchmarks/NOTES.md, entry 14). The AVX2 engine
-// restates them with intrinsics (cpu/avx2_engine_common.h: exp_nonpos_n,
+// restates them with intrinsics (cpu/engine_common.h: exp_nonpos_n,
 // sigmoid_n, tanh_n): the same operations in the same order, so both give bitwise the same
 // results. Every multiply-add that the intrinsics fuse is written as fma_simd
 // here, so the result does not depend on the compiler's contraction choices.

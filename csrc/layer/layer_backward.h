@@ -85,7 +85,7 @@ inline at::Tensor gather_previous_states(const at::Tensor& all, const at::Tensor
 // start at packed row `src_offset` of the per-token tensor (output or cells);
 // rows [carried, batch[t]) start from the same rows of the initial state (at
 // the first processed step, and in the reverse direction of a ragged batch
-// where sequences start). The CPU engine (cpu/avx2_engine_backward.cpp) reads
+// where sequences start). The CPU engine (cpu/engine_backward.h) reads
 // the same rule.
 struct PreviousRows {
   int64_t src_offset = 0;
