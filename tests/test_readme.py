@@ -21,7 +21,17 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-LAYERS = "layers_cpu_float32"
+# The published full layer tables, one per machine (never overwritten by another machine's run):
+# (results name, what the README calls the machine and the engine that ran).
+LAYERS = [
+    ("layers_cpu_float32_amd-epyc-avx512_engine-avx512",
+     "AMD EPYC Zen 4 with AVX-512 (F/DQ/BW/VL/BF16/VNNI; 512-bit FMAs double-pumped, so its FMA peak "
+     "equals its AVX2 peak), the AVX-512 engine"),
+    ("layers_cpu_float32_amd-epyc-avx512_engine-avx2",
+     "the same AVX-512 machine with the engine capped at AVX2 (`FUSEDRNN_CPU_ISA=avx2`)"),
+    ("layers_cpu_float32",
+     "AMD EPYC with AVX2+FMA only (no AVX-512), the AVX2 engine, all five configurations"),
+]
 SKEWED = "layers_cpu_float32_skewed"
 SENTIMENT = "sentiment_rt_gru_cpu"
 POLARITY = "sentiment_polarity_gru_cpu"
@@ -166,19 +176,20 @@ def layers_summary(rows) -> str:
 
 
 def generated_blocks() -> dict:
-    layers = _load(LAYERS, "json")
     skewed = _load(SKEWED, "json")
     sentiment_md = _load(SENTIMENT, "md")
     polarity = _load(POLARITY, "json")["summary"]
     fused = polarity["runs"]["fusedrnn packed"]
     return {
-        "layers": "\n".join([
-            f"`python -m benchmarks.layers --publish`, CPU float32 ([{LAYERS}.md](benchmarks/results/{LAYERS}.md)).",
-            "",
-            _md_tables(_load(LAYERS, "md")),
-            "",
-            layers_summary(layers["rows"]),
-        ]),
+        "layers": "\n\n".join(
+            "\n".join([
+                f"**{machine[0].upper() + machine[1:]}** ([{name}.md](benchmarks/results/{name}.md)):",
+                "",
+                _md_tables(_load(name, "md")),
+                "",
+                layers_summary(_load(name, "json")["rows"]),
+            ])
+            for name, machine in LAYERS),
         "skewed": (
             "A separate run of the skewed configuration alone (`python -m benchmarks.layers --configs skewed "
             f"--reps 9 --publish`, lengths drawn from a fixed seed, {skewed['proportional_cost'][0]['token_fraction']:.2f} "
