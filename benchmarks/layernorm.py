@@ -12,10 +12,14 @@ Per cell, in one process, interleaved, after warm-up, medians (and min-max) of -
 - plain:   fusedrnn.LSTM / GRU (no layer norm), the cost of the normalisation.
 Training step: forward + backward of output.sum() into the parameters' gradients (set to None first).
 Inference: forward under torch.no_grad. Ratios printed: loop / fused (goal >= 8x for training),
-fused / plain (goal <= 1.3x), zoneout / fused (goal <= 1.10x). Results: benchmarks/runs/ (ignored by git).
+fused / plain (goal <= 1.3x), zoneout / fused (goal <= 1.10x). Results:
+benchmarks/runs/layernorm_cpu_<machine>_<time>.{json,md} (ignored by git), or with --publish
+benchmarks/results/layernorm_cpu_<machine>.{json,md}, <machine> as in benchmarks/layers.py (CPU name and ISA).
+The load average before and after is in the table: the machine is often shared, and timings then say little.
 """
 
 import argparse
+import os
 import statistics
 from typing import Callable, Dict, List
 
@@ -49,13 +53,21 @@ class LoopLayerNormLSTM(nn.Module):
                 dst.copy_(getattr(fused, src + suffix))
         return self
 
-    def forward(self, x, h, c):
+    def forward(self, x, h, c, lengths=None):
+        """x [T, B, I]; with `lengths` [B] (padded batch), a sequence's states stop changing after its
+        last step, as users write it (torch.where on a mask), so h, c are each sequence's final states."""
         x_proj = self.ln_ih(self.ih(x))  # every step's input projection at once, as a careful user would
+        alive = None if lengths is None else torch.arange(x.shape[0])[:, None] < lengths[None, :]  # [T, B]
         outs = []
         for t in range(x.shape[0]):
             i, f, g, o = (x_proj[t] + self.ln_hh(self.hh(h))).chunk(4, 1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(self.ln_c(c))
+            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h_new = torch.sigmoid(o) * torch.tanh(self.ln_c(c_new))
+            if alive is None:
+                h, c = h_new, c_new
+            else:
+                keep = alive[t].to(x.device)[:, None]
+                h, c = torch.where(keep, h_new, h), torch.where(keep, c_new, c)
             outs.append(h)
         return torch.stack(outs), h, c
 
@@ -145,12 +157,15 @@ def main(argv=None) -> None:
     parser.add_argument("--shape", default="100,32,100,128", help="T,B,I,H")
     parser.add_argument("--reps", type=int, default=11)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--publish", action="store_true", help="save under benchmarks/results/, replacing it")
+    parser.add_argument("--results-dir", default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     T, B, I, H = (int(v) for v in args.shape.split(","))
     info = machine()
-    print(f"machine: {info}")
+    load_before = os.getloadavg()[0]
+    print(f"machine: {info}; load average {load_before:.1f}")
     print(f"shape T={T} B={B} I={I} H={H}, float32, {torch.get_num_threads()} threads, {args.reps} reps")
     rows, payload = [], {"machine": info, "shape": [T, B, I, H], "threads": torch.get_num_threads(), "results": {}}
     for cell in args.cells.split(","):
@@ -173,11 +188,17 @@ def main(argv=None) -> None:
     headers = ["cell", "step", "loop ms (min-max)", "fused ms", "fused+zoneout ms", "plain fusedrnn ms",
                "loop / fused (goal >= 8x train)", "fused / plain (goal <= 1.3x)", "zoneout / fused (goal <= 1.10x)"]
     table = markdown_table(headers, rows)
+    load_after = os.getloadavg()[0]
+    payload["load_average"] = [load_before, load_after]
     markdown = (f"# fusedrnn layer-norm benchmark (cpu, float32)\n\nMachine: {info}\n\nShape T={T} B={B} I={I} "
-                f"H={H}, {torch.get_num_threads()} threads; medians of {args.reps} interleaved runs after warm-up.\n\n"
+                f"H={H}, {torch.get_num_threads()} threads; medians (min-max) of {args.reps} interleaved runs after "
+                f"warm-up; load average {load_before:.1f} before, {load_after:.1f} after (on {os.cpu_count()} CPUs).\n\n"
                 + table)
     print(table)
-    print("saved", save(output_base("layernorm_cpu_float32"), payload, markdown))
+    from .layers import cpu_slug
+
+    name = f"layernorm_cpu_{cpu_slug(info)}"
+    print("saved", save(output_base(name, args.results_dir, args.publish), payload, markdown))
 
 
 if __name__ == "__main__":

@@ -6,11 +6,16 @@ side, from the same initial weights and in the same data order. Two common recip
                       -> Linear(512, 1) on the last layer's final states of both directions
 
 binary cross-entropy, Adam 1e-3, batch 32. `--cell` swaps the recurrent cell in either recipe.
+`--cell ln_lstm` (single recipe only) is the layer-normalised LSTM, which torch.nn lacks: its baseline
+is the same model written the usual way, a Python loop of nn.Linear + nn.LayerNorm with the same
+weights (benchmarks/layernorm.py's LoopLayerNormLSTM, fed the padded batch with its lengths), against
+fusedrnn.LayerNormLSTM fed the PackedSequence and fed lengths=.
 The bidirectional recipe has no dropout between its layers: torch.nn and fusedrnn draw their
 dropout masks differently, and the point is to show equal loss curves.
 
     python -m benchmarks.sentiment                       # Rotten Tomatoes snippets, CPU
     python -m benchmarks.sentiment --cell lstm           # the same with LSTM (or rnn)
+    python -m benchmarks.sentiment --cell ln_lstm        # LayerNormLSTM vs a Python loop of Linear + LayerNorm
     python -m benchmarks.sentiment --model bidirectional # 2-layer bidirectional LSTM(256)
     python -m benchmarks.sentiment --dataset polarity --max-len 100   # long reviews, truncated
     python -m benchmarks.sentiment --dataset imdb --data-dir ~/aclImdb
@@ -51,9 +56,16 @@ import fusedrnn
 
 from . import sentiment_data as data
 from .common import machine, markdown_table, output_base
+from .layernorm import LoopLayerNormLSTM
 
-RNN_CLASSES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
+RNN_CLASSES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN, "ln_lstm": fusedrnn.LayerNormLSTM}
 RUNS = ("torch.nn packed", "fusedrnn packed", "fusedrnn lengths")
+# The layer-normalised cell's runs: the first one is the baseline every other run is compared with.
+LN_RUNS = ("python loop", "fusedrnn packed", "fusedrnn lengths")
+
+
+def runs_of(cell: str):
+    return LN_RUNS if cell == "ln_lstm" else RUNS
 # The two recipes: the recurrent layers' shape, and the cell used unless --cell says otherwise.
 MODELS = {
     "single": {"cell": "gru", "hidden": 128, "num_layers": 1, "bidirectional": False},
@@ -69,21 +81,54 @@ class SentimentClassifier(nn.Module):
                  bidirectional: bool = False):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embed, padding_idx=data.Vocab.PAD)
+        if cell == "ln_lstm" and (num_layers != 1 or bidirectional):
+            raise ValueError("--cell ln_lstm: only the single recipe (one layer, one direction); its Python-loop "
+                             "baseline has no layers or directions")
         self.rnn = RNN_CLASSES[cell](embed, hidden, num_layers=num_layers, bidirectional=bidirectional,
                                      batch_first=True)
+        self.bidirectional = bidirectional
         self.fc = nn.Linear(2 * hidden if bidirectional else hidden, 1)
         self.path = "packed"
 
+    def use_python_loop(self) -> "SentimentClassifier":
+        """Replaces a fusedrnn.LayerNormLSTM by the same layer written as a Python loop of nn.Linear +
+        nn.LayerNorm, its weights copied (the baseline of --cell ln_lstm)."""
+        rnn = self.rnn
+        self.rnn = LoopLayerNormLSTM(rnn.input_size, rnn.hidden_size, dtype=rnn.weight_ih_l0.dtype).load_from(rnn)
+        self.rnn.to(rnn.weight_ih_l0.device)
+        self.path = "loop"
+        return self
+
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         x = self.embedding(tokens)
+        if self.path == "loop":
+            zeros = x.new_zeros(x.shape[0], self.rnn.ln_c.normalized_shape[0])
+            _, h, _ = self.rnn(x.transpose(0, 1), zeros, zeros, lengths)
+            return self.fc(h).squeeze(-1)
         if self.path == "packed":
             _, state = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
         else:
             _, state = self.rnn(x, lengths=lengths)
         h = state[0] if isinstance(state, tuple) else state
         # h: [layers * directions, batch, hidden]; the last layer's forward and backward states.
-        last = torch.cat([h[-2], h[-1]], dim=1) if self.rnn.bidirectional else h[-1]
+        last = torch.cat([h[-2], h[-1]], dim=1) if self.bidirectional else h[-1]
         return self.fc(last).squeeze(-1)
+
+
+def make_models(base: SentimentClassifier, cell: str) -> Dict[str, SentimentClassifier]:
+    """The runs' models, each a copy of `base` (same initial weights): torch.nn's model and fusedrnn's
+    (converted) or, for ln_lstm, the Python loop and fusedrnn.LayerNormLSTM; fed packed or lengths=."""
+    models = {}
+    for name in runs_of(cell):
+        m = copy.deepcopy(base)
+        if name == "python loop":
+            m.use_python_loop()
+        elif name.startswith("fusedrnn"):
+            if cell != "ln_lstm":
+                fusedrnn.convert(m)
+            m.path = name.split()[-1]
+        models[name] = m
+    return models
 
 
 def make_batches(encoded: List[List[int]], labels: List[int], batch_size: int, order: List[int], device: str):
@@ -258,6 +303,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     args.cell = args.cell or MODELS[args.model]["cell"]
+    if args.cell == "ln_lstm" and args.model != "single":
+        parser.error("--cell ln_lstm runs in the single recipe only (its Python-loop baseline is one layer, "
+                     "one direction)")
     args.hidden = args.hidden or MODELS[args.model]["hidden"]
     args.world = int(os.environ.get("WORLD_SIZE", "1"))
     return args
@@ -306,13 +354,7 @@ def run(args, distributed: "Optional[Distributed]") -> Optional[dict]:
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     base = SentimentClassifier(len(vocab), args.cell, hidden=args.hidden, num_layers=shape["num_layers"],
                                bidirectional=shape["bidirectional"]).to(args.device)
-    models = {}
-    for name in RUNS:
-        m = copy.deepcopy(base)
-        if name.startswith("fusedrnn"):
-            fusedrnn.convert(m)
-            m.path = name.split()[-1]
-        models[name] = m
+    models = make_models(base, args.cell)
     trainers = models
     if distributed is not None:
         from torch.nn.parallel import DistributedDataParallel
@@ -325,7 +367,7 @@ def run(args, distributed: "Optional[Distributed]") -> Optional[dict]:
         from tqdm import tqdm
     except ImportError:  # progress bars are a nicety, not a requirement
         tqdm = None
-    history: Dict[str, List[dict]] = {name: [] for name in RUNS}
+    history: Dict[str, List[dict]] = {name: [] for name in models}
     # Untimed and local (no collectives): each rank warms up on its own throw-away copies.
     warm_up(models, make_batches(enc_train, y_train, args.batch_size, list(range(min(len(enc_train), 8 * args.batch_size))),
                                  args.device), args.device)
@@ -337,7 +379,7 @@ def run(args, distributed: "Optional[Distributed]") -> Optional[dict]:
         tokens_per_epoch = float(sum(len(enc_train[i]) for i in order))
         if distributed is not None:
             tokens_per_epoch = distributed.total(tokens_per_epoch)
-        for name in RUNS:
+        for name in models:
             desc = f"epoch {epoch + 1}/{epochs} {name:17s}"
             bar = (tqdm(total=len(batches), desc=desc, leave=False, disable=args.no_progress or None)
                    if tqdm and lead else _NoBar())
@@ -375,7 +417,8 @@ class _NoBar:
 
 
 def summarize(history, args, epochs, n_train, n_test, vocab_size, tokens_per_epoch) -> dict:
-    ref = history["torch.nn packed"]
+    baseline = next(iter(history))  # torch.nn's model, or the Python loop for ln_lstm
+    ref = history[baseline]
     runs = {}
     for name, eps in history.items():
         total = sum(e["seconds"] for e in eps)
@@ -392,7 +435,7 @@ def summarize(history, args, epochs, n_train, n_test, vocab_size, tokens_per_epo
     shape = MODELS[args.model]
     return {"dataset": args.dataset, "model": args.model, "cell": args.cell, "hidden": args.hidden,
             "num_layers": shape["num_layers"], "bidirectional": shape["bidirectional"], "ranks": args.world,
-            "device": args.device, "epochs": epochs, "batch_size": args.batch_size, "max_len": args.max_len, "seed": args.seed, "smoke": args.smoke,
+            "baseline": baseline, "device": args.device, "epochs": epochs, "batch_size": args.batch_size, "max_len": args.max_len, "seed": args.seed, "smoke": args.smoke,
             "train_examples": n_train, "test_examples": n_test, "vocab": vocab_size, "machine": machine(),
             "runs": runs}
 
@@ -403,8 +446,11 @@ def write_outputs(summary: dict, history, args) -> None:
     rows = [[n, f"{r['total_seconds']:.2f}", f"{r['tokens_per_s']:.0f}", f"**{r['speedup_vs_torch_nn']:.2f}x**",
              f"{r['final_loss']:.5f}", f"{r['max_epoch_loss_diff_vs_torch_nn']:.2e}",
              f"{r['final_test_accuracy']:.4f}"] for n, r in summary["runs"].items()]
-    table = markdown_table(["run", "train time (s)", "tokens/s", "speed-up", "final loss",
-                            "max epoch-loss diff vs torch.nn", "test accuracy"], rows)
+    # The summary's keys say "torch_nn" for the baseline run: torch.nn's layer, or for ln_lstm the Python loop
+    # of torch.nn modules.
+    baseline = summary.get("baseline", RUNS[0])
+    table = markdown_table(["run", "train time (s)", "tokens/s", f"speed-up vs {baseline}", "final loss",
+                            f"max epoch-loss diff vs {baseline}", "test accuracy"], rows)
     per_epoch = markdown_table(
         ["epoch"] + [f"{n} s" for n in history] + [f"{n} loss" for n in history],
         [[str(e + 1)] + [f"{history[n][e]['seconds']:.2f}" for n in history]

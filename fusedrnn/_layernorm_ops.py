@@ -9,6 +9,7 @@ Double backward (create_graph=True) differentiates fusedrnn.reference recomputed
 inputs; forward-mode AD and torch.func transforms run fusedrnn.reference itself.
 """
 
+import sys
 from typing import Optional, Tuple
 
 import torch
@@ -152,8 +153,16 @@ if AVAILABLE:
                                       torch.ops.fusedrnn.ln_gru_forward.default)
 
 
+def _in_onnx_export() -> bool:
+    """Inside torch.onnx.export: the layer is then traced as fusedrnn.reference's plain torch ops (MatMul,
+    LayerNormalization, Sigmoid, Tanh, ... unrolled over the traced time steps), since ONNX has no
+    layer-normalised recurrent operator. torch.onnx is only looked up, never imported here."""
+    torch_onnx = sys.modules.get("torch.onnx")
+    return torch_onnx is not None and torch_onnx.is_in_onnx_export()
+
+
 def _use_reference(*tensors) -> bool:
-    return not AVAILABLE or _ops._functorch_active() or _ops._forward_mode(*tensors)
+    return not AVAILABLE or _ops._functorch_active() or _ops._forward_mode(*tensors) or _in_onnx_export()
 
 
 def ln_lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],

@@ -72,11 +72,15 @@ def _check_eps(name: str, eps) -> float:
 
 def zoneout_weights(p: float, rows: int, hidden: int, like: Tensor, training: bool) -> Optional[Tensor]:
     """The ops' zoneout argument for one layer and direction: a Bernoulli(p) mask [rows, hidden] in
-    training (a fresh draw per row and step), the constant p in eval, None without zoneout."""
+    training (a fresh draw per row and step), the constant p in eval, None without zoneout.
+
+    The mask is float32 uniforms compared with p (u < p has probability p, to 2**-24), which costs about
+    half of bernoulli_ on the CPU (1.3 + 0.2 ms against 2.6 ms for [3200, 128], benchmarks/NOTES.md)."""
     if p == 0.0:
         return None
     if training:
-        return torch.empty(rows, hidden, dtype=like.dtype, device=like.device).bernoulli_(p)
+        uniform = torch.rand(rows, hidden, dtype=torch.float32, device=like.device)
+        return uniform.lt_(p).to(like.dtype)
     return like.new_full((rows, hidden), p)
 
 
@@ -290,6 +294,10 @@ class _LayerNormCellBase(nn.Module):
             else:
                 self.register_parameter("bias_ln_c", None)
         self.reset_parameters()
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(f"{self._type_name}: TorchScript is not supported for the layer-normalised cells; "
+                           "torch.compile and torch.export work")
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size)

@@ -280,8 +280,8 @@ def test_zoneout_training_uses_fresh_bernoulli_masks_reproducibly(cell):
     # The same masks drawn by hand, in the module's order (h's, then c's, per layer and direction),
     # through the oracle.
     torch.manual_seed(7)
-    zh = torch.empty(T * B, H, dtype=F64).bernoulli_(p)
-    zc = torch.empty(T * B, H, dtype=F64).bernoulli_(p) if cell == "lstm" else None
+    zh = (torch.rand(T * B, H) < p).to(F64)  # Bernoulli(p): float32 uniforms below p
+    zc = (torch.rand(T * B, H) < p).to(F64) if cell == "lstm" else None
     assert zh.reshape(T, B, H).std(0).sum() > 0  # a fresh mask per step, not one for the sequence
     bs = torch.full((T,), B)
     w = [getattr(m, n + "_l0") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_ln_ih",
@@ -409,3 +409,199 @@ def test_training_step_with_zoneout_and_dropout_runs_backward():
     out, (h, c) = m(torch.randn(5, 2, 3))
     (out.sum() + h.sum() + c.sum()).backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in m.parameters())
+
+
+# ---- the sentiment recipe (python -m benchmarks.sentiment --cell ln_lstm) ------------------------------
+
+def test_sentiment_recipe_loss_curve_equals_the_python_loop_model():
+    # The recipe's own models (make_models), small and in float64: over a few Adam steps on ragged
+    # batches, the Python loop of nn.Linear + nn.LayerNorm and fusedrnn.LayerNormLSTM (packed and lengths=)
+    # give the same loss curve and end with the same weights.
+    from benchmarks import sentiment
+
+    torch.manual_seed(0)
+    base = sentiment.SentimentClassifier(50, "ln_lstm", embed=6, hidden=5).double()
+    randomise(base.rnn)  # gains and shifts away from their init, so that a swapped LN parameter shows
+    models = sentiment.make_models(base, "ln_lstm")
+    assert list(models) == ["python loop", "fusedrnn packed", "fusedrnn lengths"]
+    assert isinstance(models["python loop"].rnn, LoopLayerNormLSTM)
+    assert all(isinstance(models[n].rnn, fusedrnn.LayerNormLSTM) for n in ("fusedrnn packed", "fusedrnn lengths"))
+    gen = torch.Generator().manual_seed(2)
+    batches = []
+    for lengths in ([7, 3, 5, 1], [2, 6, 6, 4], [5, 5, 1, 3]):
+        lengths = torch.tensor(lengths)
+        tokens = torch.randint(2, 50, (4, 7), generator=gen) * (torch.arange(7) < lengths[:, None])
+        batches.append((tokens, lengths, torch.randint(0, 2, (4,), generator=gen).double()))
+    curves = {}
+    for name, model in models.items():
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        curve = []
+        for _ in range(2):  # the same batches again: the second pass sees the weights the first one trained
+            for tokens, lengths, y in batches:
+                optimizer.zero_grad()
+                loss = nn.functional.binary_cross_entropy_with_logits(model(tokens, lengths), y)
+                loss.backward()
+                optimizer.step()
+                curve.append(loss.item())
+        curves[name] = torch.tensor(curve, dtype=F64)
+    reference = curves["python loop"]
+    assert (reference[3:] - reference[:3]).abs().max() > 1e-3  # it trained: the same batches, other losses
+    for name in ("fusedrnn packed", "fusedrnn lengths"):
+        assert (curves[name] - reference).abs().max().item() <= 1e-10, name
+        loop_rnn, fused_rnn = models["python loop"].rnn, models[name].rnn
+        for loop_name, fused_name in (("ih.weight", "weight_ih_l0"), ("ln_hh.bias", "bias_hh_l0"),
+                                      ("ln_c.weight", "weight_ln_c_l0")):
+            trained = dict(loop_rnn.named_parameters())[loop_name]
+            assert (trained - getattr(fused_rnn, fused_name)).abs().max().item() <= 1e-10, (name, fused_name)
+
+
+def test_sentiment_recipe_refuses_ln_lstm_in_the_bidirectional_recipe():
+    from benchmarks import sentiment
+
+    assert sentiment.result_name(sentiment.parse_args(["--cell", "ln_lstm"])) == "sentiment_rt_ln_lstm_cpu"
+    with pytest.raises(SystemExit):
+        sentiment.parse_args(["--cell", "ln_lstm", "--model", "bidirectional"])
+
+
+# ---- state_dict, pickling, DDP, TorchScript, ONNX ------------------------------------------------------
+
+def _ln_models():
+    torch.manual_seed(7)
+    return {
+        "lstm": randomise(fusedrnn.LayerNormLSTM(3, 4, num_layers=2, bidirectional=True, zoneout=(0.2, 0.1),
+                                                 layer_norm_eps=1e-3, dtype=F64)),
+        "gru": randomise(fusedrnn.LayerNormGRU(3, 4, bias=False, zoneout=0.3, dtype=F64)),
+        "lstm_cell": randomise(fusedrnn.LayerNormLSTMCell(3, 4, dtype=F64)),
+        "gru_cell": randomise(fusedrnn.LayerNormGRUCell(3, 4, zoneout=0.2, dtype=F64)),
+    }
+
+
+def _outputs(model, x):
+    model.eval()  # zoneout's expectation: deterministic
+    out = model(x[0] if "Cell" in type(model).__name__ else x)
+    out = out[0] if isinstance(out, tuple) else out
+    return out
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "lstm_cell", "gru_cell"])
+def test_state_dict_pickle_and_deepcopy_round_trip(kind):
+    import copy
+    import io
+    import pickle
+
+    model = _ln_models()[kind]
+    x = torch.randn(5, 2, 3, dtype=F64)
+    expected = _outputs(model, x)
+    # A fresh model (other random weights) with the state_dict loaded, strictly.
+    torch.manual_seed(99)
+    fresh = type(model)(3, 4, **({} if "cell" in kind else {"num_layers": model.num_layers,
+                                                              "bidirectional": model.bidirectional}),
+                        bias=model.bias, zoneout=model.zoneout, layer_norm_eps=model.layer_norm_eps, dtype=F64)
+    assert (_outputs(fresh, x) - expected).abs().max() > 1e-3
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copies = {"state_dict": fresh, "pickle": pickle.loads(pickle.dumps(model)), "deepcopy": copy.deepcopy(model),
+              "torch.save": torch.load(buffer, weights_only=False)}
+    for how, other in copies.items():
+        assert type(other) is type(model) and other.zoneout == model.zoneout, how
+        assert other.layer_norm_eps == model.layer_norm_eps, how
+        assert torch.equal(_outputs(other, x), expected), how
+        if hasattr(model, "_ln_names"):  # the LN parameters are registered on the copy, not shared
+            assert all(getattr(other, n) is not getattr(model, n) for names in model._ln_names for n in names)
+
+
+def test_torchscript_script_raises_a_clear_error_and_trace_works():
+    # torch.jit.script cannot compile the modules (a clear error); torch.jit.trace records the op itself.
+    for model in _ln_models().values():
+        with pytest.raises(RuntimeError, match="TorchScript is not supported"):
+            torch.jit.script(model)
+
+
+class _LayerNormClassifier(nn.Module):
+    """A 2-layer bidirectional layer-normalised layer on a packed ragged batch and a linear head: every
+    parameter kind (torch.nn's and the LN gains and shifts) DDP has to reduce."""
+
+    def __init__(self, cell: str):
+        super().__init__()
+        cls = fusedrnn.LayerNormLSTM if cell == "lstm" else fusedrnn.LayerNormGRU
+        self.rnn = randomise(cls(3, 4, num_layers=2, bidirectional=True, batch_first=True, dtype=F64))
+        self.fc = nn.Linear(8, 1, dtype=F64)
+
+    def forward(self, x, lengths):
+        _, state = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        h = state[0] if isinstance(state, tuple) else state
+        return self.fc(torch.cat([h[-2], h[-1]], dim=1)).squeeze(-1)
+
+
+def _ddp_batch():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 5, 3, generator=gen, dtype=F64)
+    lengths = torch.randint(1, 6, (8,), generator=gen)
+    return x, lengths, torch.randint(0, 2, (8,), generator=gen).double()
+
+
+def _ddp_train(model, forward, x, lengths, y):
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.binary_cross_entropy_with_logits(forward(x, lengths), y).backward()
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=300))
+    try:
+        x, lengths, y = _ddp_batch()
+        rows = slice(rank, None, 2)
+        weights = {}
+        for cell in ("lstm", "gru"):
+            torch.manual_seed(0)
+            model = _LayerNormClassifier(cell)
+            weights[cell] = _ddp_train(model, DistributedDataParallel(model), x[rows], lengths[rows], y[rows])
+        torch.save(weights, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_training_equals_one_process_on_the_whole_batch(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("this torch build has no torch.distributed with gloo")
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    x, lengths, y = _ddp_batch()
+    for cell in ("lstm", "gru"):
+        # One process, the whole batch: DDP averages the ranks' gradients of their shard means, which is
+        # the gradient of the whole batch's mean.
+        torch.manual_seed(0)
+        single = _LayerNormClassifier(cell)
+        untrained = copy_state(single)
+        expected = _ddp_train(single, single, x, lengths, y)
+        assert any(k.startswith("rnn.weight_ln_") for k in expected)
+        assert all((expected[k] - untrained[k]).abs().max() > 1e-3 for k in expected)  # every weight trained
+        for r, got in enumerate(ranks):
+            assert got[cell].keys() == expected.keys()
+            for k in expected:
+                torch.testing.assert_close(got[cell][k], expected[k], rtol=0, atol=1e-10, msg=f"{cell} rank {r}: {k}")
+
+
+def copy_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(3)
+    model = randomise(fusedrnn.LayerNormLSTM(3, 4, num_layers=2, dtype=F64)).eval()
+    traced = torch.jit.trace(model, (torch.randn(5, 2, 3, dtype=F64),), check_trace=False)
+    x = torch.randn(7, 3, 3, dtype=F64)  # another length and batch than the traced ones
+    assert (traced(x)[0] - model(x)[0]).abs().max().item() <= 1e-12

@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 #include <type_traits>
 #include <tuple>
@@ -80,15 +81,6 @@ inline A normalize_into(const A* v, int64_t n, A eps, S* out, A* out_acc) {
     out[k] = S(out_acc[k]);
   }
   return rstd;
-}
-
-// LN backward of one row: given dn = d(normalised) (already multiplied by the gain) and the
-// normalised values xhat, d(pre-LN) = rstd * (dn - mean(dn) - xhat * mean(dn * xhat)).
-template <typename S, typename A>
-inline void layer_norm_backward_row(const A* dn, const S* xhat, A rstd, int64_t n, S* out) {
-  const A m1 = row_sum<A>(n, [&](int64_t k) { return dn[k]; }) / A(n);
-  const A m2 = row_sum<A>(n, [&](int64_t k) { return dn[k] * A(xhat[k]); }) / A(n);
-  for (int64_t k = 0; k < n; ++k) out[k] = S(rstd * (dn[k] - m1 - A(xhat[k]) * m2));
 }
 
 template <typename S>
@@ -298,6 +290,129 @@ struct ColumnSums {
   }
 };
 
+// Sums of the R values f(k, v) writes into v[0..R) over k in [0, n), each in kLanes interleaved partial
+// sums (as row_sum); f may write elsewhere too, so that a pass produces values and their row sums at once.
+template <int R, typename A, typename F>
+inline std::array<A, R> row_sums(int64_t n, F f) {
+  A acc[R][kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      A v[R];
+      f(k + l, v);
+      for (int r = 0; r < R; ++r) acc[r][l] += v[r];
+    }
+  }
+  std::array<A, R> s{};
+  for (int r = 0; r < R; ++r) {
+    for (int64_t l = 0; l < kLanes; ++l) s[r] += acc[r][l];
+  }
+  for (; k < n; ++k) {
+    A v[R];
+    f(k, v);
+    for (int r = 0; r < R; ++r) s[r] += v[r];
+  }
+  return s;
+}
+
+// The backward of one LSTM row (one sequence, one step), in four passes over the row: zoneout and the
+// incoming gradients [H]; o, LN(c) and its row sums [H]; the cell (i, f, g) [H]; the gate vector: the
+// bias and gain gradients and both gate LNs' row sums [G]; then both gate LNs' input gradients [G].
+// Every array is distinct (__restrict__): with S = A = float the compiler could otherwise not prove that
+// a store to the state gradient leaves a work array alone, and kept these loops scalar (measured:
+// NOTES entry 20). zh_row / zc_row are null without zoneout.
+template <typename S, typename A>
+inline void ln_lstm_backward_row(const int64_t H, const S* __restrict__ g, const S* __restrict__ ch,
+                                 const S* __restrict__ xr, const S* __restrict__ hr, const S* __restrict__ cp_row,
+                                 const S* __restrict__ go_row, const S* __restrict__ zh_row,
+                                 const S* __restrict__ zc_row, const A rstd_x, const A rstd_h, const A rstd_c,
+                                 const A* __restrict__ gx, const A* __restrict__ gh, const A* __restrict__ gc,
+                                 const A* __restrict__ bc, S* __restrict__ dhs_row, S* __restrict__ dcs_row,
+                                 A* __restrict__ acc, A* __restrict__ work, S* __restrict__ dx_row,
+                                 S* __restrict__ dhh_row) {
+  const int64_t G = 4 * H;
+  A* __restrict__ dh = work;          // d h' [H]
+  A* __restrict__ dc = work + H;      // d c' [H]
+  A* __restrict__ dc_hat = dc + H;    // d(LN(c') before gain) [H]
+  A* __restrict__ dn = dc_hat + H;    // d(gate pre-activations) [G]
+  // Zoneout: h_t = z h_{t-1} + (1 - z) h'. The kept share goes straight to the previous state: stored in
+  // dh_state now, the step's GEMM adds the recurrent part (without zoneout the GEMM writes the row).
+  if (zh_row != nullptr) {
+    for (int64_t k = 0; k < H; ++k) {
+      const A d = A(dhs_row[k]) + A(go_row[k]), z = A(zh_row[k]);
+      dhs_row[k] = S(z * d);
+      dh[k] = (A(1) - z) * d;
+    }
+  } else {
+    for (int64_t k = 0; k < H; ++k) dh[k] = A(dhs_row[k]) + A(go_row[k]);
+  }
+  if (zc_row != nullptr) {
+    for (int64_t k = 0; k < H; ++k) {
+      const A d = A(dcs_row[k]), z = A(zc_row[k]);
+      dcs_row[k] = S(z * d);  // the cell's f dc' is added below
+      dc[k] = (A(1) - z) * d;
+    }
+  } else {
+    for (int64_t k = 0; k < H; ++k) dc[k] = A(dcs_row[k]);
+  }
+  // h' = o tanh(y), y = LN(c') gain + shift: d(pre-activation of o), the gain / shift gradients of LN(c),
+  // d(LN(c') before gain) and LN(c)'s two row sums, in one pass.
+  A* __restrict__ acc_gc = acc + 3 * G;
+  A* __restrict__ acc_bc = acc_gc + H;
+  A* __restrict__ dn_o = dn + 3 * H;
+  const std::array<A, 2> c_sums = row_sums<2, A>(H, [&](int64_t k, A* v) {
+    const A n = A(ch[k]);
+    const A ty = tanh_(n * gc[k] + bc[k]);
+    const A o = A(g[3 * H + k]);
+    const A dy = dh[k] * o * (A(1) - ty * ty);
+    dn_o[k] = dh[k] * ty * o * (A(1) - o);
+    acc_gc[k] += dy * n;
+    acc_bc[k] += dy;
+    const A d_hat = dy * gc[k];
+    dc_hat[k] = d_hat;
+    v[0] = d_hat;
+    v[1] = d_hat * n;
+  });
+  const A c_m1 = c_sums[0] / A(H), c_m2 = c_sums[1] / A(H);
+  // c' = f c + i g, with the LN(c) backward's input gradient added to dc first.
+  for (int64_t k = 0; k < H; ++k) {
+    const A d = dc[k] + rstd_c * (dc_hat[k] - c_m1 - A(ch[k]) * c_m2);
+    const A ig = A(g[k]), fg = A(g[H + k]), gg = A(g[2 * H + k]);
+    dn[k] = d * gg * ig * (A(1) - ig);
+    dn[H + k] = d * A(cp_row[k]) * fg * (A(1) - fg);
+    dn[2 * H + k] = d * ig * (A(1) - gg * gg);
+    dc[k] = d * fg;
+  }
+  if (zc_row != nullptr) {
+    for (int64_t k = 0; k < H; ++k) dcs_row[k] = S(A(dcs_row[k]) + dc[k]);
+  } else {
+    for (int64_t k = 0; k < H; ++k) dcs_row[k] = S(dc[k]);
+  }
+  // The gate vector a = LN(W_ih x) gx + b_ih + LN(W_hh h) gh + b_hh: dn is each bias's gradient, dn times
+  // the normalised value each gain's; both LNs' backward need mean(dn gain) and mean(dn gain xhat).
+  A* __restrict__ acc_b = acc;
+  A* __restrict__ acc_gx = acc + G;
+  A* __restrict__ acc_gh = acc + 2 * G;
+  const std::array<A, 4> gate_sums = row_sums<4, A>(G, [&](int64_t c, A* v) {
+    const A d = dn[c], x = A(xr[c]), h = A(hr[c]);
+    acc_b[c] += d;
+    acc_gx[c] += d * x;
+    acc_gh[c] += d * h;
+    const A dxn = d * gx[c], dhn = d * gh[c];
+    v[0] = dxn;
+    v[1] = dxn * x;
+    v[2] = dhn;
+    v[3] = dhn * h;
+  });
+  const A x_m1 = gate_sums[0] / A(G), x_m2 = gate_sums[1] / A(G);
+  const A h_m1 = gate_sums[2] / A(G), h_m2 = gate_sums[3] / A(G);
+  for (int64_t c = 0; c < G; ++c) {
+    const A d = dn[c], x = A(xr[c]), h = A(hr[c]);
+    dx_row[c] = S(rstd_x * (d * gx[c] - x_m1 - x * x_m2));
+    dhh_row[c] = S(rstd_h * (d * gh[c] - h_m1 - h * h_m2));
+  }
+}
+
 template <typename S>
 void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reverse, const at::Tensor& grad_output,
                            const at::Tensor& w_hh, const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
@@ -323,92 +438,18 @@ void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reve
     const int64_t t = reverse ? i : T - 1 - i;  // the forward's order, backwards
     const int64_t bs = sched.batch[t], off = sched.offset[t];
     at::parallel_for(0, bs, kRowGrain, [&](int64_t begin, int64_t end) {
-      // Branch-free loops over contiguous arrays, as in the forward, so that they vectorise.
-      std::vector<A> buf(5 * H + 2 * G);
-      A* dh = buf.data();       // d h_t (output and recurrent) [H]
-      A* dc = dh + H;           // d c_t [H]
-      A* dy = dc + H;           // d(LN(c') gain + shift) [H]
-      A* dc_hat = dy + H;       // d(LN(c') before gain) [H]
-      A* ty = dc_hat + H;       // tanh(y) [H]
-      A* dn = ty + H;           // d(gate pre-activations) [G]
-      A* scaled = dn + G;       // dn times one LN's gain [G]
-      // Column sums: [0, G) d b, [G, 2G) d gain_x, [2G, 3G) d gain_h, [3G, 3G+H) d gain_c, then d shift_c.
+      std::vector<A> work(3 * H + G);
       A* acc = sums.mine();
       for (int64_t j = begin; j < end; ++j) {
         const int64_t p = off + j;
-        const S* g = gt + p * G;
-        const S* ch = nc + p * H;
-        S* dhs_row = dhs + j * H;
-        S* dcs_row = dcs + j * H;
-        const S* go_row = go + p * H;
-        for (int64_t k = 0; k < H; ++k) {
-          dh[k] = A(dhs_row[k]) + A(go_row[k]);
-          dc[k] = A(dcs_row[k]);
-        }
-        // Zoneout: h_t = z h_{t-1} + (1 - z) h'. The kept share goes straight to the previous state
-        // (the GEMM below adds the recurrent part; the cell's f dc' is added below).
-        if (zh != nullptr) {
-          const S* z = zh + p * H;
-          for (int64_t k = 0; k < H; ++k) {
-            dhs_row[k] = S(A(z[k]) * dh[k]);
-            dh[k] *= A(1) - A(z[k]);
-          }
-        } else {
-          for (int64_t k = 0; k < H; ++k) dhs_row[k] = S(0);
-        }
-        if (zc != nullptr) {
-          const S* z = zc + p * H;
-          for (int64_t k = 0; k < H; ++k) {
-            dcs_row[k] = S(A(z[k]) * dc[k]);
-            dc[k] *= A(1) - A(z[k]);
-          }
-        } else {
-          for (int64_t k = 0; k < H; ++k) dcs_row[k] = S(0);
-        }
-        // h' = o tanh(y), y = LN(c') gain + shift.
-        for (int64_t k = 0; k < H; ++k) ty[k] = tanh_(A(ch[k]) * gc[k] + bc[k]);
-        for (int64_t k = 0; k < H; ++k) {
-          const A o = A(g[3 * H + k]);
-          dy[k] = dh[k] * o * (A(1) - ty[k] * ty[k]);
-          dc_hat[k] = dy[k] * gc[k];
-          dn[3 * H + k] = dh[k] * ty[k] * o * (A(1) - o);  // d(pre-activation of o)
-        }
-        for (int64_t k = 0; k < H; ++k) {
-          acc[3 * G + k] += dy[k] * A(ch[k]);
-          acc[3 * G + H + k] += dy[k];
-        }
-        {
-          const A r = rs[p * 3 + 2];
-          const A m1 = row_sum<A>(H, [&](int64_t k) { return dc_hat[k]; }) / A(H);
-          const A m2 = row_sum<A>(H, [&](int64_t k) { return dc_hat[k] * A(ch[k]); }) / A(H);
-          for (int64_t k = 0; k < H; ++k) dc[k] += r * (dc_hat[k] - m1 - A(ch[k]) * m2);
-        }
-        // c' = f c + i g.
-        const S* cp_row = cp + p * H;
-        for (int64_t k = 0; k < H; ++k) {
-          const A ig = A(g[k]), fg = A(g[H + k]), gg = A(g[2 * H + k]);
-          const A d = dc[k];
-          dn[k] = d * gg * ig * (A(1) - ig);
-          dn[H + k] = d * A(cp_row[k]) * fg * (A(1) - fg);
-          dn[2 * H + k] = d * ig * (A(1) - gg * gg);
-          dcs_row[k] = S(A(dcs_row[k]) + d * fg);
-        }
-        // The gate vector a = LN(W_ih x) gx + b_ih + LN(W_hh h) gh + b_hh: dn is each bias's gradient;
-        // the two LNs' backward give d(W_ih x) and d(W_hh h).
-        const S* xr = nx + p * G;
-        const S* hr = nh + p * G;
-        for (int64_t c = 0; c < G; ++c) {
-          acc[c] += dn[c];
-          acc[G + c] += dn[c] * A(xr[c]);
-          acc[2 * G + c] += dn[c] * A(hr[c]);
-        }
-        for (int64_t c = 0; c < G; ++c) scaled[c] = dn[c] * gx[c];
-        layer_norm_backward_row<S, A>(scaled, xr, rs[p * 3], G, dx + p * G);
-        for (int64_t c = 0; c < G; ++c) scaled[c] = dn[c] * gh[c];
-        layer_norm_backward_row<S, A>(scaled, hr, rs[p * 3 + 1], G, dhh + p * G);
+        ln_lstm_backward_row<S, A>(H, gt + p * G, nc + p * H, nx + p * G, nh + p * G, cp + p * H, go + p * H,
+                                   zh == nullptr ? nullptr : zh + p * H, zc == nullptr ? nullptr : zc + p * H,
+                                   rs[p * 3], rs[p * 3 + 1], rs[p * 3 + 2], gx, gh, gc, bc, dhs + j * H,
+                                   dcs + j * H, acc, work.data(), dx + p * G, dhh + p * G);
       }
     });
-    matmul<S>(dhp.narrow(0, off, bs), w_hh, dh_state.narrow(0, 0, bs), true);
+    // Without zoneout the row pass left dh_state's rows alone: the GEMM writes them (no zeros first).
+    matmul<S>(dhp.narrow(0, off, bs), w_hh, dh_state.narrow(0, 0, bs), zh != nullptr);
   }
 }
 
@@ -565,6 +606,64 @@ void ln_gru_forward_impl(const Shapes& s, const StepSchedule& sched, bool revers
   }
 }
 
+// The backward of one GRU row: zoneout and the cell [H], then the bias and gain gradients and both gate
+// LNs' row sums in one pass [G], then both LNs' input gradients [G]. Arrays distinct, as the LSTM row's.
+// The GRU's h_{t-1} gradient z dh is written here (the step's GEMM adds the recurrent part).
+template <typename S, typename A>
+inline void ln_gru_backward_row(const int64_t H, const S* __restrict__ g, const S* __restrict__ xr,
+                                const S* __restrict__ hr, const S* __restrict__ hp_row, const S* __restrict__ go_row,
+                                const S* __restrict__ zh_row, const A rstd_x, const A rstd_h,
+                                const A* __restrict__ gx, const A* __restrict__ gh, const A* __restrict__ bh,
+                                S* __restrict__ dhs_row, A* __restrict__ acc, A* __restrict__ work,
+                                S* __restrict__ dx_row, S* __restrict__ dhh_row) {
+  const int64_t G = 3 * H;
+  A* __restrict__ dax = work;       // d(LN(W_ih x) gain + b_ih) [G]
+  A* __restrict__ dah = work + G;   // d(LN(W_hh h) gain + b_hh) [G]
+  A* __restrict__ keep = dah + G;   // zoneout's share of dh_t for h_{t-1} [H]
+  for (int64_t k = 0; k < H; ++k) {
+    const A d = A(dhs_row[k]) + A(go_row[k]);
+    const A z = zh_row != nullptr ? A(zh_row[k]) : A(0);
+    keep[k] = z * d;
+    const A dh = (A(1) - z) * d;
+    const A r = A(g[k]), u = A(g[H + k]), n = A(g[2 * H + k]);
+    const int64_t cn = 2 * H + k;
+    const A ahn = A(hr[cn]) * gh[cn] + bh[cn];
+    const A dan = dh * (A(1) - u) * (A(1) - n * n);
+    const A dau = dh * (A(hp_row[k]) - n) * u * (A(1) - u);
+    const A dar = dan * ahn * r * (A(1) - r);
+    dax[k] = dar;
+    dax[H + k] = dau;
+    dax[cn] = dan;
+    dah[k] = dar;
+    dah[H + k] = dau;
+    dah[cn] = dan * r;
+    dhs_row[k] = S(keep[k] + dh * u);
+  }
+  // Column sums: [0, G) d b_ih, [G, 2G) d b_hh, [2G, 3G) d gain_x, [3G, 4G) d gain_h.
+  A* __restrict__ acc_bx = acc;
+  A* __restrict__ acc_bh = acc + G;
+  A* __restrict__ acc_gx = acc + 2 * G;
+  A* __restrict__ acc_gh = acc + 3 * G;
+  const std::array<A, 4> sums = row_sums<4, A>(G, [&](int64_t c, A* v) {
+    const A x = A(xr[c]), h = A(hr[c]);
+    acc_bx[c] += dax[c];
+    acc_bh[c] += dah[c];
+    acc_gx[c] += dax[c] * x;
+    acc_gh[c] += dah[c] * h;
+    const A dxn = dax[c] * gx[c], dhn = dah[c] * gh[c];
+    v[0] = dxn;
+    v[1] = dxn * x;
+    v[2] = dhn;
+    v[3] = dhn * h;
+  });
+  const A x_m1 = sums[0] / A(G), x_m2 = sums[1] / A(G), h_m1 = sums[2] / A(G), h_m2 = sums[3] / A(G);
+  for (int64_t c = 0; c < G; ++c) {
+    const A x = A(xr[c]), h = A(hr[c]);
+    dx_row[c] = S(rstd_x * (dax[c] * gx[c] - x_m1 - x * x_m2));
+    dhh_row[c] = S(rstd_h * (dah[c] * gh[c] - h_m1 - h * h_m2));
+  }
+}
+
 template <typename S>
 void ln_gru_backward_impl(const Shapes& s, const StepSchedule& sched, bool reverse, const at::Tensor& grad_output,
                           const at::Tensor& w_hh, const at::Tensor& b_hh, const at::Tensor& ln_ih_w,
@@ -588,55 +687,13 @@ void ln_gru_backward_impl(const Shapes& s, const StepSchedule& sched, bool rever
     const int64_t t = reverse ? i : T - 1 - i;
     const int64_t bs = sched.batch[t], off = sched.offset[t];
     at::parallel_for(0, bs, kRowGrain, [&](int64_t begin, int64_t end) {
-      std::vector<A> buf(2 * G + H);
-      A* dax = buf.data();  // d(LN(W_ih x) gain + b_ih) [G]
-      A* dah = dax + G;     // d(LN(W_hh h) gain + b_hh) [G]
-      A* dh = dah + G;      // [H]
-      // Column sums: [0, G) d b_ih, [G, 2G) d b_hh, [2G, 3G) d gain_x, [3G, 4G) d gain_h.
+      std::vector<A> work(2 * G + H);
       A* acc = sums.mine();
       for (int64_t j = begin; j < end; ++j) {
         const int64_t p = off + j;
-        const S* g = gt + p * G;
-        const S* xr = nx + p * G;
-        const S* hr = nh + p * G;
-        S* dhs_row = dhs + j * H;
-        const S* go_row = go + p * H;
-        const S* hp_row = hp + p * H;
-        for (int64_t k = 0; k < H; ++k) dh[k] = A(dhs_row[k]) + A(go_row[k]);
-        if (zh != nullptr) {
-          const S* zr = zh + p * H;
-          for (int64_t k = 0; k < H; ++k) {
-            dhs_row[k] = S(A(zr[k]) * dh[k]);
-            dh[k] *= A(1) - A(zr[k]);
-          }
-        } else {
-          for (int64_t k = 0; k < H; ++k) dhs_row[k] = S(0);
-        }
-        for (int64_t k = 0; k < H; ++k) {
-          const A r = A(g[k]), z = A(g[H + k]), n = A(g[2 * H + k]);
-          const int64_t cn = 2 * H + k;
-          const A ahn = A(hr[cn]) * gh[cn] + bh[cn];
-          const A dan = dh[k] * (A(1) - z) * (A(1) - n * n);
-          const A daz = dh[k] * (A(hp_row[k]) - n) * z * (A(1) - z);
-          const A dar = dan * ahn * r * (A(1) - r);
-          dhs_row[k] = S(A(dhs_row[k]) + dh[k] * z);  // the GEMM below adds the recurrent part
-          dax[k] = dar;
-          dax[H + k] = daz;
-          dax[cn] = dan;
-          dah[k] = dar;
-          dah[H + k] = daz;
-          dah[cn] = dan * r;
-        }
-        for (int64_t c = 0; c < G; ++c) {
-          acc[c] += dax[c];
-          acc[G + c] += dah[c];
-          acc[2 * G + c] += dax[c] * A(xr[c]);
-          acc[3 * G + c] += dah[c] * A(hr[c]);
-          dax[c] *= gx[c];
-          dah[c] *= gh[c];
-        }
-        layer_norm_backward_row<S, A>(dax, xr, rs[p * 2], G, dx + p * G);
-        layer_norm_backward_row<S, A>(dah, hr, rs[p * 2 + 1], G, dhh + p * G);
+        ln_gru_backward_row<S, A>(H, gt + p * G, nx + p * G, nh + p * G, hp + p * H, go + p * H,
+                                  zh == nullptr ? nullptr : zh + p * H, rs[p * 2], rs[p * 2 + 1], gx, gh, bh,
+                                  dhs + j * H, acc, work.data(), dx + p * G, dhh + p * G);
       }
     });
     matmul<S>(dhp.narrow(0, off, bs), w_hh, dh_state.narrow(0, 0, bs), true);
