@@ -145,8 +145,31 @@ def _register() -> None:
         _ops._register_vmap_loop(name)
 
 
+def _register_onnxscript(registration) -> None:
+    """The torch.export-based ONNX exporter (dynamo=True) captures the ops themselves, before any Python
+    could route to the reference: a translation that says so and names the exporter that works."""
+
+    def refuse(op_name):
+        def translation(*args, **kwargs):
+            raise RuntimeError(
+                f"fusedrnn.{op_name}: the torch.export-based ONNX exporter (dynamo=True) has no translation of the "
+                "layer-normalised layers (ONNX has no such operator); export with torch.onnx.export(..., "
+                "dynamo=False), which records them as standard ONNX ops (MatMul, LayerNormalization, Sigmoid, "
+                "Tanh, ...) unrolled over the traced time steps")
+        translation.__name__ = op_name
+        return translation
+
+    for name in ("ln_lstm_forward", "ln_gru_forward"):
+        qualified = f"fusedrnn::{name}"
+        if qualified not in registration.default_registry:
+            registration.torch_op(qualified, trace_only=True)(refuse(name))
+
+
 if AVAILABLE:
     _register()
+    from . import onnx as _onnx
+
+    _onnx._after_import("onnxscript.function_libs.torch_lib.registration", _register_onnxscript)
     _EAGER_LSTM = _ops._eager_function(_ops._FUNCTORCH_FUNCTIONS["ln_lstm_forward"],
                                        torch.ops.fusedrnn.ln_lstm_forward.default)
     _EAGER_GRU = _ops._eager_function(_ops._FUNCTORCH_FUNCTIONS["ln_gru_forward"],

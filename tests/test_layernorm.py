@@ -605,3 +605,34 @@ def copy_state(model):
     traced = torch.jit.trace(model, (torch.randn(5, 2, 3, dtype=F64),), check_trace=False)
     x = torch.randn(7, 3, 3, dtype=F64)  # another length and batch than the traced ones
     assert (traced(x)[0] - model(x)[0]).abs().max().item() <= 1e-12
+
+
+def test_onnx_export_as_standard_ops_runs_in_onnxruntime_or_says_which_exporter():
+    import io
+
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(8)
+    for model in (randomise(fusedrnn.LayerNormLSTM(3, 4, num_layers=2, bidirectional=True, zoneout=0.2)),
+                  randomise(fusedrnn.LayerNormGRU(3, 4, batch_first=True))):
+        model.eval()  # zoneout's expectation p * previous + (1 - p) * new: part of the exported graph
+        x = torch.randn(5, 2, 3)
+        expected = model(x)[0].detach().numpy()
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17, input_names=["x"])
+        proto = onnx.load_from_string(buffer.getvalue())
+        onnx.checker.check_model(proto, full_check=True)
+        assert all(node.domain in ("", "ai.onnx") for node in proto.graph.node)  # standard operators only
+        assert "LayerNormalization" in {node.op_type for node in proto.graph.node}
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"x": x.numpy()})[0]
+        assert abs(got - expected).max() <= 1e-5
+        pytest.importorskip("onnxscript")
+        with pytest.raises(Exception) as info:
+            torch.onnx.export(model, (x,), dynamo=True)
+        messages = []
+        error = info.value
+        while error is not None:
+            messages.append(str(error))
+            error = error.__cause__ or error.__context__
+        assert any("dynamo=False" in m and "layer-normalised" in m for m in messages), messages[:2]
