@@ -26,7 +26,10 @@ p * previous + (1 - p) * new. The output at each step is the zoned-out h.
 
 Everything else is the plain layers' (fusedrnn.modules._RNNBase, reused): num_layers, bidirectional,
 batch_first, inter-layer dropout, PackedSequence and lengths=, hx, unbatched input, dtypes and
-autocast, torch.compile / torch.export. Not supported: proj_size, TorchScript, ONNX export.
+autocast, torch.compile / torch.export, state_dict / pickling, DDP, torch.jit.trace. ONNX: the
+TorchScript-based exporter (dynamo=False) records fusedrnn.reference's standard ops, unrolled over the
+traced steps (_layernorm_ops._in_onnx_export); the dynamo exporter raises, naming dynamo=False.
+Not supported: proj_size (ValueError), torch.jit.script (RuntimeError).
 """
 
 import math
@@ -172,7 +175,7 @@ class _LayerNormRNNBase(_RNNBase):
 
     def __prepare_scriptable__(self):
         raise RuntimeError(f"{self._type_name}: TorchScript is not supported for the layer-normalised layers; "
-                           "torch.compile and torch.export work")
+                           "torch.jit.trace, torch.compile and torch.export work")
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -297,7 +300,7 @@ class _LayerNormCellBase(nn.Module):
 
     def __prepare_scriptable__(self):
         raise RuntimeError(f"{self._type_name}: TorchScript is not supported for the layer-normalised cells; "
-                           "torch.compile and torch.export work")
+                           "torch.jit.trace, torch.compile and torch.export work")
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size)
