@@ -83,6 +83,17 @@ inline A normalize_into(const A* v, int64_t n, A eps, S* out, A* out_acc) {
   return rstd;
 }
 
+// a[k] = b[k] = v[k]: the step's new state into the output and the running state. Distinct arrays
+// (__restrict__), else with S = A = float the loop's four-store original stayed scalar (NOTES entry 20).
+template <typename S, typename A>
+inline void store_twice(const int64_t n, const A* __restrict__ v, S* __restrict__ a, S* __restrict__ b) {
+  for (int64_t k = 0; k < n; ++k) {
+    const S x = S(v[k]);
+    a[k] = x;
+    b[k] = x;
+  }
+}
+
 template <typename S>
 inline const S* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<S>() : nullptr;
@@ -244,10 +255,8 @@ void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool rever
           const S* z = zc + p * H;
           for (int64_t k = 0; k < H; ++k) c_new[k] = A(z[k]) * A(cs_row[k]) + (A(1) - A(z[k])) * c_new[k];
         }
-        for (int64_t k = 0; k < H; ++k) {
-          out_row[k] = hs_row[k] = S(h_new[k]);
-          cl_row[k] = cs_row[k] = S(c_new[k]);
-        }
+        store_twice<S, A>(H, h_new, out_row, hs_row);
+        store_twice<S, A>(H, c_new, cl_row, cs_row);
       }
     });
   }
@@ -600,7 +609,7 @@ void ln_gru_forward_impl(const Shapes& s, const StepSchedule& sched, bool revers
         S* g = gt + p * G;
         for (int64_t c = 0; c < G; ++c) g[c] = S(ax[c]);
         S* out_row = out + p * H;
-        for (int64_t k = 0; k < H; ++k) out_row[k] = hs_row[k] = S(h_new[k]);
+        store_twice<S, A>(H, h_new, out_row, hs_row);
       }
     });
   }
