@@ -7,8 +7,9 @@ block per row) on the runner, which checks barriers, shuffles and shared-memory 
 output (the saved tensors too) against the CPU op, and the layer's outputs against fusedrnn.reference.
 Backward: per step the kernel and the GEMM dh += d(W_hh h) W_hh, then the weight GEMMs and column sums
 as the host does; every gradient against autograd through fusedrnn.reference (F.layer_norm).
-float64 to 1e-12; float32 as the plain pointwise runner tests; float16/bfloat16 forward against the
-CPU op (same rounding points, so only the order of the sums differs).
+float64 to 1e-12; float32 as the plain pointwise runner tests (gradients: atol relative to their
+scale); float16/bfloat16 forward against the CPU op (same rounding points, so only the order of the
+sums differs).
 """
 
 import ctypes
@@ -298,7 +299,11 @@ def test_backward_kernel_matches_reference_autograd(lib, cell, dtype, hidden, th
     leaves = {n: v.clone().requires_grad_(True) for n, v in a.items() if v is not None and not n.startswith("zone")}
     outs = reference_layer(cell, {**a, **leaves}, batch_sizes, reverse)
     torch.autograd.backward(outs, grads)
-    t = tol(dtype)
     for name, leaf in leaves.items():
         assert not got[name].isnan().any(), f"grad {name} has elements the kernel never wrote"
+        t = tol(dtype)
+        if dtype == torch.float32:
+            # The weight gradients sum over tokens and the LN backward over the row (G up to 1200): float32
+            # rounds in proportion to the gradient's scale (measured: up to ~1e-6 of its largest element).
+            t["atol"] *= max(1.0, leaf.grad.abs().max().item())
         torch.testing.assert_close(got[name].double(), leaf.grad, **t, msg=lambda m: f"grad {name}: {m}")
