@@ -155,6 +155,7 @@ def build_extension():
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += sorted(glob.glob("csrc/layernorm/*.cu"))  # the LN cells' kernels (host code: layernorm_cuda.cpp)
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         define_macros += [("FUSEDRNN_WITH_CUDA", None), ("FUSEDRNN_CUDA_ARCHS", '"' + archs + '"')]
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]

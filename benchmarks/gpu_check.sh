@@ -326,6 +326,7 @@ sys.exit(0 if ok else 1)" || {
   if want parity; then
     local select=${GPU_CHECK_PYTEST_K:-"cuda and (packed_hx or not test_module_matches_torch_nn)"}
     local files=(tests/test_cuda.py tests/test_ops.py tests/test_activations.py tests/test_parity.py) workers=()
+    files+=(tests/test_layernorm_cuda.py)  # the layer-normalised cells' CUDA ops against the CPU op (issue 16)
     if [ $MODE = full ]; then select=${GPU_CHECK_PYTEST_K:-cuda}; files=(tests); fi
     if [ $DEVICE = cpu ]; then select=${GPU_CHECK_PYTEST_K:-"cpu and gru-1-True-False-True-packed_hx"}; fi
     if [ $DRY_RUN = 1 ] || "$PY" -c "import xdist" 2>/dev/null; then workers=(-n "${GPU_CHECK_WORKERS:-8}"); fi

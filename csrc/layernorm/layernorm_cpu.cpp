@@ -139,7 +139,7 @@ inline Shapes check_common(const char* op, int64_t gates, const at::Tensor& inpu
                            const OptTensor& b_hh, const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
                            const OptTensor& zoneout_h) {
   check_floating(op, "input", input);
-  FUSEDRNN_CHECK(input.device().is_cpu(), op, "input must be a CPU tensor (no CUDA kernel yet), got ",
+  FUSEDRNN_CHECK(input.device().is_cpu(), op, "the CPU kernel needs the input on the CPU (CUDA inputs take the CUDA kernel), got ",
                  input.device());
   FUSEDRNN_CHECK(input.dim() == 2, op, "input must be 2-D [tokens, input_size] (packed, time-major), got shape ",
                  input.sizes());
