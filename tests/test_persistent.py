@@ -1,4 +1,4 @@
-"""The persistent CUDA forward kernel's own source, run on the CPU.
+"""The persistent CUDA forward and backward kernels' own source, run on the CPU.
 
 `fusedrnn::persistent_emulate_forward` runs the kernel body (Forward<Cell, T>::run in
 csrc/persistent/persistent_forward.h, the same source the `__global__` wrapper in
@@ -9,8 +9,11 @@ these tests check, without a GPU, how the kernel splits weights, units and rows 
 CTAs, the partial tiles (H not a multiple of the k-slices, rows past the batch), the reduction,
 ragged stops and the reverse direction, against fusedrnn.reference and against the per-step path's
 saved tensors (which the existing backward ops read). `fusedrnn::persistent_plan` is the host-side
-path choice, run with made-up device limits. tests/test_kernel_runner.py shows the runner's checks
-catch a planted bug of each kind.
+path choice, run with made-up device limits. `fusedrnn::persistent_emulate_backward` is the
+backward op with the persistent backward kernel's body (Backward<Cell, T>::run in
+csrc/persistent/persistent_backward.h) on the same runner in place of the per-step loop, checked
+against fusedrnn.reference's autograd gradients and the per-step backward.
+tests/test_kernel_runner.py shows the runner's checks catch a planted bug of each kind.
 """
 
 import pytest
@@ -131,8 +134,9 @@ def test_emulated_kernel_matches_reference_and_per_step_path(cell, hidden, lengt
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("cell", list(GATES))
 def test_backward_op_accepts_the_persistent_forward_saved_tensors(cell, reverse):
-    """The backward stays per-step: fed the persistent forward's outputs, it must give the same
-    gradients as the per-step forward's (float64)."""
+    """The per-step backward (the CPU's, and CUDA's where the persistent backward cannot run): fed
+    the persistent forward's outputs, it must give the same gradients as the per-step forward's
+    (float64)."""
     batch_sizes = lengths_to_batch_sizes([4, 3, 1])
     a = make_args(cell, 6, batch_sizes)
     n, b, hidden = a["input"].shape[0], a["h0"].shape[0], 6
