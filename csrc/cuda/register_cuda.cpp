@@ -118,6 +118,18 @@ Plan plan_backward_layer(const at::Tensor& like, int64_t hidden, int64_t batch) 
   return plan;
 }
 
+// A ragged schedule reaches the persistent kernels through a pinned host copy, which a CUDA graph
+// capture cannot replay safely (the host block goes back to the cache); the per-step path copies
+// nothing from the host for it, so a ragged batch under capture takes that path.
+inline bool capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+inline Plan not_under_capture() {
+  Plan p;
+  p.why_not = "a ragged batch under CUDA graph capture (its schedule would be a host-to-device copy)";
+  return p;
+}
+
 // The path for this call: true = persistent (with `plan`), false = per-step.
 inline bool wants_persistent(const char* op, PathRequest* request) {
   const char* env = std::getenv("FUSEDRNN_CUDA_PATH");
@@ -161,12 +173,7 @@ struct CudaBackwardLaunch {
     PathRequest request;
     if (!wants_persistent(op, &request)) return false;
     plan = plan_backward_layer<Cell>(like, hidden, batch);
-    // A ragged schedule reaches the kernel through a pinned host copy, which a CUDA graph
-    // capture cannot replay safely; the per-step backward copies nothing from the host.
-    if (plan.ok && ragged && c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
-      plan = Plan{};
-      plan.why_not = "a ragged batch under CUDA graph capture (its schedule is a host-to-device copy)";
-    }
+    if (plan.ok && ragged && capturing()) plan = not_under_capture();
     check_forced(op, request, plan);
     return plan.ok;
   }
@@ -200,7 +207,8 @@ ForwardOutputs forward_layer(const char* op, const at::Tensor& input, const at::
   PathRequest request;
   if (wants_persistent(op, &request)) {
     const int64_t hidden = w_hh.size(0) / Cell::kGates;
-    const Plan plan = plan_layer<Cell>(input, hidden, h0.size(0), w.w_hr.defined());
+    Plan plan = plan_layer<Cell>(input, hidden, h0.size(0), w.w_hr.defined());
+    if (plan.ok && !s.uniform && capturing()) plan = not_under_capture();
     check_forced(op, request, plan);
     if (plan.ok) {
       CudaLaunch launch{plan};
