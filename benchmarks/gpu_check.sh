@@ -24,8 +24,9 @@
 #              persistent runs under auto (forcing persistent raises on float64, proj_size,
 #              H > 128) and checks, from the kernels the profiler saw, that the persistent kernel
 #              ran on every layer it can run and the per-step path on the others
-#   emulation  tests/test_persistent.py's CUDA tests: the real persistent kernel against the
-#              per-step path and the CPU emulation; every selected test must run (none skipped)
+#   emulation  tests/test_persistent.py's CUDA tests: the real persistent kernels (forward and
+#              backward) against the per-step path and the CPU emulation (-k cuda selects both);
+#              every selected test must run (none skipped)
 #   parity     the CUDA tests on each path (per_step: forced; persistent: auto, so the persistent
 #              kernel where it can run), with FUSEDRNN_REQUIRE_CUDA=1: a CUDA test that skips
 #              FAILS; quick: tests/test_cuda.py, tests/test_ops.py, tests/test_activations.py (the

@@ -6,7 +6,9 @@ inactive lanes or in a partial warp) is caught with a message that names it.
 The test kernels (tests/runner_kernels.cpp) and the runner are compiled here with the system C++
 compiler into a small shared library, loaded with ctypes: no torch op is needed, and the runner is
 shown to build on its own, without ATen. The real kernels go through the runner in
-tests/test_persistent.py (persistent forward) and tests/test_pointwise_runner.py (per-step steps).
+tests/test_persistent.py (persistent forward and backward) and tests/test_pointwise_runner.py
+(per-step steps); the last test here plants bugs in a copy of the persistent backward kernel
+(tests/runner_persistent_backward.cpp) and shows the runner reports each.
 """
 
 import ctypes
@@ -101,3 +103,50 @@ def test_the_lowest_failing_block_is_reported_whatever_the_os_threads(lib, worke
     monkeypatch.setenv("FUSEDRNN_RUNNER_THREADS", workers)
     rc, got = planted(lib, "fails_in_blocks_3_and_5", threads=64, grid=8)
     assert rc == 1 and re.search(r"write out of bounds: block 3, thread 0 .*offset 256 of a 256-byte block", got), got
+
+
+# The real persistent backward kernel with one planted bug each: (text in
+# csrc/persistent/persistent_backward.h, its replacement, what the runner must say).
+BACKWARD_MUTATIONS = {
+    "no_barrier_between_cells_and_product": (
+        "      }\n      ctx.sync();\n      for (int64_t r = 0; r < p.rows_per_cta; ++r) {\n        if (!K::row_active",
+        "      }\n      for (int64_t r = 0; r < p.rows_per_cta; ++r) {\n        if (!K::row_active",
+        "race: write of a value another thread read since the last barrier"),
+    "no_barrier_before_store_final": (
+        "    ctx.sync();\n    store_final(p, s, cta, tid);",
+        "    store_final(p, s, cta, tid);",
+        "race: read of a value another thread wrote since the last barrier"),
+    "dg_single_buffered": (
+        "      parity = 1 - parity;\n    }\n    ctx.sync();",
+        "    }\n    ctx.sync();",
+        "race: write of a value another thread read since the last barrier"),
+}
+
+
+@pytest.mark.parametrize("mutation", [None] + list(BACKWARD_MUTATIONS))
+def test_runner_catches_a_planted_bug_in_the_persistent_backward_kernel(tmp_path, mutation):
+    """The kernel's own headers copied beside the test's source, one bug planted in the copy: the
+    unchanged kernel passes every check, each mutation is reported as the race it is."""
+    import shutil
+
+    src_root = tmp_path / "src"
+    for sub in ("cells", "exec", "persistent"):
+        shutil.copytree(os.path.join(ROOT, "csrc", sub), src_root / sub)
+    shutil.copy(os.path.join(ROOT, "tests", "runner_persistent_backward.cpp"), src_root)
+    header = src_root / "persistent" / "persistent_backward.h"
+    if mutation is not None:
+        old, new, _ = BACKWARD_MUTATIONS[mutation]
+        text = header.read_text()
+        assert text.count(old) == 1, f"the mutation {mutation} no longer matches the kernel's source"
+        header.write_text(text.replace(old, new))
+    headers = [str(p) for p in sorted(src_root.rglob("*.h"))]
+    sources = [str(src_root / "exec" / "cpu_runner.cpp"), str(src_root / "runner_persistent_backward.cpp")]
+    lib = build_library(sources, headers, name=f"runner_persistent_backward_{mutation or 'ok'}")
+    buf = ctypes.create_string_buffer(MESSAGE)
+    rc = lib.runner_persistent_backward(buf, MESSAGE)
+    if mutation is None:
+        assert rc == 0, buf.value.decode()
+    else:
+        assert rc == 1, f"the runner missed the planted bug {mutation}"
+        assert BACKWARD_MUTATIONS[mutation][2] in buf.value.decode(), buf.value.decode()
+        assert "persistent_backward.h" in buf.value.decode()

@@ -1,4 +1,4 @@
-"""The persistent CUDA forward kernel's own source, run on the CPU.
+"""The persistent CUDA forward and backward kernels' own source, run on the CPU.
 
 `fusedrnn::persistent_emulate_forward` runs the kernel body (Forward<Cell, T>::run in
 csrc/persistent/persistent_forward.h, the same source the `__global__` wrapper in
@@ -9,8 +9,11 @@ these tests check, without a GPU, how the kernel splits weights, units and rows 
 CTAs, the partial tiles (H not a multiple of the k-slices, rows past the batch), the reduction,
 ragged stops and the reverse direction, against fusedrnn.reference and against the per-step path's
 saved tensors (which the existing backward ops read). `fusedrnn::persistent_plan` is the host-side
-path choice, run with made-up device limits. tests/test_kernel_runner.py shows the runner's checks
-catch a planted bug of each kind.
+path choice, run with made-up device limits. `fusedrnn::persistent_emulate_backward` is the
+backward op with the persistent backward kernel's body (Backward<Cell, T>::run in
+csrc/persistent/persistent_backward.h) on the same runner in place of the per-step loop, checked
+against fusedrnn.reference's autograd gradients and the per-step backward.
+tests/test_kernel_runner.py shows the runner's checks catch a planted bug of each kind.
 """
 
 import pytest
@@ -131,8 +134,9 @@ def test_emulated_kernel_matches_reference_and_per_step_path(cell, hidden, lengt
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("cell", list(GATES))
 def test_backward_op_accepts_the_persistent_forward_saved_tensors(cell, reverse):
-    """The backward stays per-step: fed the persistent forward's outputs, it must give the same
-    gradients as the per-step forward's (float64)."""
+    """The per-step backward (the CPU's, and CUDA's where the persistent backward cannot run): fed
+    the persistent forward's outputs, it must give the same gradients as the per-step forward's
+    (float64)."""
     batch_sizes = lengths_to_batch_sizes([4, 3, 1])
     a = make_args(cell, 6, batch_sizes)
     n, b, hidden = a["input"].shape[0], a["h0"].shape[0], 6
@@ -186,6 +190,149 @@ def test_emulated_half_kernel_keeps_sums_and_state_in_float32(cell, dtype):
     err_per_step = (ps_out.double() - ref_out).abs().max().item()
     assert err <= err_per_step * 1.0 + 1e-3, (err, err_per_step)
     assert (h_n.double() - ref_h).abs().max().item() <= (ps_h.double() - ref_h).abs().max().item() + 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# The persistent BACKWARD kernel (Backward<Cell, T>::run in csrc/persistent/persistent_backward.h)
+# on the CPU runner, inside the real backward op (the weight/input GEMMs after it are the driver's).
+# ---------------------------------------------------------------------------------------------
+
+def upstream_grads(cell, a, batch_sizes, dtype, seed=1):
+    """Random dL/doutput, dL/dh_n and (LSTM) dL/dc_n."""
+    g = torch.Generator().manual_seed(seed)
+    n, b = a["input"].shape[0], a["h0"].shape[0]
+    hidden = a["h0"].shape[1]
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    return rand(n, hidden), rand(b, hidden), rand(b, hidden) if cell == "lstm" else None
+
+
+def emulate_backward(cell, a, fwd, grads, batch_sizes, reverse, rows_per_cta):
+    """The backward op with the persistent backward kernel on the runner, fed forward outputs `fwd`
+    (either path's): (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)."""
+    out, _, _, gates, extra = fwd
+    go, gh, gc = grads
+    return OPS.persistent_emulate_backward(cell, go, gh, gc, a["input"], a["h0"], a["c0"], a["w_ih"], a["w_hh"],
+                                           batch_sizes, reverse, True, out, gates, extra, rows_per_cta)
+
+
+def per_step_backward(cell, a, fwd, grads, batch_sizes, reverse):
+    """The per-step backward op, the same 7 results as emulate_backward."""
+    out, _, _, gates, extra = fwd
+    go, gh, gc = grads
+    if cell == "lstm":
+        r = OPS.lstm_backward(go, gh, gc, a["input"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], None, batch_sizes,
+                              reverse, True, out, gates, extra)
+        return r[:7]
+    if cell == "gru":
+        r = OPS.gru_backward(go, gh, a["input"], a["h0"], a["w_ih"], a["w_hh"], batch_sizes, reverse, True, out,
+                             gates, extra)
+    else:
+        r = getattr(OPS, f"{cell}_backward")(go, gh, a["input"], a["h0"], a["w_ih"], a["w_hh"], batch_sizes, reverse,
+                                             True, out)
+    return (r[0], r[1], None) + tuple(r[2:])
+
+
+def reference_grads(cell, a, grads, batch_sizes, reverse):
+    """Gradients of sum(out * go) + sum(h_n * gh) (+ sum(c_n * gc)) through fusedrnn.reference in
+    float64, in emulate_backward's order (None where a tensor is absent)."""
+    leaves = {k: None if v is None else v.detach().double().requires_grad_() for k, v in a.items()}
+    out, h_n, c_n = reference_forward(cell, leaves, batch_sizes, reverse)
+    go, gh, gc = (None if t is None else t.double() for t in grads)
+    loss = (out * go).sum() + (h_n * gh).sum() + ((c_n * gc).sum() if cell == "lstm" else 0)
+    names = ["input", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh"]
+    wanted = [leaves[k] for k in names if leaves[k] is not None]
+    got = dict(zip([k for k in names if leaves[k] is not None], torch.autograd.grad(loss, wanted)))
+    return tuple(got.get(k) for k in names)
+
+
+def grad_tol(dtype):
+    return dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("hidden,lengths,rows", SHAPES, ids=[f"H{h}-L{'_'.join(map(str, l))}-R{r}"
+                                                              for h, l, r in SHAPES])
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_emulated_backward_kernel_matches_reference_gradients(cell, hidden, lengths, rows, reverse, dtype):
+    """Every gradient (input, h0, c0, weights, biases) against fusedrnn.reference's autograd, from
+    the persistent forward's saved tensors; ragged batches stop inside a CTA, partial tiles, reverse."""
+    batch_sizes = lengths_to_batch_sizes(lengths)
+    a = make_args(cell, hidden, batch_sizes, dtype)
+    grads = upstream_grads(cell, a, batch_sizes, dtype)
+    fwd = emulate(cell, a, batch_sizes, reverse, rows)
+    got = emulate_backward(cell, a, fwd, grads, batch_sizes, reverse, rows)
+    want = reference_grads(cell, a, grads, batch_sizes, reverse)
+    for name, x, y in zip(["input", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh"], got, want):
+        if y is None:
+            assert name == "c0" and x.numel() == 0
+            continue
+        torch.testing.assert_close(x.double(), y, **grad_tol(dtype), msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("cell", list(GATES))
+def test_emulated_backward_kernel_accepts_either_forward_paths_saved_tensors(cell, reverse):
+    """Fed the per-step forward's or the persistent forward's outputs, the persistent backward gives
+    the per-step backward's gradients (float64); several rows per CTA with a partial last CTA."""
+    batch_sizes = lengths_to_batch_sizes([5, 4, 4, 2, 1])
+    a = make_args(cell, 7, batch_sizes)
+    grads = upstream_grads(cell, a, batch_sizes, torch.float64, seed=3)
+    for fwd in (per_step(cell, a, batch_sizes, reverse), emulate(cell, a, batch_sizes, reverse, 2)):
+        got = emulate_backward(cell, a, fwd, grads, batch_sizes, reverse, 2)
+        want = per_step_backward(cell, a, fwd, grads, batch_sizes, reverse)
+        for x, y in zip(got, want):
+            if y is None:
+                assert x.numel() == 0
+            else:
+                torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+def test_emulated_backward_kernel_without_bias(cell):
+    batch_sizes = lengths_to_batch_sizes([3, 2])
+    a = make_args(cell, 10, batch_sizes, bias=False)
+    grads = upstream_grads(cell, a, batch_sizes, torch.float64)
+    got = emulate_backward(cell, a, emulate(cell, a, batch_sizes, False, 1), grads, batch_sizes, False, 1)
+    want = reference_grads(cell, a, grads, batch_sizes, False)
+    for x, y in zip(got[:5], want[:5]):
+        if y is not None:
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("cell", list(GATES))
+def test_emulated_half_backward_kernel_error_at_most_the_per_step_paths(cell, dtype):
+    """Half inputs, dh and dc carried in float32 between steps: every gradient's error against
+    float64 at most the per-step backward's (which rounds dh, dc to half each step) plus one
+    rounding of the dtype at the gradient's largest magnitude: both paths round every gate
+    gradient and the result to half, so one ulp there is the resolution of the comparison."""
+    batch_sizes = lengths_to_batch_sizes([12, 10, 7])
+    a = {k: None if v is None else v.to(dtype) for k, v in make_args(cell, 48, batch_sizes).items()}
+    grads = upstream_grads(cell, a, batch_sizes, dtype)
+    want = reference_grads(cell, a, grads, batch_sizes, False)
+    fwd = per_step(cell, a, batch_sizes, False)
+    got = emulate_backward(cell, a, fwd, grads, batch_sizes, False, 2)
+    ps = per_step_backward(cell, a, fwd, grads, batch_sizes, False)
+    for name, x, y, z in zip(["input", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh"], got, ps, want):
+        if z is None:
+            continue
+        err, err_ps = (x.double() - z).abs().max().item(), (y.double() - z).abs().max().item()
+        assert err <= err_ps + torch.finfo(dtype).eps * max(1.0, z.abs().max().item()), (name, err, err_ps)
+
+
+def test_emulated_backward_kernel_rejects_what_the_kernel_cannot_run():
+    batch_sizes = lengths_to_batch_sizes([2])
+    a = make_args("gru", MAX_HIDDEN + 1, batch_sizes)
+    grads = upstream_grads("gru", a, batch_sizes, torch.float64)
+    fwd = per_step("gru", a, batch_sizes, False)
+    with pytest.raises(RuntimeError, match="hidden_size must be at most 128"):
+        emulate_backward("gru", a, fwd, grads, batch_sizes, False, 1)
+    a = make_args("gru", 4, batch_sizes)
+    fwd = per_step("gru", a, batch_sizes, False)
+    grads = upstream_grads("gru", a, batch_sizes, torch.float64)
+    with pytest.raises(RuntimeError, match=r"rows_per_cta must be in \[1, 16\]"):
+        emulate_backward("gru", a, fwd, grads, batch_sizes, False, MAX_ROWS_PER_CTA + 1)
 
 
 def test_emulated_kernel_rejects_what_the_kernel_cannot_run():
@@ -343,3 +490,103 @@ def test_every_op_has_a_cuda_kernel():
     for cell in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
         for direction in ("forward", "backward"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedrnn::{cell}_{direction}", "CUDA")
+
+
+def assert_grads_close(got, want, rel, what):
+    """Each gradient within rel of the largest magnitude of the wanted one (weight gradients are
+    sums over every token: an absolute tolerance that does not scale with them means nothing)."""
+    for i, (x, y) in enumerate(zip(got, want)):
+        if y is None or y.numel() == 0:
+            continue
+        x, y = x.double().cpu(), y.double().cpu()
+        scale = max(1.0, y.abs().max().item())
+        torch.testing.assert_close(x, y, rtol=rel, atol=rel * scale, msg=lambda m: f"{what}, result {i}: {m}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("hidden,lengths", CUDA_SHAPES, ids=["sentiment", "ragged300"])
+@pytest.mark.parametrize("cell", list(GATES))
+def test_cuda_persistent_backward_matches_per_step_path_and_emulation(cell, hidden, lengths, reverse, monkeypatch):
+    """The real persistent backward kernel (FUSEDRNN_CUDA_PATH=persistent) against the per-step
+    backward on the GPU and against the same kernel source on the CPU runner, from one forward."""
+    batch_sizes = lengths_to_batch_sizes(lengths)
+    a = make_args(cell, hidden, batch_sizes, torch.float32, input_size=16)
+    grads = upstream_grads(cell, a, batch_sizes, torch.float32)
+    ca, cgrads = on_cuda(a), tuple(None if t is None else t.cuda() for t in grads)
+    monkeypatch.setenv("FUSEDRNN_CUDA_PATH", "per_step")
+    fwd = per_step(cell, ca, batch_sizes, reverse)
+    want = per_step_backward(cell, ca, fwd, cgrads, batch_sizes, reverse)
+    monkeypatch.setenv("FUSEDRNN_CUDA_PATH", "persistent")
+    got = per_step_backward(cell, ca, fwd, cgrads, batch_sizes, reverse)
+    assert_grads_close(got, want, 1e-3, "persistent vs per-step backward on the GPU")
+    cpu_fwd = tuple(None if t is None else t.cpu() for t in fwd)
+    emu = emulate_backward(cell, a, cpu_fwd, grads, batch_sizes, reverse, 1)
+    assert_grads_close(got, emu, 1e-4, "GPU kernel vs the CPU runner")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("cell", list(GATES))
+def test_cuda_persistent_backward_half_error_at_most_the_per_step_paths(cell, dtype, monkeypatch):
+    batch_sizes = lengths_to_batch_sizes([50] * 8)
+    a = {k: None if v is None else v.to(dtype) for k, v in make_args(cell, 128, batch_sizes, input_size=16).items()}
+    grads = upstream_grads(cell, a, batch_sizes, dtype)
+    ref = reference_grads(cell, a, grads, batch_sizes, False)
+    ca, cgrads = on_cuda(a), tuple(None if t is None else t.cuda() for t in grads)
+    monkeypatch.setenv("FUSEDRNN_CUDA_PATH", "per_step")
+    fwd = per_step(cell, ca, batch_sizes, False)
+    errs = {}
+    for path in ("persistent", "per_step"):
+        monkeypatch.setenv("FUSEDRNN_CUDA_PATH", path)
+        got = per_step_backward(cell, ca, fwd, cgrads, batch_sizes, False)
+        errs[path] = [None if z is None else (x.double().cpu() - z).abs().max().item() / max(1.0, z.abs().max().item())
+                      for x, z in zip(got, ref)]
+    for i, (e, e_ps) in enumerate(zip(errs["persistent"], errs["per_step"])):
+        if e is not None:
+            assert e <= e_ps + 1e-3, (i, errs)
+
+
+@requires_cuda
+def test_cuda_backward_path_switch_errors(monkeypatch):
+    """A forced persistent backward on a layer its kernel cannot run (float64) says why."""
+    batch_sizes = lengths_to_batch_sizes([3, 2])
+    a = on_cuda(make_args("gru", 8, batch_sizes))
+    grads = tuple(None if t is None else t.cuda() for t in upstream_grads("gru", a, batch_sizes, torch.float64))
+    monkeypatch.setenv("FUSEDRNN_CUDA_PATH", "per_step")
+    fwd = per_step("gru", a, batch_sizes, False)
+    monkeypatch.setenv("FUSEDRNN_CUDA_PATH", "persistent")
+    with pytest.raises(RuntimeError, match="gru_backward: FUSEDRNN_CUDA_PATH=persistent, but the persistent kernel "
+                                           "cannot run this layer: float64"):
+        per_step_backward("gru", a, fwd, grads, batch_sizes, False)
+
+
+@requires_cuda
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cuda_ragged_batch_under_graph_capture_takes_the_per_step_path(cell, monkeypatch):
+    """A ragged batch's schedule would reach the persistent kernels through a pinned host copy,
+    which a graph cannot replay safely: under capture (auto) both directions take the per-step
+    path, and the replayed graph gives the eager results."""
+    batch_sizes = lengths_to_batch_sizes([6, 4, 4, 1])
+    a = on_cuda(make_args(cell, 16, batch_sizes, torch.float32, input_size=8))
+    grads = tuple(None if t is None else t.cuda() for t in upstream_grads(cell, a, batch_sizes, torch.float32))
+    monkeypatch.setenv("FUSEDRNN_CUDA_PATH", "auto")
+
+    def step():
+        fwd = per_step(cell, a, batch_sizes, False)
+        return fwd, per_step_backward(cell, a, fwd, grads, batch_sizes, False)
+
+    eager = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the capture, as torch.cuda.graphs asks
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    # Eager ran the persistent kernels, the graph the per-step path: as the path comparisons above.
+    assert_grads_close(captured[0], eager[0], 1e-4, "forward, captured vs eager")
+    assert_grads_close(captured[1], eager[1], 1e-3, "backward, captured vs eager")

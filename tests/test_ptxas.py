@@ -114,20 +114,22 @@ def test_persistent_kernels_fit_what_the_plan_launches(resources):
     lim = limits()
     persistent = {name: r for cu, kernels in resources.items() if os.path.basename(cu).startswith("persistent_")
                   for name, r in kernels.items()}
-    # 4 cells x 3 dtypes (float32, float16, bfloat16).
-    assert len(persistent) == 12, sorted(persistent)
+    # 4 cells x 3 dtypes (float32, float16, bfloat16), forward and backward.
+    assert len(persistent) == 24, sorted(persistent)
+    assert sum("backward_kernel" in name for name in persistent) == 12, sorted(persistent)
     for name, r in persistent.items():
         assert r["registers"] <= lim["kMaxRegisters"], (name, r)
         assert r["registers"] * lim["kThreads"] <= 65536, (name, r)
         assert r["smem"] == 0, f"{name}: static shared memory {r['smem']} is not in the plan's budget"
     # The plan with the header's shared-memory limit and the registers ptxas reported: it must
     # accept the sentiment shape (one row per CTA) for every cell and dtype.
-    worst = max(r["registers"] for r in persistent.values())
     if not fusedrnn.backends()["compiled"]:
         pytest.skip("compiled operators not loaded: cannot run the plan")
-    for cell in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            ok, rows, grid, shared = torch.ops.fusedrnn.persistent_plan(
-                cell, lim["kMaxHidden"], 32, dtype, False, 132, lim["kMaxSharedBytes"], 65536, worst,
-                lim["kThreads"])
-            assert ok and rows == 1 and shared <= lim["kMaxSharedBytes"], (cell, dtype, shared)
+    for kind, plan in (("forward", torch.ops.fusedrnn.persistent_plan),
+                       ("backward", torch.ops.fusedrnn.persistent_plan_backward)):
+        worst = max(r["registers"] for name, r in persistent.items() if f"{kind}_kernel" in name)
+        for cell in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                ok, rows, grid, shared = plan(cell, lim["kMaxHidden"], 32, dtype, False, 132, lim["kMaxSharedBytes"],
+                                              65536, worst, lim["kThreads"])
+                assert ok and rows == 1 and shared <= lim["kMaxSharedBytes"], (kind, cell, dtype, shared)

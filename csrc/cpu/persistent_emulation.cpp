@@ -1,10 +1,12 @@
-// The persistent CUDA forward kernel's own source on the CPU, for the tests:
-// the layer's ATen part (csrc/persistent/persistent_layer.h) with the launch
+// The persistent CUDA kernels' own source on the CPU, for the tests: the
+// layer's ATen part (csrc/persistent/persistent_layer.h, and the backward
+// driver with persistent_backward_layer.h's sequence engine) with the launch
 // replaced by the CPU runner (csrc/exec/cpu_runner.h), which runs the kernel
-// body Forward<Cell, T>::run for every thread of every CTA with real barriers,
-// lane-exact warp shuffles and checked, poisoned shared memory; a failed check
-// raises. Registered as the test-only op fusedrnn::persistent_emulate_forward
-// (CPU), plus fusedrnn::persistent_plan to test the path choice.
+// body Forward<Cell, T>::run / Backward<Cell, T>::run for every thread of every
+// CTA with real barriers, lane-exact warp shuffles and checked, poisoned shared
+// memory; a failed check raises. Registered as the test-only ops
+// fusedrnn::persistent_emulate_forward / persistent_emulate_backward (CPU), plus
+// fusedrnn::persistent_plan / persistent_plan_backward to test the path choice.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -16,9 +18,11 @@
 #include "../cells/lstm_cell.h"
 #include "../cells/rnn_cell.h"
 #include "../layer/layer_ops.h"
+#include "../persistent/persistent_backward_layer.h"
 #include "../persistent/persistent_layer.h"
 #include "../persistent/persistent_plan.h"
 #include "../exec/cpu_runner.h"
+#include "cpu_device.h"
 
 namespace fusedrnn {
 namespace persistent {
@@ -70,7 +74,78 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulate_f
   return {r.output, r.h_n, lstm ? r.c_n : empty, r.gates, lstm ? r.cells : gates == 3 ? r.hn : empty};
 }
 
-// The path choice with given device limits: [ok, rows_per_cta, grid, shared_bytes].
+// The backward kernel's own body (Backward<Cell, T>::run) on the CPU runner, with the rows per
+// CTA the test asks for (set by emulate_backward around the call, on this thread).
+struct RunnerBackwardLaunch {
+  static inline thread_local int64_t rows_per_cta = 0;
+  template <typename Cell>
+  static bool accepts(const at::Tensor&, int64_t hidden, int64_t, bool) {
+    TORCH_CHECK(hidden <= kMaxHidden, "fusedrnn.persistent_emulate_backward: hidden_size must be at most ",
+                kMaxHidden, ", got ", hidden);
+    TORCH_CHECK(rows_per_cta >= 1, "fusedrnn.persistent_emulate_backward: no rows_per_cta set");
+    return true;
+  }
+  template <typename Cell, typename T>
+  static void run(BackwardParams<T> p) {
+    using K = Backward<Cell, T>;
+    p.rows_per_cta = rows_per_cta;
+    exec::LaunchConfig config;
+    config.grid = (p.batch + p.rows_per_cta - 1) / p.rows_per_cta;
+    config.threads = kThreads;
+    config.shared_bytes = K::shared_bytes(p.rows_per_cta);
+    try {
+      exec::run_kernel(config, [&p](const exec::CpuThread& ctx) { K::run(ctx, p); });
+    } catch (const exec::KernelCheckError& e) {
+      TORCH_CHECK(false, "fusedrnn.persistent_emulate_backward: the ", Cell::kName,
+                  " backward kernel failed a check of the CPU runner: ", e.what());
+    }
+  }
+};
+using RunnerBackwardDevice = PersistentBackward<CpuDevice, RunnerBackwardLaunch>;
+
+// The backward op of `cell` (layer_ops.h, every check included) with the persistent backward kernel
+// on the runner in place of the per-step loop; LSTM's grad_c0 is empty for the other cells.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulate_backward(
+    const std::string& cell, const at::Tensor& grad_output, const at::Tensor& grad_h_n, const OptTensor& grad_c_n,
+    const at::Tensor& input, const at::Tensor& h0, const OptTensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& batch_sizes, bool reverse, bool need_grad_input,
+    const at::Tensor& output, const OptTensor& gates, const OptTensor& extra, int64_t rows_per_cta) {
+  constexpr const char* op = "persistent_emulate_backward";
+  const bool lstm = cell == "lstm", gru = cell == "gru";
+  FUSEDRNN_CHECK(lstm || gru || cell == "rnn_tanh" || cell == "rnn_relu", op,
+                 "cell must be lstm, gru, rnn_tanh or rnn_relu, got ", cell);
+  FUSEDRNN_CHECK(rows_per_cta >= 1 && rows_per_cta <= kMaxRowsPerCta, op, "rows_per_cta must be in [1, ",
+                 kMaxRowsPerCta, "], got ", rows_per_cta);
+  FUSEDRNN_CHECK(!lstm || (c0.has_value() && grad_c_n.has_value()), op, "lstm needs c0 and grad_c_n");
+  FUSEDRNN_CHECK(!(lstm || gru) || (gates.has_value() && extra.has_value()), op, cell, " needs gates and extra");
+  struct Rows {
+    explicit Rows(int64_t r) { RunnerBackwardLaunch::rows_per_cta = r; }
+    ~Rows() { RunnerBackwardLaunch::rows_per_cta = 0; }
+  } rows(rows_per_cta);
+  const at::Tensor empty = at::empty({0}, input.options());
+  if (lstm) {
+    auto g = lstm_backward<RunnerBackwardDevice>(grad_output, grad_h_n, *grad_c_n, input, h0, *c0, w_ih, w_hh,
+                                                 std::nullopt, batch_sizes, reverse, need_grad_input, output, *gates,
+                                                 *extra);
+    return {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), std::get<4>(g), std::get<5>(g),
+            std::get<6>(g)};
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> g;
+  if (gru) {
+    g = gru_backward<RunnerBackwardDevice>(grad_output, grad_h_n, input, h0, w_ih, w_hh, batch_sizes, reverse,
+                                           need_grad_input, output, *gates, *extra);
+  } else if (cell == "rnn_tanh") {
+    g = rnn_backward<RnnTanhCell, RunnerBackwardDevice>(grad_output, grad_h_n, input, h0, w_ih, w_hh, batch_sizes,
+                                                        reverse, need_grad_input, output);
+  } else {
+    g = rnn_backward<RnnReluCell, RunnerBackwardDevice>(grad_output, grad_h_n, input, h0, w_ih, w_hh, batch_sizes,
+                                                        reverse, need_grad_input, output);
+  }
+  return {std::get<0>(g), std::get<1>(g), empty, std::get<2>(g), std::get<3>(g), std::get<4>(g), std::get<5>(g)};
+}
+
+// The path choice (forward, or the backward kernel's) with given device limits: [ok, rows_per_cta, grid, shared_bytes].
+template <bool kBackward>
 std::vector<int64_t> plan(const std::string& cell, int64_t hidden, int64_t batch, at::ScalarType dtype,
                           bool projection, int64_t sm_count, int64_t shared_optin, int64_t registers_per_block,
                           int64_t kernel_registers, int64_t kernel_max_threads) {
@@ -80,7 +155,9 @@ std::vector<int64_t> plan(const std::string& cell, int64_t hidden, int64_t batch
   auto with = [&](auto cell_tag) {
     using Cell = decltype(cell_tag);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedrnn.persistent_plan", [&] {
-      p = plan_forward(l, d, [](int64_t rows) { return Forward<Cell, scalar_t>::shared_bytes(rows); });
+      p = plan_forward(l, d, [](int64_t rows) {
+        return kBackward ? Backward<Cell, scalar_t>::shared_bytes(rows) : Forward<Cell, scalar_t>::shared_bytes(rows);
+      });
     });
   };
   if (cell == "lstm") with(LstmCell{});
@@ -94,5 +171,24 @@ std::vector<int64_t> plan(const std::string& cell, int64_t hidden, int64_t batch
 }  // namespace persistent
 }  // namespace fusedrnn
 
-TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) { m.impl("persistent_emulate_forward", &fusedrnn::persistent::emulate_forward); }
-TORCH_LIBRARY_IMPL(fusedrnn, CompositeExplicitAutograd, m) { m.impl("persistent_plan", &fusedrnn::persistent::plan); }
+// Test-only: the persistent backward kernel on the runner (the schema lives here, beside its only
+// implementation). Returns (grad_input, grad_h0, grad_c0 (LSTM, else empty), grad_w_ih, grad_w_hh,
+// grad_b_ih, grad_b_hh).
+TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
+  m.def(
+      "persistent_emulate_backward(str cell, Tensor grad_output, Tensor grad_h_n, Tensor? grad_c_n, Tensor input, "
+      "Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor batch_sizes, bool reverse, bool need_grad_input, "
+      "Tensor output, Tensor? gates, Tensor? extra, int rows_per_cta) -> (Tensor grad_input, Tensor grad_h0, "
+      "Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
+  m.def(
+      "persistent_plan_backward(str cell, int hidden, int batch, ScalarType dtype, bool projection, int sm_count, "
+      "int shared_optin, int registers_per_block, int kernel_registers, int kernel_max_threads) -> int[]");
+}
+TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
+  m.impl("persistent_emulate_forward", &fusedrnn::persistent::emulate_forward);
+  m.impl("persistent_emulate_backward", &fusedrnn::persistent::emulate_backward);
+}
+TORCH_LIBRARY_IMPL(fusedrnn, CompositeExplicitAutograd, m) {
+  m.impl("persistent_plan", &fusedrnn::persistent::plan<false>);
+  m.impl("persistent_plan_backward", &fusedrnn::persistent::plan<true>);
+}

@@ -9,9 +9,11 @@
 // The choice (persistent/persistent_plan.h) reads the device's SM count,
 // shared memory and register limits and the compiled kernel's resources before
 // anything is launched; FUSEDRNN_CUDA_PATH=per_step|persistent|auto forces it
-// (persistent on a layer it cannot run: an error saying why). Backward is
-// per-step on both paths: the persistent forward returns the same saved
-// tensors, in the same layout.
+// (persistent on a layer it cannot run: an error saying why). Backward makes
+// the same choice with its own plan (the backward kernel's resources): the
+// persistent backward (persistent/persistent_backward.h) runs the reverse-time
+// recurrence in one launch, the weight and input gradients stay GEMMs; it reads
+// what either forward path saved (the same tensors, in the same layout).
 // The per-step path's GEMMs run on cuBLAS with ATen's handle and the current
 // stream (float32 through fp32_gemm.h, with the math torch.nn's cuDNN RNNs would
 // use; others through ATen); the persistent path's input projection goes through
@@ -19,17 +21,21 @@
 // current stream too, so the ops are correct on any stream and capturable in
 // CUDA graphs.
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "../layer/layer_ops.h"
+#include "../persistent/persistent_backward_layer.h"
 #include "../persistent/persistent_layer.h"
 #include "../persistent/persistent_plan.h"
 #include "fp32_gemm.h"
+#include "persistent_backward_launch.h"
 #include "persistent_launch.h"
 #include "pointwise_launch.h"
 
@@ -66,11 +72,11 @@ struct CudaDevice {
 namespace persistent {
 
 // The device's limits and the compiled kernel's resources, for the plan.
-template <typename Cell, typename T>
+template <typename Cell, typename T, bool kBackward = false>
 DeviceLimits device_limits() {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   cudaFuncAttributes attr{};
-  const cudaError_t err = forward_attributes<Cell, T>(&attr);
+  const cudaError_t err = kBackward ? backward_attributes<Cell, T>(&attr) : forward_attributes<Cell, T>(&attr);
   C10_CUDA_CHECK(err);
   DeviceLimits d;
   d.sm_count = prop->multiProcessorCount;
@@ -94,6 +100,34 @@ Plan plan_layer(const at::Tensor& input, int64_t hidden, int64_t batch, bool pro
     }
   });
   return plan;
+}
+
+// The backward kernel's plan: the same rule (rows over the SMs, then packed), its own resources.
+template <typename Cell>
+Plan plan_backward_layer(const at::Tensor& like, int64_t hidden, int64_t batch) {
+  const LayerShape l{hidden, batch, like.scalar_type() == at::kDouble, false};
+  Plan plan;
+  if (l.float64) return plan_forward(l, DeviceLimits{}, [](int64_t) { return size_t(0); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "fusedrnn.plan_backward", [&] {
+    using T = scalar_t;
+    if constexpr (!std::is_same_v<T, double>) {
+      plan = plan_forward(l, device_limits<Cell, T, true>(),
+                          [](int64_t rows) { return Backward<Cell, T>::shared_bytes(rows); });
+    }
+  });
+  return plan;
+}
+
+// A ragged schedule reaches the persistent kernels through a pinned host copy, which a CUDA graph
+// capture cannot replay safely (the host block goes back to the cache); the per-step path copies
+// nothing from the host for it, so a ragged batch under capture takes that path.
+inline bool capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+inline Plan not_under_capture() {
+  Plan p;
+  p.why_not = "a ragged batch under CUDA graph capture (its schedule would be a host-to-device copy)";
+  return p;
 }
 
 // The path for this call: true = persistent (with `plan`), false = per-step.
@@ -124,6 +158,39 @@ struct CudaLaunch {
   }
 };
 
+// The persistent backward on CUDA, as the backward driver's sequence engine
+// (persistent_backward_layer.h). `accepts` plans the launch (kept for `run` on
+// this thread: the driver calls the two back to back); a layer the kernel cannot
+// run goes to the per-step loop, or raises under FUSEDRNN_CUDA_PATH=persistent.
+// LSTM's proj_size never reaches it (the driver keeps projection per-step; its
+// forward already refused a forced persistent path).
+struct CudaBackwardLaunch {
+  static inline thread_local Plan plan{};
+  template <typename Cell>
+  static bool accepts(const at::Tensor& like, int64_t hidden, int64_t batch, bool ragged) {
+    const std::string name = std::string(Cell::kName) + "_backward";
+    const char* op = name.c_str();
+    PathRequest request;
+    if (!wants_persistent(op, &request)) return false;
+    plan = plan_backward_layer<Cell>(like, hidden, batch);
+    if (plan.ok && ragged && capturing()) plan = not_under_capture();
+    check_forced(op, request, plan);
+    return plan.ok;
+  }
+  template <typename Cell, typename T>
+  static void run(BackwardParams<T> p) {
+    if constexpr (std::is_same_v<T, double>) {
+      TORCH_CHECK(false, "fusedrnn: the persistent backward has no float64 version (the plan should have refused it)");
+    } else {
+      TORCH_CHECK(plan.ok, "fusedrnn: the persistent backward was launched without a plan");
+      p.rows_per_cta = plan.rows_per_cta;
+      const cudaError_t err = launch_backward<Cell, T>(p, plan.grid, plan.shared_bytes, at::cuda::getCurrentCUDAStream());
+      C10_CUDA_CHECK(err);
+    }
+  }
+};
+using PersistentCudaDevice = PersistentBackward<CudaDevice, CudaBackwardLaunch>;
+
 // One forward layer on CUDA: the arguments are checked once (before the device
 // guard, so a CPU tensor among CUDA ones gets our message, not c10's), then the
 // layer runs on the persistent kernel when the path choice allows and the plan
@@ -140,7 +207,8 @@ ForwardOutputs forward_layer(const char* op, const at::Tensor& input, const at::
   PathRequest request;
   if (wants_persistent(op, &request)) {
     const int64_t hidden = w_hh.size(0) / Cell::kGates;
-    const Plan plan = plan_layer<Cell>(input, hidden, h0.size(0), w.w_hr.defined());
+    Plan plan = plan_layer<Cell>(input, hidden, h0.size(0), w.w_hr.defined());
+    if (plan.ok && !s.uniform && capturing()) plan = not_under_capture();
     check_forced(op, request, plan);
     if (plan.ok) {
       CudaLaunch launch{plan};
@@ -186,8 +254,10 @@ TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) {
   m.impl("gru_forward", &persistent::gru_forward);
   m.impl("rnn_tanh_forward", &persistent::rnn_forward<RnnTanhCell>);
   m.impl("rnn_relu_forward", &persistent::rnn_forward<RnnReluCell>);
-  m.impl("lstm_backward", &lstm_backward<CudaDevice>);
-  m.impl("gru_backward", &gru_backward<CudaDevice>);
-  m.impl("rnn_tanh_backward", &rnn_backward<RnnTanhCell, CudaDevice>);
-  m.impl("rnn_relu_backward", &rnn_backward<RnnReluCell, CudaDevice>);
+  // Backward: the driver with the persistent backward as its sequence engine, which
+  // itself falls back to the per-step loop where the path choice says so.
+  m.impl("lstm_backward", &lstm_backward<persistent::PersistentCudaDevice>);
+  m.impl("gru_backward", &gru_backward<persistent::PersistentCudaDevice>);
+  m.impl("rnn_tanh_backward", &rnn_backward<RnnTanhCell, persistent::PersistentCudaDevice>);
+  m.impl("rnn_relu_backward", &rnn_backward<RnnReluCell, persistent::PersistentCudaDevice>);
 }

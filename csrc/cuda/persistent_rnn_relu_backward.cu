@@ -1,0 +1,10 @@
+// Persistent whole-sequence backward kernel of the rnn_relu cell (the math: csrc/cells/rnn_cell.h,
+// the logic: csrc/persistent/persistent_backward.h).
+#include "../cells/rnn_cell.h"
+#include "persistent_backward_kernel.cuh"
+
+namespace fusedrnn {
+namespace persistent {
+FUSEDRNN_INSTANTIATE_PERSISTENT_BACKWARD(RnnReluCell)
+}  // namespace persistent
+}  // namespace fusedrnn
