@@ -139,6 +139,8 @@ def build_extension():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/exec/*.cpp"))
     # Layer-normalised LSTM / GRU and zoneout (their own TORCH_LIBRARY_FRAGMENT; CPU only so far).
     sources += sorted(glob.glob("csrc/layernorm/*.cpp"))
+    # C++ autograd for eager training calls (their own TORCH_LIBRARY_FRAGMENT; device-independent).
+    sources += sorted(glob.glob("csrc/autograd/*.cpp"))
     define_macros = [("FUSEDRNN_TORCH_VERSION", '"' + torch.__version__ + '"')]
     # -fopenmp: at::parallel_for is an inline header (ATen/ParallelOpenMP.h) whose
     # `#pragma omp parallel` is compiled into OUR objects; without the flag every

@@ -17,7 +17,8 @@
 // training FLOPs, is skipped: a first layer fed raw features needs none).
 //
 // Implementations: cpu/register_cpu.cpp (CPU), cuda/register_cuda.cpp (CUDA).
-// Fake kernels and autograd are registered in Python (fusedrnn/_ops.py).
+// Fake kernels and autograd are registered in Python (fusedrnn/_ops.py); eager training calls use
+// the same formulas as C++ autograd Functions (autograd/eager_autograd.cpp, its own ops eager_*).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -666,12 +666,49 @@ def _eager_function(twin: Type[torch.autograd.Function], op) -> Type[torch.autog
     return Eager
 
 
+class _VJPContext:
+    """What _differentiable_vjp reads from an autograd context, for the C++ Functions' calls."""
+    __slots__ = ("reverse", "needs_input_grad")
+
+    def __init__(self, reverse: bool, needs_input_grad):
+        self.reverse, self.needs_input_grad = reverse, needs_input_grad
+
+
+def _eager_differentiable_vjp(kind: str, reverse: bool, grads, primals, needs_grad, batch_sizes: Tensor, saved):
+    """fusedrnn::eager_differentiable_vjp: the C++ autograd Functions' backward with grad mode on
+    (create_graph=True) is the Python formulas' (_differentiable_vjp: _FirstOrderGrads), so double
+    and higher backward are one code path for both. Returns the gradients of the primals that are
+    present and need one, in order (csrc/autograd/eager_autograd.cpp maps them back)."""
+    result = _differentiable_vjp(_VJPContext(reverse, tuple(needs_grad)), kind, tuple(grads), tuple(primals),
+                                 batch_sizes, tuple(saved))
+    return [g for g in result[:len(primals)] if g is not None]
+
+
+# Eager training calls (_EAGER_GRAD): the forward ops wrapped in C++ autograd Functions
+# (csrc/autograd/eager_autograd.cpp), whose plain backward calls the backward op without entering
+# Python (benchmarks/NOTES.md, "C++ autograd for the small training calls"). A library built before
+# them: the Python Functions above (_EAGER_FUNCTIONS), the same formulas.
+_CPP_AUTOGRAD = COMPILED and hasattr(torch.ops.fusedrnn, "eager_lstm_forward")
+_LIB = None
+if _CPP_AUTOGRAD:
+    _LIB = torch.library.Library("fusedrnn", "IMPL")
+    _LIB.impl("eager_differentiable_vjp", _eager_differentiable_vjp, "CompositeImplicitAutograd")
+
 if COMPILED:
     _RAW_OPS.update({name: _raw(getattr(torch.ops.fusedrnn, name).default) for name in OPS})
     _LSTM_FORWARD = _RAW_OPS["lstm_forward"]
     _GRU_FORWARD = _RAW_OPS["gru_forward"]
     _RNN_FORWARD = {"tanh": _RAW_OPS["rnn_tanh_forward"], "relu": _RAW_OPS["rnn_relu_forward"]}
     _make_eager_functions()
+    if _CPP_AUTOGRAD:
+        _TRAIN_LSTM = _raw(torch.ops.fusedrnn.eager_lstm_forward.default)
+        _TRAIN_GRU = _raw(torch.ops.fusedrnn.eager_gru_forward.default)
+        _TRAIN_RNN = {"tanh": _raw(torch.ops.fusedrnn.eager_rnn_tanh_forward.default),
+                      "relu": _raw(torch.ops.fusedrnn.eager_rnn_relu_forward.default)}
+    else:
+        _TRAIN_LSTM = _EAGER_FUNCTIONS["lstm_forward"].apply
+        _TRAIN_GRU = _EAGER_FUNCTIONS["gru_forward"].apply
+        _TRAIN_RNN = {act: _EAGER_FUNCTIONS[f"rnn_{act}_forward"].apply for act in ("tanh", "relu")}
 
 def lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                b_hh: Optional[Tensor], w_hr: Optional[Tensor], batch_sizes: Tensor,
@@ -689,8 +726,7 @@ def lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
                 out, h, c, _, _ = _LSTM_FORWARD(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
             return out, h, c
         if route == _EAGER_GRAD:
-            out, h, c, _, _ = _EAGER_FUNCTIONS["lstm_forward"].apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                                                     batch_sizes, reverse)
+            out, h, c, _, _ = _TRAIN_LSTM(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
             return out, h, c
     out, h, c, _, _ = torch.ops.fusedrnn.lstm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
                                                       reverse)
@@ -712,8 +748,7 @@ def gru_layer(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optio
                 out, h, _, _ = _GRU_FORWARD(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
             return out, h
         if route == _EAGER_GRAD:
-            out, h, _, _ = _EAGER_FUNCTIONS["gru_forward"].apply(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes,
-                                                                 reverse)
+            out, h, _, _ = _TRAIN_GRU(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
             return out, h
     out, h, _, _ = torch.ops.fusedrnn.gru_forward(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
     return out, h
@@ -734,8 +769,7 @@ def rnn_layer(nonlinearity: str, input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: 
                 out, h = _RNN_FORWARD[nonlinearity](input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
             return out, h
         if route == _EAGER_GRAD:
-            out, h = _EAGER_FUNCTIONS[f"rnn_{nonlinearity}_forward"].apply(input, h0, w_ih, w_hh, b_ih, b_hh,
-                                                                           batch_sizes, reverse)
+            out, h = _TRAIN_RNN[nonlinearity](input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
             return out, h
     if nonlinearity == "tanh":
         return torch.ops.fusedrnn.rnn_tanh_forward(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)

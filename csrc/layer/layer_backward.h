@@ -166,6 +166,84 @@ const T* previous_block(const at::Tensor& all, const at::Tensor& init, const Ste
   return scratch.template const_data_ptr<T>();
 }
 
+// The weight and bias gradients of a call of a few tokens (N <= 8 rows, CPU, float / double), with
+// plain loops into the output buffers: dW_ih = dgates^T X, dW_hh = dgates_h^T H_prev (H_prev read
+// in place, by previous_runs), db_ih / db_hh column sums (GRU: the n columns of dgates scaled by r in
+// place first for the hidden side, as the ATen route does). Through ATen these are a few outer
+// products and reductions whose dispatch, transposes and allocations cost ~40 K instructions at
+// B = 1, H = 64, several times their arithmetic (benchmarks/NOTES.md, entry 24). Returns false (the
+// caller takes the ATen route) for anything else, and above ~0.5 M multiply-adds, where MKL's
+// threads pay.
+inline bool small_weight_grads(BackwardOutputs& g, at::Tensor& dgates, const SavedForBackward& saved,
+                               const at::Tensor& h0, const StepSchedule& sched, bool reverse, bool is_gru,
+                               int64_t H) {
+  constexpr int64_t kMaxRows = 8;
+  constexpr int64_t kMaxMultiplyAdds = int64_t(1) << 19;
+  const at::Tensor& x = saved.input;
+  const at::Tensor& out = saved.output;
+  const int64_t N = dgates.size(0), K = dgates.size(1), I = x.size(1), S = out.size(1);
+  const auto type = x.scalar_type();
+  if (!x.device().is_cpu() || N == 0 || N > kMaxRows || (type != at::kFloat && type != at::kDouble) ||
+      N * K * (I + S) > kMaxMultiplyAdds || !x.is_contiguous() || !out.is_contiguous() || !h0.is_contiguous() ||
+      !dgates.is_contiguous() || dgates.scalar_type() != type || (is_gru && !saved.gates.is_contiguous())) {
+    return false;
+  }
+  const std::vector<PreviousRun> runs = previous_runs(sched, reverse);
+  const auto opts = x.options();
+  g.grad_w_ih = new_buffer({K, I}, opts);
+  g.grad_w_hh = new_buffer({K, S}, opts);
+  g.grad_b_ih = new_buffer({K}, opts);
+  g.grad_b_hh = new_buffer({K}, opts);
+  AT_DISPATCH_FLOATING_TYPES(type, "fusedrnn.small_weight_grads", [&] {
+    using T = scalar_t;
+    T* d = dgates.template data_ptr<T>();
+    const T* xp = x.template const_data_ptr<T>();
+    T* wih = g.grad_w_ih.template data_ptr<T>();
+    T* bih = g.grad_b_ih.template data_ptr<T>();
+    for (int64_t k = 0; k < K; ++k) {
+      T* row = wih + k * I;
+      std::fill(row, row + I, T(0));
+      T sum = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const T dk = d[n * K + k];
+        const T* xr = xp + n * I;
+        sum += dk;
+        for (int64_t i = 0; i < I; ++i) row[i] += dk * xr[i];
+      }
+      bih[k] = sum;
+    }
+    if (is_gru) {  // the hidden side's n gate gradient: dn * r (r: the first H columns of gates)
+      const T* gates = saved.gates.template const_data_ptr<T>();
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t j = 0; j < H; ++j) d[n * K + 2 * H + j] *= gates[n * 3 * H + j];
+      }
+    }
+    const T* outp = out.template const_data_ptr<T>();
+    const T* h0p = h0.template const_data_ptr<T>();
+    T* whh = g.grad_w_hh.template data_ptr<T>();
+    T* bhh = g.grad_b_hh.template data_ptr<T>();
+    for (int64_t k = 0; k < K; ++k) {
+      T* row = whh + k * S;
+      std::fill(row, row + S, T(0));
+      for (const PreviousRun& r : runs) {
+        for (int64_t n = 0; n < r.count; ++n) {
+          const T dk = d[(r.dst + n) * K + k];
+          const T* hp = (r.from_init ? h0p : outp) + (r.src + n) * S;
+          for (int64_t j = 0; j < S; ++j) row[j] += dk * hp[j];
+        }
+      }
+      if (is_gru) {
+        T sum = 0;
+        for (int64_t n = 0; n < N; ++n) sum += d[n * K + k];
+        bhh[k] = sum;
+      } else {
+        bhh[k] = bih[k];
+      }
+    }
+  });
+  return true;
+}
+
 // Memory: besides the saved tensors and the gradients it returns, backward
 // holds one [N, G*H] buffer, the gate gradients, and a few [B, *] ones.
 //  - RNN: when grad_output arrives non-contiguous, the copy made here is ours,
@@ -265,17 +343,19 @@ BackwardOutputs layer_backward(const at::Tensor& grad_output_in, const at::Tenso
   // GRU's dgates is rescaled for dW_hh below, so it keeps its own dX buffer.
   const bool grad_input_in_place = need_grad_input && !is_gru && w.w_ih.size(1) == G * H;
   if (need_grad_input && !grad_input_in_place) g.grad_input = device_mm<Device>(dgates, w.w_ih);
-  g.grad_w_ih = device_mm<Device>(dgates.t(), saved.input);
-  g.grad_b_ih = dgates.sum(0);
-  if (is_gru) {
-    // The hidden side differs from the input side only in the n gate: dn * r.
-    // dgates' input-side job is done, so scale its n columns in place.
-    dgates.narrow(1, 2 * H, H).mul_(saved.gates.narrow(1, 0, H));
-    g.grad_b_hh = dgates.sum(0);
-  } else {
-    g.grad_b_hh = g.grad_b_ih.clone();
+  if (!small_weight_grads(g, dgates, saved, h0, sched, reverse, is_gru, H)) {
+    g.grad_w_ih = device_mm<Device>(dgates.t(), saved.input);
+    g.grad_b_ih = dgates.sum(0);
+    if (is_gru) {
+      // The hidden side differs from the input side only in the n gate: dn * r.
+      // dgates' input-side job is done, so scale its n columns in place.
+      dgates.narrow(1, 2 * H, H).mul_(saved.gates.narrow(1, 0, H));
+      g.grad_b_hh = dgates.sum(0);
+    } else {
+      g.grad_b_hh = g.grad_b_ih.clone();
+    }
+    g.grad_w_hh = grad_times_previous<Device>(dgates, saved.output, h0, sched, reverse);
   }
-  g.grad_w_hh = grad_times_previous<Device>(dgates, saved.output, h0, sched, reverse);
   if (grad_input_in_place) {
     // Row blocks of about 1 MB in float32 through a small buffer, each copied
     // back over the dgates rows it was computed from.

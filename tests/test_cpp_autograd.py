@@ -1,0 +1,152 @@
+"""Eager training calls record a C++ autograd node (csrc/autograd/eager_autograd.cpp) instead of a
+Python autograd.Function: what a Python Function gave for free must still hold, each checked against
+torch.nn in float64. An in-place change of a saved tensor between forward and backward raises (the
+version check); retain_graph and a second backward accumulate like nn's; saved-tensor hooks see the
+saved tensors; a gradient of h_n / c_n alone, of the output alone, and a missing bias all give nn's
+gradients; input gradients only where asked; create_graph (double backward) through the node.
+"""
+
+import pytest
+import torch
+
+import fusedrnn
+from fusedrnn import _ops
+
+pytestmark = pytest.mark.skipif(not fusedrnn.backends()["compiled"], reason="compiled operators not loaded: "
+                                + str(fusedrnn.backends()["load_error"]))
+
+CELLS = {"lstm": (torch.nn.LSTMCell, fusedrnn.LSTMCell), "gru": (torch.nn.GRUCell, fusedrnn.GRUCell),
+         "rnn_tanh": (torch.nn.RNNCell, fusedrnn.RNNCell)}
+LAYERS = {"lstm": (torch.nn.LSTM, fusedrnn.LSTM), "gru": (torch.nn.GRU, fusedrnn.GRU),
+          "rnn_tanh": (torch.nn.RNN, fusedrnn.RNN), "rnn_relu": (torch.nn.RNN, fusedrnn.RNN)}
+
+
+def _pair(kind, layer=True, **kwargs):
+    torch.manual_seed(0)
+    nn_cls, fused_cls = (LAYERS if layer else CELLS)[kind]
+    if kind == "rnn_relu":
+        kwargs["nonlinearity"] = "relu"
+    ref = nn_cls(3, 4, dtype=torch.double, **kwargs)
+    ours = fused_cls(3, 4, dtype=torch.double, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _grads(module):
+    return [p.grad.clone() if p.grad is not None else None for p in module.parameters()]
+
+
+def _assert_same_grads(ref, ours):
+    for (name, a), b in zip(ref.named_parameters(), ours.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
+def test_training_calls_use_the_cpp_node():
+    """The eager training route is the C++ one (a library without it would fall back silently)."""
+    assert _ops._CPP_AUTOGRAD
+    _, ours = _pair("gru", layer=False)
+    h = ours(torch.randn(2, 3, dtype=torch.double))
+    assert type(h.grad_fn).__name__ == "CppFunction"
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_in_place_change_of_a_saved_weight_raises(kind):
+    ref, ours = _pair(kind)
+    x = torch.randn(2, 1, 3, dtype=torch.double)
+    for m in (ref, ours):
+        out = m(x)[0]
+        with torch.no_grad():
+            m.weight_hh_l0.mul_(1.0)  # bumps the version counter
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_retain_graph_and_second_backward_accumulate_like_nn(kind):
+    ref, ours = _pair(kind)
+    x = torch.randn(3, 2, 3, dtype=torch.double)
+    for m in (ref, ours):
+        out = m(x)[0].pow(2).sum()
+        out.backward(retain_graph=True)
+        out.backward()
+    _assert_same_grads(ref, ours)
+    # Without retain_graph the second backward fails, as nn's does.
+    out = ours(x)[0].sum()
+    out.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        out.backward()
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+@pytest.mark.parametrize("use", ["output", "h_n", "c_n", "both"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_partial_output_gradients_and_no_bias_match_nn(kind, use, bias):
+    if use == "c_n" and kind != "lstm":
+        pytest.skip("only LSTM has c_n")
+    ref, ours = _pair(kind, bias=bias)
+    x = torch.randn(3, 2, 3, dtype=torch.double, requires_grad=True)
+    h0 = torch.randn(1, 2, 4, dtype=torch.double, requires_grad=True)
+    grads = []
+    for m in (ref, ours):
+        hx = (h0, h0 * 0.5) if kind == "lstm" else h0
+        out, state = m(x, hx)
+        h_n = state[0] if kind == "lstm" else state
+        loss = {"output": out.sum(), "h_n": h_n.pow(2).sum(), "both": out.sum() + h_n.pow(2).sum(),
+                "c_n": state[1].pow(2).sum() if kind == "lstm" else None}[use]
+        grads.append(torch.autograd.grad(loss, [x, h0] + list(m.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_input_gradient_only_where_asked(kind):
+    ref, ours = _pair(kind, layer=False)
+    x = torch.randn(2, 3, dtype=torch.double)
+    for m in (ref, ours):
+        out = m(x)
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+    assert x.grad is None
+    _assert_same_grads(ref, ours)
+    x.requires_grad_()
+    gx = []
+    for m in (ref, ours):
+        out = m(x)
+        gx.append(torch.autograd.grad((out[0] if isinstance(out, tuple) else out).sum(), x)[0])
+    torch.testing.assert_close(gx[1], gx[0])
+
+
+def test_saved_tensor_hooks_see_the_saved_tensors():
+    _, ours = _pair("lstm")
+    x = torch.randn(2, 1, 3, dtype=torch.double)
+    packed, unpacked = [], []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t
+
+    def unpack(t):
+        unpacked.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        out = ours(x)[0]
+    out.sum().backward()
+    assert torch.Size([2, 3]) in packed  # the input, [tokens, input_size]
+    assert len(unpacked) == len(packed) and len(packed) > 0
+
+
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_double_backward_through_the_cpp_node_matches_nn(kind):
+    ref, ours = _pair(kind, layer=False)
+    x = torch.randn(2, 3, dtype=torch.double, requires_grad=True)
+    results = []
+    for m in (ref, ours):
+        out = m(x)
+        out = out[0] if isinstance(out, tuple) else out
+        first = torch.autograd.grad(out.pow(2).sum(), [x] + list(m.parameters()), create_graph=True)
+        penalty = sum(g.pow(2).sum() for g in first)
+        results.append(torch.autograd.grad(penalty, [x] + list(m.parameters())))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a)
