@@ -28,22 +28,27 @@ namespace fusedrnn {
 namespace persistent {
 namespace {
 
-// The kernel's own body (Forward<Cell, T>::run) on the CPU runner: the grid and
-// shared memory the CUDA launch would have, every thread of each CTA as a fiber.
+// One launch of a persistent kernel K (Forward or Backward) on the CPU runner: the grid and
+// shared memory the CUDA launch would have, every thread of each CTA as a fiber; a failed runner
+// check becomes a RuntimeError naming the op and the kernel.
+template <typename K, typename Params>
+void run_on_runner(const Params& p, const char* op, const char* cell, const char* kernel) {
+  exec::LaunchConfig config;
+  config.grid = (p.batch + p.rows_per_cta - 1) / p.rows_per_cta;
+  config.threads = kThreads;
+  config.shared_bytes = K::shared_bytes(p.rows_per_cta);
+  try {
+    exec::run_kernel(config, [&p](const exec::CpuThread& ctx) { K::run(ctx, p); });
+  } catch (const exec::KernelCheckError& e) {
+    TORCH_CHECK(false, "fusedrnn.", op, ": the ", cell, kernel, " failed a check of the CPU runner: ", e.what());
+  }
+}
+
+// The kernel's own body (Forward<Cell, T>::run) on the CPU runner.
 struct RunnerLaunch {
   template <typename Cell, typename T>
   void run(const ForwardParams<T>& p) {
-    using K = Forward<Cell, T>;
-    exec::LaunchConfig config;
-    config.grid = (p.batch + p.rows_per_cta - 1) / p.rows_per_cta;
-    config.threads = kThreads;
-    config.shared_bytes = K::shared_bytes(p.rows_per_cta);
-    try {
-      exec::run_kernel(config, [&p](const exec::CpuThread& ctx) { K::run(ctx, p); });
-    } catch (const exec::KernelCheckError& e) {
-      TORCH_CHECK(false, "fusedrnn.persistent_emulate_forward: the ", Cell::kName,
-                  " kernel failed a check of the CPU runner: ", e.what());
-    }
+    run_on_runner<Forward<Cell, T>>(p, "persistent_emulate_forward", Cell::kName, " kernel");
   }
 };
 
@@ -87,18 +92,8 @@ struct RunnerBackwardLaunch {
   }
   template <typename Cell, typename T>
   static void run(BackwardParams<T> p) {
-    using K = Backward<Cell, T>;
     p.rows_per_cta = rows_per_cta;
-    exec::LaunchConfig config;
-    config.grid = (p.batch + p.rows_per_cta - 1) / p.rows_per_cta;
-    config.threads = kThreads;
-    config.shared_bytes = K::shared_bytes(p.rows_per_cta);
-    try {
-      exec::run_kernel(config, [&p](const exec::CpuThread& ctx) { K::run(ctx, p); });
-    } catch (const exec::KernelCheckError& e) {
-      TORCH_CHECK(false, "fusedrnn.persistent_emulate_backward: the ", Cell::kName,
-                  " backward kernel failed a check of the CPU runner: ", e.what());
-    }
+    run_on_runner<Backward<Cell, T>>(p, "persistent_emulate_backward", Cell::kName, " backward kernel");
   }
 };
 using RunnerBackwardDevice = PersistentBackward<CpuDevice, RunnerBackwardLaunch>;
