@@ -13,6 +13,7 @@ import warnings
 from typing import Dict, Optional, Type
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import modules
 
@@ -57,23 +58,51 @@ def _on_meta(cls: Type[nn.Module], kwargs: dict) -> nn.Module:
         return cls(**kwargs, device="meta")
 
 
+def _module_class(module: nn.Module) -> Type[nn.Module]:
+    """The class the user built: for a parametrized module (torch.nn.utils.parametrize gives it a
+    generated subclass, ParametrizedLSTM, that only adds the weights' properties) the class below."""
+    cls = type(module)
+    if parametrize.is_parametrized(module) and len(cls.__bases__) == 1:
+        return cls.__bases__[0]
+    return cls
+
+
 def _twin(module: nn.Module, mapping: Dict[Type[nn.Module], Type[nn.Module]]) -> Optional[nn.Module]:
     # Exact type match: a user's subclass may override forward, and swapping it would drop that.
-    cls = mapping.get(type(module))
+    base = _module_class(module)
+    cls = mapping.get(base)
     if cls is None:
         return None
+    parametrized = base is not type(module)
     kwargs = _constructor_kwargs(module)
     twin = _on_meta(cls, kwargs)
     # What the original's class sets up itself (configuration, the weights' bookkeeping) the twin's
     # constructor has set up for its class; everything else in the original's __dict__ is the user's.
-    class_state = set(_on_meta(type(module), kwargs).__dict__) - _MODULE_STATE
+    class_state = set(_on_meta(base, kwargs).__dict__) - _MODULE_STATE
     for key, value in module.__dict__.items():
         if key in _COPIED:
             twin.__dict__[key] = copy.copy(value)
         elif key not in class_state and key not in _NOT_CARRIED:
             twin.__dict__[key] = value  # nn.Module's state (training, hooks) and the user's attributes
+    if parametrized:
+        # The twin holds the original's `parametrizations` (its ParametrizationLists: the same original
+        # Parameters, the same parametrization modules and their buffers, e.g. spectral_norm's u and v);
+        # it needs the same generated class, whose properties compute each weight from them on access.
+        # torch.nn.utils.parametrize builds that class and those properties with these two functions when
+        # it registers a parametrization; calling them here registers nothing new and, unlike
+        # register_parametrization, does not run right_inverse on the weights.
+        parametrize._inject_new_class(twin)
+        for name in module.parametrizations:
+            parametrize._inject_property(twin, name)
     if isinstance(twin, nn.RNNBase):
-        twin._init_flat_weights()  # _flat_weights of the moved Parameters (torch.nn's flattens them for cuDNN)
+        if parametrized:
+            # Reading a parametrized weight runs its parametrization (spectral_norm in training mode steps its
+            # power iteration): take the original's bookkeeping instead of reading the weights once more.
+            for key in ("_flat_weights", "_flat_weight_refs"):
+                if key in module.__dict__:
+                    twin.__dict__[key] = list(module.__dict__[key])
+        else:
+            twin._init_flat_weights()  # _flat_weights of the moved Parameters (torch.nn's flattens them for cuDNN)
     return twin
 
 
@@ -104,7 +133,9 @@ def convert(model: nn.Module) -> nn.Module:
     train/eval mode and hooks. A module used in several places gets one twin, used in all of them.
     Allocates nothing and draws no random numbers. Changes `model` in place and returns it (or the
     twin, when `model` itself is one); the original recurrent modules are left as they were, sharing
-    their Parameters with the twins. Subclasses of torch.nn's classes are left alone."""
+    their Parameters with the twins. A parametrized module (torch.nn.utils.parametrize: weight_norm,
+    spectral_norm, orthogonal, your own) becomes a parametrized twin that shares the original's
+    parametrizations. Subclasses of torch.nn's classes are left alone."""
     return _convert(model, _TO_FUSED, {})
 
 

@@ -635,8 +635,51 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
                              f"min {int(lengths.min())} and max {int(lengths.max())}")
         packed = pack_padded_sequence(input, lengths, batch_first=self.batch_first, enforce_sorted=False)
         out, h, c = self._forward_packed(packed, h0, c0, weights)
+        if not torch.jit.is_scripting():
+            if _ops._functorch_active():
+                return _pad_packed_with_tensor_ops(out, self.batch_first, steps), h, c
         padded, _ = pad_packed_sequence(out, batch_first=self.batch_first, total_length=steps)
         return padded, h, c
+
+
+
+def _pad_packed_with_tensor_ops(packed: PackedSequence, batch_first: bool, steps: int) -> Tensor:
+    """pad_packed_sequence(packed, batch_first, total_length=steps)[0] written with differentiable tensor
+    ops. torch's kernel for it reads raw data pointers, which torch.func's wrapped tensors do not have
+    ("Cannot access data pointer of Tensor that doesn't have storage"), so grad / vjp / jacrev over a
+    lengths= call would fail there. Row r of the packed data is step t, sorted sequence j = r - (rows
+    before step t); it goes to padded row t * batch + sorted_indices[j] (the caller's order)."""
+    data, batch_sizes = packed.data, packed.batch_sizes
+    batch = int(batch_sizes[0])
+    step_of_row = torch.repeat_interleave(torch.arange(batch_sizes.numel()), batch_sizes)
+    rows_before_step = torch.cumsum(batch_sizes, 0) - batch_sizes
+    sorted_entry = torch.arange(data.shape[0]) - rows_before_step[step_of_row]
+    entry = sorted_entry if packed.sorted_indices is None else packed.sorted_indices.cpu()[sorted_entry]
+    destination = (step_of_row * batch + entry).to(data.device)
+    padded = data.new_zeros((steps * batch,) + tuple(data.shape[1:])).index_copy(0, destination, data)
+    padded = padded.view((steps, batch) + tuple(data.shape[1:]))
+    return padded.transpose(0, 1) if batch_first else padded
+
+
+def _fx_proxy(input, hx) -> Optional[torch.fx.Proxy]:
+    """The torch.fx Proxy among a call's input and state (a tuple state's entries included), if any:
+    the call is being recorded by torch.fx.symbolic_trace."""
+    for value in (input, hx) + (tuple(hx) if isinstance(hx, (tuple, list)) else ()):
+        if isinstance(value, torch.fx.Proxy):
+            return value
+    return None
+
+
+def _fx_leaf(module: nn.Module, proxy: torch.fx.Proxy, args: tuple, kwargs: dict):
+    """The node torch.fx.symbolic_trace records for a call of one of our modules.
+
+    fx's tracer keeps every module under torch.nn (nn.LSTM / GRU / RNN and their cells) as a leaf: one
+    call_module node, the module run as it is when the GraphModule runs. Ours live outside torch.nn, so
+    the tracer steps into forward with Proxies, and forward's checks (which read shapes and values)
+    cannot run on those. Recording the same call_module node as for torch.nn's module gives the graph
+    users get from nn, and the GraphModule then calls our module, fused kernels included."""
+    tracer = proxy.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
 
 
 def _no_lengths_with_packed(name: str, lengths: Optional[Tensor]) -> None:
@@ -665,6 +708,10 @@ class LSTM(_RNNBase, nn.LSTM):
         pass
 
     def forward(self, input, hx=None, lengths=None):  # noqa: F811
+        if not torch.jit.is_scripting():
+            proxy = _fx_proxy(input, hx)
+            if proxy is not None:
+                return _fx_leaf(self, proxy, (input, hx), {"lengths": lengths} if lengths is not None else {})
         h0: Optional[Tensor] = None
         c0: Optional[Tensor] = None
         if hx is not None:
@@ -708,6 +755,10 @@ class GRU(_RNNBase, nn.GRU):
         pass
 
     def forward(self, input, hx=None, lengths=None):  # noqa: F811
+        if not torch.jit.is_scripting():
+            proxy = _fx_proxy(input, hx)
+            if proxy is not None:
+                return _fx_leaf(self, proxy, (input, hx), {"lengths": lengths} if lengths is not None else {})
         if isinstance(input, PackedSequence):
             _no_lengths_with_packed(self._type_name, lengths)
             packed, h, _ = self._forward_packed(input, hx, None)
@@ -752,6 +803,9 @@ class RNN(_RNNBase, nn.RNN):
         # Like torch.nn.RNN, the call runs the cell that `mode` names (read per call; `nonlinearity` only
         # chooses it at construction).
         if not torch.jit.is_scripting():
+            proxy = _fx_proxy(input, hx)
+            if proxy is not None:
+                return _fx_leaf(self, proxy, (input, hx), {"lengths": lengths} if lengths is not None else {})
             if self.mode not in ("RNN_TANH", "RNN_RELU"):
                 raise AssertionError(f"{self._type_name}: mode must be 'RNN_TANH' or 'RNN_RELU', got '{self.mode}'")
         if isinstance(input, PackedSequence):
@@ -959,6 +1013,9 @@ class LSTMCell(_CellBase, nn.LSTMCell):
                 fast = self._fast_step(self.mode, input, hx[0], hx[1])
                 if fast is not None:
                     return fast[0], fast[1]
+            proxy = _fx_proxy(input, hx)
+            if proxy is not None:
+                return _fx_leaf(self, proxy, (input, hx), {})
         if hx is not None:
             if torch.jit.is_scripting():
                 h0, c0 = hx[0], hx[1]
@@ -984,6 +1041,9 @@ class GRUCell(_CellBase, nn.GRUCell):
             fast = self._fast_step(self.mode, input, hx, None)
             if fast is not None:
                 return fast[0]
+            proxy = _fx_proxy(input, hx)
+            if proxy is not None:
+                return _fx_leaf(self, proxy, (input, hx), {})
         return self._step(self.mode, input, hx, None)[0]
 
 
@@ -1013,6 +1073,9 @@ class RNNCell(_CellBase, nn.RNNCell):
             fast = self._fast_step(mode, input, hx, None)
             if fast is not None:
                 return fast[0]
+            proxy = _fx_proxy(input, hx)
+            if proxy is not None:
+                return _fx_leaf(self, proxy, (input, hx), {})
         return self._step(mode, input, hx, None)[0]
 
 
