@@ -9,9 +9,11 @@ this path, and does it compute the right numbers?
 
 --path persistent runs every op under FUSEDRNN_CUDA_PATH=auto (forcing persistent raises on
 the layers the persistent kernel cannot run: float64, LSTM proj_size, hidden_size > 128) and,
-from the kernels the profiler saw, checks that the forward ran the persistent kernel on every
-layer it can run and the per-step path on the others; where the profiler sees no kernel at all,
-an eligible layer is run again forced to persistent (which raises if that path is not taken).
+from the kernels the profiler saw, checks that the forward AND the backward ran their persistent
+kernels on every layer they can run (and, the batches being ragged, that the schedule kernel
+wrote the schedule on the device), and the per-step path on the others; where the profiler sees
+no kernel at all, an eligible layer is run again forced to persistent (which raises if that path
+is not taken).
 
 Exit status: 0 all ops right; 1 an op failed or was wrong; 2 CUDA cannot run here (says why);
 3 the requested CUDA path is not built into this fusedrnn (says so; nothing was run).
@@ -58,6 +60,21 @@ def forward_path_of(kernel_names) -> str:
     if any("persistent" in n and "forward_kernel" in n for n in names):
         return "persistent"
     return "per_step" if names else "unknown"
+
+
+def backward_path_of(kernel_names) -> str:
+    """As forward_path_of, for the backward: the persistent backward kernel
+    (fusedrnn::persistent::backward_kernel) or only per-step kernels."""
+    names = list(kernel_names)
+    if any("persistent" in n and "backward_kernel" in n for n in names):
+        return "persistent"
+    return "per_step" if names else "unknown"
+
+
+def schedule_on_device(kernel_names) -> bool:
+    """Whether a ragged batch's schedule was written by the schedule kernel
+    (fusedrnn::persistent::fill_schedule_kernel, csrc/cuda/step_schedule.cu), the graph-safe way."""
+    return any("fill_schedule_kernel" in n for n in kernel_names)
 
 
 def cuda_kernels_of(fn):
@@ -166,7 +183,8 @@ def run_config(cell, size, dtype, reverse, device, path, gen):
     if device != "cuda":  # the CPU kernels have one path; nothing to check
         return check_one(cell, size, dtype, reverse, device, gen), None, None
     err, kernels = cuda_kernels_of(lambda: check_one(cell, size, dtype, reverse, device, gen))
-    taken = forward_path_of(kernels)
+    forward, backward = forward_path_of(kernels), backward_path_of(kernels)
+    taken = forward if forward == backward else f"forward {forward}, backward {backward}"
     if taken == "unknown" and eligible:
         # No CUDA activity in the profiler: forcing the persistent path raises unless it runs.
         os.environ["FUSEDRNN_CUDA_PATH"] = "persistent"
@@ -180,6 +198,8 @@ def run_config(cell, size, dtype, reverse, device, path, gen):
     elif taken != want:
         return err, taken, f"auto should run {want} here ({'eligible' if eligible else 'not eligible'} " \
                            f"for the persistent kernel), it ran {taken}"
+    elif taken == "persistent" and not schedule_on_device(kernels):  # every size's batch is ragged (SIZES)
+        return err, taken, "the ragged batch's schedule was not written by the schedule kernel on the device"
     return err, taken, None
 
 
@@ -224,7 +244,7 @@ def main(argv=None) -> int:
                         ok = err <= TOLERANCE[dtype] and path_error is None
                         detail = f"worst relative error {err:.2e} (tolerance {TOLERANCE[dtype]:.0e})"
                         if taken is not None:
-                            detail += f", forward ran {taken}"
+                            detail += f", ran {taken}"
                         if path_error is not None:
                             detail += f"; WRONG PATH: {path_error}"
                     except Exception as e:  # noqa: BLE001 - report every op, then fail
@@ -233,7 +253,7 @@ def main(argv=None) -> int:
                         traceback.print_exc()
                     failures += not ok
                     rows.append({"cell": cell, "size": size, "dtype": str(dtype)[6:], "reverse": reverse,
-                                 "max_rel_error": err, "ok": ok, "detail": detail, "forward_path": taken})
+                                 "max_rel_error": err, "ok": ok, "detail": detail, "path_taken": taken})
                     print(f"{'ok  ' if ok else 'FAIL'} {name} {detail}", flush=True)
     seconds = time.perf_counter() - t0
     print(f"{len(rows) - failures}/{len(rows)} op checks passed on {args.device} (path {path}) in {seconds:.1f} s")

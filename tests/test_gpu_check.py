@@ -357,19 +357,34 @@ def test_smoke_tells_the_forward_path_from_the_kernel_names():
     assert gpu_smoke.forward_path_of([per_step, persistent, "ampere_sgemm_32x32"]) == "persistent"
     assert gpu_smoke.forward_path_of([per_step, "ampere_sgemm_32x32"]) == "per_step"
     assert gpu_smoke.forward_path_of([]) == "unknown"
+    backward = "void fusedrnn::persistent::backward_kernel<fusedrnn::GruCell, float>(...)"
+    assert gpu_smoke.backward_path_of([persistent, backward, per_step]) == "persistent"
+    assert gpu_smoke.backward_path_of([persistent, per_step]) == "per_step"
+    assert gpu_smoke.backward_path_of([]) == "unknown"
+    fill = "fusedrnn::persistent::fill_schedule_kernel(fusedrnn::persistent::ScheduleChunk)"
+    assert gpu_smoke.schedule_on_device([persistent, fill]) and not gpu_smoke.schedule_on_device([persistent])
+
+
+PERSISTENT_GRU = {"fusedrnn::persistent::forward_kernel<G>", "fusedrnn::persistent::backward_kernel<G>",
+                  "fusedrnn::persistent::fill_schedule_kernel(C)"}
 
 
 @pytest.mark.parametrize("cell,dtype,kernels,error", [
-    ("gru", torch.float32, {"fusedrnn::persistent::forward_kernel<G>"}, None),
+    ("gru", torch.float32, PERSISTENT_GRU, None),
     ("gru", torch.float32, {"fusedrnn::step_kernel<G>"}, "auto should run persistent here"),
+    ("gru", torch.float32, PERSISTENT_GRU - {"fusedrnn::persistent::backward_kernel<G>"},
+     "auto should run persistent here (eligible for the persistent kernel), it ran forward persistent, backward "
+     "per_step"),
+    ("gru", torch.float32, PERSISTENT_GRU - {"fusedrnn::persistent::fill_schedule_kernel(C)"},
+     "schedule was not written by the schedule kernel"),
     ("lstm_proj", torch.float32, {"fusedrnn::step_kernel<L>"}, None),
     ("gru", torch.float64, {"fusedrnn::step_kernel<G>"}, None),
     ("lstm_proj", torch.float32, {"fusedrnn::persistent::forward_kernel<L>"}, "auto should run per_step here"),
 ])
 def test_smoke_persistent_runs_under_auto_and_checks_the_path_taken(monkeypatch, cell, dtype, kernels, error):
     """--path persistent never forces the path (that raises on float64 and proj_size): every
-    check runs under auto, and the kernels that ran must be the persistent one exactly where the
-    persistent kernel can run."""
+    check runs under auto, and the kernels that ran must be the persistent forward and backward
+    (with the ragged schedule written on the device) exactly where the persistent kernels can run."""
     seen = []
     monkeypatch.setattr(gpu_smoke, "check_one", lambda *a: seen.append(os.environ["FUSEDRNN_CUDA_PATH"]) or 1e-7)
     monkeypatch.setattr(gpu_smoke, "cuda_kernels_of", lambda fn: (fn(), kernels))
