@@ -43,6 +43,10 @@ namespace fusedrnn {
 
 struct CudaDevice {
   using DeviceGuard = c10::cuda::OptionalCUDAGuard;
+  // The per-step forward's pointwise kernel adds b_hh (cuda/pointwise_step.h: forward_element), so
+  // its recurrent GEMM runs without one: per step a GEMM and the pointwise kernel, 2 launches, not
+  // 3 (the bias copy into the GEMM's output is gone; layer_forward.h).
+  static constexpr bool kStepAddsHiddenBias = true;
 
   // Every GEMM, per step or not: float32 math as torch.nn's cuDNN RNNs choose it (fp32_gemm.h).
   template <typename T>
