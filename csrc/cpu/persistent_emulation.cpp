@@ -31,25 +31,41 @@ namespace {
 // One launch of a persistent kernel K (Forward or Backward) on the CPU runner: the grid and
 // shared memory the CUDA launch would have, every thread of each CTA as a fiber; a failed runner
 // check becomes a RuntimeError naming the op and the kernel.
+// The blocks dispatch to their direction as the `__global__` wrappers do (run_directions).
 template <typename K, typename Params>
-void run_on_runner(const Params& p, const char* op, const char* cell, const char* kernel) {
+void run_on_runner(const Directions<Params>& l, int64_t grid, const char* op, const char* cell, const char* kernel) {
   exec::LaunchConfig config;
-  config.grid = (p.batch + p.rows_per_cta - 1) / p.rows_per_cta;
+  config.grid = grid;
   config.threads = kThreads;
-  config.shared_bytes = K::shared_bytes(p.rows_per_cta);
+  config.shared_bytes = K::shared_bytes(l.dir[0].rows_per_cta);
   try {
-    exec::run_kernel(config, [&p](const exec::CpuThread& ctx) { K::run(ctx, p); });
+    exec::run_kernel(config, [&l](const exec::CpuThread& ctx) { run_directions<K>(ctx, l); });
   } catch (const exec::KernelCheckError& e) {
     TORCH_CHECK(false, "fusedrnn.", op, ": the ", cell, kernel, " failed a check of the CPU runner: ", e.what());
+  }
+}
+
+// One chunk of a ragged schedule written by the FillSchedule kernel's body on the CPU runner, with
+// the CUDA launch's grid (persistent_schedule.h; csrc/cuda/step_schedule.cu).
+void fill_schedule_on_runner(const ScheduleChunk& c, const char* op) {
+  if (c.steps == 0) return;
+  exec::LaunchConfig config;
+  config.grid = FillSchedule::blocks(c.steps);
+  config.threads = kScheduleThreads;
+  try {
+    exec::run_kernel(config, [&c](const exec::CpuThread& ctx) { FillSchedule::run(ctx, c); });
+  } catch (const exec::KernelCheckError& e) {
+    TORCH_CHECK(false, "fusedrnn.", op, ": the schedule kernel failed a check of the CPU runner: ", e.what());
   }
 }
 
 // The kernel's own body (Forward<Cell, T>::run) on the CPU runner.
 struct RunnerLaunch {
   template <typename Cell, typename T>
-  void run(const ForwardParams<T>& p) {
-    run_on_runner<Forward<Cell, T>>(p, "persistent_emulate_forward", Cell::kName, " kernel");
+  void run(const Directions<ForwardParams<T>>& l, int64_t grid) {
+    run_on_runner<Forward<Cell, T>>(l, grid, "persistent_emulate_forward", Cell::kName, " kernel");
   }
+  void fill_schedule(const ScheduleChunk& c) { fill_schedule_on_runner(c, "persistent_emulate_forward"); }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulate_forward(
@@ -79,12 +95,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulate_f
   return {r.output, r.h_n, lstm ? r.c_n : empty, r.gates, lstm ? r.cells : gates == 3 ? r.hn : empty};
 }
 
+// Both directions of a layer (dir 0 forward in time, dir 1 reverse) in ONE launch of the forward
+// kernel on the runner: blocks [0, ctas) run direction 0, the next ctas direction 1. Returns each
+// direction's (output, h_n, c_n, gates, extra) as persistent_emulate_forward does, 10 tensors.
+std::vector<at::Tensor> emulate_forward_bidirectional(const std::string& cell, const at::Tensor& input,
+                                                      at::TensorList h0, at::TensorList c0, at::TensorList w_ih,
+                                                      at::TensorList w_hh, at::ArrayRef<std::optional<at::Tensor>> b_ih,
+                                                      at::ArrayRef<std::optional<at::Tensor>> b_hh,
+                                                      const at::Tensor& batch_sizes, int64_t rows_per_cta) {
+  constexpr const char* op = "persistent_emulate_forward_bidirectional";
+  const bool lstm = cell == "lstm";
+  const int64_t gates = lstm ? 4 : cell == "gru" ? 3 : 1;
+  FUSEDRNN_CHECK(lstm || cell == "gru" || cell == "rnn_tanh" || cell == "rnn_relu", op,
+                 "cell must be lstm, gru, rnn_tanh or rnn_relu, got ", cell);
+  FUSEDRNN_CHECK(h0.size() == 2 && w_ih.size() == 2 && w_hh.size() == 2 && b_ih.size() == 2 && b_hh.size() == 2 &&
+                     c0.size() == (lstm ? 2u : 0u),
+                 op, "every per-direction list must hold 2 tensors (c0: 2 for lstm, none otherwise)");
+  FUSEDRNN_CHECK(rows_per_cta >= 1 && rows_per_cta <= kMaxRowsPerCta, op, "rows_per_cta must be in [1, ",
+                 kMaxRowsPerCta, "], got ", rows_per_cta);
+  FUSEDRNN_CHECK(h0[0].sizes() == h0[1].sizes(), op, "both directions' h0 must have the same shape, got ",
+                 h0[0].sizes(), " and ", h0[1].sizes());
+  std::vector<DirectionInputs> dirs(2);
+  for (int d = 0; d < 2; ++d) {
+    const at::Tensor c0d = lstm ? c0[d] : at::Tensor();
+    dirs[d].w = check_layer(op, gates, input, h0[d], lstm ? &c0d : nullptr, w_ih[d], w_hh[d], b_ih[d], b_hh[d],
+                            std::nullopt);
+    dirs[d].h0 = h0[d];
+    dirs[d].c0 = c0d;
+    dirs[d].reverse = d == 1;
+    FUSEDRNN_CHECK(h0[d].size(1) <= kMaxHidden, op, "hidden_size must be at most ", kMaxHidden, ", got ",
+                   h0[d].size(1));
+  }
+  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0[0].size(0));
+  RunnerLaunch launch;
+  std::vector<ForwardOutputs> r;
+  if (lstm) r = layer_forward_directions<LstmCell>(input, dirs, s, rows_per_cta, launch);
+  else if (cell == "gru") r = layer_forward_directions<GruCell>(input, dirs, s, rows_per_cta, launch);
+  else if (cell == "rnn_tanh") r = layer_forward_directions<RnnTanhCell>(input, dirs, s, rows_per_cta, launch);
+  else r = layer_forward_directions<RnnReluCell>(input, dirs, s, rows_per_cta, launch);
+  const at::Tensor empty = at::empty({0}, input.options());
+  std::vector<at::Tensor> out;
+  for (const ForwardOutputs& o : r) {
+    for (const at::Tensor& t : {o.output, o.h_n, lstm ? o.c_n : empty, o.gates, lstm ? o.cells : gates == 3 ? o.hn : empty}) {
+      out.push_back(t);
+    }
+  }
+  return out;
+}
+
 // The backward kernel's own body (Backward<Cell, T>::run) on the CPU runner, with the rows per
 // CTA the test asks for (set by emulate_backward around the call, on this thread).
 struct RunnerBackwardLaunch {
   static inline thread_local int64_t rows_per_cta = 0;
   template <typename Cell>
-  static bool accepts(const at::Tensor&, int64_t hidden, int64_t, bool) {
+  static bool accepts(const at::Tensor&, int64_t hidden, int64_t) {
     TORCH_CHECK(hidden <= kMaxHidden, "fusedrnn.persistent_emulate_backward: hidden_size must be at most ",
                 kMaxHidden, ", got ", hidden);
     TORCH_CHECK(rows_per_cta >= 1, "fusedrnn.persistent_emulate_backward: no rows_per_cta set");
@@ -93,8 +157,11 @@ struct RunnerBackwardLaunch {
   template <typename Cell, typename T>
   static void run(BackwardParams<T> p) {
     p.rows_per_cta = rows_per_cta;
-    run_on_runner<Backward<Cell, T>>(p, "persistent_emulate_backward", Cell::kName, " backward kernel");
+    const int64_t ctas = ctas_for(p.batch, p.rows_per_cta);
+    run_on_runner<Backward<Cell, T>>(Directions<BackwardParams<T>>{{p, p}, ctas}, ctas, "persistent_emulate_backward",
+                                     Cell::kName, " backward kernel");
   }
+  static void fill_schedule(const ScheduleChunk& c) { fill_schedule_on_runner(c, "persistent_emulate_backward"); }
 };
 using RunnerBackwardDevice = PersistentBackward<CpuDevice, RunnerBackwardLaunch>;
 
@@ -140,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 // The path choice (forward, or the backward kernel's) with given device limits: [ok, rows_per_cta, grid, shared_bytes].
-template <bool kBackward>
+template <bool kBackward, bool kDirections = false>
 std::vector<int64_t> plan(const std::string& cell, int64_t hidden, int64_t batch, at::ScalarType dtype,
                           bool projection, int64_t sm_count, int64_t shared_optin, int64_t registers_per_block,
                           int64_t kernel_registers, int64_t kernel_max_threads) {
@@ -159,7 +226,25 @@ std::vector<int64_t> plan(const std::string& cell, int64_t hidden, int64_t batch
   else if (cell == "gru") with(GruCell{});
   else if (cell == "rnn_tanh" || cell == "rnn_relu") with(RnnTanhCell{});
   else TORCH_CHECK(false, "fusedrnn.persistent_plan: cell must be lstm, gru, rnn_tanh or rnn_relu, got ", cell);
+  if (kDirections) return {p.ok ? 1 : 0, p.rows_per_cta, p.grid, p.shared_bytes, both_directions_in_one_launch(p, d)};
   return {p.ok ? 1 : 0, p.rows_per_cta, p.grid, p.shared_bytes};
+}
+
+// The forward plan and whether a bidirectional layer's two directions run in one launch:
+// [ok, rows_per_cta, grid of one direction, shared_bytes, both directions in one launch].
+std::vector<int64_t> plan_directions(const std::string& cell, int64_t hidden, int64_t batch, at::ScalarType dtype,
+                                     int64_t sm_count, int64_t shared_optin, int64_t registers_per_block,
+                                     int64_t kernel_registers, int64_t kernel_max_threads) {
+  return plan<false, true>(cell, hidden, batch, dtype, false, sm_count, shared_optin, registers_per_block,
+                           kernel_registers, kernel_max_threads);
+}
+
+// A ragged batch's [2, steps] schedule as the persistent path writes it on the device (the
+// FillSchedule kernel's body, chunk by chunk, on the runner), for the test against batch_sizes.
+at::Tensor schedule(const at::Tensor& batch_sizes, int64_t batch) {
+  constexpr const char* op = "persistent_schedule";
+  const StepSchedule s = make_schedule(op, batch_sizes, batch_sizes.sum().item<int64_t>(), batch);
+  return device_schedule(s, at::kCPU, [](const ScheduleChunk& c) { fill_schedule_on_runner(c, "persistent_schedule"); });
 }
 
 }  // namespace
@@ -175,6 +260,13 @@ TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
       "Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor batch_sizes, bool reverse, bool need_grad_input, "
       "Tensor output, Tensor? gates, Tensor? extra, int rows_per_cta) -> (Tensor grad_input, Tensor grad_h0, "
       "Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
+  m.def("persistent_schedule(Tensor batch_sizes, int batch) -> Tensor");
+  m.def(
+      "persistent_emulate_forward_bidirectional(str cell, Tensor input, Tensor[] h0, Tensor[] c0, Tensor[] w_ih, "
+      "Tensor[] w_hh, Tensor?[] b_ih, Tensor?[] b_hh, Tensor batch_sizes, int rows_per_cta) -> Tensor[]");
+  m.def(
+      "persistent_plan_directions(str cell, int hidden, int batch, ScalarType dtype, int sm_count, int shared_optin, "
+      "int registers_per_block, int kernel_registers, int kernel_max_threads) -> int[]");
   m.def(
       "persistent_plan_backward(str cell, int hidden, int batch, ScalarType dtype, bool projection, int sm_count, "
       "int shared_optin, int registers_per_block, int kernel_registers, int kernel_max_threads) -> int[]");
@@ -182,8 +274,11 @@ TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
 TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
   m.impl("persistent_emulate_forward", &fusedrnn::persistent::emulate_forward);
   m.impl("persistent_emulate_backward", &fusedrnn::persistent::emulate_backward);
+  m.impl("persistent_schedule", &fusedrnn::persistent::schedule);
+  m.impl("persistent_emulate_forward_bidirectional", &fusedrnn::persistent::emulate_forward_bidirectional);
 }
 TORCH_LIBRARY_IMPL(fusedrnn, CompositeExplicitAutograd, m) {
   m.impl("persistent_plan", &fusedrnn::persistent::plan<false>);
   m.impl("persistent_plan_backward", &fusedrnn::persistent::plan<true>);
+  m.impl("persistent_plan_directions", &fusedrnn::persistent::plan_directions);
 }

@@ -21,7 +21,6 @@
 // current stream too, so the ops are correct on any stream and capturable in
 // CUDA graphs.
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -122,16 +121,10 @@ Plan plan_backward_layer(const at::Tensor& like, int64_t hidden, int64_t batch) 
   return plan;
 }
 
-// A ragged schedule reaches the persistent kernels through a pinned host copy, which a CUDA graph
-// capture cannot replay safely (the host block goes back to the cache); the per-step path copies
-// nothing from the host for it, so a ragged batch under capture takes that path.
-inline bool capturing() {
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-}
-inline Plan not_under_capture() {
-  Plan p;
-  p.why_not = "a ragged batch under CUDA graph capture (its schedule would be a host-to-device copy)";
-  return p;
+// A ragged batch's schedule is written on the device by a kernel from its own parameters
+// (persistent_schedule.h), so the persistent path is capturable in CUDA graphs, ragged or not.
+inline void fill_schedule_on_device(const ScheduleChunk& c) {
+  C10_CUDA_CHECK(launch_fill_schedule(c, at::cuda::getCurrentCUDAStream()));
 }
 
 // The path for this call: true = persistent (with `plan`), false = per-step.
@@ -152,14 +145,15 @@ inline void check_forced(const char* op, PathRequest request, const Plan& plan) 
 struct CudaLaunch {
   Plan plan;
   template <typename Cell, typename T>
-  void run(const ForwardParams<T>& p) {
+  void run(const Directions<ForwardParams<T>>& l, int64_t grid) {
     if constexpr (std::is_same_v<T, double>) {
       TORCH_CHECK(false, "fusedrnn: the persistent kernel has no float64 version (the plan should have refused it)");
     } else {
-      const cudaError_t err = launch_forward<Cell, T>(p, plan.grid, plan.shared_bytes, at::cuda::getCurrentCUDAStream());
+      const cudaError_t err = launch_forward<Cell, T>(l, grid, plan.shared_bytes, at::cuda::getCurrentCUDAStream());
       C10_CUDA_CHECK(err);
     }
   }
+  void fill_schedule(const ScheduleChunk& c) { fill_schedule_on_device(c); }
 };
 
 // The persistent backward on CUDA, as the backward driver's sequence engine
@@ -171,13 +165,12 @@ struct CudaLaunch {
 struct CudaBackwardLaunch {
   static inline thread_local Plan plan{};
   template <typename Cell>
-  static bool accepts(const at::Tensor& like, int64_t hidden, int64_t batch, bool ragged) {
+  static bool accepts(const at::Tensor& like, int64_t hidden, int64_t batch) {
     const std::string name = std::string(Cell::kName) + "_backward";
     const char* op = name.c_str();
     PathRequest request;
     if (!wants_persistent(op, &request)) return false;
     plan = plan_backward_layer<Cell>(like, hidden, batch);
-    if (plan.ok && ragged && capturing()) plan = not_under_capture();
     check_forced(op, request, plan);
     return plan.ok;
   }
@@ -188,10 +181,12 @@ struct CudaBackwardLaunch {
     } else {
       TORCH_CHECK(plan.ok, "fusedrnn: the persistent backward was launched without a plan");
       p.rows_per_cta = plan.rows_per_cta;
-      const cudaError_t err = launch_backward<Cell, T>(p, plan.grid, plan.shared_bytes, at::cuda::getCurrentCUDAStream());
+      Directions<BackwardParams<T>> l{{p, p}, plan.grid};
+      const cudaError_t err = launch_backward<Cell, T>(l, plan.grid, plan.shared_bytes, at::cuda::getCurrentCUDAStream());
       C10_CUDA_CHECK(err);
     }
   }
+  static void fill_schedule(const ScheduleChunk& c) { fill_schedule_on_device(c); }
 };
 using PersistentCudaDevice = PersistentBackward<CudaDevice, CudaBackwardLaunch>;
 
@@ -212,7 +207,6 @@ ForwardOutputs forward_layer(const char* op, const at::Tensor& input, const at::
   if (wants_persistent(op, &request)) {
     const int64_t hidden = w_hh.size(0) / Cell::kGates;
     Plan plan = plan_layer<Cell>(input, hidden, h0.size(0), w.w_hr.defined());
-    if (plan.ok && !s.uniform && capturing()) plan = not_under_capture();
     check_forced(op, request, plan);
     if (plan.ok) {
       CudaLaunch launch{plan};

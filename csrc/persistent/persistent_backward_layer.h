@@ -20,13 +20,15 @@
 #include "../layer/layer_backward.h"
 #include "../layer/layer_tensors.h"
 #include "persistent_backward.h"
+#include "persistent_layer.h"  // device_schedule
 
 namespace fusedrnn {
 namespace persistent {
 
-// Launch: struct with `static bool accepts<Cell>(const at::Tensor& like, int64_t hidden, int64_t batch,
-// bool ragged)` (false: leave the call to the per-step loop; it may raise when the path is forced) and
-// `template <typename Cell, typename T> static void run(const BackwardParams<T>&)`.
+// Launch: struct with `static bool accepts<Cell>(const at::Tensor& like, int64_t hidden, int64_t batch)`
+// (false: leave the call to the per-step loop; it may raise when the path is forced),
+// `template <typename Cell, typename T> static void run(const BackwardParams<T>&)` and
+// `static void fill_schedule(const ScheduleChunk&)` (the FillSchedule kernel, persistent_schedule.h).
 template <typename Base, typename Launch>
 struct PersistentBackward : Base {
   static constexpr bool kSequenceEngine = true;
@@ -38,18 +40,12 @@ struct PersistentBackward : Base {
     (void)dgates_h;  // GRU's hidden-side gate gradients live in the kernel's shared memory
     constexpr int64_t G = Cell::kGates;
     const int64_t B = dh_state.size(0), H = dh_state.size(1), T_ = s.steps();
-    if (!Launch::template accepts<Cell>(grad_output, H, B, !s.uniform)) return false;
+    if (!Launch::template accepts<Cell>(grad_output, H, B)) return false;
     if (B == 0 || T_ == 0) return true;
-    // The ragged schedule as the forward copies it (persistent_layer.h).
+    // The ragged schedule written on the device, as the forward's (persistent_layer.h).
     at::Tensor schedule;
     if (!s.uniform) {
-      schedule = at::empty({2, T_}, at::TensorOptions().dtype(at::kLong));
-      int64_t* sp = schedule.data_ptr<int64_t>();
-      for (int64_t t = 0; t < T_; ++t) {
-        sp[t] = s.batch[t];
-        sp[T_ + t] = s.offset[t];
-      }
-      if (!grad_output.device().is_cpu()) schedule = schedule.pin_memory().to(grad_output.device(), true);
+      schedule = device_schedule(s, grad_output.device(), [](const ScheduleChunk& c) { Launch::fill_schedule(c); });
     }
     const at::Tensor w_hh = w.w_hh.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(),
