@@ -13,7 +13,9 @@ from the kernels the profiler saw, checks that the forward AND the backward ran 
 kernels on every layer they can run (and, the batches being ragged, that the schedule kernel
 wrote the schedule on the device), and the per-step path on the others; where the profiler sees
 no kernel at all, an eligible layer is run again forced to persistent (which raises if that path
-is not taken).
+is not taken). Last, one bidirectional GRU layer at the sentiment shape through the persistent
+forward's two-direction launch (test-only op persistent_forward_bidirectional): the profiler must
+see ONE forward kernel launch where both directions' grids fit the SMs (2 x 32 CTAs), else two.
 
 Exit status: 0 all ops right; 1 an op failed or was wrong; 2 CUDA cannot run here (says why);
 3 the requested CUDA path is not built into this fusedrnn (says so; nothing was run).
@@ -203,6 +205,39 @@ def run_config(cell, size, dtype, reverse, device, path, gen):
     return err, taken, None
 
 
+def two_direction_launches(gen) -> tuple:
+    """A bidirectional GRU layer at the sentiment shape (B = 32, H = 128: 32 CTAs a direction)
+    through the persistent forward's two-direction launch (the test-only op
+    persistent_forward_bidirectional): (forward kernel launches the profiler saw, the launches
+    expected: 1 where both grids fit the SMs co-resident, else 2)."""
+    batch_sizes = torch.tensor([32] * 20)
+    n, b, H, I = 32 * 20, 32, 128, 16
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * H ** -0.5).to("cuda", torch.float32)
+
+    x = rand(n, I)
+    args = ([rand(b, H), rand(b, H)], [], [rand(3 * H, I), rand(3 * H, I)], [rand(3 * H, H), rand(3 * H, H)],
+            [rand(3 * H), rand(3 * H)], [rand(3 * H), rand(3 * H)])
+    _, kernels = cuda_kernel_counts_of(lambda: OPS.persistent_forward_bidirectional("gru", x, *args, batch_sizes, 1))
+    seen = sum(c for name, c in kernels.items() if "persistent" in name and "forward_kernel" in name)
+    return seen, 1 if 2 * b <= torch.cuda.get_device_properties(0).multi_processor_count else 2
+
+
+def cuda_kernel_counts_of(fn):
+    """As cuda_kernels_of, with how many times each kernel ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        result = fn()
+        torch.cuda.synchronize()
+    counts = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            counts[e.name] = counts.get(e.name, 0) + 1
+    return result, counts
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -255,6 +290,19 @@ def main(argv=None) -> int:
                     rows.append({"cell": cell, "size": size, "dtype": str(dtype)[6:], "reverse": reverse,
                                  "max_rel_error": err, "ok": ok, "detail": detail, "path_taken": taken})
                     print(f"{'ok  ' if ok else 'FAIL'} {name} {detail}", flush=True)
+    if args.device == "cuda" and path == "persistent":
+        try:  # both directions of a bidirectional layer in one persistent launch, where they fit
+            seen, want = two_direction_launches(gen)
+            ok = seen == want
+            detail = f"forward kernel launches {seen}, expected {want}"
+        except Exception as e:  # noqa: BLE001
+            ok, detail = False, f"raised {type(e).__name__}: {e}".splitlines()[0]
+            traceback.print_exc()
+        failures += not ok
+        rows.append({"cell": "gru", "size": "h128", "dtype": "float32", "reverse": "both", "max_rel_error": None,
+                     "ok": ok, "detail": "two directions in one launch: " + detail, "path_taken": "persistent"})
+        print(f"{'ok  ' if ok else 'FAIL'} gru       h128  float32   both directions in one launch: {detail}",
+              flush=True)
     seconds = time.perf_counter() - t0
     print(f"{len(rows) - failures}/{len(rows)} op checks passed on {args.device} (path {path}) in {seconds:.1f} s")
     if args.json:

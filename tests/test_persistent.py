@@ -143,7 +143,7 @@ def test_emulated_both_directions_in_one_launch_match_each_direction_alone(cell,
     fwd = make_args(cell, hidden, batch_sizes, seed=0)
     rev = make_args(cell, hidden, batch_sizes, seed=1)
     rev["input"] = fwd["input"]
-    both = OPS.persistent_emulate_forward_bidirectional(
+    both = OPS.persistent_forward_bidirectional(
         cell, fwd["input"], [fwd["h0"], rev["h0"]], [fwd["c0"], rev["c0"]] if cell == "lstm" else [],
         [fwd["w_ih"], rev["w_ih"]], [fwd["w_hh"], rev["w_hh"]], [fwd["b_ih"], rev["b_ih"]],
         [fwd["b_hh"], rev["b_hh"]], batch_sizes, rows)
@@ -643,3 +643,33 @@ def test_cuda_ragged_batch_under_graph_capture_runs_persistent(cell, monkeypatch
     eager = step()
     assert_grads_close(captured[0], eager[0], 0, "forward, replayed vs eager")
     assert_grads_close(captured[1], eager[1], 0, "backward, replayed vs eager")
+
+
+@requires_cuda
+@pytest.mark.parametrize("cell", list(GATES))
+def test_cuda_both_directions_in_one_persistent_launch(cell, monkeypatch):
+    """A bidirectional layer's two directions through the real persistent forward: ONE launch of
+    the forward kernel when both grids fit the SMs co-resident (B = 32 rows, one per CTA: 64 CTAs),
+    seen in the profiler, with each direction's results bitwise those of its own one-direction op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch_sizes = lengths_to_batch_sizes([9, 7, 7, 3] + [2] * 28)
+    fwd = on_cuda(make_args(cell, 128, batch_sizes, torch.float32, input_size=16, seed=0))
+    rev = on_cuda(make_args(cell, 128, batch_sizes, torch.float32, input_size=16, seed=1))
+    rev["input"] = fwd["input"]
+    pair = lambda k: [fwd[k], rev[k]]  # noqa: E731
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        both = OPS.persistent_forward_bidirectional(cell, fwd["input"], pair("h0"), pair("c0") if cell == "lstm" else [],
+                                                    pair("w_ih"), pair("w_hh"), pair("b_ih"), pair("b_hh"),
+                                                    batch_sizes, 1)
+        torch.cuda.synchronize()
+    launches = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and "persistent" in e.name and "forward_kernel" in e.name)
+    one_launch = 2 * 32 <= torch.cuda.get_device_properties(0).multi_processor_count
+    assert launches == (1 if one_launch else 2), (launches, one_launch)
+    monkeypatch.setenv("FUSEDRNN_CUDA_PATH", "persistent")
+    for d, (a, reverse) in enumerate(((fwd, False), (rev, True))):
+        alone = per_step(cell, a, batch_sizes, reverse)  # the forward op, forced persistent
+        for i, (x, y) in enumerate(zip(both[5 * d:5 * d + 5], alone)):
+            if y is not None:
+                assert torch.equal(x, y), (d, i)

@@ -96,51 +96,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulate_f
 }
 
 // Both directions of a layer (dir 0 forward in time, dir 1 reverse) in ONE launch of the forward
-// kernel on the runner: blocks [0, ctas) run direction 0, the next ctas direction 1. Returns each
-// direction's (output, h_n, c_n, gates, extra) as persistent_emulate_forward does, 10 tensors.
-std::vector<at::Tensor> emulate_forward_bidirectional(const std::string& cell, const at::Tensor& input,
-                                                      at::TensorList h0, at::TensorList c0, at::TensorList w_ih,
-                                                      at::TensorList w_hh, at::ArrayRef<std::optional<at::Tensor>> b_ih,
-                                                      at::ArrayRef<std::optional<at::Tensor>> b_hh,
-                                                      const at::Tensor& batch_sizes, int64_t rows_per_cta) {
-  constexpr const char* op = "persistent_emulate_forward_bidirectional";
-  const bool lstm = cell == "lstm";
-  const int64_t gates = lstm ? 4 : cell == "gru" ? 3 : 1;
-  FUSEDRNN_CHECK(lstm || cell == "gru" || cell == "rnn_tanh" || cell == "rnn_relu", op,
-                 "cell must be lstm, gru, rnn_tanh or rnn_relu, got ", cell);
-  FUSEDRNN_CHECK(h0.size() == 2 && w_ih.size() == 2 && w_hh.size() == 2 && b_ih.size() == 2 && b_hh.size() == 2 &&
-                     c0.size() == (lstm ? 2u : 0u),
-                 op, "every per-direction list must hold 2 tensors (c0: 2 for lstm, none otherwise)");
+// kernel on the runner: blocks [0, ctas) run direction 0, the next ctas direction 1 (the CUDA
+// implementation, register_cuda.cpp, launches the real kernel the same way where the plan allows).
+std::vector<at::Tensor> forward_bidirectional_on_runner(const std::string& cell, const at::Tensor& input,
+                                                        at::TensorList h0, at::TensorList c0, at::TensorList w_ih,
+                                                        at::TensorList w_hh,
+                                                        at::ArrayRef<std::optional<at::Tensor>> b_ih,
+                                                        at::ArrayRef<std::optional<at::Tensor>> b_hh,
+                                                        const at::Tensor& batch_sizes, int64_t rows_per_cta) {
+  constexpr const char* op = "persistent_forward_bidirectional";
+  const std::vector<DirectionInputs> dirs = bidirectional_inputs(op, cell, input, h0, c0, w_ih, w_hh, b_ih, b_hh);
   FUSEDRNN_CHECK(rows_per_cta >= 1 && rows_per_cta <= kMaxRowsPerCta, op, "rows_per_cta must be in [1, ",
                  kMaxRowsPerCta, "], got ", rows_per_cta);
-  FUSEDRNN_CHECK(h0[0].sizes() == h0[1].sizes(), op, "both directions' h0 must have the same shape, got ",
-                 h0[0].sizes(), " and ", h0[1].sizes());
-  std::vector<DirectionInputs> dirs(2);
-  for (int d = 0; d < 2; ++d) {
-    const at::Tensor c0d = lstm ? c0[d] : at::Tensor();
-    dirs[d].w = check_layer(op, gates, input, h0[d], lstm ? &c0d : nullptr, w_ih[d], w_hh[d], b_ih[d], b_hh[d],
-                            std::nullopt);
-    dirs[d].h0 = h0[d];
-    dirs[d].c0 = c0d;
-    dirs[d].reverse = d == 1;
-    FUSEDRNN_CHECK(h0[d].size(1) <= kMaxHidden, op, "hidden_size must be at most ", kMaxHidden, ", got ",
-                   h0[d].size(1));
-  }
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0[0].size(0));
   RunnerLaunch launch;
   std::vector<ForwardOutputs> r;
-  if (lstm) r = layer_forward_directions<LstmCell>(input, dirs, s, rows_per_cta, launch);
+  if (cell == "lstm") r = layer_forward_directions<LstmCell>(input, dirs, s, rows_per_cta, launch);
   else if (cell == "gru") r = layer_forward_directions<GruCell>(input, dirs, s, rows_per_cta, launch);
   else if (cell == "rnn_tanh") r = layer_forward_directions<RnnTanhCell>(input, dirs, s, rows_per_cta, launch);
   else r = layer_forward_directions<RnnReluCell>(input, dirs, s, rows_per_cta, launch);
-  const at::Tensor empty = at::empty({0}, input.options());
-  std::vector<at::Tensor> out;
-  for (const ForwardOutputs& o : r) {
-    for (const at::Tensor& t : {o.output, o.h_n, lstm ? o.c_n : empty, o.gates, lstm ? o.cells : gates == 3 ? o.hn : empty}) {
-      out.push_back(t);
-    }
-  }
-  return out;
+  return bidirectional_outputs(cell, r, input.options());
 }
 
 // The backward kernel's own body (Backward<Cell, T>::run) on the CPU runner, with the rows per
@@ -252,7 +227,8 @@ at::Tensor schedule(const at::Tensor& batch_sizes, int64_t batch) {
 }  // namespace fusedrnn
 
 // Test-only: the persistent backward kernel on the runner (the schema lives here, beside its only
-// implementation). Returns (grad_input, grad_h0, grad_c0 (LSTM, else empty), grad_w_ih, grad_w_hh,
+// implementation); persistent_forward_bidirectional (CPU: the runner; CUDA: register_cuda.cpp, the
+// real kernel, rows_per_cta there from the plan). Returns (grad_input, grad_h0, grad_c0 (LSTM, else empty), grad_w_ih, grad_w_hh,
 // grad_b_ih, grad_b_hh).
 TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
   m.def(
@@ -262,7 +238,7 @@ TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
       "Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
   m.def("persistent_schedule(Tensor batch_sizes, int batch) -> Tensor");
   m.def(
-      "persistent_emulate_forward_bidirectional(str cell, Tensor input, Tensor[] h0, Tensor[] c0, Tensor[] w_ih, "
+      "persistent_forward_bidirectional(str cell, Tensor input, Tensor[] h0, Tensor[] c0, Tensor[] w_ih, "
       "Tensor[] w_hh, Tensor?[] b_ih, Tensor?[] b_hh, Tensor batch_sizes, int rows_per_cta) -> Tensor[]");
   m.def(
       "persistent_plan_directions(str cell, int hidden, int batch, ScalarType dtype, int sm_count, int shared_optin, "
@@ -275,7 +251,7 @@ TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
   m.impl("persistent_emulate_forward", &fusedrnn::persistent::emulate_forward);
   m.impl("persistent_emulate_backward", &fusedrnn::persistent::emulate_backward);
   m.impl("persistent_schedule", &fusedrnn::persistent::schedule);
-  m.impl("persistent_emulate_forward_bidirectional", &fusedrnn::persistent::emulate_forward_bidirectional);
+  m.impl("persistent_forward_bidirectional", &fusedrnn::persistent::forward_bidirectional_on_runner);
 }
 TORCH_LIBRARY_IMPL(fusedrnn, CompositeExplicitAutograd, m) {
   m.impl("persistent_plan", &fusedrnn::persistent::plan<false>);

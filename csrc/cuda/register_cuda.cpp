@@ -28,6 +28,7 @@
 #include <cstdlib>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "../layer/layer_ops.h"
 #include "../persistent/persistent_backward_layer.h"
@@ -243,6 +244,42 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& input, const at
   return {r.output, r.h_n};
 }
 
+// Test-only (tests/test_persistent.py on a GPU): both directions of a layer through the persistent
+// forward, in ONE launch where the plan says both grids are co-resident
+// (both_directions_in_one_launch), else one launch per direction. rows_per_cta is the plan's here
+// (the argument is for the CPU runner's implementation).
+std::vector<at::Tensor> forward_bidirectional(const std::string& cell, const at::Tensor& input, at::TensorList h0,
+                                              at::TensorList c0, at::TensorList w_ih, at::TensorList w_hh,
+                                              at::ArrayRef<std::optional<at::Tensor>> b_ih,
+                                              at::ArrayRef<std::optional<at::Tensor>> b_hh,
+                                              const at::Tensor& batch_sizes, int64_t /*rows_per_cta*/) {
+  constexpr const char* op = "persistent_forward_bidirectional";
+  const std::vector<DirectionInputs> dirs = bidirectional_inputs(op, cell, input, h0, c0, w_ih, w_hh, b_ih, b_hh);
+  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0[0].size(0));
+  const c10::cuda::OptionalCUDAGuard device_guard(input.device());
+  std::vector<ForwardOutputs> r;
+  auto run = [&](auto cell_tag) {
+    using Cell = decltype(cell_tag);
+    const Plan plan = plan_layer<Cell>(input, h0[0].size(1), h0[0].size(0), false);
+    FUSEDRNN_CHECK(plan.ok, op, "the persistent kernel cannot run this layer: ", plan.why_not);
+    CudaLaunch launch{plan};
+    DeviceLimits limits;
+    limits.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    if (both_directions_in_one_launch(plan, limits)) {
+      r = layer_forward_directions<Cell>(input, dirs, s, plan.rows_per_cta, launch);
+    } else {
+      for (const DirectionInputs& d : dirs) {
+        r.push_back(layer_forward_directions<Cell>(input, {d}, s, plan.rows_per_cta, launch)[0]);
+      }
+    }
+  };
+  if (cell == "lstm") run(LstmCell{});
+  else if (cell == "gru") run(GruCell{});
+  else if (cell == "rnn_tanh") run(RnnTanhCell{});
+  else run(RnnReluCell{});
+  return bidirectional_outputs(cell, r, input.options());
+}
+
 }  // namespace persistent
 }  // namespace fusedrnn
 
@@ -258,4 +295,6 @@ TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) {
   m.impl("gru_backward", &gru_backward<persistent::PersistentCudaDevice>);
   m.impl("rnn_tanh_backward", &rnn_backward<RnnTanhCell, persistent::PersistentCudaDevice>);
   m.impl("rnn_relu_backward", &rnn_backward<RnnReluCell, persistent::PersistentCudaDevice>);
+  // Test-only (schema in csrc/cpu/persistent_emulation.cpp): a bidirectional layer's persistent forward.
+  m.impl("persistent_forward_bidirectional", &persistent::forward_bidirectional);
 }

@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <string>
 #include <vector>
 
 #include "../layer/checks.h"
@@ -108,6 +109,47 @@ std::vector<ForwardOutputs> layer_forward_directions(const at::Tensor& input, co
     l.first_ctas = ctas_for(B, rows_per_cta);
     launch.template run<Cell, T>(l, l.first_ctas * int64_t(dirs.size()));
   });
+  return out;
+}
+
+// The arguments of the test-only op persistent_forward_bidirectional (per-direction lists; direction
+// 0 runs forward in time, direction 1 reversed), checked, as DirectionInputs; and its result: each
+// direction's (output, h_n, c_n, gates, extra) as the one-direction forward ops return them.
+inline std::vector<DirectionInputs> bidirectional_inputs(const char* op, const std::string& cell,
+                                                         const at::Tensor& input, at::TensorList h0,
+                                                         at::TensorList c0, at::TensorList w_ih, at::TensorList w_hh,
+                                                         at::ArrayRef<std::optional<at::Tensor>> b_ih,
+                                                         at::ArrayRef<std::optional<at::Tensor>> b_hh) {
+  const bool lstm = cell == "lstm";
+  const int64_t gates = lstm ? 4 : cell == "gru" ? 3 : 1;
+  FUSEDRNN_CHECK(lstm || cell == "gru" || cell == "rnn_tanh" || cell == "rnn_relu", op,
+                 "cell must be lstm, gru, rnn_tanh or rnn_relu, got ", cell);
+  FUSEDRNN_CHECK(h0.size() == 2 && w_ih.size() == 2 && w_hh.size() == 2 && b_ih.size() == 2 && b_hh.size() == 2 &&
+                     c0.size() == (lstm ? 2u : 0u),
+                 op, "every per-direction list must hold 2 tensors (c0: 2 for lstm, none otherwise)");
+  FUSEDRNN_CHECK(h0[0].sizes() == h0[1].sizes(), op, "both directions' h0 must have the same shape, got ",
+                 h0[0].sizes(), " and ", h0[1].sizes());
+  std::vector<DirectionInputs> dirs(2);
+  for (int d = 0; d < 2; ++d) {
+    const at::Tensor c0d = lstm ? c0[d] : at::Tensor();
+    dirs[d].w = check_layer(op, gates, input, h0[d], lstm ? &c0d : nullptr, w_ih[d], w_hh[d], b_ih[d], b_hh[d],
+                            std::nullopt);
+    dirs[d].h0 = h0[d];
+    dirs[d].c0 = c0d;
+    dirs[d].reverse = d == 1;
+    FUSEDRNN_CHECK(h0[d].size(1) <= kMaxHidden, op, "hidden_size must be at most ", kMaxHidden, ", got ",
+                   h0[d].size(1));
+  }
+  return dirs;
+}
+inline std::vector<at::Tensor> bidirectional_outputs(const std::string& cell, const std::vector<ForwardOutputs>& r,
+                                                     const at::TensorOptions& opts) {
+  const at::Tensor empty = at::empty({0}, opts);
+  std::vector<at::Tensor> out;
+  for (const ForwardOutputs& o : r) {
+    const at::Tensor extra = cell == "lstm" ? o.cells : cell == "gru" ? o.hn : empty;
+    for (const at::Tensor& t : {o.output, o.h_n, cell == "lstm" ? o.c_n : empty, o.gates, extra}) out.push_back(t);
+  }
   return out;
 }
 
