@@ -22,11 +22,19 @@ struct Directions {
 };
 
 // Kernel K's body for the direction this block belongs to, with the block's index within it.
+// Two calls, each with a constant parameter set, not one call on l.dir[d]: indexing the kernel's
+// parameters by d made every parameter load register-addressed and cost up to 20 registers
+// (RNN 76 -> 96, GRU 111 -> 122, LSTM float32 120 -> 127 of 128); with the branch the body is
+// inlined twice, each copy compiled as the one-direction kernel was (ptxas: within 0-14
+// registers of it, no spills; benchmarks/NOTES.md, entry 25).
 template <typename K, typename Ctx, typename Params>
 FUSEDRNN_HOST_DEVICE void run_directions(const Ctx& ctx, const Directions<Params>& l) {
   const int64_t block = ctx.block();
-  const int d = block < l.first_ctas ? 0 : 1;
-  K::run(ctx, l.dir[d], block - (d == 0 ? 0 : l.first_ctas));
+  if (block < l.first_ctas) {
+    K::run(ctx, l.dir[0], block);
+  } else {
+    K::run(ctx, l.dir[1], block - l.first_ctas);
+  }
 }
 
 // Blocks of one direction: the CTAs that cover `batch` rows, `rows_per_cta` each.
