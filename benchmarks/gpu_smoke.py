@@ -14,8 +14,9 @@ kernels on every layer they can run (and, the batches being ragged, that the sch
 wrote the schedule on the device), and the per-step path on the others; where the profiler sees
 no kernel at all, an eligible layer is run again forced to persistent (which raises if that path
 is not taken). Last, one bidirectional GRU layer at the sentiment shape through the persistent
-forward's two-direction launch (test-only op persistent_forward_bidirectional): the profiler must
-see ONE forward kernel launch where both directions' grids fit the SMs (2 x 32 CTAs), else two.
+forward's and backward's two-direction launches (test-only ops persistent_forward_bidirectional,
+persistent_backward_bidirectional): the profiler must see ONE forward and ONE backward kernel
+launch where both directions' grids fit the SMs (2 x 32 CTAs), else two each.
 
 Exit status: 0 all ops right; 1 an op failed or was wrong; 2 CUDA cannot run here (says why);
 3 the requested CUDA path is not built into this fusedrnn (says so; nothing was run).
@@ -205,23 +206,32 @@ def run_config(cell, size, dtype, reverse, device, path, gen):
     return err, taken, None
 
 
-def two_direction_launches(gen) -> tuple:
+def two_direction_launches(gen, device="cuda", sm_count=None) -> tuple:
     """A bidirectional GRU layer at the sentiment shape (B = 32, H = 128: 32 CTAs a direction)
-    through the persistent forward's two-direction launch (the test-only op
-    persistent_forward_bidirectional): (forward kernel launches the profiler saw, the launches
-    expected: 1 where both grids fit the SMs co-resident, else 2)."""
+    through the persistent forward's and backward's two-direction launches (the test-only ops
+    persistent_forward_bidirectional / persistent_backward_bidirectional): ((forward, backward)
+    kernel launches the profiler saw, those expected: 1 each where both grids fit the SMs
+    co-resident, else 2)."""
     batch_sizes = torch.tensor([32] * 20)
     n, b, H, I = 32 * 20, 32, 128, 16
 
     def rand(*shape):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * H ** -0.5).to("cuda", torch.float32)
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * H ** -0.5).to(device, torch.float32)
 
     x = rand(n, I)
-    args = ([rand(b, H), rand(b, H)], [], [rand(3 * H, I), rand(3 * H, I)], [rand(3 * H, H), rand(3 * H, H)],
-            [rand(3 * H), rand(3 * H)], [rand(3 * H), rand(3 * H)])
-    _, kernels = cuda_kernel_counts_of(lambda: OPS.persistent_forward_bidirectional("gru", x, *args, batch_sizes, 1))
-    seen = sum(c for name, c in kernels.items() if "persistent" in name and "forward_kernel" in name)
-    return seen, 1 if 2 * b <= torch.cuda.get_device_properties(0).multi_processor_count else 2
+    h0, w_hh = [rand(b, H), rand(b, H)], [rand(3 * H, H), rand(3 * H, H)]
+    args = (h0, [], [rand(3 * H, I), rand(3 * H, I)], w_hh, [rand(3 * H), rand(3 * H)], [rand(3 * H), rand(3 * H)])
+    fwd, kernels = cuda_kernel_counts_of(lambda: OPS.persistent_forward_bidirectional("gru", x, *args, batch_sizes, 1))
+    # The backward recurrence of both directions from what that forward saved (output, gates, hn).
+    bwd_args = ([rand(n, H), rand(n, H)], [rand(b, H), rand(b, H)], [], h0, [], w_hh, batch_sizes,
+                [fwd[0], fwd[5]], [fwd[3], fwd[8]], [fwd[4], fwd[9]], 1)
+    _, bwd_kernels = cuda_kernel_counts_of(lambda: OPS.persistent_backward_bidirectional("gru", *bwd_args))
+    seen = (sum(c for name, c in kernels.items() if "persistent" in name and "forward_kernel" in name),
+            sum(c for name, c in bwd_kernels.items() if "persistent" in name and "backward_kernel" in name))
+    if sm_count is None:
+        sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    want = 1 if 2 * b <= sm_count else 2
+    return seen, (want, want)
 
 
 def cuda_kernel_counts_of(fn):
@@ -294,7 +304,7 @@ def main(argv=None) -> int:
         try:  # both directions of a bidirectional layer in one persistent launch, where they fit
             seen, want = two_direction_launches(gen)
             ok = seen == want
-            detail = f"forward kernel launches {seen}, expected {want}"
+            detail = f"(forward, backward) kernel launches {seen}, expected {want}"
         except Exception as e:  # noqa: BLE001
             ok, detail = False, f"raised {type(e).__name__}: {e}".splitlines()[0]
             traceback.print_exc()

@@ -474,3 +474,24 @@ def test_require_cuda_turns_a_cuda_skip_into_a_failure(monkeypatch, nodeid, requ
     assert report.outcome == outcome
     if outcome == "failed":
         assert "Skipped: needs an NVIDIA GPU" in str(report.longrepr)
+
+
+@pytest.mark.skipif(not fusedrnn.backends()["compiled"], reason="compiled operators not loaded")
+def test_smoke_two_direction_check_runs_both_ops_and_counts_their_kernels(monkeypatch):
+    """The smoke's two-direction check, on the CPU (the test-only ops' runner implementations, the
+    profiler replaced by made-up kernel counts): the forward's saved tensors feed the backward op,
+    and the counts are read per kernel kind."""
+    calls = []
+
+    def fake_counts(fn):
+        calls.append(fn())
+        if len(calls) == 1:
+            return calls[-1], {"fusedrnn::persistent::forward_kernel<G>": 1, "ampere_sgemm": 2}
+        return calls[-1], {"fusedrnn::persistent::backward_kernel<G>": 2}
+
+    monkeypatch.setattr(gpu_smoke, "cuda_kernel_counts_of", fake_counts)
+    seen, want = gpu_smoke.two_direction_launches(torch.Generator().manual_seed(0), device="cpu", sm_count=132)
+    assert seen == (1, 2) and want == (1, 1)
+    assert len(calls) == 2 and len(calls[0]) == 10 and len(calls[1]) == 6
+    assert all(torch.isfinite(t).all() for t in calls[1])
+    assert gpu_smoke.two_direction_launches(torch.Generator().manual_seed(0), device="cpu", sm_count=60)[1] == (2, 2)

@@ -283,6 +283,40 @@ def reference_grads(cell, a, grads, batch_sizes, reverse):
     return tuple(got.get(k) for k in names)
 
 
+@pytest.mark.parametrize("cell", list(GATES))
+def test_emulated_backward_of_both_directions_in_one_launch_matches_each_alone(cell):
+    """Both directions' backward recurrence (other weights, states and upstream gradients; the
+    second reversed) in ONE launch of the backward kernel on the runner: each direction's dL/dh0,
+    dL/dc0 and gate gradients (through their column sum, the bias gradient, and dX = dgates W_ih)
+    bitwise those of its own backward op, and dL/dh0 within 1e-12 of fusedrnn.reference."""
+    batch_sizes = lengths_to_batch_sizes([6, 5, 5, 3, 2])  # 21 tokens: the ATen route for the bias sums
+    dirs = []
+    for d in range(2):
+        a = make_args(cell, 37, batch_sizes, seed=d)
+        if d == 1:
+            a["input"] = dirs[0][0]["input"]
+        fwd = emulate(cell, a, batch_sizes, d == 1, 2)
+        dirs.append((a, fwd, upstream_grads(cell, a, batch_sizes, torch.float64, seed=10 + d)))
+    lists = lambda f: [f(*x) for x in dirs]  # noqa: E731
+    lstm, gated = cell == "lstm", cell in ("lstm", "gru")
+    both = OPS.persistent_backward_bidirectional(
+        cell, lists(lambda a, f, g: g[0]), lists(lambda a, f, g: g[1]), lists(lambda a, f, g: g[2]) if lstm else [],
+        lists(lambda a, f, g: a["h0"]), lists(lambda a, f, g: a["c0"]) if lstm else [],
+        lists(lambda a, f, g: a["w_hh"]), batch_sizes, lists(lambda a, f, g: f[0]),
+        lists(lambda a, f, g: f[3]) if gated else [], lists(lambda a, f, g: f[4]) if gated else [], 2)
+    assert len(both) == 6
+    for d, (a, fwd, grads) in enumerate(dirs):
+        dgates, dh0, dc0 = both[3 * d:3 * d + 3]
+        alone = emulate_backward(cell, a, fwd, grads, batch_sizes, d == 1, 2)
+        assert torch.equal(dh0, alone[1]), d
+        if lstm:
+            assert torch.equal(dc0, alone[2]), d
+        assert torch.equal(dgates.sum(0), alone[5]), d
+        torch.testing.assert_close(dgates @ a["w_ih"], alone[0], rtol=0, atol=1e-12)
+        ref = reference_grads(cell, a, grads, batch_sizes, d == 1)
+        torch.testing.assert_close(dh0, ref[1], rtol=0, atol=1e-12)
+
+
 def grad_tol(dtype):
     return dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
 
@@ -673,3 +707,43 @@ def test_cuda_both_directions_in_one_persistent_launch(cell, monkeypatch):
         for i, (x, y) in enumerate(zip(both[5 * d:5 * d + 5], alone)):
             if y is not None:
                 assert torch.equal(x, y), (d, i)
+
+
+@requires_cuda
+@pytest.mark.parametrize("cell", list(GATES))
+def test_cuda_both_directions_backward_in_one_persistent_launch(cell, monkeypatch):
+    """The backward recurrence of a bidirectional layer's two directions through the real
+    persistent backward: ONE launch of the backward kernel when both grids fit the SMs (B = 32),
+    seen in the profiler; each direction's dL/dh0 (and dL/dc0) bitwise its own backward op's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch_sizes = lengths_to_batch_sizes([9, 7, 7, 3] + [2] * 28)
+    monkeypatch.setenv("FUSEDRNN_CUDA_PATH", "persistent")
+    dirs = []
+    for d in range(2):
+        a = on_cuda(make_args(cell, 128, batch_sizes, torch.float32, input_size=16, seed=d))
+        if d == 1:
+            a["input"] = dirs[0][0]["input"]
+        fwd = per_step(cell, a, batch_sizes, d == 1)  # the forward op, forced persistent
+        grads = tuple(None if t is None else t.cuda()
+                      for t in upstream_grads(cell, a, batch_sizes, torch.float32, seed=10 + d))
+        dirs.append((a, fwd, grads))
+    lists = lambda f: [f(*x) for x in dirs]  # noqa: E731
+    lstm, gated = cell == "lstm", cell in ("lstm", "gru")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        both = OPS.persistent_backward_bidirectional(
+            cell, lists(lambda a, f, g: g[0]), lists(lambda a, f, g: g[1]),
+            lists(lambda a, f, g: g[2]) if lstm else [], lists(lambda a, f, g: a["h0"]),
+            lists(lambda a, f, g: a["c0"]) if lstm else [], lists(lambda a, f, g: a["w_hh"]), batch_sizes,
+            lists(lambda a, f, g: f[0]), lists(lambda a, f, g: f[3]) if gated else [],
+            lists(lambda a, f, g: f[4]) if gated else [], 1)
+        torch.cuda.synchronize()
+    launches = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and "persistent" in e.name and "backward_kernel" in e.name)
+    one_launch = 2 * 32 <= torch.cuda.get_device_properties(0).multi_processor_count
+    assert launches == (1 if one_launch else 2), (launches, one_launch)
+    for d, (a, fwd, grads) in enumerate(dirs):
+        alone = per_step_backward(cell, a, fwd, grads, batch_sizes, d == 1)  # the backward op, forced persistent
+        assert torch.equal(both[3 * d + 1], alone[1]), d
+        if lstm:
+            assert torch.equal(both[3 * d + 2], alone[2]), d

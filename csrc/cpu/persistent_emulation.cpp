@@ -130,11 +130,11 @@ struct RunnerBackwardLaunch {
     return true;
   }
   template <typename Cell, typename T>
-  static void run(BackwardParams<T> p) {
-    p.rows_per_cta = rows_per_cta;
-    const int64_t ctas = ctas_for(p.batch, p.rows_per_cta);
-    run_on_runner<Backward<Cell, T>>(Directions<BackwardParams<T>>{{p, p}, ctas}, ctas, "persistent_emulate_backward",
-                                     Cell::kName, " backward kernel");
+  static void run_directions(Directions<BackwardParams<T>>& l, int64_t directions) {
+    for (BackwardParams<T>& p : l.dir) p.rows_per_cta = rows_per_cta;
+    l.first_ctas = ctas_for(l.dir[0].batch, rows_per_cta);
+    run_on_runner<Backward<Cell, T>>(l, l.first_ctas * directions, "persistent_emulate_backward", Cell::kName,
+                                     " backward kernel");
   }
   static void fill_schedule(const ScheduleChunk& c) { fill_schedule_on_runner(c, "persistent_emulate_backward"); }
 };
@@ -179,6 +179,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                         reverse, need_grad_input, output);
   }
   return {std::get<0>(g), std::get<1>(g), empty, std::get<2>(g), std::get<3>(g), std::get<4>(g), std::get<5>(g)};
+}
+
+// Both directions' persistent backward recurrence (dir 0 ran forward in time, dir 1 reversed) in
+// ONE launch of the backward kernel on the runner: each direction's (gate gradients, dL/dh0,
+// dL/dc0), 6 tensors (the CUDA implementation, register_cuda.cpp, launches the real kernel so).
+std::vector<at::Tensor> backward_bidirectional_on_runner(
+    const std::string& cell, at::TensorList grad_output, at::TensorList grad_h_n, at::TensorList grad_c_n,
+    at::TensorList h0, at::TensorList c0, at::TensorList w_hh, const at::Tensor& batch_sizes, at::TensorList output,
+    at::TensorList gates, at::TensorList extra, int64_t rows_per_cta) {
+  constexpr const char* op = "persistent_backward_bidirectional";
+  FUSEDRNN_CHECK(rows_per_cta >= 1 && rows_per_cta <= kMaxRowsPerCta, op, "rows_per_cta must be in [1, ",
+                 kMaxRowsPerCta, "], got ", rows_per_cta);
+  FUSEDRNN_CHECK(!h0.empty() && !grad_output.empty(), op, "h0 and grad_output must hold 2 tensors");
+  const StepSchedule s = make_schedule(op, batch_sizes, grad_output[0].size(0), h0[0].size(0));
+  std::vector<BackwardDirection> dirs =
+      bidirectional_backward_inputs(op, cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, output, gates, extra, s);
+  struct Rows {
+    explicit Rows(int64_t r) { RunnerBackwardLaunch::rows_per_cta = r; }
+    ~Rows() { RunnerBackwardLaunch::rows_per_cta = 0; }
+  } rows(rows_per_cta);
+  if (cell == "lstm") backward_directions<LstmCell, RunnerBackwardLaunch>(dirs, s);
+  else if (cell == "gru") backward_directions<GruCell, RunnerBackwardLaunch>(dirs, s);
+  else if (cell == "rnn_tanh") backward_directions<RnnTanhCell, RunnerBackwardLaunch>(dirs, s);
+  else backward_directions<RnnReluCell, RunnerBackwardLaunch>(dirs, s);
+  return bidirectional_backward_outputs(dirs);
 }
 
 // The path choice (forward, or the backward kernel's) with given device limits: [ok, rows_per_cta, grid, shared_bytes].
@@ -241,6 +266,10 @@ TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
       "persistent_forward_bidirectional(str cell, Tensor input, Tensor[] h0, Tensor[] c0, Tensor[] w_ih, "
       "Tensor[] w_hh, Tensor?[] b_ih, Tensor?[] b_hh, Tensor batch_sizes, int rows_per_cta) -> Tensor[]");
   m.def(
+      "persistent_backward_bidirectional(str cell, Tensor[] grad_output, Tensor[] grad_h_n, Tensor[] grad_c_n, "
+      "Tensor[] h0, Tensor[] c0, Tensor[] w_hh, Tensor batch_sizes, Tensor[] output, Tensor[] gates, Tensor[] extra, "
+      "int rows_per_cta) -> Tensor[]");
+  m.def(
       "persistent_plan_directions(str cell, int hidden, int batch, ScalarType dtype, int sm_count, int shared_optin, "
       "int registers_per_block, int kernel_registers, int kernel_max_threads) -> int[]");
   m.def(
@@ -252,6 +281,7 @@ TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
   m.impl("persistent_emulate_backward", &fusedrnn::persistent::emulate_backward);
   m.impl("persistent_schedule", &fusedrnn::persistent::schedule);
   m.impl("persistent_forward_bidirectional", &fusedrnn::persistent::forward_bidirectional_on_runner);
+  m.impl("persistent_backward_bidirectional", &fusedrnn::persistent::backward_bidirectional_on_runner);
 }
 TORCH_LIBRARY_IMPL(fusedrnn, CompositeExplicitAutograd, m) {
   m.impl("persistent_plan", &fusedrnn::persistent::plan<false>);

@@ -176,14 +176,15 @@ struct CudaBackwardLaunch {
     return plan.ok;
   }
   template <typename Cell, typename T>
-  static void run(BackwardParams<T> p) {
+  static void run_directions(Directions<BackwardParams<T>>& l, int64_t directions) {
     if constexpr (std::is_same_v<T, double>) {
       TORCH_CHECK(false, "fusedrnn: the persistent backward has no float64 version (the plan should have refused it)");
     } else {
       TORCH_CHECK(plan.ok, "fusedrnn: the persistent backward was launched without a plan");
-      p.rows_per_cta = plan.rows_per_cta;
-      Directions<BackwardParams<T>> l{{p, p}, plan.grid};
-      const cudaError_t err = launch_backward<Cell, T>(l, plan.grid, plan.shared_bytes, at::cuda::getCurrentCUDAStream());
+      for (BackwardParams<T>& p : l.dir) p.rows_per_cta = plan.rows_per_cta;
+      l.first_ctas = plan.grid;
+      const cudaError_t err = launch_backward<Cell, T>(l, plan.grid * directions, plan.shared_bytes,
+                                                       at::cuda::getCurrentCUDAStream());
       C10_CUDA_CHECK(err);
     }
   }
@@ -280,6 +281,42 @@ std::vector<at::Tensor> forward_bidirectional(const std::string& cell, const at:
   return bidirectional_outputs(cell, r, input.options());
 }
 
+// Test-only: both directions' persistent backward recurrence, in ONE launch where both grids are
+// co-resident, else one per direction (rows_per_cta: the plan's here, as forward_bidirectional).
+std::vector<at::Tensor> backward_bidirectional(const std::string& cell, at::TensorList grad_output,
+                                               at::TensorList grad_h_n, at::TensorList grad_c_n, at::TensorList h0,
+                                               at::TensorList c0, at::TensorList w_hh, const at::Tensor& batch_sizes,
+                                               at::TensorList output, at::TensorList gates, at::TensorList extra,
+                                               int64_t /*rows_per_cta*/) {
+  constexpr const char* op = "persistent_backward_bidirectional";
+  FUSEDRNN_CHECK(!h0.empty() && !grad_output.empty(), op, "h0 and grad_output must hold 2 tensors");
+  const StepSchedule s = make_schedule(op, batch_sizes, grad_output[0].size(0), h0[0].size(0));
+  std::vector<BackwardDirection> dirs =
+      bidirectional_backward_inputs(op, cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, output, gates, extra, s);
+  const c10::cuda::OptionalCUDAGuard device_guard(grad_output[0].device());
+  auto run = [&](auto cell_tag) {
+    using Cell = decltype(cell_tag);
+    const int64_t B = h0[0].size(0), H = h0[0].size(1);
+    FUSEDRNN_CHECK(CudaBackwardLaunch::accepts<Cell>(grad_output[0], H, B), op,
+                   "the persistent backward does not run this layer (FUSEDRNN_CUDA_PATH=per_step?)");
+    DeviceLimits limits;
+    limits.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    if (both_directions_in_one_launch(CudaBackwardLaunch::plan, limits)) {
+      backward_directions<Cell, CudaBackwardLaunch>(dirs, s);
+    } else {
+      for (BackwardDirection& d : dirs) {
+        std::vector<BackwardDirection> one{d};
+        backward_directions<Cell, CudaBackwardLaunch>(one, s);
+      }
+    }
+  };
+  if (cell == "lstm") run(LstmCell{});
+  else if (cell == "gru") run(GruCell{});
+  else if (cell == "rnn_tanh") run(RnnTanhCell{});
+  else run(RnnReluCell{});
+  return bidirectional_backward_outputs(dirs);
+}
+
 }  // namespace persistent
 }  // namespace fusedrnn
 
@@ -297,4 +334,5 @@ TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) {
   m.impl("rnn_relu_backward", &rnn_backward<RnnReluCell, persistent::PersistentCudaDevice>);
   // Test-only (schema in csrc/cpu/persistent_emulation.cpp): a bidirectional layer's persistent forward.
   m.impl("persistent_forward_bidirectional", &persistent::forward_bidirectional);
+  m.impl("persistent_backward_bidirectional", &persistent::backward_bidirectional);
 }
