@@ -675,8 +675,10 @@ def test_cuda_ragged_batch_under_graph_capture_runs_persistent(cell, monkeypatch
     graph.replay()
     torch.cuda.synchronize()
     eager = step()
-    assert_grads_close(captured[0], eager[0], 0, "forward, replayed vs eager")
-    assert_grads_close(captured[1], eager[1], 0, "backward, replayed vs eager")
+    # The same kernels on the same inputs; 1e-5 only for cuBLAS, which may pick another algorithm
+    # for the weight-gradient GEMMs under capture. A stale schedule would be off by O(1).
+    assert_grads_close(captured[0], eager[0], 1e-5, "forward, replayed vs eager")
+    assert_grads_close(captured[1], eager[1], 1e-5, "backward, replayed vs eager")
 
 
 @requires_cuda
