@@ -9,9 +9,14 @@ this path, and does it compute the right numbers?
 
 --path persistent runs every op under FUSEDRNN_CUDA_PATH=auto (forcing persistent raises on
 the layers the persistent kernel cannot run: float64, LSTM proj_size, hidden_size > 128) and,
-from the kernels the profiler saw, checks that the forward ran the persistent kernel on every
-layer it can run and the per-step path on the others; where the profiler sees no kernel at all,
-an eligible layer is run again forced to persistent (which raises if that path is not taken).
+from the kernels the profiler saw, checks that the forward AND the backward ran their persistent
+kernels on every layer they can run (and, the batches being ragged, that the schedule kernel
+wrote the schedule on the device), and the per-step path on the others; where the profiler sees
+no kernel at all, an eligible layer is run again forced to persistent (which raises if that path
+is not taken). Last, one bidirectional GRU layer at the sentiment shape through the persistent
+forward's and backward's two-direction launches (test-only ops persistent_forward_bidirectional,
+persistent_backward_bidirectional): the profiler must see ONE forward and ONE backward kernel
+launch where both directions' grids fit the SMs (2 x 32 CTAs), else two each.
 
 Exit status: 0 all ops right; 1 an op failed or was wrong; 2 CUDA cannot run here (says why);
 3 the requested CUDA path is not built into this fusedrnn (says so; nothing was run).
@@ -58,6 +63,21 @@ def forward_path_of(kernel_names) -> str:
     if any("persistent" in n and "forward_kernel" in n for n in names):
         return "persistent"
     return "per_step" if names else "unknown"
+
+
+def backward_path_of(kernel_names) -> str:
+    """As forward_path_of, for the backward: the persistent backward kernel
+    (fusedrnn::persistent::backward_kernel) or only per-step kernels."""
+    names = list(kernel_names)
+    if any("persistent" in n and "backward_kernel" in n for n in names):
+        return "persistent"
+    return "per_step" if names else "unknown"
+
+
+def schedule_on_device(kernel_names) -> bool:
+    """Whether a ragged batch's schedule was written by the schedule kernel
+    (fusedrnn::persistent::fill_schedule_kernel, csrc/cuda/step_schedule.cu), the graph-safe way."""
+    return any("fill_schedule_kernel" in n for n in kernel_names)
 
 
 def cuda_kernels_of(fn):
@@ -166,7 +186,8 @@ def run_config(cell, size, dtype, reverse, device, path, gen):
     if device != "cuda":  # the CPU kernels have one path; nothing to check
         return check_one(cell, size, dtype, reverse, device, gen), None, None
     err, kernels = cuda_kernels_of(lambda: check_one(cell, size, dtype, reverse, device, gen))
-    taken = forward_path_of(kernels)
+    forward, backward = forward_path_of(kernels), backward_path_of(kernels)
+    taken = forward if forward == backward else f"forward {forward}, backward {backward}"
     if taken == "unknown" and eligible:
         # No CUDA activity in the profiler: forcing the persistent path raises unless it runs.
         os.environ["FUSEDRNN_CUDA_PATH"] = "persistent"
@@ -180,7 +201,51 @@ def run_config(cell, size, dtype, reverse, device, path, gen):
     elif taken != want:
         return err, taken, f"auto should run {want} here ({'eligible' if eligible else 'not eligible'} " \
                            f"for the persistent kernel), it ran {taken}"
+    elif taken == "persistent" and not schedule_on_device(kernels):  # every size's batch is ragged (SIZES)
+        return err, taken, "the ragged batch's schedule was not written by the schedule kernel on the device"
     return err, taken, None
+
+
+def two_direction_launches(gen, device="cuda", sm_count=None) -> tuple:
+    """A bidirectional GRU layer at the sentiment shape (B = 32, H = 128: 32 CTAs a direction)
+    through the persistent forward's and backward's two-direction launches (the test-only ops
+    persistent_forward_bidirectional / persistent_backward_bidirectional): ((forward, backward)
+    kernel launches the profiler saw, those expected: 1 each where both grids fit the SMs
+    co-resident, else 2)."""
+    batch_sizes = torch.tensor([32] * 20)
+    n, b, H, I = 32 * 20, 32, 128, 16
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * H ** -0.5).to(device, torch.float32)
+
+    x = rand(n, I)
+    h0, w_hh = [rand(b, H), rand(b, H)], [rand(3 * H, H), rand(3 * H, H)]
+    args = (h0, [], [rand(3 * H, I), rand(3 * H, I)], w_hh, [rand(3 * H), rand(3 * H)], [rand(3 * H), rand(3 * H)])
+    fwd, kernels = cuda_kernel_counts_of(lambda: OPS.persistent_forward_bidirectional("gru", x, *args, batch_sizes, 1))
+    # The backward recurrence of both directions from what that forward saved (output, gates, hn).
+    bwd_args = ([rand(n, H), rand(n, H)], [rand(b, H), rand(b, H)], [], h0, [], w_hh, batch_sizes,
+                [fwd[0], fwd[5]], [fwd[3], fwd[8]], [fwd[4], fwd[9]], 1)
+    _, bwd_kernels = cuda_kernel_counts_of(lambda: OPS.persistent_backward_bidirectional("gru", *bwd_args))
+    seen = (sum(c for name, c in kernels.items() if "persistent" in name and "forward_kernel" in name),
+            sum(c for name, c in bwd_kernels.items() if "persistent" in name and "backward_kernel" in name))
+    if sm_count is None:
+        sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    want = 1 if 2 * b <= sm_count else 2
+    return seen, (want, want)
+
+
+def cuda_kernel_counts_of(fn):
+    """As cuda_kernels_of, with how many times each kernel ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        result = fn()
+        torch.cuda.synchronize()
+    counts = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            counts[e.name] = counts.get(e.name, 0) + 1
+    return result, counts
 
 
 def main(argv=None) -> int:
@@ -224,7 +289,7 @@ def main(argv=None) -> int:
                         ok = err <= TOLERANCE[dtype] and path_error is None
                         detail = f"worst relative error {err:.2e} (tolerance {TOLERANCE[dtype]:.0e})"
                         if taken is not None:
-                            detail += f", forward ran {taken}"
+                            detail += f", ran {taken}"
                         if path_error is not None:
                             detail += f"; WRONG PATH: {path_error}"
                     except Exception as e:  # noqa: BLE001 - report every op, then fail
@@ -233,8 +298,21 @@ def main(argv=None) -> int:
                         traceback.print_exc()
                     failures += not ok
                     rows.append({"cell": cell, "size": size, "dtype": str(dtype)[6:], "reverse": reverse,
-                                 "max_rel_error": err, "ok": ok, "detail": detail, "forward_path": taken})
+                                 "max_rel_error": err, "ok": ok, "detail": detail, "path_taken": taken})
                     print(f"{'ok  ' if ok else 'FAIL'} {name} {detail}", flush=True)
+    if args.device == "cuda" and path == "persistent":
+        try:  # both directions of a bidirectional layer in one persistent launch, where they fit
+            seen, want = two_direction_launches(gen)
+            ok = seen == want
+            detail = f"(forward, backward) kernel launches {seen}, expected {want}"
+        except Exception as e:  # noqa: BLE001
+            ok, detail = False, f"raised {type(e).__name__}: {e}".splitlines()[0]
+            traceback.print_exc()
+        failures += not ok
+        rows.append({"cell": "gru", "size": "h128", "dtype": "float32", "reverse": "both", "max_rel_error": None,
+                     "ok": ok, "detail": "two directions in one launch: " + detail, "path_taken": "persistent"})
+        print(f"{'ok  ' if ok else 'FAIL'} gru       h128  float32   both directions in one launch: {detail}",
+              flush=True)
     seconds = time.perf_counter() - t0
     print(f"{len(rows) - failures}/{len(rows)} op checks passed on {args.device} (path {path}) in {seconds:.1f} s")
     if args.json:

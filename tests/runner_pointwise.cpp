@@ -28,7 +28,7 @@ void run_step(const Params& p, int64_t grid) {
   exec::run_kernel(c, [&p](const exec::CpuThread& ctx) { PointwiseStep<Cell>::run(ctx, p); });
 }
 
-// ptrs, forward:  gates, hproj, h_state, c_state, out, cells, hn
+// ptrs, forward:  gates, hproj, h_state, c_state, out, cells, hn, hproj_bias
 //       backward: gates, grad_out, grad_h_state, grad_c_state, cells, c_prev, h_prev, hn, out,
 //                 grad_gates, grad_gates_h, r_out
 template <typename Cell, typename T>
@@ -44,6 +44,7 @@ void dispatch_direction(bool backward, int64_t batch, int64_t hidden, int64_t gr
     p.out = static_cast<T*>(q[4]);
     p.cells = static_cast<T*>(q[5]);
     p.hn = static_cast<T*>(q[6]);
+    p.hproj_bias = static_cast<const T*>(q[7]);
     run_step<Cell>(p, grid);
   } else {
     BackwardStepParams<T> p;

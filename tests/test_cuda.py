@@ -96,8 +96,9 @@ def test_torch_compile_on_cuda_matches_eager(mode):
 @requires_cuda
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 def test_cuda_graph_capture_and_replay(cell):
-    """The ops launch on the current stream and read their schedule on the host, so a captured
-    forward + backward replays correctly on new data."""
+    """The ops launch on the current stream (the per-step path reads its schedule on the host when
+    launching, the persistent path's is written on the device from kernel parameters), so a
+    captured forward + backward replays correctly on new data."""
     _, ours = make_pair(cell, 8, 16, dtype=torch.float32, device="cuda", num_layers=2, bidirectional=True)
     static_x = torch.randn(12, 4, 8, device="cuda", requires_grad=True)
 

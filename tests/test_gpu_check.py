@@ -357,19 +357,34 @@ def test_smoke_tells_the_forward_path_from_the_kernel_names():
     assert gpu_smoke.forward_path_of([per_step, persistent, "ampere_sgemm_32x32"]) == "persistent"
     assert gpu_smoke.forward_path_of([per_step, "ampere_sgemm_32x32"]) == "per_step"
     assert gpu_smoke.forward_path_of([]) == "unknown"
+    backward = "void fusedrnn::persistent::backward_kernel<fusedrnn::GruCell, float>(...)"
+    assert gpu_smoke.backward_path_of([persistent, backward, per_step]) == "persistent"
+    assert gpu_smoke.backward_path_of([persistent, per_step]) == "per_step"
+    assert gpu_smoke.backward_path_of([]) == "unknown"
+    fill = "fusedrnn::persistent::fill_schedule_kernel(fusedrnn::persistent::ScheduleChunk)"
+    assert gpu_smoke.schedule_on_device([persistent, fill]) and not gpu_smoke.schedule_on_device([persistent])
+
+
+PERSISTENT_GRU = {"fusedrnn::persistent::forward_kernel<G>", "fusedrnn::persistent::backward_kernel<G>",
+                  "fusedrnn::persistent::fill_schedule_kernel(C)"}
 
 
 @pytest.mark.parametrize("cell,dtype,kernels,error", [
-    ("gru", torch.float32, {"fusedrnn::persistent::forward_kernel<G>"}, None),
+    ("gru", torch.float32, PERSISTENT_GRU, None),
     ("gru", torch.float32, {"fusedrnn::step_kernel<G>"}, "auto should run persistent here"),
+    ("gru", torch.float32, PERSISTENT_GRU - {"fusedrnn::persistent::backward_kernel<G>"},
+     "auto should run persistent here (eligible for the persistent kernel), it ran forward persistent, backward "
+     "per_step"),
+    ("gru", torch.float32, PERSISTENT_GRU - {"fusedrnn::persistent::fill_schedule_kernel(C)"},
+     "schedule was not written by the schedule kernel"),
     ("lstm_proj", torch.float32, {"fusedrnn::step_kernel<L>"}, None),
     ("gru", torch.float64, {"fusedrnn::step_kernel<G>"}, None),
     ("lstm_proj", torch.float32, {"fusedrnn::persistent::forward_kernel<L>"}, "auto should run per_step here"),
 ])
 def test_smoke_persistent_runs_under_auto_and_checks_the_path_taken(monkeypatch, cell, dtype, kernels, error):
     """--path persistent never forces the path (that raises on float64 and proj_size): every
-    check runs under auto, and the kernels that ran must be the persistent one exactly where the
-    persistent kernel can run."""
+    check runs under auto, and the kernels that ran must be the persistent forward and backward
+    (with the ragged schedule written on the device) exactly where the persistent kernels can run."""
     seen = []
     monkeypatch.setattr(gpu_smoke, "check_one", lambda *a: seen.append(os.environ["FUSEDRNN_CUDA_PATH"]) or 1e-7)
     monkeypatch.setattr(gpu_smoke, "cuda_kernels_of", lambda fn: (fn(), kernels))
@@ -459,3 +474,24 @@ def test_require_cuda_turns_a_cuda_skip_into_a_failure(monkeypatch, nodeid, requ
     assert report.outcome == outcome
     if outcome == "failed":
         assert "Skipped: needs an NVIDIA GPU" in str(report.longrepr)
+
+
+@pytest.mark.skipif(not fusedrnn.backends()["compiled"], reason="compiled operators not loaded")
+def test_smoke_two_direction_check_runs_both_ops_and_counts_their_kernels(monkeypatch):
+    """The smoke's two-direction check, on the CPU (the test-only ops' runner implementations, the
+    profiler replaced by made-up kernel counts): the forward's saved tensors feed the backward op,
+    and the counts are read per kernel kind."""
+    calls = []
+
+    def fake_counts(fn):
+        calls.append(fn())
+        if len(calls) == 1:
+            return calls[-1], {"fusedrnn::persistent::forward_kernel<G>": 1, "ampere_sgemm": 2}
+        return calls[-1], {"fusedrnn::persistent::backward_kernel<G>": 2}
+
+    monkeypatch.setattr(gpu_smoke, "cuda_kernel_counts_of", fake_counts)
+    seen, want = gpu_smoke.two_direction_launches(torch.Generator().manual_seed(0), device="cpu", sm_count=132)
+    assert seen == (1, 2) and want == (1, 1)
+    assert len(calls) == 2 and len(calls[0]) == 10 and len(calls[1]) == 6
+    assert all(torch.isfinite(t).all() for t in calls[1])
+    assert gpu_smoke.two_direction_launches(torch.Generator().manual_seed(0), device="cpu", sm_count=60)[1] == (2, 2)

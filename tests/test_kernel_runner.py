@@ -150,3 +150,21 @@ def test_runner_catches_a_planted_bug_in_the_persistent_backward_kernel(tmp_path
         assert rc == 1, f"the runner missed the planted bug {mutation}"
         assert BACKWARD_MUTATIONS[mutation][2] in buf.value.decode(), buf.value.decode()
         assert "persistent_backward.h" in buf.value.decode()
+
+
+def test_both_directions_in_one_backward_launch_give_each_directions_own_results(tmp_path):
+    """The persistent backward kernel over both directions of a layer in one launch (blocks split
+    by direction, persistent_directions.h), on the runner: each direction's gate gradients, dL/dh0
+    and dL/dc0 are bitwise those of its own launch (the kernel's source, unmodified)."""
+    import shutil
+
+    src_root = tmp_path / "src"
+    for sub in ("cells", "exec", "persistent"):
+        shutil.copytree(os.path.join(ROOT, "csrc", sub), src_root / sub)
+    shutil.copy(os.path.join(ROOT, "tests", "runner_persistent_backward.cpp"), src_root)
+    headers = [str(p) for p in sorted(src_root.rglob("*.h"))]
+    sources = [str(src_root / "exec" / "cpu_runner.cpp"), str(src_root / "runner_persistent_backward.cpp")]
+    lib = build_library(sources, headers, name="runner_persistent_backward_ok")
+    buf = ctypes.create_string_buffer(MESSAGE)
+    rc = lib.runner_persistent_backward_two_directions(buf, MESSAGE)
+    assert rc == 0, buf.value.decode()

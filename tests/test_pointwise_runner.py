@@ -82,17 +82,19 @@ def reference_layer(cell, a):
                                  False), None)
 
 
-def forward_step(lib, cell, a, dtype, grid):
-    """The forward kernel on one step: returns its buffers (gates, h_state, c_state, out, cells, hn)."""
+def forward_step(lib, cell, a, dtype, grid, bias_in_step=False):
+    """The forward kernel on one step: returns its buffers (gates, h_state, c_state, out, cells, hn).
+    bias_in_step: hproj without b_hh, which the kernel adds itself (hproj_bias, the CUDA driver's way)."""
     batch, hidden = a["h0"].shape
     gates = (a["x"] @ a["w_ih"].T + a["b_ih"]).to(dtype).contiguous()
-    hproj = (a["h0"] @ a["w_hh"].T + a["b_hh"]).to(dtype).contiguous()
+    hproj = (a["h0"] @ a["w_hh"].T + (0 if bias_in_step else a["b_hh"])).to(dtype).contiguous()
+    hproj_bias = a["b_hh"].to(dtype).contiguous() if bias_in_step else None
     h_state = a["h0"].to(dtype).clone()
     c_state = a["c0"].to(dtype).clone() if cell == "lstm" else None
     out = nan(batch, hidden, dtype=dtype)
     cells = nan(batch, hidden, dtype=dtype) if cell == "lstm" else None
     hn = nan(batch, hidden, dtype=dtype) if cell == "gru" else None
-    run(lib, cell, dtype, False, batch, hidden, grid, [gates, hproj, h_state, c_state, out, cells, hn])
+    run(lib, cell, dtype, False, batch, hidden, grid, [gates, hproj, h_state, c_state, out, cells, hn, hproj_bias])
     return dict(gates=gates, hproj=hproj, h_state=h_state, c_state=c_state, out=out, cells=cells, hn=hn)
 
 
@@ -101,12 +103,13 @@ def test_launch_grid_is_the_cuda_launchers(lib):
     assert [lib.runner_pointwise_blocks(n) for n in (1, 256, 257, 10 ** 9)] == [1, 1, 2, 4096]
 
 
+@pytest.mark.parametrize("bias_in_step", [False, True], ids=["bias-in-gemm", "bias-in-step"])
 @pytest.mark.parametrize("batch,hidden,grid", SHAPES, ids=[f"B{b}-H{h}-grid{g}" for b, h, g in SHAPES])
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=["f64", "f32", "f16", "bf16"])
 @pytest.mark.parametrize("cell", list(GATES))
-def test_forward_step_kernel_matches_reference(lib, cell, dtype, batch, hidden, grid):
+def test_forward_step_kernel_matches_reference(lib, cell, dtype, batch, hidden, grid, bias_in_step):
     a = make(cell, batch, hidden, dtype, input_size=4)
-    k = forward_step(lib, cell, a, dtype, grid)
+    k = forward_step(lib, cell, a, dtype, grid, bias_in_step)
     ref_out, ref_h, ref_c = reference_layer(cell, a)
     t = tol(dtype)
     torch.testing.assert_close(k["out"].double(), ref_out, **t)
@@ -114,8 +117,13 @@ def test_forward_step_kernel_matches_reference(lib, cell, dtype, batch, hidden, 
     if cell == "lstm":
         torch.testing.assert_close(k["c_state"].double(), ref_c, **t)
         torch.testing.assert_close(k["cells"].double(), ref_c, **t)
-    if cell == "gru":  # saved for backward: W_hn h + b_hn
-        torch.testing.assert_close(k["hn"], k["hproj"][:, 2 * hidden:], rtol=0, atol=0)
+    if cell == "gru":  # saved for backward: W_hn h + b_hn, b_hn added in the accumulation type
+        want_hn = (k["hproj"][:, 2 * hidden:].to(torch.float64 if dtype == torch.float64 else torch.float32)
+                   + (a["b_hh"][2 * hidden:].to(dtype) if bias_in_step else 0)).to(dtype)
+        torch.testing.assert_close(k["hn"], want_hn, rtol=0, atol=0)
+    if cell == "rnn_tanh" or cell == "rnn_relu":  # the RNN step leaves its input projection as it was
+        torch.testing.assert_close(k["gates"].double(), (a["x"] @ a["w_ih"].T + a["b_ih"]).to(dtype).double(),
+                                   rtol=0, atol=0)
     if cell in ("lstm", "gru"):  # activated gates saved for backward
         pre = (a["x"] @ a["w_ih"].T + a["b_ih"]) + (a["h0"] @ a["w_hh"].T + a["b_hh"])
         H = hidden

@@ -21,8 +21,13 @@ struct ForwardStepParams {
   // [batch, G*H]  in: x_t W_ih^T + b_ih (the whole-sequence input projection)
   //              out: the activated gates, saved for backward.
   T* gates = nullptr;
-  // [batch, G*H]  h_{t-1} W_hh^T + b_hh (this step's recurrent GEMM).
+  // [batch, G*H]  h_{t-1} W_hh^T + b_hh (this step's recurrent GEMM), or without
+  // b_hh when hproj_bias is set.
   const T* hproj = nullptr;
+  // [G*H]  b_hh, added to hproj by the step itself, or nullptr (b_hh already in
+  // hproj, or no bias). Only the CUDA per-step kernel (cuda/pointwise_step.h) sets and
+  // reads it: its recurrent GEMM then needs no bias copy first (one launch less per step).
+  const T* hproj_bias = nullptr;
   // [B, H]  the running hidden state: read as h_{t-1}, written as h_t.
   // LSTM with projection: points at `out` (the driver updates the real state
   // after the projection GEMM).

@@ -31,25 +31,41 @@ namespace {
 // One launch of a persistent kernel K (Forward or Backward) on the CPU runner: the grid and
 // shared memory the CUDA launch would have, every thread of each CTA as a fiber; a failed runner
 // check becomes a RuntimeError naming the op and the kernel.
+// The blocks dispatch to their direction as the `__global__` wrappers do (run_directions).
 template <typename K, typename Params>
-void run_on_runner(const Params& p, const char* op, const char* cell, const char* kernel) {
+void run_on_runner(const Directions<Params>& l, int64_t grid, const char* op, const char* cell, const char* kernel) {
   exec::LaunchConfig config;
-  config.grid = (p.batch + p.rows_per_cta - 1) / p.rows_per_cta;
+  config.grid = grid;
   config.threads = kThreads;
-  config.shared_bytes = K::shared_bytes(p.rows_per_cta);
+  config.shared_bytes = K::shared_bytes(l.dir[0].rows_per_cta);
   try {
-    exec::run_kernel(config, [&p](const exec::CpuThread& ctx) { K::run(ctx, p); });
+    exec::run_kernel(config, [&l](const exec::CpuThread& ctx) { run_directions<K>(ctx, l); });
   } catch (const exec::KernelCheckError& e) {
     TORCH_CHECK(false, "fusedrnn.", op, ": the ", cell, kernel, " failed a check of the CPU runner: ", e.what());
+  }
+}
+
+// One chunk of a ragged schedule written by the FillSchedule kernel's body on the CPU runner, with
+// the CUDA launch's grid (persistent_schedule.h; csrc/cuda/step_schedule.cu).
+void fill_schedule_on_runner(const ScheduleChunk& c, const char* op) {
+  if (c.steps == 0) return;
+  exec::LaunchConfig config;
+  config.grid = FillSchedule::blocks(c.steps);
+  config.threads = kScheduleThreads;
+  try {
+    exec::run_kernel(config, [&c](const exec::CpuThread& ctx) { FillSchedule::run(ctx, c); });
+  } catch (const exec::KernelCheckError& e) {
+    TORCH_CHECK(false, "fusedrnn.", op, ": the schedule kernel failed a check of the CPU runner: ", e.what());
   }
 }
 
 // The kernel's own body (Forward<Cell, T>::run) on the CPU runner.
 struct RunnerLaunch {
   template <typename Cell, typename T>
-  void run(const ForwardParams<T>& p) {
-    run_on_runner<Forward<Cell, T>>(p, "persistent_emulate_forward", Cell::kName, " kernel");
+  void run(const Directions<ForwardParams<T>>& l, int64_t grid) {
+    run_on_runner<Forward<Cell, T>>(l, grid, "persistent_emulate_forward", Cell::kName, " kernel");
   }
+  void fill_schedule(const ScheduleChunk& c) { fill_schedule_on_runner(c, "persistent_emulate_forward"); }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulate_forward(
@@ -79,22 +95,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulate_f
   return {r.output, r.h_n, lstm ? r.c_n : empty, r.gates, lstm ? r.cells : gates == 3 ? r.hn : empty};
 }
 
+// Both directions of a layer (dir 0 forward in time, dir 1 reverse) in ONE launch of the forward
+// kernel on the runner: blocks [0, ctas) run direction 0, the next ctas direction 1 (the CUDA
+// implementation, register_cuda.cpp, launches the real kernel the same way where the plan allows).
+std::vector<at::Tensor> forward_bidirectional_on_runner(const std::string& cell, const at::Tensor& input,
+                                                        at::TensorList h0, at::TensorList c0, at::TensorList w_ih,
+                                                        at::TensorList w_hh,
+                                                        at::ArrayRef<std::optional<at::Tensor>> b_ih,
+                                                        at::ArrayRef<std::optional<at::Tensor>> b_hh,
+                                                        const at::Tensor& batch_sizes, int64_t rows_per_cta) {
+  constexpr const char* op = "persistent_forward_bidirectional";
+  const std::vector<DirectionInputs> dirs = bidirectional_inputs(op, cell, input, h0, c0, w_ih, w_hh, b_ih, b_hh);
+  FUSEDRNN_CHECK(rows_per_cta >= 1 && rows_per_cta <= kMaxRowsPerCta, op, "rows_per_cta must be in [1, ",
+                 kMaxRowsPerCta, "], got ", rows_per_cta);
+  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0[0].size(0));
+  RunnerLaunch launch;
+  std::vector<ForwardOutputs> r;
+  if (cell == "lstm") r = layer_forward_directions<LstmCell>(input, dirs, s, rows_per_cta, launch);
+  else if (cell == "gru") r = layer_forward_directions<GruCell>(input, dirs, s, rows_per_cta, launch);
+  else if (cell == "rnn_tanh") r = layer_forward_directions<RnnTanhCell>(input, dirs, s, rows_per_cta, launch);
+  else r = layer_forward_directions<RnnReluCell>(input, dirs, s, rows_per_cta, launch);
+  return bidirectional_outputs(cell, r, input.options());
+}
+
 // The backward kernel's own body (Backward<Cell, T>::run) on the CPU runner, with the rows per
 // CTA the test asks for (set by emulate_backward around the call, on this thread).
 struct RunnerBackwardLaunch {
   static inline thread_local int64_t rows_per_cta = 0;
   template <typename Cell>
-  static bool accepts(const at::Tensor&, int64_t hidden, int64_t, bool) {
+  static bool accepts(const at::Tensor&, int64_t hidden, int64_t) {
     TORCH_CHECK(hidden <= kMaxHidden, "fusedrnn.persistent_emulate_backward: hidden_size must be at most ",
                 kMaxHidden, ", got ", hidden);
     TORCH_CHECK(rows_per_cta >= 1, "fusedrnn.persistent_emulate_backward: no rows_per_cta set");
     return true;
   }
   template <typename Cell, typename T>
-  static void run(BackwardParams<T> p) {
-    p.rows_per_cta = rows_per_cta;
-    run_on_runner<Backward<Cell, T>>(p, "persistent_emulate_backward", Cell::kName, " backward kernel");
+  static void run_directions(Directions<BackwardParams<T>>& l, int64_t directions) {
+    for (BackwardParams<T>& p : l.dir) p.rows_per_cta = rows_per_cta;
+    l.first_ctas = ctas_for(l.dir[0].batch, rows_per_cta);
+    run_on_runner<Backward<Cell, T>>(l, l.first_ctas * directions, "persistent_emulate_backward", Cell::kName,
+                                     " backward kernel");
   }
+  static void fill_schedule(const ScheduleChunk& c) { fill_schedule_on_runner(c, "persistent_emulate_backward"); }
 };
 using RunnerBackwardDevice = PersistentBackward<CpuDevice, RunnerBackwardLaunch>;
 
@@ -139,8 +181,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {std::get<0>(g), std::get<1>(g), empty, std::get<2>(g), std::get<3>(g), std::get<4>(g), std::get<5>(g)};
 }
 
+// Both directions' persistent backward recurrence (dir 0 ran forward in time, dir 1 reversed) in
+// ONE launch of the backward kernel on the runner: each direction's (gate gradients, dL/dh0,
+// dL/dc0), 6 tensors (the CUDA implementation, register_cuda.cpp, launches the real kernel so).
+std::vector<at::Tensor> backward_bidirectional_on_runner(
+    const std::string& cell, at::TensorList grad_output, at::TensorList grad_h_n, at::TensorList grad_c_n,
+    at::TensorList h0, at::TensorList c0, at::TensorList w_hh, const at::Tensor& batch_sizes, at::TensorList output,
+    at::TensorList gates, at::TensorList extra, int64_t rows_per_cta) {
+  constexpr const char* op = "persistent_backward_bidirectional";
+  FUSEDRNN_CHECK(rows_per_cta >= 1 && rows_per_cta <= kMaxRowsPerCta, op, "rows_per_cta must be in [1, ",
+                 kMaxRowsPerCta, "], got ", rows_per_cta);
+  FUSEDRNN_CHECK(!h0.empty() && !grad_output.empty(), op, "h0 and grad_output must hold 2 tensors");
+  const StepSchedule s = make_schedule(op, batch_sizes, grad_output[0].size(0), h0[0].size(0));
+  std::vector<BackwardDirection> dirs =
+      bidirectional_backward_inputs(op, cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, output, gates, extra, s);
+  struct Rows {
+    explicit Rows(int64_t r) { RunnerBackwardLaunch::rows_per_cta = r; }
+    ~Rows() { RunnerBackwardLaunch::rows_per_cta = 0; }
+  } rows(rows_per_cta);
+  if (cell == "lstm") backward_directions<LstmCell, RunnerBackwardLaunch>(dirs, s);
+  else if (cell == "gru") backward_directions<GruCell, RunnerBackwardLaunch>(dirs, s);
+  else if (cell == "rnn_tanh") backward_directions<RnnTanhCell, RunnerBackwardLaunch>(dirs, s);
+  else backward_directions<RnnReluCell, RunnerBackwardLaunch>(dirs, s);
+  return bidirectional_backward_outputs(dirs);
+}
+
 // The path choice (forward, or the backward kernel's) with given device limits: [ok, rows_per_cta, grid, shared_bytes].
-template <bool kBackward>
+template <bool kBackward, bool kDirections = false>
 std::vector<int64_t> plan(const std::string& cell, int64_t hidden, int64_t batch, at::ScalarType dtype,
                           bool projection, int64_t sm_count, int64_t shared_optin, int64_t registers_per_block,
                           int64_t kernel_registers, int64_t kernel_max_threads) {
@@ -159,7 +226,25 @@ std::vector<int64_t> plan(const std::string& cell, int64_t hidden, int64_t batch
   else if (cell == "gru") with(GruCell{});
   else if (cell == "rnn_tanh" || cell == "rnn_relu") with(RnnTanhCell{});
   else TORCH_CHECK(false, "fusedrnn.persistent_plan: cell must be lstm, gru, rnn_tanh or rnn_relu, got ", cell);
+  if (kDirections) return {p.ok ? 1 : 0, p.rows_per_cta, p.grid, p.shared_bytes, both_directions_in_one_launch(p, d)};
   return {p.ok ? 1 : 0, p.rows_per_cta, p.grid, p.shared_bytes};
+}
+
+// The forward plan and whether a bidirectional layer's two directions run in one launch:
+// [ok, rows_per_cta, grid of one direction, shared_bytes, both directions in one launch].
+std::vector<int64_t> plan_directions(const std::string& cell, int64_t hidden, int64_t batch, at::ScalarType dtype,
+                                     int64_t sm_count, int64_t shared_optin, int64_t registers_per_block,
+                                     int64_t kernel_registers, int64_t kernel_max_threads) {
+  return plan<false, true>(cell, hidden, batch, dtype, false, sm_count, shared_optin, registers_per_block,
+                           kernel_registers, kernel_max_threads);
+}
+
+// A ragged batch's [2, steps] schedule as the persistent path writes it on the device (the
+// FillSchedule kernel's body, chunk by chunk, on the runner), for the test against batch_sizes.
+at::Tensor schedule(const at::Tensor& batch_sizes, int64_t batch) {
+  constexpr const char* op = "persistent_schedule";
+  const StepSchedule s = make_schedule(op, batch_sizes, batch_sizes.sum().item<int64_t>(), batch);
+  return device_schedule(s, at::kCPU, [](const ScheduleChunk& c) { fill_schedule_on_runner(c, "persistent_schedule"); });
 }
 
 }  // namespace
@@ -167,7 +252,8 @@ std::vector<int64_t> plan(const std::string& cell, int64_t hidden, int64_t batch
 }  // namespace fusedrnn
 
 // Test-only: the persistent backward kernel on the runner (the schema lives here, beside its only
-// implementation). Returns (grad_input, grad_h0, grad_c0 (LSTM, else empty), grad_w_ih, grad_w_hh,
+// implementation); persistent_forward_bidirectional (CPU: the runner; CUDA: register_cuda.cpp, the
+// real kernel, rows_per_cta there from the plan). Returns (grad_input, grad_h0, grad_c0 (LSTM, else empty), grad_w_ih, grad_w_hh,
 // grad_b_ih, grad_b_hh).
 TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
   m.def(
@@ -175,6 +261,17 @@ TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
       "Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor batch_sizes, bool reverse, bool need_grad_input, "
       "Tensor output, Tensor? gates, Tensor? extra, int rows_per_cta) -> (Tensor grad_input, Tensor grad_h0, "
       "Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
+  m.def("persistent_schedule(Tensor batch_sizes, int batch) -> Tensor");
+  m.def(
+      "persistent_forward_bidirectional(str cell, Tensor input, Tensor[] h0, Tensor[] c0, Tensor[] w_ih, "
+      "Tensor[] w_hh, Tensor?[] b_ih, Tensor?[] b_hh, Tensor batch_sizes, int rows_per_cta) -> Tensor[]");
+  m.def(
+      "persistent_backward_bidirectional(str cell, Tensor[] grad_output, Tensor[] grad_h_n, Tensor[] grad_c_n, "
+      "Tensor[] h0, Tensor[] c0, Tensor[] w_hh, Tensor batch_sizes, Tensor[] output, Tensor[] gates, Tensor[] extra, "
+      "int rows_per_cta) -> Tensor[]");
+  m.def(
+      "persistent_plan_directions(str cell, int hidden, int batch, ScalarType dtype, int sm_count, int shared_optin, "
+      "int registers_per_block, int kernel_registers, int kernel_max_threads) -> int[]");
   m.def(
       "persistent_plan_backward(str cell, int hidden, int batch, ScalarType dtype, bool projection, int sm_count, "
       "int shared_optin, int registers_per_block, int kernel_registers, int kernel_max_threads) -> int[]");
@@ -182,8 +279,12 @@ TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
 TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
   m.impl("persistent_emulate_forward", &fusedrnn::persistent::emulate_forward);
   m.impl("persistent_emulate_backward", &fusedrnn::persistent::emulate_backward);
+  m.impl("persistent_schedule", &fusedrnn::persistent::schedule);
+  m.impl("persistent_forward_bidirectional", &fusedrnn::persistent::forward_bidirectional_on_runner);
+  m.impl("persistent_backward_bidirectional", &fusedrnn::persistent::backward_bidirectional_on_runner);
 }
 TORCH_LIBRARY_IMPL(fusedrnn, CompositeExplicitAutograd, m) {
   m.impl("persistent_plan", &fusedrnn::persistent::plan<false>);
   m.impl("persistent_plan_backward", &fusedrnn::persistent::plan<true>);
+  m.impl("persistent_plan_directions", &fusedrnn::persistent::plan_directions);
 }

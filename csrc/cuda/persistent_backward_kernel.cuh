@@ -15,18 +15,18 @@ namespace fusedrnn {
 namespace persistent {
 
 template <typename Cell, typename T>
-__global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardParams<T> p) {
+__global__ void __launch_bounds__(kThreads, 1) backward_kernel(const Directions<BackwardParams<T>> l) {
   extern __shared__ __align__(16) unsigned char shared_raw[];
-  Backward<Cell, T>::run(exec::CudaBlock{shared_raw}, p);
+  run_directions<Backward<Cell, T>>(exec::CudaBlock{shared_raw}, l);
 }
 
 template <typename Cell, typename T>
-cudaError_t launch_backward(const BackwardParams<T>& p, int64_t grid, int64_t shared_bytes, cudaStream_t stream) {
+cudaError_t launch_backward(const Directions<BackwardParams<T>>& l, int64_t grid, int64_t shared_bytes, cudaStream_t stream) {
   if (grid == 0) return cudaSuccess;
   cudaError_t err = cudaFuncSetAttribute(backward_kernel<Cell, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(shared_bytes));
   if (err != cudaSuccess) return err;
-  backward_kernel<Cell, T><<<static_cast<unsigned>(grid), kThreads, static_cast<size_t>(shared_bytes), stream>>>(p);
+  backward_kernel<Cell, T><<<static_cast<unsigned>(grid), kThreads, static_cast<size_t>(shared_bytes), stream>>>(l);
   return cudaGetLastError();
 }
 
@@ -37,11 +37,11 @@ cudaError_t backward_attributes(cudaFuncAttributes* attributes) {
 
 // float64 is not instantiated: it runs on the per-step path (persistent_plan.h).
 #define FUSEDRNN_INSTANTIATE_PERSISTENT_BACKWARD(Cell)                                                         \
-  template cudaError_t launch_backward<Cell, float>(const BackwardParams<float>&, int64_t, int64_t,             \
+  template cudaError_t launch_backward<Cell, float>(const Directions<BackwardParams<float>>&, int64_t, int64_t,             \
                                                     cudaStream_t);                                             \
-  template cudaError_t launch_backward<Cell, c10::Half>(const BackwardParams<c10::Half>&, int64_t, int64_t,     \
+  template cudaError_t launch_backward<Cell, c10::Half>(const Directions<BackwardParams<c10::Half>>&, int64_t, int64_t,     \
                                                         cudaStream_t);                                         \
-  template cudaError_t launch_backward<Cell, c10::BFloat16>(const BackwardParams<c10::BFloat16>&, int64_t,      \
+  template cudaError_t launch_backward<Cell, c10::BFloat16>(const Directions<BackwardParams<c10::BFloat16>>&, int64_t,      \
                                                             int64_t, cudaStream_t);                            \
   template cudaError_t backward_attributes<Cell, float>(cudaFuncAttributes*);                                  \
   template cudaError_t backward_attributes<Cell, c10::Half>(cudaFuncAttributes*);                              \

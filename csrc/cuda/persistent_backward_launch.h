@@ -11,7 +11,7 @@ namespace fusedrnn {
 namespace persistent {
 
 template <typename Cell, typename T>
-cudaError_t launch_backward(const BackwardParams<T>& p, int64_t grid, int64_t shared_bytes, cudaStream_t stream);
+cudaError_t launch_backward(const Directions<BackwardParams<T>>& l, int64_t grid, int64_t shared_bytes, cudaStream_t stream);
 
 // The compiled kernel's resources, for the host-side plan.
 template <typename Cell, typename T>

@@ -21,7 +21,6 @@
 // current stream too, so the ops are correct on any stream and capturable in
 // CUDA graphs.
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -29,6 +28,7 @@
 #include <cstdlib>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "../layer/layer_ops.h"
 #include "../persistent/persistent_backward_layer.h"
@@ -43,6 +43,10 @@ namespace fusedrnn {
 
 struct CudaDevice {
   using DeviceGuard = c10::cuda::OptionalCUDAGuard;
+  // The per-step forward's pointwise kernel adds b_hh (cuda/pointwise_step.h: forward_element), so
+  // its recurrent GEMM runs without one: per step a GEMM and the pointwise kernel, 2 launches, not
+  // 3 (the bias copy into the GEMM's output is gone; layer_forward.h).
+  static constexpr bool kStepAddsHiddenBias = true;
 
   // Every GEMM, per step or not: float32 math as torch.nn's cuDNN RNNs choose it (fp32_gemm.h).
   template <typename T>
@@ -118,16 +122,10 @@ Plan plan_backward_layer(const at::Tensor& like, int64_t hidden, int64_t batch) 
   return plan;
 }
 
-// A ragged schedule reaches the persistent kernels through a pinned host copy, which a CUDA graph
-// capture cannot replay safely (the host block goes back to the cache); the per-step path copies
-// nothing from the host for it, so a ragged batch under capture takes that path.
-inline bool capturing() {
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-}
-inline Plan not_under_capture() {
-  Plan p;
-  p.why_not = "a ragged batch under CUDA graph capture (its schedule would be a host-to-device copy)";
-  return p;
+// A ragged batch's schedule is written on the device by a kernel from its own parameters
+// (persistent_schedule.h), so the persistent path is capturable in CUDA graphs, ragged or not.
+inline void fill_schedule_on_device(const ScheduleChunk& c) {
+  C10_CUDA_CHECK(launch_fill_schedule(c, at::cuda::getCurrentCUDAStream()));
 }
 
 // The path for this call: true = persistent (with `plan`), false = per-step.
@@ -148,14 +146,15 @@ inline void check_forced(const char* op, PathRequest request, const Plan& plan) 
 struct CudaLaunch {
   Plan plan;
   template <typename Cell, typename T>
-  void run(const ForwardParams<T>& p) {
+  void run(const Directions<ForwardParams<T>>& l, int64_t grid) {
     if constexpr (std::is_same_v<T, double>) {
       TORCH_CHECK(false, "fusedrnn: the persistent kernel has no float64 version (the plan should have refused it)");
     } else {
-      const cudaError_t err = launch_forward<Cell, T>(p, plan.grid, plan.shared_bytes, at::cuda::getCurrentCUDAStream());
+      const cudaError_t err = launch_forward<Cell, T>(l, grid, plan.shared_bytes, at::cuda::getCurrentCUDAStream());
       C10_CUDA_CHECK(err);
     }
   }
+  void fill_schedule(const ScheduleChunk& c) { fill_schedule_on_device(c); }
 };
 
 // The persistent backward on CUDA, as the backward driver's sequence engine
@@ -167,27 +166,29 @@ struct CudaLaunch {
 struct CudaBackwardLaunch {
   static inline thread_local Plan plan{};
   template <typename Cell>
-  static bool accepts(const at::Tensor& like, int64_t hidden, int64_t batch, bool ragged) {
+  static bool accepts(const at::Tensor& like, int64_t hidden, int64_t batch) {
     const std::string name = std::string(Cell::kName) + "_backward";
     const char* op = name.c_str();
     PathRequest request;
     if (!wants_persistent(op, &request)) return false;
     plan = plan_backward_layer<Cell>(like, hidden, batch);
-    if (plan.ok && ragged && capturing()) plan = not_under_capture();
     check_forced(op, request, plan);
     return plan.ok;
   }
   template <typename Cell, typename T>
-  static void run(BackwardParams<T> p) {
+  static void run_directions(Directions<BackwardParams<T>>& l, int64_t directions) {
     if constexpr (std::is_same_v<T, double>) {
       TORCH_CHECK(false, "fusedrnn: the persistent backward has no float64 version (the plan should have refused it)");
     } else {
       TORCH_CHECK(plan.ok, "fusedrnn: the persistent backward was launched without a plan");
-      p.rows_per_cta = plan.rows_per_cta;
-      const cudaError_t err = launch_backward<Cell, T>(p, plan.grid, plan.shared_bytes, at::cuda::getCurrentCUDAStream());
+      for (BackwardParams<T>& p : l.dir) p.rows_per_cta = plan.rows_per_cta;
+      l.first_ctas = plan.grid;
+      const cudaError_t err = launch_backward<Cell, T>(l, plan.grid * directions, plan.shared_bytes,
+                                                       at::cuda::getCurrentCUDAStream());
       C10_CUDA_CHECK(err);
     }
   }
+  static void fill_schedule(const ScheduleChunk& c) { fill_schedule_on_device(c); }
 };
 using PersistentCudaDevice = PersistentBackward<CudaDevice, CudaBackwardLaunch>;
 
@@ -208,7 +209,6 @@ ForwardOutputs forward_layer(const char* op, const at::Tensor& input, const at::
   if (wants_persistent(op, &request)) {
     const int64_t hidden = w_hh.size(0) / Cell::kGates;
     Plan plan = plan_layer<Cell>(input, hidden, h0.size(0), w.w_hr.defined());
-    if (plan.ok && !s.uniform && capturing()) plan = not_under_capture();
     check_forced(op, request, plan);
     if (plan.ok) {
       CudaLaunch launch{plan};
@@ -245,6 +245,78 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& input, const at
   return {r.output, r.h_n};
 }
 
+// Test-only (tests/test_persistent.py on a GPU): both directions of a layer through the persistent
+// forward, in ONE launch where the plan says both grids are co-resident
+// (both_directions_in_one_launch), else one launch per direction. rows_per_cta is the plan's here
+// (the argument is for the CPU runner's implementation).
+std::vector<at::Tensor> forward_bidirectional(const std::string& cell, const at::Tensor& input, at::TensorList h0,
+                                              at::TensorList c0, at::TensorList w_ih, at::TensorList w_hh,
+                                              at::ArrayRef<std::optional<at::Tensor>> b_ih,
+                                              at::ArrayRef<std::optional<at::Tensor>> b_hh,
+                                              const at::Tensor& batch_sizes, int64_t /*rows_per_cta*/) {
+  constexpr const char* op = "persistent_forward_bidirectional";
+  const std::vector<DirectionInputs> dirs = bidirectional_inputs(op, cell, input, h0, c0, w_ih, w_hh, b_ih, b_hh);
+  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0[0].size(0));
+  const c10::cuda::OptionalCUDAGuard device_guard(input.device());
+  std::vector<ForwardOutputs> r;
+  auto run = [&](auto cell_tag) {
+    using Cell = decltype(cell_tag);
+    const Plan plan = plan_layer<Cell>(input, h0[0].size(1), h0[0].size(0), false);
+    FUSEDRNN_CHECK(plan.ok, op, "the persistent kernel cannot run this layer: ", plan.why_not);
+    CudaLaunch launch{plan};
+    DeviceLimits limits;
+    limits.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    if (both_directions_in_one_launch(plan, limits)) {
+      r = layer_forward_directions<Cell>(input, dirs, s, plan.rows_per_cta, launch);
+    } else {
+      for (const DirectionInputs& d : dirs) {
+        r.push_back(layer_forward_directions<Cell>(input, {d}, s, plan.rows_per_cta, launch)[0]);
+      }
+    }
+  };
+  if (cell == "lstm") run(LstmCell{});
+  else if (cell == "gru") run(GruCell{});
+  else if (cell == "rnn_tanh") run(RnnTanhCell{});
+  else run(RnnReluCell{});
+  return bidirectional_outputs(cell, r, input.options());
+}
+
+// Test-only: both directions' persistent backward recurrence, in ONE launch where both grids are
+// co-resident, else one per direction (rows_per_cta: the plan's here, as forward_bidirectional).
+std::vector<at::Tensor> backward_bidirectional(const std::string& cell, at::TensorList grad_output,
+                                               at::TensorList grad_h_n, at::TensorList grad_c_n, at::TensorList h0,
+                                               at::TensorList c0, at::TensorList w_hh, const at::Tensor& batch_sizes,
+                                               at::TensorList output, at::TensorList gates, at::TensorList extra,
+                                               int64_t /*rows_per_cta*/) {
+  constexpr const char* op = "persistent_backward_bidirectional";
+  FUSEDRNN_CHECK(!h0.empty() && !grad_output.empty(), op, "h0 and grad_output must hold 2 tensors");
+  const StepSchedule s = make_schedule(op, batch_sizes, grad_output[0].size(0), h0[0].size(0));
+  std::vector<BackwardDirection> dirs =
+      bidirectional_backward_inputs(op, cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, output, gates, extra, s);
+  const c10::cuda::OptionalCUDAGuard device_guard(grad_output[0].device());
+  auto run = [&](auto cell_tag) {
+    using Cell = decltype(cell_tag);
+    const int64_t B = h0[0].size(0), H = h0[0].size(1);
+    FUSEDRNN_CHECK(CudaBackwardLaunch::accepts<Cell>(grad_output[0], H, B), op,
+                   "the persistent backward does not run this layer (FUSEDRNN_CUDA_PATH=per_step?)");
+    DeviceLimits limits;
+    limits.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    if (both_directions_in_one_launch(CudaBackwardLaunch::plan, limits)) {
+      backward_directions<Cell, CudaBackwardLaunch>(dirs, s);
+    } else {
+      for (BackwardDirection& d : dirs) {
+        std::vector<BackwardDirection> one{d};
+        backward_directions<Cell, CudaBackwardLaunch>(one, s);
+      }
+    }
+  };
+  if (cell == "lstm") run(LstmCell{});
+  else if (cell == "gru") run(GruCell{});
+  else if (cell == "rnn_tanh") run(RnnTanhCell{});
+  else run(RnnReluCell{});
+  return bidirectional_backward_outputs(dirs);
+}
+
 }  // namespace persistent
 }  // namespace fusedrnn
 
@@ -260,4 +332,7 @@ TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) {
   m.impl("gru_backward", &gru_backward<persistent::PersistentCudaDevice>);
   m.impl("rnn_tanh_backward", &rnn_backward<RnnTanhCell, persistent::PersistentCudaDevice>);
   m.impl("rnn_relu_backward", &rnn_backward<RnnReluCell, persistent::PersistentCudaDevice>);
+  // Test-only (schema in csrc/cpu/persistent_emulation.cpp): a bidirectional layer's persistent forward.
+  m.impl("persistent_forward_bidirectional", &persistent::forward_bidirectional);
+  m.impl("persistent_backward_bidirectional", &persistent::backward_bidirectional);
 }

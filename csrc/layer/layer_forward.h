@@ -2,6 +2,7 @@
 //
 //   1. input projection of every time step as ONE GEMM:  gates = X W_ih^T + b_ih
 //   2. per step: one recurrent GEMM on the active rows   hproj = h W_hh^T + b_hh
+//                (b_hh added by the pointwise step instead where the Device says so)
 //                one fused pointwise step (Cell::forward, via Device)
 //                [LSTM proj_size > 0: one projection GEMM h_t = r_t W_hr^T]
 //
@@ -110,6 +111,16 @@ template <typename Device>
 struct has_sequence_engine<Device, std::void_t<decltype(Device::kSequenceEngine)>>
     : std::bool_constant<Device::kSequenceEngine> {};
 
+// A device policy whose pointwise step adds b_hh itself (ForwardStepParams::hproj_bias)
+// declares `static constexpr bool kStepAddsHiddenBias = true`; its recurrent GEMM
+// then runs without the bias (CUDA: no bias copy into the GEMM's output first,
+// one launch less per step).
+template <typename Device, typename = void>
+struct step_adds_hidden_bias : std::false_type {};
+template <typename Device>
+struct step_adds_hidden_bias<Device, std::void_t<decltype(Device::kStepAddsHiddenBias)>>
+    : std::bool_constant<Device::kStepAddsHiddenBias> {};
+
 template <typename Cell, typename Device>
 ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
                              const LayerWeights& w, const StepSchedule& sched, bool reverse) {
@@ -140,6 +151,9 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
   at::Tensor proj_in = has_proj ? new_buffer({B, H}, opts) : at::Tensor();  // r_t = o * tanh(c_t)
   // W_hh^T, once: the per-step GEMM then reads both operands row by row.
   const at::Tensor w_hh_t = w.w_hh.t().contiguous();
+  constexpr bool bias_in_step = step_adds_hidden_bias<Device>::value;
+  const at::Tensor step_bias = bias_in_step && w.b_hh.defined() ? w.b_hh.contiguous() : at::Tensor();
+  const at::Tensor gemm_bias = bias_in_step ? at::Tensor() : w.b_hh;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fusedrnn.layer_forward", [&] {
     using T = scalar_t;
@@ -148,13 +162,14 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
       const int64_t bs = sched.batch[t];
       const int64_t off = sched.offset[t];
       at::Tensor hproj_t = rows(hproj, 0, bs);
-      Device::template matmul<T>(hproj_t, rows(r.h_n, 0, bs), w_hh_t, w.b_hh, false);
+      Device::template matmul<T>(hproj_t, rows(r.h_n, 0, bs), w_hh_t, gemm_bias, false);
 
       ForwardStepParams<T> p;
       p.batch = bs;
       p.hidden = H;
       p.gates = r.gates.template data_ptr<T>() + off * G * H;
       p.hproj = hproj.template const_data_ptr<T>();
+      p.hproj_bias = step_bias.defined() ? step_bias.template const_data_ptr<T>() : nullptr;
       // With projection the cell's output is r_t, not the state: let it write r_t
       // twice to the same place, which keeps the cell free of branches.
       p.h_state = has_proj ? proj_in.template data_ptr<T>() : r.h_n.template data_ptr<T>();

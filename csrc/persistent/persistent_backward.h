@@ -275,9 +275,13 @@ struct Backward {
   // The kernel body for every thread of a CTA.
   template <typename Ctx>
   FUSEDRNN_HOST_DEVICE static void run(const Ctx& ctx, const BackwardParams<T>& p) {
+    run(ctx, p, ctx.block());
+  }
+  // `cta`: the block's index within its direction (persistent_directions.h).
+  template <typename Ctx>
+  FUSEDRNN_HOST_DEVICE static void run(const Ctx& ctx, const BackwardParams<T>& p, int64_t cta) {
     const auto s = carve(ctx, p.rows_per_cta);
     const ForwardParams<T> f = schedule(p);
-    const int64_t cta = ctx.block();
     const int tid = ctx.thread();
     Thread th;
     stage(p, s, 0, tid);

@@ -15,18 +15,133 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <string>
 #include <type_traits>
+#include <vector>
 
 #include "../layer/layer_backward.h"
 #include "../layer/layer_tensors.h"
 #include "persistent_backward.h"
+#include "persistent_layer.h"  // device_schedule
 
 namespace fusedrnn {
 namespace persistent {
 
-// Launch: struct with `static bool accepts<Cell>(const at::Tensor& like, int64_t hidden, int64_t batch,
-// bool ragged)` (false: leave the call to the per-step loop; it may raise when the path is forced) and
-// `template <typename Cell, typename T> static void run(const BackwardParams<T>&)`.
+// One direction's persistent backward kernel: what it reads (contiguous) and writes.
+struct BackwardDirection {
+  at::Tensor grad_output, h0, c0, w_hh;  // c0: LSTM only
+  SavedForBackward saved;                // output, gates, cells (LSTM), hn (GRU) as a forward saved them
+  at::Tensor dh_state, dc_state;         // in: dL/dh_n, dL/dc_n (LSTM); out: dL/dh0, dL/dc0
+  at::Tensor dgates;                     // out: the input-side gate gradients of every token
+  bool reverse = false;
+};
+
+// The backward recurrence of one or two directions of a layer over the same schedule in ONE launch
+// (persistent_directions.h) through Launch::run_directions<Cell, T>(Directions<BackwardParams<T>>&,
+// directions), which sets the rows per CTA and the grid.
+template <typename Cell, typename Launch>
+void backward_directions(std::vector<BackwardDirection>& dirs, const StepSchedule& s) {
+  constexpr int64_t G = Cell::kGates;
+  TORCH_CHECK(dirs.size() == 1 || dirs.size() == 2, "fusedrnn: a persistent launch runs one or two directions, got ",
+              dirs.size());
+  const int64_t B = dirs[0].dh_state.size(0), H = dirs[0].dh_state.size(1), T_ = s.steps();
+  if (B == 0 || T_ == 0) return;
+  // The ragged schedule written on the device, as the forward's (persistent_layer.h).
+  at::Tensor schedule;
+  if (!s.uniform) {
+    schedule = device_schedule(s, dirs[0].grad_output.device(), [](const ScheduleChunk& c) { Launch::fill_schedule(c); });
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dirs[0].grad_output.scalar_type(),
+                                  "fusedrnn.persistent_backward", [&] {
+    using T = scalar_t;
+    Directions<BackwardParams<T>> l;
+    for (size_t d = 0; d < dirs.size(); ++d) {
+      const BackwardDirection& x = dirs[d];
+      BackwardParams<T>& p = l.dir[d];
+      p.batch = B;
+      p.hidden = H;
+      p.steps = T_;
+      p.reverse = x.reverse;
+      p.step_batch = schedule.defined() ? schedule.const_data_ptr<int64_t>() : nullptr;
+      p.step_offset = schedule.defined() ? schedule.const_data_ptr<int64_t>() + T_ : nullptr;
+      p.w_hh = x.w_hh.const_data_ptr<T>();
+      p.h0 = x.h0.const_data_ptr<T>();
+      p.c0 = x.c0.defined() ? x.c0.const_data_ptr<T>() : nullptr;
+      p.grad_output = x.grad_output.const_data_ptr<T>();
+      p.gates = x.saved.gates.defined() && x.saved.gates.numel() > 0 ? x.saved.gates.const_data_ptr<T>() : nullptr;
+      p.output = x.saved.output.const_data_ptr<T>();
+      p.cells = G == 4 ? x.saved.cells.const_data_ptr<T>() : nullptr;
+      p.hn = G == 3 ? x.saved.hn.const_data_ptr<T>() : nullptr;
+      p.grad_gates = x.dgates.data_ptr<T>();
+      p.grad_h = x.dh_state.data_ptr<T>();
+      p.grad_c = G == 4 ? x.dc_state.data_ptr<T>() : nullptr;
+    }
+    if (dirs.size() == 1) l.dir[1] = l.dir[0];  // no block reads it; not left half-initialised
+    Launch::template run_directions<Cell, T>(l, int64_t(dirs.size()));
+  });
+}
+
+// The arguments of the test-only op persistent_backward_bidirectional (per-direction lists; direction
+// 0 ran forward in time, direction 1 reversed), checked, as BackwardDirection with fresh outputs; and
+// its result: each direction's (gate gradients, dL/dh0, dL/dc0 (LSTM; else empty)).
+inline std::vector<BackwardDirection> bidirectional_backward_inputs(
+    const char* op, const std::string& cell, at::TensorList grad_output, at::TensorList grad_h_n,
+    at::TensorList grad_c_n, at::TensorList h0, at::TensorList c0, at::TensorList w_hh, at::TensorList output,
+    at::TensorList gates, at::TensorList extra, const StepSchedule& s) {
+  const bool lstm = cell == "lstm", gru = cell == "gru";
+  const int64_t G = lstm ? 4 : gru ? 3 : 1;
+  FUSEDRNN_CHECK(lstm || gru || cell == "rnn_tanh" || cell == "rnn_relu", op,
+                 "cell must be lstm, gru, rnn_tanh or rnn_relu, got ", cell);
+  const size_t states = lstm ? 2 : 0, saved = lstm || gru ? 2 : 0;
+  FUSEDRNN_CHECK(grad_output.size() == 2 && grad_h_n.size() == 2 && h0.size() == 2 && w_hh.size() == 2 &&
+                     output.size() == 2 && grad_c_n.size() == states && c0.size() == states &&
+                     gates.size() == saved && extra.size() == saved,
+                 op, "every per-direction list must hold 2 tensors (grad_c_n, c0: lstm only; gates, extra: lstm, gru)");
+  const int64_t N = grad_output[0].size(0), B = h0[0].size(0), H = h0[0].size(1);
+  FUSEDRNN_CHECK(H <= kMaxHidden, op, "hidden_size must be at most ", kMaxHidden, ", got ", H);
+  int64_t tokens = 0;
+  for (int64_t t = 0; t < s.steps(); ++t) tokens += s.batch[t];
+  FUSEDRNN_CHECK(tokens == N && (s.steps() == 0 || s.batch[0] == B), op, "batch_sizes do not match grad_output / h0");
+  auto shaped = [&](const at::Tensor& t, at::IntArrayRef want, const char* what) {
+    FUSEDRNN_CHECK(t.sizes() == want && t.scalar_type() == grad_output[0].scalar_type() &&
+                       t.device() == grad_output[0].device(),
+                   op, what, " must be ", want, " of grad_output's dtype and device, got ", t.sizes(), " ",
+                   t.scalar_type(), " on ", t.device());
+    return t.contiguous();
+  };
+  std::vector<BackwardDirection> dirs(2);
+  for (int d = 0; d < 2; ++d) {
+    BackwardDirection& x = dirs[d];
+    x.grad_output = shaped(grad_output[d], {N, H}, "grad_output");
+    x.h0 = shaped(h0[d], {B, H}, "h0");
+    x.c0 = lstm ? shaped(c0[d], {B, H}, "c0") : at::Tensor();
+    x.w_hh = shaped(w_hh[d], {G * H, H}, "w_hh");
+    x.saved.output = shaped(output[d], {N, H}, "output");
+    if (saved) x.saved.gates = shaped(gates[d], {N, G * H}, "gates");
+    if (lstm) x.saved.cells = shaped(extra[d], {N, H}, "extra (cells)");
+    if (gru) x.saved.hn = shaped(extra[d], {N, H}, "extra (hn)");
+    x.dh_state = copy_of_state(shaped(grad_h_n[d], {B, H}, "grad_h_n"));
+    x.dc_state = lstm ? copy_of_state(shaped(grad_c_n[d], {B, H}, "grad_c_n")) : at::Tensor();
+    x.dgates = new_buffer({N, G * H}, x.grad_output.options());
+    x.reverse = d == 1;
+  }
+  return dirs;
+}
+inline std::vector<at::Tensor> bidirectional_backward_outputs(const std::vector<BackwardDirection>& dirs) {
+  std::vector<at::Tensor> out;
+  for (const BackwardDirection& x : dirs) {
+    out.push_back(x.dgates);
+    out.push_back(x.dh_state);
+    out.push_back(x.dc_state.defined() ? x.dc_state : at::empty({0}, x.dgates.options()));
+  }
+  return out;
+}
+
+// Launch: struct with `static bool accepts<Cell>(const at::Tensor& like, int64_t hidden, int64_t batch)`
+// (false: leave the call to the per-step loop; it may raise when the path is forced),
+// `template <typename Cell, typename T> static void run_directions(Directions<BackwardParams<T>>&,
+// int64_t directions)` and `static void fill_schedule(const ScheduleChunk&)` (the FillSchedule
+// kernel, persistent_schedule.h).
 template <typename Base, typename Launch>
 struct PersistentBackward : Base {
   static constexpr bool kSequenceEngine = true;
@@ -36,45 +151,10 @@ struct PersistentBackward : Base {
                                 const StepSchedule& s, bool reverse, const at::Tensor& h0, const at::Tensor& c0,
                                 at::Tensor& dh_state, at::Tensor& dc_state, at::Tensor& dgates, at::Tensor& dgates_h) {
     (void)dgates_h;  // GRU's hidden-side gate gradients live in the kernel's shared memory
-    constexpr int64_t G = Cell::kGates;
-    const int64_t B = dh_state.size(0), H = dh_state.size(1), T_ = s.steps();
-    if (!Launch::template accepts<Cell>(grad_output, H, B, !s.uniform)) return false;
-    if (B == 0 || T_ == 0) return true;
-    // The ragged schedule as the forward copies it (persistent_layer.h).
-    at::Tensor schedule;
-    if (!s.uniform) {
-      schedule = at::empty({2, T_}, at::TensorOptions().dtype(at::kLong));
-      int64_t* sp = schedule.data_ptr<int64_t>();
-      for (int64_t t = 0; t < T_; ++t) {
-        sp[t] = s.batch[t];
-        sp[T_ + t] = s.offset[t];
-      }
-      if (!grad_output.device().is_cpu()) schedule = schedule.pin_memory().to(grad_output.device(), true);
-    }
-    const at::Tensor w_hh = w.w_hh.contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(),
-                                    "fusedrnn.persistent_backward", [&] {
-      using T = scalar_t;
-      BackwardParams<T> p;
-      p.batch = B;
-      p.hidden = H;
-      p.steps = T_;
-      p.reverse = reverse;
-      p.step_batch = schedule.defined() ? schedule.const_data_ptr<int64_t>() : nullptr;
-      p.step_offset = schedule.defined() ? schedule.const_data_ptr<int64_t>() + T_ : nullptr;
-      p.w_hh = w_hh.const_data_ptr<T>();
-      p.h0 = h0.const_data_ptr<T>();
-      p.c0 = c0.defined() ? c0.const_data_ptr<T>() : nullptr;
-      p.grad_output = grad_output.const_data_ptr<T>();
-      p.gates = saved.gates.defined() && saved.gates.numel() > 0 ? saved.gates.const_data_ptr<T>() : nullptr;
-      p.output = saved.output.const_data_ptr<T>();
-      p.cells = G == 4 ? saved.cells.const_data_ptr<T>() : nullptr;
-      p.hn = G == 3 ? saved.hn.const_data_ptr<T>() : nullptr;
-      p.grad_gates = dgates.data_ptr<T>();
-      p.grad_h = dh_state.data_ptr<T>();
-      p.grad_c = G == 4 ? dc_state.data_ptr<T>() : nullptr;
-      Launch::template run<Cell, T>(p);
-    });
+    if (!Launch::template accepts<Cell>(grad_output, dh_state.size(1), dh_state.size(0))) return false;
+    std::vector<BackwardDirection> one(1);
+    one[0] = BackwardDirection{grad_output, h0, c0, w.w_hh.contiguous(), saved, dh_state, dc_state, dgates, reverse};
+    backward_directions<Cell, Launch>(one, s);
     return true;
   }
 };

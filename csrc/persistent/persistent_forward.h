@@ -41,14 +41,17 @@
 #include "../cells/cell_common.h"
 #include "../cells/step_params.h"
 #include "../exec/cuda_block.h"
+#include "persistent_directions.h"
 #include "persistent_limits.h"
 
 // Loops over register arrays must be unrolled on the device: a run-time index
 // would move the array to local memory (a stack frame in ptxas's report).
+#if !defined(FUSEDRNN_UNROLL)
 #if defined(__CUDA_ARCH__)
 #define FUSEDRNN_UNROLL _Pragma("unroll")
 #else
 #define FUSEDRNN_UNROLL
+#endif
 #endif
 
 namespace fusedrnn {
@@ -320,8 +323,12 @@ struct Forward {
   // GPU; the CPU runner (csrc/exec/cpu_runner.h) runs the same source on the host.
   template <typename Ctx>
   FUSEDRNN_HOST_DEVICE static void run(const Ctx& ctx, const ForwardParams<T>& p) {
+    run(ctx, p, ctx.block());
+  }
+  // `cta`: the block's index within its direction (persistent_directions.h).
+  template <typename Ctx>
+  FUSEDRNN_HOST_DEVICE static void run(const Ctx& ctx, const ForwardParams<T>& p, int64_t cta) {
     const auto s = carve(ctx, p.rows_per_cta);
-    const int64_t cta = ctx.block();
     const int tid = ctx.thread();
     Thread th;
     stage(p, s, 0, tid);

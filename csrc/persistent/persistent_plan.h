@@ -84,5 +84,13 @@ Plan plan_forward(const LayerShape& l, const DeviceLimits& d, SharedBytes shared
   return p;
 }
 
+// Both directions of a bidirectional layer in ONE launch (persistent_directions.h) only when all
+// their CTAs are co-resident: the kernels run one CTA per SM (512 threads at up to 128 registers
+// fill an SM's 65536), so twice one direction's grid must fit the SMs; otherwise the launch would
+// run in two waves, no better than two launches, and the caller launches the directions one by one.
+inline bool both_directions_in_one_launch(const Plan& one_direction, const DeviceLimits& d) {
+  return one_direction.ok && 2 * one_direction.grid <= d.sm_count;
+}
+
 }  // namespace persistent
 }  // namespace fusedrnn
