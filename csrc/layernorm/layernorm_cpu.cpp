@@ -160,7 +160,8 @@ inline bool use_row_block_gemm() {
 }
 
 // Row-major C[m, n] (=, or += when accumulate) A[m, k] B[k, n] on this thread, rows of A and C strided
-// by lda / ldc, B contiguous.
+// by lda / ldc, B contiguous. Where oneDNN's micro-kernel is not available (CPU, build, or
+// torch.backends.mkldnn disabled), ATen's brgemm falls back to its own gemm: the same result, slower.
 inline void row_block_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, float* c,
                            int64_t ldc, bool accumulate) {
   if (m == 0) return;
