@@ -384,6 +384,35 @@ def test_float32_and_bfloat16_close_to_float64(cell):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("env", [{}, {"FUSEDRNN_LN_GEMM": "blas"}, {"FUSEDRNN_CPU_ISA": "avx2"}],
+                         ids=["brgemm", "sgemm", "avx2_rows"])
+def test_float32_op_paths_match_float64(cell, env, monkeypatch):
+    """float32's step GEMMs (brgemm per block of rows, or MKL's sgemm per step) and both compiled copies of the
+    row passes (AVX-512 where the CPU has it, the build's flags): forward and every gradient of the op against
+    the float64 op, at a size with vector remainders (H = 37), ragged, with zoneout, on every thread."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    torch.manual_seed(11)
+    fwd, bwd, _, n_main = ops_of(cell)
+    args64, bs = op_args(cell, [9, 9, 7, 7, 2], hidden=37, input_size=13, requires_grad=True)
+    args32 = tuple(None if a is None else a.detach().float().requires_grad_(a.requires_grad) for a in args64)
+    grads = None
+    for args in (args64, args32):
+        out = fwd(*args, bs, False, 1e-5)[:n_main]
+        if grads is None:
+            grads = [torch.randn_like(o) for o in out]
+        loss = sum((o * g.to(o.dtype)).sum() for o, g in zip(out, grads))
+        inputs = [a for a in args if a is not None and a.requires_grad]
+        got = [o.detach() for o in out] + list(torch.autograd.grad(loss, inputs))
+        if args is args64:
+            expected = got
+    for e, g in zip(expected, got):
+        assert g.dtype == torch.float32
+        scale = e.abs().max().item() + 1.0
+        assert (g.double() - e).abs().max().item() <= 2e-4 * scale
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_torch_compile_fullgraph_and_export(cell):
     torch._dynamo.reset()
     torch.manual_seed(5)

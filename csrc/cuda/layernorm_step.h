@@ -77,6 +77,40 @@ FUSEDRNN_HOST_DEVICE A inverse_std(A sum_sq, int64_t n, A eps) {
   return A(1) / std::sqrt(sum_sq / A(n) + eps);
 }
 
+// The LN statistics of a row's two gate projections (W_ih x at xr, W_hh h at hr, kGates * H values
+// each; this thread's units t, t + block_dim, ...): the means, then the inverse standard deviations
+// from the biased variance (two passes). Uses the first two reduction regions of `scratch`.
+template <int kGates, typename S, typename A, typename Ctx>
+FUSEDRNN_HOST_DEVICE void gate_ln_statistics(const Ctx& ctx, const S* xr, const S* hr, int64_t H, A eps,
+                                             exec::shared_ptr_t<Ctx, A> scratch, A (&mean)[2], A& rx, A& rh) {
+  const int64_t G = kGates * H, t0 = ctx.thread(), step = ctx.block_dim();
+  const unsigned warps = ctx.block_dim() / kWarpSize;
+  mean[0] = A(0);
+  mean[1] = A(0);
+  for (int64_t k = t0; k < H; k += step) {
+    FUSEDRNN_LN_UNROLL
+    for (int q = 0; q < kGates; ++q) {
+      mean[0] += A(xr[q * H + k]);
+      mean[1] += A(hr[q * H + k]);
+    }
+  }
+  block_sum(ctx, mean, scratch);
+  mean[0] /= A(G);
+  mean[1] /= A(G);
+  A sq[2] = {A(0), A(0)};
+  for (int64_t k = t0; k < H; k += step) {
+    FUSEDRNN_LN_UNROLL
+    for (int q = 0; q < kGates; ++q) {
+      const A dx = A(xr[q * H + k]) - mean[0], dh = A(hr[q * H + k]) - mean[1];
+      sq[0] += dx * dx;
+      sq[1] += dh * dh;
+    }
+  }
+  block_sum(ctx, sq, scratch + int64_t(warps) * kRegionValues);
+  rx = inverse_std(sq[0], G, eps);
+  rh = inverse_std(sq[1], G, eps);
+}
+
 // ---- LSTM forward ------------------------------------------------------------------------------
 
 // Pointers at the step's rows (rows = the step's batch): per-token tensors at offset `off` of the
@@ -122,28 +156,8 @@ struct LnLstmForward {
     S* hr = p.norm_h + j * G;
     const int64_t t0 = ctx.thread(), step = ctx.block_dim();
 
-    A mean[2] = {A(0), A(0)};
-    for (int64_t k = t0; k < H; k += step) {
-      FUSEDRNN_LN_UNROLL
-      for (int q = 0; q < 4; ++q) {
-        mean[0] += A(xr[q * H + k]);
-        mean[1] += A(hr[q * H + k]);
-      }
-    }
-    block_sum(ctx, mean, scratch);
-    mean[0] /= A(G);
-    mean[1] /= A(G);
-    A sq[2] = {A(0), A(0)};
-    for (int64_t k = t0; k < H; k += step) {
-      FUSEDRNN_LN_UNROLL
-      for (int q = 0; q < 4; ++q) {
-        const A dx = A(xr[q * H + k]) - mean[0], dh = A(hr[q * H + k]) - mean[1];
-        sq[0] += dx * dx;
-        sq[1] += dh * dh;
-      }
-    }
-    block_sum(ctx, sq, scratch + int64_t(warps) * kRegionValues);
-    const A rx = inverse_std(sq[0], G, p.eps), rh = inverse_std(sq[1], G, p.eps);
+    A mean[2], rx, rh;
+    gate_ln_statistics<4>(ctx, xr, hr, H, p.eps, scratch, mean, rx, rh);
 
     A csum[1] = {A(0)};
     for (int64_t k = t0; k < H; k += step) {
@@ -348,34 +362,13 @@ struct LnGruForward {
   template <typename Ctx>
   FUSEDRNN_HOST_DEVICE static void run(const Ctx& ctx, const LnGruForwardParams<S>& p) {
     const int64_t H = p.hidden, G = 3 * H, j = ctx.block();
-    const unsigned warps = ctx.block_dim() / kWarpSize;
     const auto scratch = ctx.template shared<A>(0);
     S* xr = p.norm_x + j * G;
     S* hr = p.norm_h + j * G;
     const int64_t t0 = ctx.thread(), step = ctx.block_dim();
 
-    A mean[2] = {A(0), A(0)};
-    for (int64_t k = t0; k < H; k += step) {
-      FUSEDRNN_LN_UNROLL
-      for (int q = 0; q < 3; ++q) {
-        mean[0] += A(xr[q * H + k]);
-        mean[1] += A(hr[q * H + k]);
-      }
-    }
-    block_sum(ctx, mean, scratch);
-    mean[0] /= A(G);
-    mean[1] /= A(G);
-    A sq[2] = {A(0), A(0)};
-    for (int64_t k = t0; k < H; k += step) {
-      FUSEDRNN_LN_UNROLL
-      for (int q = 0; q < 3; ++q) {
-        const A dx = A(xr[q * H + k]) - mean[0], dh = A(hr[q * H + k]) - mean[1];
-        sq[0] += dx * dx;
-        sq[1] += dh * dh;
-      }
-    }
-    block_sum(ctx, sq, scratch + int64_t(warps) * kRegionValues);
-    const A rx = inverse_std(sq[0], G, p.eps), rh = inverse_std(sq[1], G, p.eps);
+    A mean[2], rx, rh;
+    gate_ln_statistics<3>(ctx, xr, hr, H, p.eps, scratch, mean, rx, rh);
     if (t0 == 0) {
       p.rstd[j * 2] = rx;
       p.rstd[j * 2 + 1] = rh;

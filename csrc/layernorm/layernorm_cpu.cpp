@@ -6,22 +6,26 @@
 //
 // Forward: the input projection of every step is one GEMM (W_ih x, no bias: the bias comes after
 // the normalisation), normalised row by row in one parallel pass before the time loop (it does not
-// depend on the recurrence). Per step: one GEMM W_hh h (ATen's CPU BLAS) into the step's rows of
-// norm_h, then ONE fused pass per row: the row's LN statistics of W_hh h, the gates, the cell, the
+// depend on the recurrence). Per step and block of rows (one parallel_for chunk): the block's GEMM
+// W_hh h (float32: ATen's brgemm; else MKL per step, see use_row_block_gemm) into its rows of norm_h,
+// then ONE fused pass per row: the row's LN statistics of W_hh h, the gates, the cell, the
 // LN of c (LSTM) and zoneout, everything in registers / L1 (the row is 4H values).
 // Saved for backward (outputs after the main ones): the normalised projections norm_x, norm_h
 // [N, G], the activated gates [N, G], the LSTM's state c_t [N, H] and normalised c' [N, H], and the
 // inverse standard deviations rstd [N, 3] (x, h, c; GRU [N, 2]) in float32 (float64 for float64).
 //
 // Backward: reverse time, per step one fused pass per row (zoneout, the LN of c, the cell, the two
-// gate LNs' backward) then one GEMM dh += d(W_hh h) W_hh; after the loop the weight gradients are
+// gate LNs' backward) then the GEMM dh += d(W_hh h) W_hh (per block of rows, as forward's); after the loop the weight gradients are
 // single large GEMMs over all steps and the gain / bias gradients column sums.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <array>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <tuple>
@@ -29,7 +33,9 @@
 
 #include "../cells/cell_common.h"
 #include "../cpu/cpu_blas.h"
+#include "../cpu/cpu_engine.h"  // isa(): the instruction set the CPU kernels run on (FUSEDRNN_CPU_ISA caps it)
 #include "../layer/checks.h"
+#include "layernorm_checks.h"
 #include "../layer/layer_forward.h"  // new_buffer: NaN-filled under FUSEDRNN_POISON_OUTPUTS=1
 
 namespace fusedrnn {
@@ -37,12 +43,21 @@ namespace layernorm {
 
 using OptTensor = std::optional<at::Tensor>;
 
+// See run_rows below: the row passes' helpers are inlined into each compiled copy of a row loop.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FUSEDRNN_LN_AVX512_ROWS 1
+#define FUSEDRNN_LN_INLINE __attribute__((always_inline)) inline
+#define FUSEDRNN_LN_AVX512_TARGET __attribute__((target("avx512f,avx2,fma,prefer-vector-width=512")))
+#else
+#define FUSEDRNN_LN_INLINE inline
+#endif
+
 constexpr int64_t kLanes = 16;  // independent partial sums: lets the compiler vectorise the row reductions
 
 // Sum of f(k) for k in [0, n) in `kLanes` interleaved partial sums (a single accumulator would be a
 // serial chain of adds that -O3 may not reorder).
 template <typename A, typename F>
-inline A row_sum(int64_t n, F f) {
+FUSEDRNN_LN_INLINE A row_sum(int64_t n, F f) {
   A acc[kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= n; k += kLanes) {
@@ -56,7 +71,7 @@ inline A row_sum(int64_t n, F f) {
 
 // Normalises v[0..n) in place (to (v - mean) * rstd, stored as S) and returns rstd.
 template <typename S, typename A>
-inline A normalize_row(S* v, int64_t n, A eps) {
+FUSEDRNN_LN_INLINE A normalize_row(S* v, int64_t n, A eps) {
   const A mean = row_sum<A>(n, [&](int64_t k) { return A(v[k]); }) / A(n);
   const A var = row_sum<A>(n, [&](int64_t k) {
                   const A d = A(v[k]) - mean;
@@ -69,7 +84,7 @@ inline A normalize_row(S* v, int64_t n, A eps) {
 
 // Same, from an A buffer into an S output, keeping the normalised values in `out_acc` too.
 template <typename S, typename A>
-inline A normalize_into(const A* v, int64_t n, A eps, S* out, A* out_acc) {
+FUSEDRNN_LN_INLINE A normalize_into(const A* v, int64_t n, A eps, S* out, A* out_acc) {
   const A mean = row_sum<A>(n, [&](int64_t k) { return v[k]; }) / A(n);
   const A var = row_sum<A>(n, [&](int64_t k) {
                   const A d = v[k] - mean;
@@ -128,39 +143,82 @@ inline void matmul(const at::Tensor& a, const at::Tensor& b, at::Tensor c, bool 
 // Rows per parallel_for chunk: a step of a few rows runs on one thread (a fork costs ~1-2 us).
 constexpr int64_t kRowGrain = 4;
 
-// ---- argument checks -------------------------------------------------------------------------
-
-struct Shapes {
-  int64_t N, B, H, G, I;
-};
-
-inline Shapes check_common(const char* op, int64_t gates, const at::Tensor& input, const at::Tensor& h0,
-                           const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
-                           const OptTensor& b_hh, const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
-                           const OptTensor& zoneout_h) {
-  check_floating(op, "input", input);
-  FUSEDRNN_CHECK(input.device().is_cpu(), op, "the CPU kernel needs the input on the CPU (CUDA inputs take the CUDA kernel), got ",
-                 input.device());
-  FUSEDRNN_CHECK(input.dim() == 2, op, "input must be 2-D [tokens, input_size] (packed, time-major), got shape ",
-                 input.sizes());
-  check_like(op, "h0", h0, input);
-  FUSEDRNN_CHECK(h0.dim() == 2, op, "h0 must be 2-D [batch, hidden], got shape ", h0.sizes());
-  check_like(op, "w_ih", w_ih, input);
-  check_like(op, "w_hh", w_hh, input);
-  FUSEDRNN_CHECK(w_hh.dim() == 2 && w_hh.size(0) == gates * w_hh.size(1) && w_hh.size(1) > 0, op, "w_hh must be 2-D [",
-                 gates, " * hidden_size, hidden_size], got shape ", w_hh.sizes());
-  Shapes s{input.size(0), h0.size(0), w_hh.size(1), w_hh.size(0), input.size(1)};
-  check_shape(op, "w_ih", w_ih, {s.G, s.I}, "[gates * hidden_size, input_size]");
-  check_shape(op, "h0", h0, {s.B, s.H}, "[batch, hidden_size]");
-  check_optional(op, "b_ih", b_ih, input, {s.G}, "[gates * hidden_size]");
-  check_optional(op, "b_hh", b_hh, input, {s.G}, "[gates * hidden_size]");
-  check_like(op, "ln_ih_w", ln_ih_w, input);
-  check_shape(op, "ln_ih_w", ln_ih_w, {s.G}, "[gates * hidden_size]");
-  check_like(op, "ln_hh_w", ln_hh_w, input);
-  check_shape(op, "ln_hh_w", ln_hh_w, {s.G}, "[gates * hidden_size]");
-  check_optional(op, "zoneout_h", zoneout_h, input, {s.N, s.H}, "[tokens, hidden_size]");
-  return s;
+// float32's step GEMMs: each thread multiplies its own block of the step's rows with ATen's brgemm
+// (oneDNN's JIT micro-kernel, B read row-major in place) inside the same parallel_for as the row pass,
+// so that one fork per step does both and the rows are still in L1 for the pass. MKL's sgemm per step
+// (the path of the other dtypes, `matmul`) repacked W_hh on every call (its scopy_down* copies were
+// ~5 ms of a ~45 ms LN-LSTM training step, 1 thread, benchmarks/NOTES.md). FUSEDRNN_LN_GEMM=blas
+// forces the sgemm path (read per call, so a benchmark compares both in one process).
+template <typename S>
+inline bool use_row_block_gemm() {
+  if constexpr (!std::is_same_v<S, float>) {
+    return false;
+  } else {
+    const char* v = std::getenv("FUSEDRNN_LN_GEMM");
+    return v == nullptr || std::strcmp(v, "blas") != 0;
+  }
 }
+
+// Row-major C[m, n] (=, or += when accumulate) A[m, k] B[k, n] on this thread, rows of A and C strided
+// by lda / ldc, B contiguous. Where oneDNN's micro-kernel is not available (CPU, build, or
+// torch.backends.mkldnn disabled), ATen's brgemm falls back to its own gemm: the same result, slower.
+inline void row_block_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, float* c,
+                           int64_t ldc, bool accumulate) {
+  if (m == 0) return;
+  at::native::cpublas::brgemm(m, n, k, lda, n, ldc, accumulate, a, b, c);
+}
+
+// The end of a thread's brgemm calls (releases what the micro-kernel configured on this thread: AMX tiles
+// where it used them).
+inline void row_block_gemm_done() { at::native::cpublas::brgemm_release(false); }
+
+// The row passes, compiled twice: with the build's flags (-mavx2 -mfma on an AVX2 build machine) and for
+// AVX-512F, taken where cpu_engine::isa() says the CPU has it (so FUSEDRNN_CPU_ISA=avx2 tests the other
+// copy on an AVX-512 machine). A chunk's row loop is an always-inline lambda, so the compiler inlines it
+// (and the row functions and activations it calls, all inline) into each copy and vectorises it for that
+// copy's width. Only AVX-512F is asked for: what isa() checks. The loops' arithmetic and their order are
+// the same in both (the row sums' kLanes partial sums do not depend on the vector width).
+#ifdef FUSEDRNN_LN_AVX512_ROWS
+template <typename F>
+FUSEDRNN_LN_AVX512_TARGET __attribute__((noinline)) void run_rows_avx512(F& rows) {
+  rows();
+}
+#endif
+
+inline bool rows_on_avx512() {
+#ifdef FUSEDRNN_LN_AVX512_ROWS
+  return cpu_engine::isa() == cpu_engine::Isa::kAvx512;
+#else
+  return false;
+#endif
+}
+
+template <typename F>
+inline void run_rows(bool avx512, F& rows) {
+#ifdef FUSEDRNN_LN_AVX512_ROWS
+  if (avx512) {
+    run_rows_avx512(rows);
+    return;
+  }
+#endif
+  (void)avx512;
+  rows();
+}
+
+// A backward row function NAME(PARAMS) compiled twice from NAME_body (always inline), as NAME and NAME_avx512.
+// Each copy is its own function of __restrict__ parameters: the row inlined into the row loop (through a
+// lambda, as the forward's) lost them and, measured, ran at half the speed (NOTES).
+#ifdef FUSEDRNN_LN_AVX512_ROWS
+#define FUSEDRNN_LN_ROW_COPIES(NAME, PARAMS, ARGS)                                                         \
+  template <typename S, typename A>                                                                        \
+  __attribute__((noinline)) void NAME PARAMS { NAME##_body<S, A> ARGS; }                                   \
+  template <typename S, typename A>                                                                        \
+  FUSEDRNN_LN_AVX512_TARGET __attribute__((noinline)) void NAME##_avx512 PARAMS { NAME##_body<S, A> ARGS; }
+#else
+#define FUSEDRNN_LN_ROW_COPIES(NAME, PARAMS, ARGS) \
+  template <typename S, typename A>                \
+  void NAME PARAMS { NAME##_body<S, A> ARGS; }
+#endif
 
 // The per-call parameter vectors in the accumulation type, absent ones as 0 (the row loops then
 // need no branch): the gains of LN(W_ih x) and LN(W_hh h), the two gate biases summed (they enter
@@ -217,11 +275,20 @@ void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool rever
     for (int64_t p = begin; p < end; ++p) rs[p * 3] = normalize_row<S, A>(nx + p * G, G, eps);
   });
   const int64_t T = sched.steps();
+  const bool block_gemm = use_row_block_gemm<S>();
+  const bool avx512 = rows_on_avx512();
   for (int64_t i = 0; i < T; ++i) {
     const int64_t t = reverse ? T - 1 - i : i;
     const int64_t bs = sched.batch[t], off = sched.offset[t];
-    matmul<S>(h_state.narrow(0, 0, bs), w_hh_t, norm_h.narrow(0, off, bs), false);
+    if (!block_gemm) matmul<S>(h_state.narrow(0, 0, bs), w_hh_t, norm_h.narrow(0, off, bs), false);
     at::parallel_for(0, bs, kRowGrain, [&](int64_t begin, int64_t end) {
+      if constexpr (std::is_same_v<S, float>) {
+        if (block_gemm) {  // this block's W_hh h (each row reads only its own h_state row)
+          row_block_gemm(end - begin, G, H, hs + begin * H, H, w_hh_t.const_data_ptr<float>(), nh + (off + begin) * G,
+                         G, false);
+          row_block_gemm_done();
+        }
+      }
       // Each loop below is branch-free over contiguous arrays, so that it vectorises (the
       // activations included: cell_common.h's are written for it).
       std::vector<A> buf(G + 3 * H);
@@ -229,6 +296,7 @@ void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool rever
       A* c_new = a + G;         // c' [H]
       A* c_hat = c_new + H;     // LN(c') before gain and shift [H]
       A* h_new = c_hat + H;     // o tanh(LN(c')) [H]
+      auto rows = [&]() __attribute__((always_inline)) {
       for (int64_t j = begin; j < end; ++j) {
         const int64_t p = off + j;
         const S* xr = nx + p * G;
@@ -258,6 +326,8 @@ void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool rever
         store_twice<S, A>(H, h_new, out_row, hs_row);
         store_twice<S, A>(H, c_new, cl_row, cs_row);
       }
+      };
+      run_rows(avx512, rows);
     });
   }
 }
@@ -302,7 +372,7 @@ struct ColumnSums {
 // Sums of the R values f(k, v) writes into v[0..R) over k in [0, n), each in kLanes interleaved partial
 // sums (as row_sum); f may write elsewhere too, so that a pass produces values and their row sums at once.
 template <int R, typename A, typename F>
-inline std::array<A, R> row_sums(int64_t n, F f) {
+FUSEDRNN_LN_INLINE std::array<A, R> row_sums(int64_t n, F f) {
   A acc[R][kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= n; k += kLanes) {
@@ -331,7 +401,7 @@ inline std::array<A, R> row_sums(int64_t n, F f) {
 // a store to the state gradient leaves a work array alone, and kept these loops scalar (measured:
 // NOTES entry 20). zh_row / zc_row are null without zoneout.
 template <typename S, typename A>
-inline void ln_lstm_backward_row(const int64_t H, const S* __restrict__ g, const S* __restrict__ ch,
+FUSEDRNN_LN_INLINE void ln_lstm_backward_row_body(const int64_t H, const S* __restrict__ g, const S* __restrict__ ch,
                                  const S* __restrict__ xr, const S* __restrict__ hr, const S* __restrict__ cp_row,
                                  const S* __restrict__ go_row, const S* __restrict__ zh_row,
                                  const S* __restrict__ zc_row, const A rstd_x, const A rstd_h, const A rstd_c,
@@ -422,6 +492,16 @@ inline void ln_lstm_backward_row(const int64_t H, const S* __restrict__ g, const
   }
 }
 
+FUSEDRNN_LN_ROW_COPIES(ln_lstm_backward_row,
+                       (const int64_t H, const S* __restrict__ g, const S* __restrict__ ch, const S* __restrict__ xr,
+                        const S* __restrict__ hr, const S* __restrict__ cp_row, const S* __restrict__ go_row,
+                        const S* __restrict__ zh_row, const S* __restrict__ zc_row, const A rstd_x, const A rstd_h,
+                        const A rstd_c, const A* __restrict__ gx, const A* __restrict__ gh, const A* __restrict__ gc,
+                        const A* __restrict__ bc, S* __restrict__ dhs_row, S* __restrict__ dcs_row,
+                        A* __restrict__ acc, A* __restrict__ work, S* __restrict__ dx_row, S* __restrict__ dhh_row),
+                       (H, g, ch, xr, hr, cp_row, go_row, zh_row, zc_row, rstd_x, rstd_h, rstd_c, gx, gh, gc, bc,
+                        dhs_row, dcs_row, acc, work, dx_row, dhh_row))
+
 template <typename S>
 void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reverse, const at::Tensor& grad_output,
                            const at::Tensor& w_hh, const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
@@ -443,22 +523,35 @@ void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reve
   S *dhs = dh_state.data_ptr<S>(), *dcs = dc_state.data_ptr<S>();
   S *dx = dxp.data_ptr<S>(), *dhh = dhp.data_ptr<S>();
   const int64_t T = sched.steps();
+  const bool block_gemm = use_row_block_gemm<S>();
+  const bool avx512 = rows_on_avx512();
   for (int64_t i = 0; i < T; ++i) {
     const int64_t t = reverse ? i : T - 1 - i;  // the forward's order, backwards
     const int64_t bs = sched.batch[t], off = sched.offset[t];
     at::parallel_for(0, bs, kRowGrain, [&](int64_t begin, int64_t end) {
       std::vector<A> work(3 * H + G);
       A* acc = sums.mine();
+#ifdef FUSEDRNN_LN_AVX512_ROWS
+      auto* row = avx512 ? &ln_lstm_backward_row_avx512<S, A> : &ln_lstm_backward_row<S, A>;
+#else
+      auto* row = &ln_lstm_backward_row<S, A>;
+#endif
       for (int64_t j = begin; j < end; ++j) {
         const int64_t p = off + j;
-        ln_lstm_backward_row<S, A>(H, gt + p * G, nc + p * H, nx + p * G, nh + p * G, cp + p * H, go + p * H,
-                                   zh == nullptr ? nullptr : zh + p * H, zc == nullptr ? nullptr : zc + p * H,
-                                   rs[p * 3], rs[p * 3 + 1], rs[p * 3 + 2], gx, gh, gc, bc, dhs + j * H,
-                                   dcs + j * H, acc, work.data(), dx + p * G, dhh + p * G);
+        row(H, gt + p * G, nc + p * H, nx + p * G, nh + p * G, cp + p * H, go + p * H,
+            zh == nullptr ? nullptr : zh + p * H, zc == nullptr ? nullptr : zc + p * H, rs[p * 3], rs[p * 3 + 1],
+            rs[p * 3 + 2], gx, gh, gc, bc, dhs + j * H, dcs + j * H, acc, work.data(), dx + p * G, dhh + p * G);
+      }
+      if constexpr (std::is_same_v<S, float>) {
+        if (block_gemm) {  // after the block's rows have read their dh_state rows
+          row_block_gemm(end - begin, H, G, dhh + (off + begin) * G, G, w_hh.const_data_ptr<float>(), dhs + begin * H,
+                         H, zh != nullptr);
+          row_block_gemm_done();
+        }
       }
     });
     // Without zoneout the row pass left dh_state's rows alone: the GEMM writes them (no zeros first).
-    matmul<S>(dhp.narrow(0, off, bs), w_hh, dh_state.narrow(0, 0, bs), zh != nullptr);
+    if (!block_gemm) matmul<S>(dhp.narrow(0, off, bs), w_hh, dh_state.narrow(0, 0, bs), zh != nullptr);
   }
 }
 
@@ -469,14 +562,10 @@ ln_lstm_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor&
                 const OptTensor& zoneout_h, const OptTensor& zoneout_c, const at::Tensor& batch_sizes, bool reverse,
                 double eps) {
   const char* op = "ln_lstm_forward";
-  const Shapes s = check_common(op, 4, input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w, zoneout_h);
-  check_like(op, "c0", c0, input);
-  check_shape(op, "c0", c0, {s.B, s.H}, "[batch, hidden_size]");
-  check_like(op, "ln_c_w", ln_c_w, input);
-  check_shape(op, "ln_c_w", ln_c_w, {s.H}, "[hidden_size]");
-  check_optional(op, "ln_c_b", ln_c_b, input, {s.H}, "[hidden_size]");
-  check_optional(op, "zoneout_c", zoneout_c, input, {s.N, s.H}, "[tokens, hidden_size]");
-  FUSEDRNN_CHECK(eps > 0, op, "eps must be positive, got ", eps);
+  const Shapes s = check_common(op, KernelDevice::kCpu, 4, input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w,
+                                zoneout_h);
+  check_lstm_cell_args(op, s, input, c0, ln_c_w, ln_c_b, zoneout_c);
+  check_eps(op, eps);
   const StepSchedule sched = make_schedule(op, batch_sizes, s.N, s.B);
   const auto opts = input.options();
   at::Tensor norm_x = at::mm(input, w_ih.t()).contiguous();
@@ -506,28 +595,10 @@ ln_lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, cons
                  const at::Tensor& output, const at::Tensor& norm_x, const at::Tensor& norm_h, const at::Tensor& gates,
                  const at::Tensor& cells, const at::Tensor& norm_c, const at::Tensor& rstd) {
   const char* op = "ln_lstm_backward";
-  const Shapes s = check_common(op, 4, input, h0, w_ih, w_hh, std::nullopt, std::nullopt, ln_ih_w, ln_hh_w, zoneout_h);
-  check_shape(op, "c0", c0, {s.B, s.H}, "[batch, hidden_size]");
-  check_shape(op, "grad_output", grad_output, {s.N, s.H}, "[tokens, hidden_size]");
-  check_shape(op, "grad_h_n", grad_h_n, {s.B, s.H}, "[batch, hidden_size]");
-  check_shape(op, "grad_c_n", grad_c_n, {s.B, s.H}, "[batch, hidden_size]");
-  check_shape(op, "output", output, {s.N, s.H}, "[tokens, hidden_size]");
-  check_shape(op, "cells", cells, {s.N, s.H}, "[tokens, hidden_size]");
-  check_shape(op, "norm_c", norm_c, {s.N, s.H}, "[tokens, hidden_size]");
-  check_shape(op, "norm_x", norm_x, {s.N, s.G}, "[tokens, gates * hidden_size]");
-  check_shape(op, "norm_h", norm_h, {s.N, s.G}, "[tokens, gates * hidden_size]");
-  check_shape(op, "gates", gates, {s.N, s.G}, "[tokens, gates * hidden_size]");
-  check_shape(op, "rstd", rstd, {s.N, 3}, "[tokens, 3]");
-  check_shape(op, "ln_c_w", ln_c_w, {s.H}, "[hidden_size]");
-  check_optional(op, "ln_c_b", ln_c_b, input, {s.H}, "[hidden_size]");
-  check_optional(op, "zoneout_c", zoneout_c, input, {s.N, s.H}, "[tokens, hidden_size]");
-  for (const at::Tensor* t : {&grad_output, &grad_h_n, &grad_c_n, &c0, &output, &norm_x, &norm_h, &gates, &cells,
-                              &norm_c}) {
-    FUSEDRNN_CHECK(t->scalar_type() == input.scalar_type(), op, "every tensor must have the dtype of input (",
-                   input.scalar_type(), "), got ", t->scalar_type());
-  }
-  FUSEDRNN_CHECK(rstd.scalar_type() == at::toOpMathType(input.scalar_type()), op, "rstd must be ",
-                 at::toOpMathType(input.scalar_type()), ", got ", rstd.scalar_type());
+  const Shapes s = check_common(op, KernelDevice::kCpu, 4, input, h0, w_ih, w_hh, std::nullopt, std::nullopt, ln_ih_w,
+                                ln_hh_w, zoneout_h);
+  check_lstm_backward(op, s, input, c0, grad_output, grad_h_n, grad_c_n, output, cells, norm_c, norm_x, norm_h, gates,
+                      rstd, ln_c_w, ln_c_b, zoneout_c);
   const StepSchedule sched = make_schedule(op, batch_sizes, s.N, s.B);
   const auto opts = input.options();
   const at::Tensor out_c = output.contiguous(), cells_c = cells.contiguous();
@@ -577,15 +648,25 @@ void ln_gru_forward_impl(const Shapes& s, const StepSchedule& sched, bool revers
     for (int64_t p = begin; p < end; ++p) rs[p * 2] = normalize_row<S, A>(nx + p * G, G, eps);
   });
   const int64_t T = sched.steps();
+  const bool block_gemm = use_row_block_gemm<S>();
+  const bool avx512 = rows_on_avx512();
   for (int64_t i = 0; i < T; ++i) {
     const int64_t t = reverse ? T - 1 - i : i;
     const int64_t bs = sched.batch[t], off = sched.offset[t];
-    matmul<S>(h_state.narrow(0, 0, bs), w_hh_t, norm_h.narrow(0, off, bs), false);
+    if (!block_gemm) matmul<S>(h_state.narrow(0, 0, bs), w_hh_t, norm_h.narrow(0, off, bs), false);
     at::parallel_for(0, bs, kRowGrain, [&](int64_t begin, int64_t end) {
+      if constexpr (std::is_same_v<S, float>) {
+        if (block_gemm) {
+          row_block_gemm(end - begin, G, H, hs + begin * H, H, w_hh_t.const_data_ptr<float>(), nh + (off + begin) * G,
+                         G, false);
+          row_block_gemm_done();
+        }
+      }
       std::vector<A> buf(2 * G + H);
       A* ax = buf.data();  // LN(W_ih x) gain + b_ih, then r, z, n [G]
       A* ah = ax + G;      // LN(W_hh h) gain + b_hh [G]
       A* h_new = ah + G;   // [H]
+      auto rows = [&]() __attribute__((always_inline)) {
       for (int64_t j = begin; j < end; ++j) {
         const int64_t p = off + j;
         const S* xr = nx + p * G;
@@ -611,6 +692,8 @@ void ln_gru_forward_impl(const Shapes& s, const StepSchedule& sched, bool revers
         S* out_row = out + p * H;
         store_twice<S, A>(H, h_new, out_row, hs_row);
       }
+      };
+      run_rows(avx512, rows);
     });
   }
 }
@@ -619,7 +702,7 @@ void ln_gru_forward_impl(const Shapes& s, const StepSchedule& sched, bool revers
 // LNs' row sums in one pass [G], then both LNs' input gradients [G]. Arrays distinct, as the LSTM row's.
 // The GRU's h_{t-1} gradient z dh is written here (the step's GEMM adds the recurrent part).
 template <typename S, typename A>
-inline void ln_gru_backward_row(const int64_t H, const S* __restrict__ g, const S* __restrict__ xr,
+FUSEDRNN_LN_INLINE void ln_gru_backward_row_body(const int64_t H, const S* __restrict__ g, const S* __restrict__ xr,
                                 const S* __restrict__ hr, const S* __restrict__ hp_row, const S* __restrict__ go_row,
                                 const S* __restrict__ zh_row, const A rstd_x, const A rstd_h,
                                 const A* __restrict__ gx, const A* __restrict__ gh, const A* __restrict__ bh,
@@ -673,6 +756,15 @@ inline void ln_gru_backward_row(const int64_t H, const S* __restrict__ g, const 
   }
 }
 
+FUSEDRNN_LN_ROW_COPIES(ln_gru_backward_row,
+                       (const int64_t H, const S* __restrict__ g, const S* __restrict__ xr, const S* __restrict__ hr,
+                        const S* __restrict__ hp_row, const S* __restrict__ go_row, const S* __restrict__ zh_row,
+                        const A rstd_x, const A rstd_h, const A* __restrict__ gx, const A* __restrict__ gh,
+                        const A* __restrict__ bh, S* __restrict__ dhs_row, A* __restrict__ acc, A* __restrict__ work,
+                        S* __restrict__ dx_row, S* __restrict__ dhh_row),
+                       (H, g, xr, hr, hp_row, go_row, zh_row, rstd_x, rstd_h, gx, gh, bh, dhs_row, acc, work, dx_row,
+                        dhh_row))
+
 template <typename S>
 void ln_gru_backward_impl(const Shapes& s, const StepSchedule& sched, bool reverse, const at::Tensor& grad_output,
                           const at::Tensor& w_hh, const at::Tensor& b_hh, const at::Tensor& ln_ih_w,
@@ -692,20 +784,33 @@ void ln_gru_backward_impl(const Shapes& s, const StepSchedule& sched, bool rever
   S* dhs = dh_state.data_ptr<S>();
   S *dx = dxp.data_ptr<S>(), *dhh = dhp.data_ptr<S>();
   const int64_t T = sched.steps();
+  const bool block_gemm = use_row_block_gemm<S>();
+  const bool avx512 = rows_on_avx512();
   for (int64_t i = 0; i < T; ++i) {
     const int64_t t = reverse ? i : T - 1 - i;
     const int64_t bs = sched.batch[t], off = sched.offset[t];
     at::parallel_for(0, bs, kRowGrain, [&](int64_t begin, int64_t end) {
       std::vector<A> work(2 * G + H);
       A* acc = sums.mine();
+#ifdef FUSEDRNN_LN_AVX512_ROWS
+      auto* row = avx512 ? &ln_gru_backward_row_avx512<S, A> : &ln_gru_backward_row<S, A>;
+#else
+      auto* row = &ln_gru_backward_row<S, A>;
+#endif
       for (int64_t j = begin; j < end; ++j) {
         const int64_t p = off + j;
-        ln_gru_backward_row<S, A>(H, gt + p * G, nx + p * G, nh + p * G, hp + p * H, go + p * H,
-                                  zh == nullptr ? nullptr : zh + p * H, rs[p * 2], rs[p * 2 + 1], gx, gh, bh,
-                                  dhs + j * H, acc, work.data(), dx + p * G, dhh + p * G);
+        row(H, gt + p * G, nx + p * G, nh + p * G, hp + p * H, go + p * H, zh == nullptr ? nullptr : zh + p * H,
+            rs[p * 2], rs[p * 2 + 1], gx, gh, bh, dhs + j * H, acc, work.data(), dx + p * G, dhh + p * G);
+      }
+      if constexpr (std::is_same_v<S, float>) {
+        if (block_gemm) {
+          row_block_gemm(end - begin, H, G, dhh + (off + begin) * G, G, w_hh.const_data_ptr<float>(), dhs + begin * H,
+                         H, true);
+          row_block_gemm_done();
+        }
       }
     });
-    matmul<S>(dhp.narrow(0, off, bs), w_hh, dh_state.narrow(0, 0, bs), true);
+    if (!block_gemm) matmul<S>(dhp.narrow(0, off, bs), w_hh, dh_state.narrow(0, 0, bs), true);
   }
 }
 
@@ -714,8 +819,9 @@ ln_gru_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& 
                const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
                const OptTensor& zoneout_h, const at::Tensor& batch_sizes, bool reverse, double eps) {
   const char* op = "ln_gru_forward";
-  const Shapes s = check_common(op, 3, input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w, zoneout_h);
-  FUSEDRNN_CHECK(eps > 0, op, "eps must be positive, got ", eps);
+  const Shapes s = check_common(op, KernelDevice::kCpu, 3, input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w,
+                                zoneout_h);
+  check_eps(op, eps);
   const StepSchedule sched = make_schedule(op, batch_sizes, s.N, s.B);
   const auto opts = input.options();
   at::Tensor norm_x = at::mm(input, w_ih.t()).contiguous();
@@ -738,20 +844,9 @@ ln_gru_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const
                 const at::Tensor& batch_sizes, bool reverse, bool need_grad_input, const at::Tensor& output,
                 const at::Tensor& norm_x, const at::Tensor& norm_h, const at::Tensor& gates, const at::Tensor& rstd) {
   const char* op = "ln_gru_backward";
-  const Shapes s = check_common(op, 3, input, h0, w_ih, w_hh, std::nullopt, b_hh, ln_ih_w, ln_hh_w, zoneout_h);
-  check_shape(op, "grad_output", grad_output, {s.N, s.H}, "[tokens, hidden_size]");
-  check_shape(op, "grad_h_n", grad_h_n, {s.B, s.H}, "[batch, hidden_size]");
-  check_shape(op, "output", output, {s.N, s.H}, "[tokens, hidden_size]");
-  check_shape(op, "norm_x", norm_x, {s.N, s.G}, "[tokens, gates * hidden_size]");
-  check_shape(op, "norm_h", norm_h, {s.N, s.G}, "[tokens, gates * hidden_size]");
-  check_shape(op, "gates", gates, {s.N, s.G}, "[tokens, gates * hidden_size]");
-  check_shape(op, "rstd", rstd, {s.N, 2}, "[tokens, 2]");
-  for (const at::Tensor* t : {&grad_output, &grad_h_n, &output, &norm_x, &norm_h, &gates}) {
-    FUSEDRNN_CHECK(t->scalar_type() == input.scalar_type(), op, "every tensor must have the dtype of input (",
-                   input.scalar_type(), "), got ", t->scalar_type());
-  }
-  FUSEDRNN_CHECK(rstd.scalar_type() == at::toOpMathType(input.scalar_type()), op, "rstd must be ",
-                 at::toOpMathType(input.scalar_type()), ", got ", rstd.scalar_type());
+  const Shapes s = check_common(op, KernelDevice::kCpu, 3, input, h0, w_ih, w_hh, std::nullopt, b_hh, ln_ih_w, ln_hh_w,
+                                zoneout_h);
+  check_gru_backward(op, s, input, grad_output, grad_h_n, output, norm_x, norm_h, gates, rstd);
   const StepSchedule sched = make_schedule(op, batch_sizes, s.N, s.B);
   const auto opts = input.options();
   const at::Tensor hprev = previous_states(sched, reverse, output.contiguous(), h0.contiguous());

@@ -29,43 +29,16 @@
 #include "../layer/checks.h"
 #include "../layer/layer_backward.h"  // gather_previous_states
 #include "../layer/layer_forward.h"   // new_buffer: NaN-filled under FUSEDRNN_POISON_OUTPUTS=1
+#include "layernorm_checks.h"
 
 namespace fusedrnn {
 namespace lncuda {
 
 using OptTensor = std::optional<at::Tensor>;
 
-struct Shapes {
-  int64_t N, B, H, G, I;
-};
-
-// The CPU op's argument checks (layernorm_cpu.cpp: check_common), for CUDA tensors.
-Shapes check_common(const char* op, int64_t gates, const at::Tensor& input, const at::Tensor& h0,
-                    const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
-                    const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w, const OptTensor& zoneout_h) {
-  check_floating(op, "input", input);
-  FUSEDRNN_CHECK(input.device().is_cuda(), op, "input must be a CUDA tensor, got ", input.device());
-  FUSEDRNN_CHECK(input.dim() == 2, op, "input must be 2-D [tokens, input_size] (packed, time-major), got shape ",
-                 input.sizes());
-  check_like(op, "h0", h0, input);
-  FUSEDRNN_CHECK(h0.dim() == 2, op, "h0 must be 2-D [batch, hidden], got shape ", h0.sizes());
-  check_like(op, "w_ih", w_ih, input);
-  check_like(op, "w_hh", w_hh, input);
-  FUSEDRNN_CHECK(w_hh.dim() == 2 && w_hh.size(0) == gates * w_hh.size(1) && w_hh.size(1) > 0, op, "w_hh must be 2-D [",
-                 gates, " * hidden_size, hidden_size], got shape ", w_hh.sizes());
-  Shapes s{input.size(0), h0.size(0), w_hh.size(1), w_hh.size(0), input.size(1)};
-  check_shape(op, "w_ih", w_ih, {s.G, s.I}, "[gates * hidden_size, input_size]");
-  check_shape(op, "h0", h0, {s.B, s.H}, "[batch, hidden_size]");
-  check_optional(op, "b_ih", b_ih, input, {s.G}, "[gates * hidden_size]");
-  check_optional(op, "b_hh", b_hh, input, {s.G}, "[gates * hidden_size]");
-  check_like(op, "ln_ih_w", ln_ih_w, input);
-  check_shape(op, "ln_ih_w", ln_ih_w, {s.G}, "[gates * hidden_size]");
-  check_like(op, "ln_hh_w", ln_hh_w, input);
-  check_shape(op, "ln_hh_w", ln_hh_w, {s.G}, "[gates * hidden_size]");
-  check_optional(op, "zoneout_h", zoneout_h, input, {s.N, s.H}, "[tokens, hidden_size]");
-  FUSEDRNN_CHECK(s.B <= INT32_MAX, op, "batch must be below 2^31 (one CUDA block per row), got ", s.B);
-  return s;
-}
+using layernorm::check_common;
+using layernorm::KernelDevice;
+using layernorm::Shapes;
 
 inline at::Tensor contiguous_or_undefined(const OptTensor& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
@@ -109,14 +82,10 @@ ln_lstm_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor&
                 const OptTensor& zoneout_h, const OptTensor& zoneout_c, const at::Tensor& batch_sizes, bool reverse,
                 double eps) {
   const char* op = "ln_lstm_forward";
-  const Shapes s = check_common(op, 4, input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w, zoneout_h);
-  check_like(op, "c0", c0, input);
-  check_shape(op, "c0", c0, {s.B, s.H}, "[batch, hidden_size]");
-  check_like(op, "ln_c_w", ln_c_w, input);
-  check_shape(op, "ln_c_w", ln_c_w, {s.H}, "[hidden_size]");
-  check_optional(op, "ln_c_b", ln_c_b, input, {s.H}, "[hidden_size]");
-  check_optional(op, "zoneout_c", zoneout_c, input, {s.N, s.H}, "[tokens, hidden_size]");
-  FUSEDRNN_CHECK(eps > 0, op, "eps must be positive, got ", eps);
+  const Shapes s = check_common(op, KernelDevice::kCuda, 4, input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w,
+                                zoneout_h);
+  layernorm::check_lstm_cell_args(op, s, input, c0, ln_c_w, ln_c_b, zoneout_c);
+  layernorm::check_eps(op, eps);
   const StepSchedule sched = make_schedule(op, batch_sizes, s.N, s.B);
   const c10::cuda::CUDAGuard guard(input.device());
   const auto opts = input.options();
@@ -181,34 +150,10 @@ ln_lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, cons
                  const at::Tensor& output, const at::Tensor& norm_x, const at::Tensor& norm_h, const at::Tensor& gates,
                  const at::Tensor& cells, const at::Tensor& norm_c, const at::Tensor& rstd) {
   const char* op = "ln_lstm_backward";
-  const Shapes s = check_common(op, 4, input, h0, w_ih, w_hh, std::nullopt, std::nullopt, ln_ih_w, ln_hh_w, zoneout_h);
-  check_shape(op, "c0", c0, {s.B, s.H}, "[batch, hidden_size]");
-  check_shape(op, "grad_output", grad_output, {s.N, s.H}, "[tokens, hidden_size]");
-  check_shape(op, "grad_h_n", grad_h_n, {s.B, s.H}, "[batch, hidden_size]");
-  check_shape(op, "grad_c_n", grad_c_n, {s.B, s.H}, "[batch, hidden_size]");
-  check_shape(op, "output", output, {s.N, s.H}, "[tokens, hidden_size]");
-  check_shape(op, "cells", cells, {s.N, s.H}, "[tokens, hidden_size]");
-  check_shape(op, "norm_c", norm_c, {s.N, s.H}, "[tokens, hidden_size]");
-  check_shape(op, "norm_x", norm_x, {s.N, s.G}, "[tokens, gates * hidden_size]");
-  check_shape(op, "norm_h", norm_h, {s.N, s.G}, "[tokens, gates * hidden_size]");
-  check_shape(op, "gates", gates, {s.N, s.G}, "[tokens, gates * hidden_size]");
-  check_shape(op, "rstd", rstd, {s.N, 3}, "[tokens, 3]");
-  check_like(op, "ln_c_w", ln_c_w, input);
-  check_shape(op, "ln_c_w", ln_c_w, {s.H}, "[hidden_size]");
-  check_optional(op, "ln_c_b", ln_c_b, input, {s.H}, "[hidden_size]");
-  check_optional(op, "zoneout_c", zoneout_c, input, {s.N, s.H}, "[tokens, hidden_size]");
-  for (const at::Tensor* t : {&grad_output, &grad_h_n, &grad_c_n, &c0, &output, &norm_x, &norm_h, &gates, &cells,
-                              &norm_c, &rstd}) {
-    FUSEDRNN_CHECK(t->device() == input.device(), op, "every tensor must be on the device of input (",
-                   input.device(), "), got ", t->device());
-  }
-  for (const at::Tensor* t : {&grad_output, &grad_h_n, &grad_c_n, &c0, &output, &norm_x, &norm_h, &gates, &cells,
-                              &norm_c}) {
-    FUSEDRNN_CHECK(t->scalar_type() == input.scalar_type(), op, "every tensor must have the dtype of input (",
-                   input.scalar_type(), "), got ", t->scalar_type());
-  }
-  FUSEDRNN_CHECK(rstd.scalar_type() == at::toOpMathType(input.scalar_type()), op, "rstd must be ",
-                 at::toOpMathType(input.scalar_type()), ", got ", rstd.scalar_type());
+  const Shapes s = check_common(op, KernelDevice::kCuda, 4, input, h0, w_ih, w_hh, std::nullopt, std::nullopt, ln_ih_w,
+                                ln_hh_w, zoneout_h);
+  layernorm::check_lstm_backward(op, s, input, c0, grad_output, grad_h_n, grad_c_n, output, cells, norm_c, norm_x,
+                                 norm_h, gates, rstd, ln_c_w, ln_c_b, zoneout_c);
   const StepSchedule sched = make_schedule(op, batch_sizes, s.N, s.B);
   const c10::cuda::CUDAGuard guard(input.device());
   const auto opts = input.options();
@@ -279,8 +224,9 @@ ln_gru_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& 
                const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
                const OptTensor& zoneout_h, const at::Tensor& batch_sizes, bool reverse, double eps) {
   const char* op = "ln_gru_forward";
-  const Shapes s = check_common(op, 3, input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w, zoneout_h);
-  FUSEDRNN_CHECK(eps > 0, op, "eps must be positive, got ", eps);
+  const Shapes s = check_common(op, KernelDevice::kCuda, 3, input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w,
+                                zoneout_h);
+  layernorm::check_eps(op, eps);
   const StepSchedule sched = make_schedule(op, batch_sizes, s.N, s.B);
   const c10::cuda::CUDAGuard guard(input.device());
   const auto opts = input.options();
@@ -335,24 +281,9 @@ ln_gru_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const
                 const at::Tensor& batch_sizes, bool reverse, bool need_grad_input, const at::Tensor& output,
                 const at::Tensor& norm_x, const at::Tensor& norm_h, const at::Tensor& gates, const at::Tensor& rstd) {
   const char* op = "ln_gru_backward";
-  const Shapes s = check_common(op, 3, input, h0, w_ih, w_hh, std::nullopt, b_hh, ln_ih_w, ln_hh_w, zoneout_h);
-  check_shape(op, "grad_output", grad_output, {s.N, s.H}, "[tokens, hidden_size]");
-  check_shape(op, "grad_h_n", grad_h_n, {s.B, s.H}, "[batch, hidden_size]");
-  check_shape(op, "output", output, {s.N, s.H}, "[tokens, hidden_size]");
-  check_shape(op, "norm_x", norm_x, {s.N, s.G}, "[tokens, gates * hidden_size]");
-  check_shape(op, "norm_h", norm_h, {s.N, s.G}, "[tokens, gates * hidden_size]");
-  check_shape(op, "gates", gates, {s.N, s.G}, "[tokens, gates * hidden_size]");
-  check_shape(op, "rstd", rstd, {s.N, 2}, "[tokens, 2]");
-  for (const at::Tensor* t : {&grad_output, &grad_h_n, &output, &norm_x, &norm_h, &gates, &rstd}) {
-    FUSEDRNN_CHECK(t->device() == input.device(), op, "every tensor must be on the device of input (",
-                   input.device(), "), got ", t->device());
-  }
-  for (const at::Tensor* t : {&grad_output, &grad_h_n, &output, &norm_x, &norm_h, &gates}) {
-    FUSEDRNN_CHECK(t->scalar_type() == input.scalar_type(), op, "every tensor must have the dtype of input (",
-                   input.scalar_type(), "), got ", t->scalar_type());
-  }
-  FUSEDRNN_CHECK(rstd.scalar_type() == at::toOpMathType(input.scalar_type()), op, "rstd must be ",
-                 at::toOpMathType(input.scalar_type()), ", got ", rstd.scalar_type());
+  const Shapes s = check_common(op, KernelDevice::kCuda, 3, input, h0, w_ih, w_hh, std::nullopt, b_hh, ln_ih_w,
+                                ln_hh_w, zoneout_h);
+  layernorm::check_gru_backward(op, s, input, grad_output, grad_h_n, output, norm_x, norm_h, gates, rstd);
   const StepSchedule sched = make_schedule(op, batch_sizes, s.N, s.B);
   const c10::cuda::CUDAGuard guard(input.device());
   const auto opts = input.options();
