@@ -39,6 +39,16 @@ TORCH_LIBRARY(fusedrnn, m) {
       "gru_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, "
       "Tensor batch_sizes, bool reverse, bool need_grad_input, Tensor output, Tensor gates, Tensor hn) -> "
       "(Tensor grad_input, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
+  // The forward of a call no gradient will be taken of (torch.no_grad, inference_mode, nothing
+  // requiring grad: fusedrnn/_ops.py chooses): the same output and final states, bitwise, without
+  // computing and storing what only backward reads (LSTM's gates and cells, GRU's gates and hn).
+  // Not differentiable. RNN's forward ops save nothing but their output: no inference twin.
+  m.def(
+      "lstm_inference(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor? w_hr, Tensor batch_sizes, bool reverse) -> (Tensor output, Tensor h_n, Tensor c_n)");
+  m.def(
+      "gru_inference(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor batch_sizes, bool reverse) -> (Tensor output, Tensor h_n)");
   m.def(
       "rnn_tanh_forward(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
       "Tensor batch_sizes, bool reverse) -> (Tensor output, Tensor h_n)");

@@ -9,7 +9,7 @@ import importlib.util
 import mmap
 import os
 import warnings
-from typing import Dict, Optional, Tuple, Type
+from typing import Dict, List, Optional, Tuple, Type
 
 import torch
 from torch import Tensor
@@ -97,7 +97,12 @@ if not COMPILED:
 OPS = (
     "lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
     "rnn_tanh_forward", "rnn_tanh_backward", "rnn_relu_forward", "rnn_relu_backward",
+    "lstm_inference", "gru_inference",
 )
+# The forward ops' inference twins (csrc/ops.cpp): what a call no gradient will be taken of runs
+# (the layer functions at the bottom choose), the same outputs without the saved-for-backward
+# buffers. Not differentiable.
+INFERENCE_OPS = ("lstm_inference", "gru_inference")
 
 
 def backends() -> dict:
@@ -267,6 +272,21 @@ def _reject_double_backward(name: str):
             "with create_graph=True, or nest torch.func.grad / jacrev")
 
     _register_autograd(name, backward, setup_context)
+
+
+def _reject_inference_backward(name: str) -> None:
+    """Autograd for an inference op reached with inputs that require grad (only by calling it
+    directly: the layers choose it only when no gradient will be taken): it saved nothing for a
+    backward, so say so instead of returning no gradient."""
+    forward = name.replace("_inference", "_forward")
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"fusedrnn.{name}: this op is the forward of calls no gradient is taken of and saves nothing "
+            f"for backward; to differentiate, call fusedrnn.{forward} (the fusedrnn layers and cells do "
+            "whenever grad mode is on and an input or weight requires grad)")
+
+    torch.library.register_autograd(f"fusedrnn::{name}", backward, setup_context=lambda ctx, inputs, output: None)
 
 
 # ---- higher derivatives ------------------------------------------------------------------------
@@ -487,6 +507,16 @@ def _register():
 
     torch.library.register_fake(lib + "gru_backward", _simple_bwd_fake)
 
+    @torch.library.register_fake(lib + "lstm_inference")
+    def _lstm_inference_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+        _check_like("lstm_inference", input, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
+        return input.new_empty(input.shape[0], h0.shape[1]), _fresh(h0), _fresh(c0)
+
+    @torch.library.register_fake(lib + "gru_inference")
+    def _gru_inference_fake(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse):
+        _check_like("gru_inference", input, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
+        return input.new_empty(input.shape[0], w_hh.shape[0] // 3), _fresh(h0)
+
     def _rnn_fwd_fake(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse):
         _check_like("rnn_forward", input, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
         return input.new_empty(input.shape[0], w_hh.shape[0]), _fresh(h0)
@@ -571,6 +601,8 @@ def _register():
 
     for act in ("tanh", "relu"):
         _rnn_autograd(act)
+    for name in INFERENCE_OPS:
+        _reject_inference_backward(name)
     for name in OPS:
         if name.endswith("_backward"):
             _reject_double_backward(name)
@@ -696,8 +728,8 @@ if _CPP_AUTOGRAD:
 
 if COMPILED:
     _RAW_OPS.update({name: _raw(getattr(torch.ops.fusedrnn, name).default) for name in OPS})
-    _LSTM_FORWARD = _RAW_OPS["lstm_forward"]
-    _GRU_FORWARD = _RAW_OPS["gru_forward"]
+    _LSTM_INFERENCE = _RAW_OPS["lstm_inference"]
+    _GRU_INFERENCE = _RAW_OPS["gru_inference"]
     _RNN_FORWARD = {"tanh": _RAW_OPS["rnn_tanh_forward"], "relu": _RAW_OPS["rnn_relu_forward"]}
     _make_eager_functions()
     if _CPP_AUTOGRAD:
@@ -709,6 +741,18 @@ if COMPILED:
         _TRAIN_LSTM = _EAGER_FUNCTIONS["lstm_forward"].apply
         _TRAIN_GRU = _EAGER_FUNCTIONS["gru_forward"].apply
         _TRAIN_RNN = {act: _EAGER_FUNCTIONS[f"rnn_{act}_forward"].apply for act in ("tanh", "relu")}
+
+def _grad_possible(tensors: List[Optional[Tensor]]) -> bool:
+    """Whether autograd could take a gradient of a call on these tensors: grad mode on and one of
+    them requiring grad. Plain Python that dynamo, torch.export and TorchScript can all follow
+    (torch._C._any_requires_grad is opaque to dynamo)."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
 
 def lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                b_hh: Optional[Tensor], w_hr: Optional[Tensor], batch_sizes: Tensor,
@@ -723,11 +767,17 @@ def lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
             return out, h, c
         if route == _NO_GRAD:
             with _below_autograd():
-                out, h, c, _, _ = _LSTM_FORWARD(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+                out, h, c = _LSTM_INFERENCE(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
             return out, h, c
         if route == _EAGER_GRAD:
             out, h, c, _, _ = _TRAIN_LSTM(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
             return out, h, c
+    # Traced (torch.compile, torch.export, make_fx, jit.trace) or TorchScript: the graph gets the
+    # inference op when no gradient can be taken here.
+    if not _grad_possible([input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr]):
+        out, h, c = torch.ops.fusedrnn.lstm_inference(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
+                                                      reverse)
+        return out, h, c
     out, h, c, _, _ = torch.ops.fusedrnn.lstm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
                                                       reverse)
     return out, h, c
@@ -745,11 +795,14 @@ def gru_layer(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optio
             return out, h
         if route == _NO_GRAD:
             with _below_autograd():
-                out, h, _, _ = _GRU_FORWARD(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
+                out, h = _GRU_INFERENCE(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
             return out, h
         if route == _EAGER_GRAD:
             out, h, _, _ = _TRAIN_GRU(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
             return out, h
+    if not _grad_possible([input, h0, w_ih, w_hh, b_ih, b_hh]):
+        out, h = torch.ops.fusedrnn.gru_inference(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
+        return out, h
     out, h, _, _ = torch.ops.fusedrnn.gru_forward(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
     return out, h
 

@@ -42,6 +42,9 @@ _GATE_ORDER = {"LSTM": (0, 3, 1, 2), "GRU": (1, 0, 2), "RNN": (0,)}
 _OPS = {
     "lstm_forward": ("LSTM", None),
     "gru_forward": ("GRU", None),
+    # The inference twins (csrc/ops.cpp), which a graph traced without gradients holds.
+    "lstm_inference": ("LSTM", None),
+    "gru_inference": ("GRU", None),
     "rnn_tanh_forward": ("RNN", "Tanh"),
     "rnn_relu_forward": ("RNN", "Relu"),
 }
@@ -252,6 +255,15 @@ def _register_onnxscript(registration) -> None:
                                    batch_sizes, reverse)
         return output, h_n, _unused_output(emitter, input), _unused_output(emitter, input)
 
+    def lstm_inference(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch_sizes=None,
+                       reverse: bool = False):
+        return _layer_graph(emitter, "lstm_inference", input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
+                            reverse)
+
+    def gru_inference(input, h0, w_ih, w_hh, b_ih=None, b_hh=None, batch_sizes=None, reverse: bool = False):
+        return _layer_graph(emitter, "gru_inference", input, h0, None, w_ih, w_hh, b_ih, b_hh, None, batch_sizes,
+                            reverse)
+
     def rnn_forward(op_name):
         def forward(input, h0, w_ih, w_hh, b_ih=None, b_hh=None, batch_sizes=None, reverse: bool = False):
             return _layer_graph(emitter, op_name, input, h0, None, w_ih, w_hh, b_ih, b_hh, None, batch_sizes,
@@ -260,6 +272,7 @@ def _register_onnxscript(registration) -> None:
         return forward
 
     for name, fn in (("lstm_forward", lstm_forward), ("gru_forward", gru_forward),
+                     ("lstm_inference", lstm_inference), ("gru_inference", gru_inference),
                      ("rnn_tanh_forward", rnn_forward("rnn_tanh_forward")),
                      ("rnn_relu_forward", rnn_forward("rnn_relu_forward"))):
         qualified = f"fusedrnn::{name}"
@@ -323,7 +336,7 @@ def _register_torchscript(torch_onnx) -> None:
 
     for op_name, (mode, _) in _OPS.items():
         lstm = mode == "LSTM"
-        extra = 2 if mode in ("LSTM", "GRU") else 0
+        extra = 2 if op_name in ("lstm_forward", "gru_forward") else 0  # their saved-for-backward outputs
         # Registered for every opset the exporter accepts, so that an opset below _MIN_OPSET gets
         # our message rather than "unrecognized namespace fusedrnn".
         torch_onnx.register_custom_op_symbolic(f"fusedrnn::{op_name}", symbolic(op_name, lstm, extra), 9)

@@ -147,6 +147,31 @@ def test_layers_export_to_the_standard_operator(cell, exporter):
         torch.testing.assert_close(a, e, **TOL)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "lstm_proj", "gru"])
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_export_without_gradients_goes_through_the_inference_ops(cell, exporter):
+    """Traced under torch.no_grad, the graph holds the inference ops (csrc/ops.cpp: lstm_inference,
+    gru_inference), which export to the same standard operators with torch.nn's numbers."""
+    cls, torch_cls, kwargs, onnx_op, _ = LAYERS[cell]
+    torch.manual_seed(0)
+    model = cls(I, H, num_layers=2, bidirectional=True, **kwargs).eval()
+    x = torch.randn(EXPORT_BT[1], EXPORT_BT[0], I)
+    with torch.no_grad():
+        if exporter == "dynamo":
+            graph = str(torch.export.export(model, (x,)).graph)
+            assert "inference" in graph and "_forward" not in graph, graph
+        proto = _export(model, (x,), exporter, {"input": {0: "steps", 1: "batch"}})
+    assert [n.op_type for n in _recurrent_nodes(proto)] == [onnx_op] * 4
+    run_x = torch.randn(RUN_BT[1], RUN_BT[0], I)
+    ref = _twin(model, torch_cls, num_layers=2, bidirectional=True, **kwargs)
+    with torch.no_grad():
+        expected = _flat([ref(run_x)])
+    actual = _run(proto, {"input": run_x})
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, **TOL)
+
+
 class Cells(nn.Module):
     """Every cell kind, with and without a state and a bias, plus a layer on unbatched input."""
 
@@ -246,7 +271,8 @@ def test_registration_is_automatic_and_lazy():
         "import torch.onnx\n"
         "from torch.onnx._internal.torchscript_exporter.registration import registry\n"
         "from onnxscript.function_libs.torch_lib.registration import default_registry\n"
-        "for op in ('lstm_forward', 'gru_forward', 'rnn_tanh_forward', 'rnn_relu_forward'):\n"
+        "for op in ('lstm_forward', 'gru_forward', 'rnn_tanh_forward', 'rnn_relu_forward', 'lstm_inference',\n"
+        "           'gru_inference'):\n"
         "    assert registry.is_registered_op('fusedrnn::' + op, 18), op\n"
         "    assert 'fusedrnn::' + op in default_registry, op\n"
         "print('ok')\n")

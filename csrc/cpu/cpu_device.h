@@ -48,10 +48,14 @@ struct CpuDevice {
 
   static bool engine_takes(const at::Tensor& t) { return t.scalar_type() == at::kFloat && cpu_engine::available(); }
 
+  // save_for_backward false (an inference call): r.gates / r.cells / r.hn come undefined and stay
+  // so; the engine stores only the states and the output, and a [N, G*H] buffer exists only
+  // when the input projection is not fused (it then holds x W_ih^T + b_ih, read, not rewritten).
+  // RNN's r.gates is always left undefined: it is only ever that input buffer.
   template <typename Cell>
   static bool forward_sequence(ForwardOutputs& r, const at::Tensor& input, const LayerWeights& w,
-                               const StepSchedule& s, bool reverse) {
-    if (!engine_takes(r.gates)) return false;
+                               const StepSchedule& s, bool reverse, bool save_for_backward) {
+    if (!engine_takes(input)) return false;
     const at::Tensor w_hh = w.w_hh.contiguous();
     const at::Tensor b_hh = w.b_hh.defined() ? w.b_hh.contiguous() : at::Tensor();
     cpu_engine::ForwardArgs a;
@@ -77,19 +81,20 @@ struct CpuDevice {
       a.input = x.const_data_ptr<float>();
       a.w_ih = w_ih.const_data_ptr<float>();
       a.b_ih = b_ih.defined() ? b_ih.const_data_ptr<float>() : nullptr;
-    } else {
-      gemm(r.gates, input, w.w_ih.t(), w.b_ih, false);  // gates = x W_ih^T + b_ih, one large GEMM
     }
+    // The saved gates when there are any; else, unfused, a buffer for the projection alone.
+    at::Tensor gates = r.gates;
+    if (!fuse && !gates.defined()) gates = new_buffer({input.size(0), Cell::kGates * a.H}, input.options());
+    if (!fuse) gemm(gates, input, w.w_ih.t(), w.b_ih, false);  // gates = x W_ih^T + b_ih, one large GEMM
     a.w_hh = w_hh.const_data_ptr<float>();
     a.b_hh = b_hh.defined() ? b_hh.const_data_ptr<float>() : nullptr;
-    a.gates = r.gates.data_ptr<float>();
+    a.gates = gates.defined() ? gates.data_ptr<float>() : nullptr;
+    a.save_for_backward = save_for_backward;
     a.h_state = r.h_n.data_ptr<float>();
     a.output = r.output.data_ptr<float>();
-    if (r.c_n.defined()) {
-      a.c_state = r.c_n.data_ptr<float>();
-      a.cells = r.cells.data_ptr<float>();
-    }
-    if (Cell::kGates == 3) a.hn = r.hn.data_ptr<float>();
+    if (r.c_n.defined()) a.c_state = r.c_n.data_ptr<float>();
+    if (r.cells.defined() && r.cells.numel() > 0) a.cells = r.cells.data_ptr<float>();
+    if (r.hn.defined() && r.hn.numel() > 0) a.hn = r.hn.data_ptr<float>();
     cpu_engine::forward(a);
     return true;
   }

@@ -73,12 +73,18 @@ struct ForwardArgs {
   const float* b_ih = nullptr;   // [G*H] or nullptr
   const float* w_hh = nullptr;   // [G*H, H]
   const float* b_hh = nullptr;   // [G*H] or nullptr
-  float* gates = nullptr;        // [N, G*H] out: activated gates (in: see input)
+  // [N, G*H] out: activated gates (in: see input). Without save_for_backward only the input
+  // (when not fused; read, never written) or nullptr (fused input: no buffer at all).
+  float* gates = nullptr;
   float* h_state = nullptr;     // [B, H] h0 in, final states out
   float* c_state = nullptr;     // [B, H] LSTM: c0 in, final cell states out
   float* output = nullptr;      // [N, H]
-  float* cells = nullptr;       // [N, H] LSTM: c_t
-  float* hn = nullptr;          // [N, H] GRU: W_hn h_{t-1} + b_hn
+  float* cells = nullptr;       // [N, H] LSTM: c_t (unused without save_for_backward)
+  float* hn = nullptr;          // [N, H] GRU: W_hn h_{t-1} + b_hn (unused without save_for_backward)
+  // False for a call no gradient will be taken of (the inference ops, csrc/ops.cpp): the
+  // epilogues then store only the states and the output, not what backward alone reads
+  // (gates, cells, hn). The output and states are bitwise the same either way.
+  bool save_for_backward = true;
   // The small-call path (use_small_path): w_ih / w_hh read in place, row-major,
   // nothing packed. Needs w_hh (and, with input, w_ih) contiguous.
   bool small = false;

@@ -86,7 +86,7 @@ struct ForwardEpilogue;
 template <>
 struct ForwardEpilogue<cells::LstmCell> {
   static constexpr int G = 4, U = kVec, kTileWidth = G * U;
-  template <int MR>
+  template <int MR, bool Save>
   static void apply(const StepPtrs& q, const float* tile, int64_t j0, int64_t valid) {
     const int64_t H = q.hidden;
     Vecs<MR> i, f, g, o, c, h;
@@ -108,13 +108,15 @@ struct ForwardEpilogue<cells::LstmCell> {
     tanh_n<MR>(h);
     for (int m = 0; m < MR; ++m) {
       h[m] = Simd::mul(o[m], h[m]);
-      float* x = q.gates + m * G * H + j0;
-      store_partial(x, i[m], valid);
-      store_partial(x + H, f[m], valid);
-      store_partial(x + 2 * H, g[m], valid);
-      store_partial(x + 3 * H, o[m], valid);
+      if constexpr (Save) {
+        float* x = q.gates + m * G * H + j0;
+        store_partial(x, i[m], valid);
+        store_partial(x + H, f[m], valid);
+        store_partial(x + 2 * H, g[m], valid);
+        store_partial(x + 3 * H, o[m], valid);
+        store_partial(q.cells + m * H + j0, c[m], valid);
+      }
       store_partial(q.c_state + m * H + j0, c[m], valid);
-      store_partial(q.cells + m * H + j0, c[m], valid);
       store_partial(q.out + m * H + j0, h[m], valid);
       store_partial(q.h_state + m * H + j0, h[m], valid);
     }
@@ -126,7 +128,7 @@ struct ForwardEpilogue<cells::LstmCell> {
 template <>
 struct ForwardEpilogue<cells::GruCell> {
   static constexpr int G = 3, U = 2 * kVec, kTileWidth = (G + 1) * U;
-  template <int MR>
+  template <int MR, bool Save>
   static void apply(const StepPtrs& q, const float* tile, int64_t j0, int64_t valid) {
     const int64_t H = q.hidden;
     constexpr int N = 2 * MR;
@@ -155,11 +157,13 @@ struct ForwardEpilogue<cells::GruCell> {
         const int64_t left = valid - v * kVec, col = j0 + v * kVec;
         const V h_prev = load_partial(q.h_state + m * H + col, left);
         const V h = Simd::fmadd(z[k], h_prev, Simd::mul(Simd::sub(one, z[k]), n[k]));
-        float* x = q.gates + m * G * H + col;
-        store_partial(x, r[k], left);
-        store_partial(x + H, z[k], left);
-        store_partial(x + 2 * H, n[k], left);
-        store_partial(q.hn + m * H + col, hn[k], left);
+        if constexpr (Save) {
+          float* x = q.gates + m * G * H + col;
+          store_partial(x, r[k], left);
+          store_partial(x + H, z[k], left);
+          store_partial(x + 2 * H, n[k], left);
+          store_partial(q.hn + m * H + col, hn[k], left);
+        }
         store_partial(q.h_state + m * H + col, h, left);
         store_partial(q.out + m * H + col, h, left);
       }
@@ -171,7 +175,7 @@ struct ForwardEpilogue<cells::GruCell> {
 template <bool Relu>
 struct ForwardEpilogue<cells::RnnCell<Relu>> {
   static constexpr int G = 1, U = 2 * kVec, kTileWidth = G * U;
-  template <int MR>
+  template <int MR, bool Save>
   static void apply(const StepPtrs& q, const float* tile, int64_t j0, int64_t valid) {
     const int64_t H = q.hidden;
     constexpr int N = 2 * MR;
@@ -230,7 +234,7 @@ __attribute__((always_inline)) inline void tile_product(const float* bias, const
 // these rows and units at once.
 // noinline keeps each (cell, rows) variant a function of its own, small
 // enough for GCC to inline the micro-kernel and the activations into.
-template <typename Cell, int MR>
+template <typename Cell, int MR, bool Save>
 __attribute__((noinline)) void forward_tile(const StepPtrs& q, const float* x, const float* h,
                                             const ForwardPanels<Cell::kGates>& w, int64_t ub, float* tile) {
   using E = ForwardEpilogue<Cell>;
@@ -264,7 +268,7 @@ __attribute__((noinline)) void forward_tile(const StepPtrs& q, const float* x, c
       }
     }
   }
-  E::template apply<MR>(q, tile, j0, valid);
+  E::template apply<MR, Save>(q, tile, j0, valid);
 }
 
 // Row blocks per group: the group's input rows and h_{t-1} copy and one unit
@@ -280,7 +284,7 @@ inline StepPtrs step_rows(const ForwardArgs& args, int G, int64_t off, int64_t m
   StepPtrs q;
   q.batch = mr;
   q.hidden = H;
-  q.gates = args.gates + (off + m0) * G * H;
+  if (args.gates != nullptr) q.gates = args.gates + (off + m0) * G * H;  // nullptr: inference, fused input
   q.h_state = args.h_state + m0 * H;
   q.out = args.output + (off + m0) * H;
   if (args.c_state != nullptr) q.c_state = args.c_state + m0 * H;
@@ -289,7 +293,7 @@ inline StepPtrs step_rows(const ForwardArgs& args, int G, int64_t off, int64_t m
   return q;
 }
 
-template <typename Cell>
+template <typename Cell, bool Save>
 void forward_impl(const ForwardArgs& args) {
   using E = ForwardEpilogue<Cell>;
   constexpr int G = E::G;
@@ -330,7 +334,7 @@ void forward_impl(const ForwardArgs& args) {
             const StepPtrs q = step_rows(args, G, off, m0, mr);
             const float* x = w.fused_input ? args.input + (off + m0) * args.I : nullptr;
             const float* h = h_prev.data() + (m0 - first) * H;
-            with_rows(mr, [&](auto rows) { forward_tile<Cell, rows.value>(q, x, h, w, ub, tile.data()); });
+            with_rows(mr, [&](auto rows) { forward_tile<Cell, rows.value, Save>(q, x, h, w, ub, tile.data()); });
           }
         }
       }
@@ -372,7 +376,7 @@ __attribute__((always_inline)) inline void dot_rows(const float* w, int64_t ld, 
 // One row block x unit block of one step, unpacked weights: the tile of
 // forward_tile (same columns), then the same epilogue. x: the block's input rows
 // (fused input projection) or nullptr (q.gates holds x W_ih^T + b_ih).
-template <typename Cell, int MR>
+template <typename Cell, int MR, bool Save>
 __attribute__((noinline)) void small_tile(const StepPtrs& q, const ForwardArgs& a, const float* x, const float* h,
                                           int64_t ub, float* tile) {
   using E = ForwardEpilogue<Cell>;
@@ -421,10 +425,10 @@ __attribute__((noinline)) void small_tile(const StepPtrs& q, const ForwardArgs& 
       }
     }
   }
-  E::template apply<MR>(q, tile, j0, valid);
+  E::template apply<MR, Save>(q, tile, j0, valid);
 }
 
-template <typename Cell>
+template <typename Cell, bool Save>
 void small_forward_impl(const ForwardArgs& args) {
   using E = ForwardEpilogue<Cell>;
   constexpr int G = E::G;
@@ -450,7 +454,7 @@ void small_forward_impl(const ForwardArgs& args) {
           const StepPtrs q = step_rows(args, G, off, m0, mr);
           const float* x = args.input != nullptr ? args.input + (off + m0) * args.I : nullptr;
           const float* h = h_prev + (m0 - lo) * H;
-          with_rows(mr, [&](auto rows) { small_tile<Cell, rows.value>(q, args, x, h, ub, tile); });
+          with_rows(mr, [&](auto rows) { small_tile<Cell, rows.value, Save>(q, args, x, h, ub, tile); });
         });
       }
     }
@@ -458,11 +462,27 @@ void small_forward_impl(const ForwardArgs& args) {
 }
 
 
-// The forward of one layer call (what the instruction set's forward() runs).
-inline void run_forward(const ForwardArgs& a) {
+// The forward of one layer call (what the instruction set's forward() runs). Without
+// save_for_backward (an inference call) the epilogues store only the states and the output:
+// not the activated gates, LSTM's c_t per token nor GRU's W_hn h + b_hn, which only backward
+// reads (RNN saves nothing but its output either way).
+template <typename Cell, bool Save>
+void forward_cell(const ForwardArgs& a) {
   if (a.small) {
-    with_cell(a.cell, [&](auto cell) { small_forward_impl<decltype(cell)>(a); });
-    return;
+    small_forward_impl<Cell, Save>(a);
+  } else {
+    forward_impl<Cell, Save>(a);
   }
-  with_cell(a.cell, [&](auto cell) { forward_impl<decltype(cell)>(a); });
+}
+
+inline void run_forward(const ForwardArgs& a) {
+  with_cell(a.cell, [&](auto cell) {
+    using Cell = decltype(cell);
+    constexpr bool kSavesAnything = ForwardEpilogue<Cell>::G > 1;  // RNN: nothing beyond the output
+    if (kSavesAnything && a.save_for_backward) {
+      forward_cell<Cell, kSavesAnything>(a);
+    } else {
+      forward_cell<Cell, false>(a);
+    }
+  });
 }

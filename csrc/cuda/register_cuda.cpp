@@ -317,6 +317,25 @@ std::vector<at::Tensor> backward_bidirectional(const std::string& cell, at::Tens
   return bidirectional_backward_outputs(dirs);
 }
 
+// The inference twins (csrc/ops.cpp): on CUDA the forward as above, its saved buffers dropped.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+    const at::Tensor& batch_sizes, bool reverse) {
+  const ForwardOutputs r =
+      forward_layer<LstmCell>("lstm_inference", input, h0, &c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
+  return {r.output, r.h_n, r.c_n};
+}
+
+std::tuple<at::Tensor, at::Tensor> gru_inference(const at::Tensor& input, const at::Tensor& h0,
+                                                 const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                 const OptTensor& b_ih, const OptTensor& b_hh,
+                                                 const at::Tensor& batch_sizes, bool reverse) {
+  const ForwardOutputs r = forward_layer<GruCell>("gru_inference", input, h0, nullptr, w_ih, w_hh, b_ih, b_hh,
+                                                  std::nullopt, batch_sizes, reverse);
+  return {r.output, r.h_n};
+}
+
 }  // namespace persistent
 }  // namespace fusedrnn
 
@@ -324,6 +343,8 @@ TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) {
   using namespace fusedrnn;
   m.impl("lstm_forward", &persistent::lstm_forward);
   m.impl("gru_forward", &persistent::gru_forward);
+  m.impl("lstm_inference", &persistent::lstm_inference);
+  m.impl("gru_inference", &persistent::gru_inference);
   m.impl("rnn_tanh_forward", &persistent::rnn_forward<RnnTanhCell>);
   m.impl("rnn_relu_forward", &persistent::rnn_forward<RnnReluCell>);
   // Backward: the driver with the persistent backward as its sequence engine, which

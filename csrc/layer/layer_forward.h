@@ -121,9 +121,15 @@ template <typename Device>
 struct step_adds_hidden_bias<Device, std::void_t<decltype(Device::kStepAddsHiddenBias)>>
     : std::bool_constant<Device::kStepAddsHiddenBias> {};
 
+// save_for_backward false (the inference ops: no gradient will be taken): gates, cells and hn
+// come back undefined, and what only backward reads is not kept. The CPU engine then does not
+// even compute-and-store it (cpu/cpu_device.h); the per-step loop here still needs the [N, G*H]
+// gates as its input projection, and writes each step's c_t / hn into one [B, H] scratch row
+// block instead of a [N, H] buffer. output, h_n and c_n are bitwise the same either way.
 template <typename Cell, typename Device>
 ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
-                             const LayerWeights& w, const StepSchedule& sched, bool reverse) {
+                             const LayerWeights& w, const StepSchedule& sched, bool reverse,
+                             bool save_for_backward = true) {
   constexpr int64_t G = Cell::kGates;
   const int64_t N = input.size(0);
   const int64_t B = h0.size(0);
@@ -133,20 +139,28 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
   const bool has_proj = w.w_hr.defined();
   const auto opts = input.options();
 
+  // RNN (G = 1) returns no gates: its [N, H] buffer is only ever the input projection.
+  const bool save = save_for_backward && G > 1;
   ForwardOutputs r;
-  r.gates = new_buffer({N, G * H}, opts);
+  if (save) r.gates = new_buffer({N, G * H}, opts);
   r.output = new_buffer({N, P}, opts);
   r.h_n = copy_of_state(h0);  // the running state; final state at the end
   r.c_n = is_lstm ? copy_of_state(c0) : at::Tensor();
-  r.cells = is_lstm ? new_buffer({N, H}, opts) : at::empty({0}, opts);
-  r.hn = G == 3 ? new_buffer({N, H}, opts) : at::empty({0}, opts);
+  if (save) {
+    r.cells = is_lstm ? new_buffer({N, H}, opts) : at::empty({0}, opts);
+    r.hn = G == 3 ? new_buffer({N, H}, opts) : at::empty({0}, opts);
+  }
   if constexpr (has_sequence_engine<Device>::value) {
     // The engine owns the input projection too: inside its recurrent tiles
     // when the weights fit in cache, otherwise as this same one GEMM
     // (cpu/cpu_device.h, cpu/cpu_engine.h: fuse_input_projection).
-    if (!has_proj && Device::template forward_sequence<Cell>(r, input, w, sched, reverse)) return r;
+    if (!has_proj && Device::template forward_sequence<Cell>(r, input, w, sched, reverse, save)) return r;
   }
-  Device::gemm(r.gates, input, w.w_ih.t(), w.b_ih, false);
+  // The per-step loop: the gates buffer holds the input projection, then the activated gates.
+  at::Tensor gates = save ? r.gates : new_buffer({N, G * H}, opts);
+  at::Tensor cells = save || !is_lstm ? r.cells : new_buffer({B, H}, opts);  // inference: one step's c_t
+  at::Tensor hn = save || G != 3 ? r.hn : new_buffer({B, H}, opts);          // inference: one step's hn
+  Device::gemm(gates, input, w.w_ih.t(), w.b_ih, false);
   at::Tensor hproj = new_buffer({B, G * H}, opts);
   at::Tensor proj_in = has_proj ? new_buffer({B, H}, opts) : at::Tensor();  // r_t = o * tanh(c_t)
   // W_hh^T, once: the per-step GEMM then reads both operands row by row.
@@ -167,7 +181,7 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
       ForwardStepParams<T> p;
       p.batch = bs;
       p.hidden = H;
-      p.gates = r.gates.template data_ptr<T>() + off * G * H;
+      p.gates = gates.template data_ptr<T>() + off * G * H;
       p.hproj = hproj.template const_data_ptr<T>();
       p.hproj_bias = step_bias.defined() ? step_bias.template const_data_ptr<T>() : nullptr;
       // With projection the cell's output is r_t, not the state: let it write r_t
@@ -176,9 +190,9 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
       p.out = has_proj ? proj_in.template data_ptr<T>() : r.output.template data_ptr<T>() + off * P;
       if (is_lstm) {
         p.c_state = r.c_n.template data_ptr<T>();
-        p.cells = r.cells.template data_ptr<T>() + off * H;
+        p.cells = cells.template data_ptr<T>() + (save ? off * H : 0);
       }
-      if (G == 3) p.hn = r.hn.template data_ptr<T>() + off * H;
+      if (G == 3) p.hn = hn.template data_ptr<T>() + (save ? off * H : 0);
       Device::template forward<Cell, T>(p);
 
       if (has_proj) {

@@ -113,6 +113,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward(
   return {r.output, r.h_n, r.gates, r.hn};
 }
 
+// The inference twins (csrc/ops.cpp): the same checks and driver, nothing saved for backward.
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+    const at::Tensor& batch_sizes, bool reverse) {
+  constexpr const char* op = "lstm_inference";
+  const LayerWeights w = check_layer(op, 4, input, h0, &c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
+  const typename Device::DeviceGuard device_guard(input.device());
+  ForwardOutputs r = layer_forward<LstmCell, Device>(input, h0, c0, w, s, reverse, /*save_for_backward=*/false);
+  return {r.output, r.h_n, r.c_n};
+}
+
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor> gru_inference(const at::Tensor& input, const at::Tensor& h0,
+                                                 const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                 const OptTensor& b_ih, const OptTensor& b_hh,
+                                                 const at::Tensor& batch_sizes, bool reverse) {
+  constexpr const char* op = "gru_inference";
+  const LayerWeights w = check_layer(op, 3, input, h0, nullptr, w_ih, w_hh, b_ih, b_hh, std::nullopt);
+  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
+  const typename Device::DeviceGuard device_guard(input.device());
+  ForwardOutputs r = layer_forward<GruCell, Device>(input, h0, at::Tensor(), w, s, reverse, /*save_for_backward=*/false);
+  return {r.output, r.h_n};
+}
+
 template <typename Cell, typename Device>
 std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& input, const at::Tensor& h0,
                                                const at::Tensor& w_ih, const at::Tensor& w_hh,
@@ -202,6 +229,8 @@ void register_layer_ops(torch::Library& m) {
   m.impl("lstm_forward", &lstm_forward<Device>);
   m.impl("lstm_backward", &lstm_backward<Device>);
   m.impl("gru_forward", &gru_forward<Device>);
+  m.impl("lstm_inference", &lstm_inference<Device>);
+  m.impl("gru_inference", &gru_inference<Device>);
   m.impl("gru_backward", &gru_backward<Device>);
   m.impl("rnn_tanh_forward", &rnn_forward<RnnTanhCell, Device>);
   m.impl("rnn_tanh_backward", &rnn_backward<RnnTanhCell, Device>);
