@@ -150,3 +150,51 @@ def test_double_backward_through_the_cpp_node_matches_nn(kind):
         results.append(torch.autograd.grad(penalty, [x] + list(m.parameters())))
     for a, b in zip(*results):
         torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+@pytest.mark.parametrize("shape", ["scalar", "row", "transposed", "zero"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_expanded_and_strided_output_gradients_match_nn(kind, shape, batch):
+    """The backward ops fill a gradient that is one value expanded to the whole shape (the gradient of a
+    sum, an unused output's zero) instead of copying it, and copy anything else: each form of gradient,
+    for the output and the final states at once, against torch.nn in float64."""
+    ref, ours = _pair(kind)
+    x = torch.randn(2, batch, 3, dtype=torch.double, requires_grad=True)
+    h0 = torch.randn(1, batch, 4, dtype=torch.double, requires_grad=True)
+    row = torch.randn(4, dtype=torch.double)
+
+    def grad_like(t):
+        if shape == "scalar":
+            return torch.tensor(2.5, dtype=torch.double).expand_as(t)
+        if shape == "zero":
+            return torch.zeros((), dtype=torch.double).expand_as(t)
+        if shape == "row":  # one row expanded over the batch (and time): not a single value
+            return row.expand_as(t)
+        return torch.randn(t.shape[::-1], dtype=torch.double).transpose(0, -1)  # not contiguous
+
+    grads, seed = [], torch.seed()
+    for m in (ref, ours):
+        torch.manual_seed(seed)
+        hx = (h0, h0 * 0.5) if kind == "lstm" else h0
+        out, state = m(x, hx)
+        outputs = [out] + (list(state) if kind == "lstm" else [state])
+        cotangents = [grad_like(t) for t in outputs]
+        grads.append(torch.autograd.grad(outputs, [x, h0] + list(m.parameters()), cotangents))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("kind", list(CELLS))
+@pytest.mark.parametrize("batch", [1, 5, 8])
+def test_small_call_weight_gradients_accumulate_like_nn(kind, batch):
+    """The small-call weight gradients (N <= 8 rows) write the first token's product instead of adding it
+    to a zero fill: gradients of a few steps, accumulated over two backward calls, against torch.nn."""
+    ref, ours = _pair(kind, layer=False)
+    for _ in range(2):
+        x = torch.randn(batch, 3, dtype=torch.double)
+        for m in (ref, ours):
+            h = m(x)
+            h = h[0] if kind == "lstm" else h
+            (h * torch.arange(4, dtype=torch.double)).sum().backward()
+    _assert_same_grads(ref, ours)

@@ -15,6 +15,7 @@
 // implementation is Python (fusedrnn/_ops.py: _differentiable_vjp, the _FirstOrderGrads path the
 // Python formula takes), so double and higher backward are the same code as before.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -29,9 +30,30 @@ using std::optional;
 Tensor or_undefined(const optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 
 // An unused output's gradient: a broadcast zero (the backward ops copy their gradients before
-// writing, so a stride-0 zero is read, never written).
+// writing, so a stride-0 zero is read, never written). On the CPU one shared 0-d zero per dtype
+// (as fusedrnn/_ops.py's _unused_grad): at::zeros is a dispatched allocation and fill on every
+// small backward call, a cell's unused `output` among them.
+// Plain backward only (grad mode off): a create_graph backward hands its gradients to Python formulas,
+// which get a fresh zero. Never freed (no tensor destroyed at exit).
+Tensor shared_cpu_zero(at::ScalarType type) {
+  auto make = [](at::ScalarType t) {
+    c10::InferenceMode normal_tensor(false);  // usable outside inference mode, whatever the first caller's mode
+    return new Tensor(at::zeros({}, at::TensorOptions().dtype(t)));
+  };
+  static const Tensor* zero_float = make(at::kFloat);
+  static const Tensor* zero_double = make(at::kDouble);
+  if (type == at::kFloat) return *zero_float;
+  if (type == at::kDouble) return *zero_double;
+  return Tensor();
+}
+
 Tensor grad_or_zero(const Tensor& grad, const Tensor& like) {
-  return grad.defined() ? grad : at::zeros({}, like.options()).expand(like.sizes());
+  if (grad.defined()) return grad;
+  if (!at::GradMode::is_enabled() && like.is_cpu() && like.layout() == at::kStrided) {
+    Tensor zero = shared_cpu_zero(like.scalar_type());
+    if (zero.defined()) return zero.expand(like.sizes());
+  }
+  return at::zeros({}, like.options()).expand(like.sizes());
 }
 
 c10::OperatorHandle op_handle(const char* name) {

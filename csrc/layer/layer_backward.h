@@ -200,11 +200,14 @@ inline bool small_weight_grads(BackwardOutputs& g, at::Tensor& dgates, const Sav
     const T* xp = x.template const_data_ptr<T>();
     T* wih = g.grad_w_ih.template data_ptr<T>();
     T* bih = g.grad_b_ih.template data_ptr<T>();
+    // The first token's product is written, the others added: no zero fill first (at H = 256 the
+    // gradients are 1-2 MB, beyond L2, so a fill is a whole extra pass over memory).
     for (int64_t k = 0; k < K; ++k) {
       T* row = wih + k * I;
-      std::fill(row, row + I, T(0));
-      T sum = 0;
-      for (int64_t n = 0; n < N; ++n) {
+      const T d0 = d[k];
+      for (int64_t i = 0; i < I; ++i) row[i] = d0 * xp[i];
+      T sum = d0;
+      for (int64_t n = 1; n < N; ++n) {
         const T dk = d[n * K + k];
         const T* xr = xp + n * I;
         sum += dk;
@@ -224,14 +227,20 @@ inline bool small_weight_grads(BackwardOutputs& g, at::Tensor& dgates, const Sav
     T* bhh = g.grad_b_hh.template data_ptr<T>();
     for (int64_t k = 0; k < K; ++k) {
       T* row = whh + k * S;
-      std::fill(row, row + S, T(0));
+      bool first = true;  // the first product written, the rest added (as for dW_ih)
       for (const PreviousRun& r : runs) {
         for (int64_t n = 0; n < r.count; ++n) {
           const T dk = d[(r.dst + n) * K + k];
           const T* hp = (r.from_init ? h0p : outp) + (r.src + n) * S;
-          for (int64_t j = 0; j < S; ++j) row[j] += dk * hp[j];
+          if (first) {
+            for (int64_t j = 0; j < S; ++j) row[j] = dk * hp[j];
+            first = false;
+          } else {
+            for (int64_t j = 0; j < S; ++j) row[j] += dk * hp[j];
+          }
         }
       }
+      if (first) std::fill(row, row + S, T(0));  // no runs (cannot happen with N > 0; kept exact)
       if (is_gru) {
         T sum = 0;
         for (int64_t n = 0; n < N; ++n) sum += d[n * K + k];
@@ -242,6 +251,26 @@ inline bool small_weight_grads(BackwardOutputs& g, at::Tensor& dgates, const Sav
     }
   });
   return true;
+}
+
+// A gradient as a contiguous buffer that belongs to this call. The gradients of a small training call
+// usually arrive as one value expanded to the whole shape: ones from a `.sum()`, a zero for an unused
+// output (eager_autograd.cpp: grad_or_zero). A fill of a fresh buffer replaces the generic copy there
+// (Tensor::contiguous / clone: the dispatcher and a TensorIterator, a few K instructions each, as much
+// as the arithmetic of a B = 1 step); anything else is copied as before (copy_of_state).
+inline at::Tensor owned_gradient(const at::Tensor& t) {
+  const auto type = t.scalar_type();
+  bool expanded_scalar = t.is_cpu() && t.layout() == at::kStrided && !t.is_neg() && !t.is_conj() && t.numel() > 1 &&
+                         (type == at::kFloat || type == at::kDouble);
+  for (int64_t d = 0; d < t.dim() && expanded_scalar; ++d) expanded_scalar = t.stride(d) == 0 || t.size(d) == 1;
+  if (!expanded_scalar) return copy_of_state(t);
+  at::Tensor out = new_buffer(t.sizes(), t.options());
+  AT_DISPATCH_FLOATING_TYPES(type, "fusedrnn.owned_gradient", [&] {
+    const scalar_t value = *t.template const_data_ptr<scalar_t>();
+    scalar_t* o = out.template data_ptr<scalar_t>();
+    std::fill(o, o + out.numel(), value);
+  });
+  return out;
 }
 
 // Memory: besides the saved tensors and the gradients it returns, backward
@@ -272,7 +301,7 @@ BackwardOutputs layer_backward(const at::Tensor& grad_output_in, const at::Tenso
   // A non-contiguous grad_output (the expanded gradient of a sum, say) is copied
   // here, and that copy belongs to this call.
   const bool own_grad_output = !grad_output_in.is_contiguous();
-  const at::Tensor grad_output = grad_output_in.contiguous();
+  const at::Tensor grad_output = own_grad_output ? owned_gradient(grad_output_in) : grad_output_in;
   // RNN without projection: the gate gradient of element k needs only element k
   // of grad_output, so it may take grad_output's place when the buffer is ours.
   at::Tensor dgates = (G == 1 && !has_proj && own_grad_output) ? grad_output : new_buffer({N, G * H}, opts);
@@ -281,8 +310,8 @@ BackwardOutputs layer_backward(const at::Tensor& grad_output_in, const at::Tenso
   const at::Tensor h0 = saved.h0.contiguous();
   const at::Tensor c0 = is_lstm ? saved.c0.contiguous() : at::Tensor();
   at::Tensor prev_scratch;  // [B, H], for steps whose previous states come from two places
-  at::Tensor dh_state = copy_of_state(grad_h_n);
-  at::Tensor dc_state = is_lstm ? copy_of_state(grad_c_n) : at::Tensor();
+  at::Tensor dh_state = owned_gradient(grad_h_n);
+  at::Tensor dc_state = is_lstm ? owned_gradient(grad_c_n) : at::Tensor();
   // With projection: dh of every token (for dW_hr), dr of this step, r of every token.
   at::Tensor dh_all = has_proj ? new_buffer({N, P}, opts) : at::Tensor();
   at::Tensor dr = has_proj ? new_buffer({B, H}, opts) : at::Tensor();
