@@ -43,8 +43,8 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import functional
 from ._layernorm_ops import ln_gru_layer, ln_lstm_layer
-from .modules import (_check_input, _check_input_dims, _check_state, _no_lengths_with_packed, _require_tensor,
-                      _RNNBase, _split_lstm_state)
+from .modules import (_check_input, _check_input_dims, _check_state, _fx_leaf, _fx_proxy, _no_lengths_with_packed,
+                      _require_tensor, _RNNBase, _split_lstm_state)
 from .reference import LAYER_NORM_EPS
 
 ZoneoutArg = Union[float, Tuple[float, float]]
@@ -222,6 +222,9 @@ class LayerNormLSTM(_LayerNormRNNBase):
         super().__init__("LSTM", *args, **kwargs)
 
     def forward(self, input, hx=None, lengths=None):
+        proxy = _fx_proxy(input, hx)  # torch.fx.symbolic_trace: one call_module node, as torch.nn's layers
+        if proxy is not None:
+            return _fx_leaf(self, proxy, (input, hx), {"lengths": lengths} if lengths is not None else {})
         h0: Optional[Tensor] = None
         c0: Optional[Tensor] = None
         if hx is not None:
@@ -245,6 +248,9 @@ class LayerNormGRU(_LayerNormRNNBase):
         super().__init__("GRU", *args, **kwargs)
 
     def forward(self, input, hx=None, lengths=None):
+        proxy = _fx_proxy(input, hx)  # torch.fx.symbolic_trace: one call_module node, as torch.nn's layers
+        if proxy is not None:
+            return _fx_leaf(self, proxy, (input, hx), {"lengths": lengths} if lengths is not None else {})
         if isinstance(input, PackedSequence):
             _no_lengths_with_packed(self._type_name, lengths)
             packed, h, _ = self._forward_packed(input, hx, None)
@@ -366,6 +372,9 @@ class LayerNormLSTMCell(_LayerNormCellBase):
         super().__init__("LSTM", input_size, hidden_size, bias, **kwargs)
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+        proxy = _fx_proxy(input, hx)  # torch.fx.symbolic_trace: one call_module node, as torch.nn's cells
+        if proxy is not None:
+            return _fx_leaf(self, proxy, (input, hx), {})
         h0: Optional[Tensor] = None
         c0: Optional[Tensor] = None
         if hx is not None:
@@ -384,4 +393,7 @@ class LayerNormGRUCell(_LayerNormCellBase):
         super().__init__("GRU", input_size, hidden_size, bias, **kwargs)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        proxy = _fx_proxy(input, hx)  # torch.fx.symbolic_trace: one call_module node, as torch.nn's cells
+        if proxy is not None:
+            return _fx_leaf(self, proxy, (input, hx), {})
         return self._step(input, hx, None)[0]

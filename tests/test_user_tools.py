@@ -208,3 +208,30 @@ def test_quantize_dynamic_leaves_our_modules_in_float_and_revert_gives_nn_quanti
     reverted = torch.ao.quantization.quantize_dynamic(fusedrnn.revert(model), {nn.LSTM}, dtype=torch.qint8)
     assert type(reverted[0]) is torch.ao.nn.quantized.dynamic.LSTM
     torch.testing.assert_close(reverted(x)[0], expected, rtol=0, atol=0.05)  # int8 weights
+
+
+# ---- torch.fx.symbolic_trace of the layer-normalised modules ------------------------------------
+
+@pytest.mark.filterwarnings("ignore:Was not able to add assertion")
+@pytest.mark.parametrize("cls", ["LayerNormLSTM", "LayerNormGRU", "LayerNormLSTMCell", "LayerNormGRUCell"])
+def test_symbolic_trace_records_layer_normalised_modules_as_leaves(cls):
+    """No torch.nn twin exists; the reference is the module called directly (itself checked against
+    fusedrnn.reference in tests/test_layernorm.py)."""
+    torch.manual_seed(0)
+    module = getattr(fusedrnn, cls)(5, 7).double()
+    cell = cls.endswith("Cell")
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = module
+
+        def forward(self, x, state):
+            return self.rnn(x, state)
+
+    x = torch.randn(2, 5, dtype=torch.float64) if cell else torch.randn(4, 2, 5, dtype=torch.float64)
+    h = torch.randn(2, 7, dtype=torch.float64) if cell else torch.randn(1, 2, 7, dtype=torch.float64)
+    state = (h, torch.randn_like(h)) if "LSTM" in cls else h
+    traced = torch.fx.symbolic_trace(Model())
+    assert _call_module_targets(traced) == ["rnn"]
+    torch.testing.assert_close(traced(x, state), module(x, state), rtol=0, atol=0)
