@@ -268,13 +268,20 @@ def shard(order: List[int], distributed: "Optional[Distributed]") -> List[int]:
     return order[distributed.rank::distributed.world][:per_rank]
 
 
-def result_name(args) -> str:
-    """sentiment_<dataset>_<cell>_<device>: the cell as "bilstm" etc. for the bidirectional recipe,
-    the hidden size when it is not the recipe's, the number of ranks when distributed."""
+def result_name(args, info: Optional[Dict] = None) -> str:
+    """sentiment_<dataset>_<cell>_<device>_<machine>: the cell as "bilstm" etc. for the bidirectional
+    recipe, the hidden size when it is not the recipe's, the machine as benchmarks.layers names it
+    (CPU name and ISA, or the GPU's name; `info` is common.machine()'s, measured now when not given),
+    so that one machine's published results never replace another's, the number of ranks when
+    distributed. (Results published before the machine was in the name, e.g. sentiment_rt_gru_cpu,
+    are the AVX2 EPYC's; their .md says so.)"""
+    from .layers import cpu_slug
+
     cell = ("bi" if MODELS[args.model]["bidirectional"] else "") + args.cell
     if args.hidden != MODELS[args.model]["hidden"]:
         cell += f"{args.hidden}"
-    name = f"sentiment_{args.dataset}_{cell}_{args.device}"
+    info = machine() if info is None else info
+    name = f"sentiment_{args.dataset}_{cell}_{args.device}_{cpu_slug(dict(info, device=args.device))}"
     if args.world > 1:
         name += f"_ddp{args.world}"
     return name + ("_smoke" if args.smoke else "")

@@ -122,10 +122,13 @@ def _sentiment_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_sentiment_benchmark_runs_under_two_ranks(tmp_path):
+    from benchmarks.common import machine
+    from benchmarks.layers import cpu_slug
+
     mp.spawn(_sentiment_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        f"sentiment_rt_bilstm8_cpu_ddp{WORLD}_smoke{ext}" for ext in (".json", ".md", ".png")]
-    saved = json.loads((tmp_path / f"sentiment_rt_bilstm8_cpu_ddp{WORLD}_smoke.json").read_text())
+    name = f"sentiment_rt_bilstm8_cpu_{cpu_slug(dict(machine(), device='cpu'))}_ddp{WORLD}_smoke"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}{ext}" for ext in (".json", ".md", ".png")]
+    saved = json.loads((tmp_path / f"{name}.json").read_text())
     summary = saved["summary"]
     assert summary["ranks"] == WORLD and summary["bidirectional"] and summary["num_layers"] == 2
     # Each rank took half of the 384 examples' steps: 192 / 32 = 6 per epoch.

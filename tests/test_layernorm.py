@@ -487,7 +487,9 @@ def test_sentiment_recipe_loss_curve_equals_the_python_loop_model():
 def test_sentiment_recipe_refuses_ln_lstm_in_the_bidirectional_recipe():
     from benchmarks import sentiment
 
-    assert sentiment.result_name(sentiment.parse_args(["--cell", "ln_lstm"])) == "sentiment_rt_ln_lstm_cpu"
+    info = {"cpu": "AMD EPYC", "isa": "AVX512 (avx2 fma avx512f)"}
+    assert sentiment.result_name(sentiment.parse_args(["--cell", "ln_lstm"]), info) == (
+        "sentiment_rt_ln_lstm_cpu_amd-epyc-avx512")
     with pytest.raises(SystemExit):
         sentiment.parse_args(["--cell", "ln_lstm", "--model", "bidirectional"])
 

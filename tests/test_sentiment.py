@@ -91,25 +91,43 @@ def test_smoke_run_trains_both_implementations_identically(tmp_path):
     for name in ("fusedrnn packed", "fusedrnn lengths"):
         assert runs[name]["max_epoch_loss_diff_vs_torch_nn"] < 1e-4
         assert runs[name]["test_accuracy_diff_vs_torch_nn"] <= 0.01
-    base = tmp_path / "sentiment_rt_gru_cpu_smoke"
+    base = tmp_path / sentiment.result_name(sentiment.parse_args(["--smoke"]))  # sentiment_rt_gru_cpu_<machine>_smoke
     for ext in (".json", ".md", ".png"):
         assert os.path.getsize(str(base) + ext) > 0
-    saved = json.loads((tmp_path / "sentiment_rt_gru_cpu_smoke.json").read_text())
+    with open(str(base) + ".json") as f:
+        saved = json.load(f)
     assert saved["summary"]["runs"]["fusedrnn packed"]["final_loss"] == runs["fusedrnn packed"]["final_loss"]
     with open(str(base) + ".png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_recipes_keep_the_default_and_name_their_results():
+    from benchmarks.common import machine
+    from benchmarks.layers import cpu_slug
+
+    here = cpu_slug(dict(machine(), device="cpu"))
     default = sentiment.parse_args([])
     assert (default.model, default.cell, default.hidden) == ("single", "gru", 128)
-    assert sentiment.result_name(default) == "sentiment_rt_gru_cpu"  # the published file's name
+    assert sentiment.result_name(default) == f"sentiment_rt_gru_cpu_{here}"
     bi = sentiment.parse_args(["--model", "bidirectional"])
     assert (bi.cell, bi.hidden) == ("lstm", 256)
-    assert sentiment.result_name(bi) == "sentiment_rt_bilstm_cpu"
+    assert sentiment.result_name(bi) == f"sentiment_rt_bilstm_cpu_{here}"
     assert sentiment.result_name(sentiment.parse_args(["--model", "bidirectional", "--cell", "gru", "--smoke"])) == (
-        "sentiment_rt_bigru_cpu_smoke")
-    assert sentiment.result_name(sentiment.parse_args(["--cell", "lstm", "--hidden", "64"])) == "sentiment_rt_lstm64_cpu"
+        f"sentiment_rt_bigru_cpu_{here}_smoke")
+    assert sentiment.result_name(sentiment.parse_args(["--cell", "lstm", "--hidden", "64"])) == (
+        f"sentiment_rt_lstm64_cpu_{here}")
+
+
+def test_result_names_keep_each_machine_apart():
+    """Two machines' published runs of the same recipe get different files (a run on the AVX-512
+    machine once replaced the AVX2 machine's sentiment_rt_gru_cpu.* before the machine was in the name)."""
+    args = sentiment.parse_args([])
+    avx2 = {"cpu": "AMD EPYC", "isa": "AVX2 (avx2 fma)"}
+    avx512 = {"cpu": "AMD EPYC", "isa": "AVX512 (avx2 fma avx512f avx512_bf16)"}
+    xeon = {"cpu": "Intel(R) Xeon(R) Platinum 8481C", "isa": "AVX512 (avx2 fma avx512f amx_bf16)"}
+    names = {sentiment.result_name(args, info) for info in (avx2, avx512, xeon)}
+    assert names == {"sentiment_rt_gru_cpu_amd-epyc-avx2", "sentiment_rt_gru_cpu_amd-epyc-avx512",
+                     "sentiment_rt_gru_cpu_intel-r-xeon-r-platinum-8481c-avx512"}
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -167,9 +185,9 @@ def test_a_run_without_publish_leaves_the_published_results_alone(tmp_path, monk
         args = sentiment.parse_args(argv)
         summary = sentiment.summarize(history, args, 1, 10, 5, 100, 10.0)
         sentiment.write_outputs(summary, history, args)
-    assert sorted(p.name for p in published.iterdir()) == [
-        "sentiment_rt_gru_cpu.json", "sentiment_rt_gru_cpu.md", "sentiment_rt_gru_cpu.png"]
+    name = sentiment.result_name(sentiment.parse_args([]))  # sentiment_rt_gru_cpu_<this machine>
+    assert sorted(p.name for p in published.iterdir()) == [f"{name}.json", f"{name}.md", f"{name}.png"]
     unpublished = sorted(p.name for p in runs.iterdir() if not p.name.startswith("."))
-    assert len(unpublished) == 3 and all(p.startswith("sentiment_rt_gru_cpu_20") for p in unpublished)
+    assert len(unpublished) == 3 and all(p.startswith(f"{name}_20") for p in unpublished)
     md = [p for p in unpublished if p.endswith(".md")][0]
     assert f"]({md[:-3]}.png)" in (runs / md).read_text()  # the table links its own plot
