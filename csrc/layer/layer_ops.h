@@ -88,16 +88,26 @@ inline void check_saved(const char* op, const char* name, const at::Tensor& t, c
 // Forward ops
 // ---------------------------------------------------------------------------
 
+// Every forward op and its inference twin (csrc/ops.cpp): the op's checks, its schedule, the
+// device guard and the driver; save_for_backward false keeps nothing that only backward reads.
+template <typename Cell, typename Device>
+ForwardOutputs run_forward_op(const char* op, const at::Tensor& input, const at::Tensor& h0, const at::Tensor* c0,
+                              const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
+                              const OptTensor& b_hh, const OptTensor& w_hr, const at::Tensor& batch_sizes,
+                              bool reverse, bool save_for_backward) {
+  const LayerWeights w = check_layer(op, Cell::kGates, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
+  const typename Device::DeviceGuard device_guard(input.device());
+  return layer_forward<Cell, Device>(input, h0, c0 != nullptr ? *c0 : at::Tensor(), w, s, reverse, save_for_backward);
+}
+
 template <typename Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
     const at::Tensor& batch_sizes, bool reverse) {
-  constexpr const char* op = "lstm_forward";
-  const LayerWeights w = check_layer(op, 4, input, h0, &c0, w_ih, w_hh, b_ih, b_hh, w_hr);
-  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
-  const typename Device::DeviceGuard device_guard(input.device());
-  ForwardOutputs r = layer_forward<LstmCell, Device>(input, h0, c0, w, s, reverse);
+  ForwardOutputs r = run_forward_op<LstmCell, Device>("lstm_forward", input, h0, &c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                                      batch_sizes, reverse, /*save_for_backward=*/true);
   return {r.output, r.h_n, r.c_n, r.gates, r.cells};
 }
 
@@ -105,25 +115,19 @@ template <typename Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& batch_sizes, bool reverse) {
-  constexpr const char* op = "gru_forward";
-  const LayerWeights w = check_layer(op, 3, input, h0, nullptr, w_ih, w_hh, b_ih, b_hh, std::nullopt);
-  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
-  const typename Device::DeviceGuard device_guard(input.device());
-  ForwardOutputs r = layer_forward<GruCell, Device>(input, h0, at::Tensor(), w, s, reverse);
+  ForwardOutputs r = run_forward_op<GruCell, Device>("gru_forward", input, h0, nullptr, w_ih, w_hh, b_ih, b_hh,
+                                                     std::nullopt, batch_sizes, reverse, /*save_for_backward=*/true);
   return {r.output, r.h_n, r.gates, r.hn};
 }
 
-// The inference twins (csrc/ops.cpp): the same checks and driver, nothing saved for backward.
+// The inference twins: the same checks and driver, nothing saved for backward.
 template <typename Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
     const at::Tensor& batch_sizes, bool reverse) {
-  constexpr const char* op = "lstm_inference";
-  const LayerWeights w = check_layer(op, 4, input, h0, &c0, w_ih, w_hh, b_ih, b_hh, w_hr);
-  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
-  const typename Device::DeviceGuard device_guard(input.device());
-  ForwardOutputs r = layer_forward<LstmCell, Device>(input, h0, c0, w, s, reverse, /*save_for_backward=*/false);
+  ForwardOutputs r = run_forward_op<LstmCell, Device>("lstm_inference", input, h0, &c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                                      batch_sizes, reverse, /*save_for_backward=*/false);
   return {r.output, r.h_n, r.c_n};
 }
 
@@ -132,24 +136,20 @@ std::tuple<at::Tensor, at::Tensor> gru_inference(const at::Tensor& input, const 
                                                  const at::Tensor& w_ih, const at::Tensor& w_hh,
                                                  const OptTensor& b_ih, const OptTensor& b_hh,
                                                  const at::Tensor& batch_sizes, bool reverse) {
-  constexpr const char* op = "gru_inference";
-  const LayerWeights w = check_layer(op, 3, input, h0, nullptr, w_ih, w_hh, b_ih, b_hh, std::nullopt);
-  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
-  const typename Device::DeviceGuard device_guard(input.device());
-  ForwardOutputs r = layer_forward<GruCell, Device>(input, h0, at::Tensor(), w, s, reverse, /*save_for_backward=*/false);
+  ForwardOutputs r = run_forward_op<GruCell, Device>("gru_inference", input, h0, nullptr, w_ih, w_hh, b_ih, b_hh,
+                                                     std::nullopt, batch_sizes, reverse, /*save_for_backward=*/false);
   return {r.output, r.h_n};
 }
 
+// RNN saves nothing but its output, so its forward is its own inference op.
 template <typename Cell, typename Device>
 std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& input, const at::Tensor& h0,
                                                const at::Tensor& w_ih, const at::Tensor& w_hh,
                                                const OptTensor& b_ih, const OptTensor& b_hh,
                                                const at::Tensor& batch_sizes, bool reverse) {
-  const char* op = Cell::kRelu ? "rnn_relu_forward" : "rnn_tanh_forward";
-  const LayerWeights w = check_layer(op, 1, input, h0, nullptr, w_ih, w_hh, b_ih, b_hh, std::nullopt);
-  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
-  const typename Device::DeviceGuard device_guard(input.device());
-  ForwardOutputs r = layer_forward<Cell, Device>(input, h0, at::Tensor(), w, s, reverse);
+  ForwardOutputs r = run_forward_op<Cell, Device>(Cell::kRelu ? "rnn_relu_forward" : "rnn_tanh_forward", input, h0,
+                                                  nullptr, w_ih, w_hh, b_ih, b_hh, std::nullopt, batch_sizes, reverse,
+                                                  /*save_for_backward=*/true);
   return {r.output, r.h_n};
 }
 
