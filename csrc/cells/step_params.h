@@ -90,4 +90,26 @@ FUSEDRNN_HOST_DEVICE void apply_cell(const BackwardStepParams<T>& p, int64_t b, 
   Cell::backward(p, b, j);
 }
 
+// The forward cell on one element held in registers (hidden = 1, element 0, so every index the
+// cell computes is a constant and the arrays stay in registers): the CUDA per-step kernel's
+// element (cuda/pointwise_step.h) and the persistent kernel's cell phase (persistent/
+// persistent_forward.h) run the same per-element math as the CPU this way. xg: the input
+// projection in, the activated gates out; hp: the recurrent product with its bias; h (and c for
+// LSTM): the state in and out; out, cells, hn: what the step writes.
+template <typename Cell, typename A>
+FUSEDRNN_HOST_DEVICE void forward_in_registers(A (&xg)[Cell::kGates], A (&hp)[Cell::kGates], A& h, A& c, A& out,
+                                               A& cells, A& hn) {
+  ForwardStepParams<A> e;
+  e.batch = 1;
+  e.hidden = 1;
+  e.gates = xg;
+  e.hproj = hp;
+  e.h_state = &h;
+  e.c_state = &c;
+  e.out = &out;
+  e.cells = &cells;
+  e.hn = &hn;
+  Cell::forward(e, 0, 0);
+}
+
 }  // namespace fusedrnn

@@ -51,17 +51,7 @@ FUSEDRNN_HOST_DEVICE void forward_element(const ForwardStepParams<T>& p, int64_t
     if (p.hproj_bias != nullptr) hp[g] += A(p.hproj_bias[g * H + j]);
   }
   A h = A(p.h_state[k]), c = G == 4 ? A(p.c_state[k]) : A(0), out = A(0), cells = A(0), hn = A(0);
-  ForwardStepParams<A> e;
-  e.batch = 1;
-  e.hidden = 1;
-  e.gates = xg;
-  e.hproj = hp;
-  e.h_state = &h;
-  e.c_state = &c;
-  e.out = &out;
-  e.cells = &cells;
-  e.hn = &hn;
-  Cell::forward(e, 0, 0);
+  forward_in_registers<Cell>(xg, hp, h, c, out, cells, hn);
   if constexpr (G > 1) {  // LSTM and GRU save the activated gates; RNN leaves its buffer alone
     FUSEDRNN_UNROLL
     for (int g = 0; g < G; ++g) gates[g * H + j] = T(xg[g]);

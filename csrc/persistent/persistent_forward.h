@@ -281,17 +281,7 @@ struct Forward {
         hp[g] = acc[g] + s.bias[g * kMaxHidden + j];
       }
       if constexpr (kCellState) c = s.c[r * kMaxHidden + j];
-      ForwardStepParams<A> e;
-      e.batch = 1;
-      e.hidden = 1;
-      e.gates = xg;
-      e.hproj = hp;
-      e.h_state = &h;
-      e.c_state = &c;
-      e.out = &out;
-      e.cells = &cells;
-      e.hn = &hn;
-      Cell::forward(e, 0, 0);
+      forward_in_registers<Cell>(xg, hp, h, c, out, cells, hn);
       if constexpr (kCellState) s.c[r * kMaxHidden + j] = c;
       T* gates = p.gates + tok * G * H;
       FUSEDRNN_UNROLL
