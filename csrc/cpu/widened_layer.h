@@ -27,7 +27,11 @@
 
 namespace fusedrnn::cpu_widened {
 
-// Whether a CPU layer in dtype `t` runs widened to float32.
+// Whether a CPU layer in dtype `t` runs widened to float32. The seam for a step GEMM on the hardware's
+// bf16 dot products (AMX, AVX-512-BF16: `at::native::cpublas::brgemm` with B packed to VNNI by
+// `cpublas::pack` where `could_pack(kBFloat16)`, i.e. AMX) is here: on such a CPU a bf16 engine would
+// take the layer first and this would answer false for it (benchmarks/NOTES.md, entry 30, says what to
+// measure there before it does).
 inline bool takes(at::ScalarType t) {
   if (t != at::kBFloat16 && t != at::kHalf) return false;
   const char* v = std::getenv("FUSEDRNN_CPU_HALF");
