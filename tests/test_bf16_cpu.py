@@ -93,14 +93,17 @@ def test_error_at_most_twice_torch_nn_forward_and_every_gradient(cell, packed, b
         assert err_ours <= 2 * err_nn, (name, err_ours, err_nn)
 
 
+@pytest.mark.parametrize("engine", ["1", "0"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
-def test_half_op_is_the_float32_op_on_the_widened_leaves(cell, reverse, dtype, monkeypatch):
-    """The default path computes in float32: its outputs are bitwise the float32 op's on the same
-    (half-precision) leaves, rounded once; FUSEDRNN_CPU_HALF=per_step is the old path in the layer's own
-    dtype, which rounds every step (so differs), and is still near the float64 reference."""
+def test_half_op_is_the_float32_op_on_the_widened_leaves(cell, reverse, dtype, engine, monkeypatch):
+    """The default path computes in float32 (on the engine, or with FUSEDRNN_CPU_ENGINE=0 on the float32
+    per-step loop): its outputs are bitwise the float32 op's on the same (half-precision) leaves, rounded
+    once; FUSEDRNN_CPU_HALF=per_step is the old path in the layer's own dtype, which rounds every step
+    (so differs), and whose error against float64 is no smaller."""
     monkeypatch.delenv("FUSEDRNN_CPU_HALF", raising=False)
+    monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", engine)
     args = make_args(cell, 24, lengths_to_batch_sizes([9, 9, 7, 4, 4, 1]), input_size=6, bias=cell != "gru")
     half = [a.detach().to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
     widened = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in half]
