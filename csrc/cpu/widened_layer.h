@@ -1,8 +1,8 @@
 // bfloat16 and float16 layers on the CPU, run in float32 (issue 15 item 3; benchmarks/NOTES.md, entry 30).
 //
-// ATen's bfloat16 step GEMM on a CPU without AVX-512 (at::mm of [32, 128] x [128, 512]: ~1.2 GFLOP/s
-// here, ATen's scalar fallback) made the per-step path of the half types ~100x slower than the float32
-// engine. ATen's `cpublas::brgemm` runs bfloat16 through oneDNN's micro-kernel only with B in VNNI
+// ATen's bfloat16 GEMMs on a CPU without AVX-512 (at::mm of [32, 128] x [128, 512]: ~1.2 GFLOP/s on
+// an AVX2 Zen 3, ATen's scalar fallback, ~35x slower than float32) made the per-step path of the half
+// types 10-25x slower than the float32 layer. ATen's `cpublas::brgemm` runs bfloat16 through oneDNN's micro-kernel only with B in VNNI
 // layout on an avx512_core CPU, and its `pack` to that layout only with AMX (`could_pack`), so it does
 // not serve the CPUs that lack both. A product of two bfloat16 (or float16) numbers is exact in float32
 // (8 / 11 significant bits each, 16 / 22 in the product, float32 has 24), so the float32 engine's FMAs
