@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 
 #include "../cells/gru_cell.h"
 #include "../cells/lstm_cell.h"
@@ -23,6 +24,7 @@
 #include "cpu_blas.h"
 #include "cpu_engine.h"
 #include "small_gemm.h"
+#include "widened_layer.h"
 
 namespace fusedrnn {
 
@@ -45,6 +47,14 @@ struct CpuDevice {
   // drivers' per-step loop (other dtypes, other CPUs, FUSEDRNN_CPU_ENGINE=0;
   // the drivers keep LSTM's projection on their loop).
   static constexpr bool kSequenceEngine = true;
+
+  // bfloat16 / float16 layers run in float32 (widened_layer.h): the drivers widen once per call.
+  static constexpr bool kWidensHalfTypes = true;
+  static bool widens(at::ScalarType type) { return cpu_widened::takes(type); }
+  template <typename X>
+  static X widen(const X& x) { return cpu_widened::widen(x); }
+  template <typename X>
+  static X narrow(X x, at::ScalarType type) { return cpu_widened::narrow(std::move(x), type); }
 
   static bool engine_takes(const at::Tensor& t) { return t.scalar_type() == at::kFloat && cpu_engine::available(); }
 

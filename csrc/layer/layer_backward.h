@@ -287,6 +287,14 @@ template <typename Cell, typename Device>
 BackwardOutputs layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                                const SavedForBackward& saved, const LayerWeights& w, const StepSchedule& sched,
                                bool reverse, bool need_grad_input) {
+  if constexpr (widens_half_types<Device>::value) {  // the half types in float32 (layer_forward.h)
+    if (Device::widens(saved.input.scalar_type())) {
+      return Device::narrow(layer_backward<Cell, Device>(Device::widen(grad_output_in), Device::widen(grad_h_n),
+                                                         Device::widen(grad_c_n), Device::widen(saved), Device::widen(w),
+                                                         sched, reverse, need_grad_input),
+                            saved.input.scalar_type());
+    }
+  }
   constexpr int64_t G = Cell::kGates;
   const int64_t N = saved.input.size(0);
   const int64_t B = saved.h0.size(0);

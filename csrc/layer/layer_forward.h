@@ -111,6 +111,15 @@ template <typename Device>
 struct has_sequence_engine<Device, std::void_t<decltype(Device::kSequenceEngine)>>
     : std::bool_constant<Device::kSequenceEngine> {};
 
+// A device policy may run the half types' layers in float32 (the CPU's: cpu/widened_layer.h) by
+// declaring `static constexpr bool kWidensHalfTypes = true`, widens(dtype), widen(x) and narrow(x, dtype)
+// for the drivers' tensors and structs: the drivers then call themselves once on the widened tensors.
+template <typename Device, typename = void>
+struct widens_half_types : std::false_type {};
+template <typename Device>
+struct widens_half_types<Device, std::void_t<decltype(Device::kWidensHalfTypes)>>
+    : std::bool_constant<Device::kWidensHalfTypes> {};
+
 // A device policy whose pointwise step adds b_hh itself (ForwardStepParams::hproj_bias)
 // declares `static constexpr bool kStepAddsHiddenBias = true`; its recurrent GEMM
 // then runs without the bias (CUDA: no bias copy into the GEMM's output first,
@@ -130,6 +139,13 @@ template <typename Cell, typename Device>
 ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
                              const LayerWeights& w, const StepSchedule& sched, bool reverse,
                              bool save_for_backward = true) {
+  if constexpr (widens_half_types<Device>::value) {
+    if (Device::widens(input.scalar_type())) {
+      return Device::narrow(layer_forward<Cell, Device>(Device::widen(input), Device::widen(h0), Device::widen(c0),
+                                                        Device::widen(w), sched, reverse, save_for_backward),
+                            input.scalar_type());
+    }
+  }
   constexpr int64_t G = Cell::kGates;
   const int64_t N = input.size(0);
   const int64_t B = h0.size(0);
