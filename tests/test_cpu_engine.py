@@ -127,7 +127,7 @@ def test_engine_is_bitwise_reproducible_for_any_thread_count(cell, threads, isa,
 
 
 def test_float64_and_bfloat16_still_run_beside_the_engine(monkeypatch):
-    """The engine takes float32 only; the other dtypes keep the per-step path."""
+    """float64 keeps the per-step path beside the engine; bfloat16 is widened to float32 (test_bf16_cpu.py)."""
     monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
     args = make_args("lstm", 19, lengths_to_batch_sizes([4, 4, 3]))
     want = run_reference("lstm", args, False)
