@@ -25,7 +25,7 @@ from benchmarks import gpu_report, gpu_smoke, sanitize_cuda  # noqa: E402
 # subset, the sentiment-shape benchmark of both paths vs cuDNN, then the rest.
 QUICK_STEPS = ["machine", "build", "loaded", "smoke-per_step", "smoke-persistent", "kernel-vs-emulation",
                "parity-per_step", "parity-persistent", "bench-sentiment-float32-per_step",
-               "bench-sentiment-float32-persistent", "sentiment", "bench-sentiment-bfloat16-per_step",
+               "bench-sentiment-float32-persistent", "bidirectional-sentiment", "sentiment", "bench-sentiment-bfloat16-per_step",
                "bench-skewed-float32-per_step", "bench-sentiment-bfloat16-persistent",
                "bench-skewed-float32-persistent", "bench-fastrnns-float32-per_step",
                "bench-fastrnns-bfloat16-per_step", "sanitizer-probe", "memcheck-per_step", "memcheck-persistent",
