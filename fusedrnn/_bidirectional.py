@@ -63,6 +63,8 @@ def layer(mode: str, x: Tensor, h0: Tensor, h0_reverse: Tensor, c0: Optional[Ten
     route = _ops._route(*tensors)
     if route == _ops._REFERENCE or route == _ops._FUNCTORCH:
         return None
+    if route == _ops._DISPATCHER and torch.onnx.is_in_onnx_export():
+        return None  # fusedrnn/onnx.py translates the one-direction ops to ONNX's operators, not this pair
     args = (kind, *tensors, batch_sizes)
     if route == _ops._NO_GRAD:
         with _ops._below_autograd():

@@ -354,3 +354,25 @@ def test_cuda_bidirectional_ragged_training_step_under_graph_capture():
     torch.cuda.synchronize()
     eager = step()
     assert_all_close(captured, eager, "replayed vs eager", rtol=1e-5, atol=1e-5)
+
+
+def test_export_and_onnx_of_a_bidirectional_module():
+    """torch.export records the op pair (fake kernels) and the exported program runs it; ONNX export
+    (which translates the one-direction ops to ONNX's operators) keeps the one-direction route."""
+    pytest.importorskip("onnx")
+    import io
+
+    import onnx
+
+    m = fusedrnn.GRU(5, 8, bidirectional=True).eval()
+    x = torch.randn(4, 2, 5)
+    with runner_route():
+        ep = torch.export.export(m, (x,))
+        assert any("bidirectional_forward" in str(n.target) for n in ep.graph.nodes)
+        torch.testing.assert_close(ep.module()(x)[0], m(x)[0])
+        before = launches()
+        f = io.BytesIO()
+        torch.onnx.export(m, (x,), f, dynamo=False)
+        assert (launches() - before).tolist() == [0, 0, 0]
+    ops = {n.op_type for n in onnx.load_from_string(f.getvalue()).graph.node}
+    assert "GRU" in ops and not any("bidirectional" in o for o in ops), ops
