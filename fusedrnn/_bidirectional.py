@@ -69,6 +69,8 @@ def layer(mode: str, x: Tensor, h0: Tensor, h0_reverse: Tensor, c0: Optional[Ten
     if route == _ops._NO_GRAD:
         with _ops._below_autograd():
             r = _FORWARD(*args)
+    elif route == _ops._EAGER_GRAD:  # the same formula as the dispatcher's, minus torch.library's wrapping
+        r = _EAGER(*args)
     else:
         r = torch.ops.fusedrnn.bidirectional_forward(*args)
     lstm = kind == "lstm"
@@ -76,7 +78,8 @@ def layer(mode: str, x: Tensor, h0: Tensor, h0_reverse: Tensor, c0: Optional[Ten
 
 
 _GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-_FORWARD = None
+_FORWARD = None  # the op's C++ entry point (eager calls below autograd)
+_EAGER = None  # eager training calls: an autograd.Function with _setup / _backward (_ops._eager_function)
 
 
 def _fake_forward(cell, input, h0, h0_reverse, c0, c0_reverse, w_ih, w_hh, b_ih, b_hh, w_ih_reverse, w_hh_reverse,
@@ -176,7 +179,7 @@ def _reject_double_backward(ctx, *grads):
 
 
 def _register() -> None:
-    global _FORWARD
+    global _FORWARD, _EAGER
     lib = "fusedrnn::"
     torch.library.register_fake(lib + "bidirectional_forward")(_fake_forward)
     torch.library.register_fake(lib + "bidirectional_backward")(_fake_backward)
@@ -184,6 +187,12 @@ def _register() -> None:
     torch.library.register_autograd(lib + "bidirectional_backward", _reject_double_backward,
                                     setup_context=lambda ctx, inputs, output: None)
     _FORWARD = _ops._raw(torch.ops.fusedrnn.bidirectional_forward.default)
+
+    class FusedRNN_bidirectional_forward:  # the name autograd graphs show
+        setup_context = staticmethod(_setup)
+        backward = staticmethod(_backward)
+
+    _EAGER = _ops._eager_function(FusedRNN_bidirectional_forward, _FORWARD).apply
 
 
 if AVAILABLE:
