@@ -69,7 +69,8 @@ def run(mod, mode, x, lengths, h0, c0):
     states = list(state) if mode == "LSTM" else [state]
     g = torch.Generator().manual_seed(7)
     outs = [out] + states
-    loss = sum((t * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)).sum() for t in outs)
+    loss = sum((t * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device, t.dtype)).sum()
+               for t in outs)
     leaves = [x, h] + ([c] if c is not None else []) + list(mod.parameters())
     grads = torch.autograd.grad(loss, leaves)
     return [t.detach() for t in outs], list(grads)
