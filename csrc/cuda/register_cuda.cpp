@@ -19,7 +19,9 @@
 // use; others through ATen); the persistent path's input projection goes through
 // ATen and its recurrent product is exact fp32 on chip. Kernels launch on the
 // current stream too, so the ops are correct on any stream and capturable in
-// CUDA graphs.
+// CUDA graphs. A bidirectional layer runs through bidirectional_forward /
+// bidirectional_backward (persistent/persistent_bidirectional.h): both
+// directions' recurrences in one persistent launch where the plan allows.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
