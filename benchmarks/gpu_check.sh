@@ -35,6 +35,9 @@
 #              --full: every CUDA test, and only machine, build, loaded, emulation and parity run
 #   bench      benchmarks.layers at the sentiment shape (T=100 B=32 I=100 H=128), float32, each
 #              path (forced) against cuDNN; one process and one results file per step
+#              then bidirectional-sentiment: a bidirectional GRU and LSTM layer through the
+#              two-direction persistent launches (confirmed by the kernels the profiler saw) timed
+#              against one direction at a time (benchmarks.bidirectional)
 #   sentiment  benchmarks.sentiment --device cuda on the data in FUSEDRNN_DATA_DIR (default
 #              .cache/data, carried with the call); says so and counts as incomplete if missing
 #   bench-more the sentiment shape in bfloat16 and the skewed (packed) lengths on each path, and
@@ -319,7 +322,7 @@ sys.exit(0 if ok else 1)" || {
     else
       step kernel-vs-emulation 150 30 -- env FUSEDRNN_REQUIRE_CUDA=$require \
         bash benchmarks/gpu_check.sh --gated-pytest "$WORK/junit_emulation.xml" \
-        -q -p no:cacheprovider -rfEs -k "$emu_k" tests/test_persistent.py
+        -q -p no:cacheprovider -rfEs -k "$emu_k" tests/test_persistent.py tests/test_persistent_bidirectional.py
     fi
   fi
 
@@ -351,6 +354,16 @@ sys.exit(0 if ok else 1)" || {
       if ! has_path "$path"; then note "bench-sentiment-float32-$path" absent "the $path path is not built into this fusedrnn"; continue; fi
       bench "bench-sentiment-float32-$path" "$path" float32 sentiment lstm,gru,rnn 120 30
     done
+    # A bidirectional layer both ways (benchmarks/bidirectional.py): the profiler must see one
+    # persistent forward and one backward launch for both directions (else the step fails), then
+    # the two-direction launches timed against one direction at a time. Under auto: the route the
+    # layer takes by itself.
+    if [ $DEVICE = cuda ] && ! has_path persistent; then
+      note bidirectional-sentiment absent "the persistent path is not built into this fusedrnn"
+    else
+      step bidirectional-sentiment 120 30 -- "$PY" -m benchmarks.bidirectional --device "$DEVICE" \
+        --json "$WORK/bidirectional.json"
+    fi
   fi
 
   # --- the end-to-end sentiment benchmark on carried data

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _ops
+from . import _bidirectional, _ops
 
 MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
@@ -116,6 +116,27 @@ def layer(mode: str, input: Tensor, h0: Tensor, c0: Optional[Tensor], weights: L
     return out, h, None
 
 
+def _both_directions(mode: str, x: Tensor, hx: Tensor, cx: Optional[Tensor], weights: List[LayerWeights], k: int,
+                     batch_sizes: Tensor):
+    """Directions k and k + 1 (forward, reverse) of a bidirectional layer through the two-direction op
+    pair (fusedrnn/_bidirectional.py: on CUDA one persistent launch for both recurrences), or None
+    where it does not serve the call and the directions run one by one. Autocast as in `layer`."""
+    if not _bidirectional.may_take(x):  # a CPU layer: nothing more to look at (small calls count)
+        return None
+    h0, h0_r = hx[k], hx[k + 1]
+    c0 = cx[k] if cx is not None else None
+    c0_r = cx[k + 1] if cx is not None else None
+    w, w_r = weights[k], weights[k + 1]
+    if _autocast_possible():
+        cast_to = autocast_dtype(x.device.type)
+        if cast_to is not None:
+            x, h0, h0_r = _autocast(x, cast_to), _autocast(h0, cast_to), _autocast(h0_r, cast_to)
+            c0, c0_r = _autocast_optional(c0, cast_to), _autocast_optional(c0_r, cast_to)
+            w = tuple(_autocast_optional(t, cast_to) for t in w)
+            w_r = tuple(_autocast_optional(t, cast_to) for t in w_r)
+    return _bidirectional.layer(mode, x, h0, h0_r, c0, c0_r, w, w_r, batch_sizes)
+
+
 def rnn_packed(mode: str, data: Tensor, batch_sizes: Tensor, hx: Tensor, cx: Optional[Tensor],
                weights: List[LayerWeights], num_layers: int, bidirectional: bool, dropout: float,
                training: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -130,7 +151,16 @@ def rnn_packed(mode: str, data: Tensor, batch_sizes: Tensor, hx: Tensor, cx: Opt
     x = data
     for layer_index in range(num_layers):
         outputs: List[Tensor] = []
-        for direction in range(num_directions):
+        if not torch.jit.is_scripting():
+            if num_directions == 2:
+                both = _both_directions(mode, x, hx, cx, weights, 2 * layer_index, batch_sizes)
+                if both is not None:
+                    for out, h, c in both:
+                        outputs.append(out)
+                        h_n.append(h)
+                        if c is not None:
+                            c_n.append(c)
+        for direction in range(num_directions if len(outputs) == 0 else 0):
             k = layer_index * num_directions + direction
             c0: Optional[Tensor] = None
             if cx is not None:

@@ -25,7 +25,7 @@ from benchmarks import gpu_report, gpu_smoke, sanitize_cuda  # noqa: E402
 # subset, the sentiment-shape benchmark of both paths vs cuDNN, then the rest.
 QUICK_STEPS = ["machine", "build", "loaded", "smoke-per_step", "smoke-persistent", "kernel-vs-emulation",
                "parity-per_step", "parity-persistent", "bench-sentiment-float32-per_step",
-               "bench-sentiment-float32-persistent", "sentiment", "bench-sentiment-bfloat16-per_step",
+               "bench-sentiment-float32-persistent", "bidirectional-sentiment", "sentiment", "bench-sentiment-bfloat16-per_step",
                "bench-skewed-float32-per_step", "bench-sentiment-bfloat16-persistent",
                "bench-skewed-float32-persistent", "bench-fastrnns-float32-per_step",
                "bench-fastrnns-bfloat16-per_step", "sanitizer-probe", "memcheck-per_step", "memcheck-persistent",
@@ -206,13 +206,14 @@ def test_the_budget_cuts_whole_steps_and_prints_the_follow_up_command(tmp_path):
     assert result.returncode == 2, result.stdout[-3000:]
     report = json.loads((tmp_path / "out" / "gpu_report.json").read_text())
     assert [(s["step"], s["status"]) for s in report["steps"]] == [
-        ("machine", "ok"), ("kernel-vs-emulation", "skipped"), ("bench-sentiment-float32-cpu", "skipped")]
+        ("machine", "ok"), ("kernel-vs-emulation", "skipped"), ("bench-sentiment-float32-cpu", "skipped"),
+        ("bidirectional-sentiment", "skipped")]
     last = result.stdout.rstrip().splitlines()
     assert last[-1].startswith("GPU CHECK INCOMPLETE")
     assert last[-2].startswith("FOLLOW-UP (what the budget cut; device tool timeout_s ")
     assert last[-2].endswith("bash benchmarks/gpu_check.sh --only build,loaded,emulation,bench")
     budget = int(re.search(r"GPU_CHECK_BUDGET_S=(\d+)", last[-2]).group(1))
-    assert budget == gpu_report.FOLLOW_UP_OVERHEAD_S + 150 + 120  # the two cut steps' own limits
+    assert budget == gpu_report.FOLLOW_UP_OVERHEAD_S + 150 + 120 + 120  # the three cut steps' own limits
 
 
 @pytest.mark.parametrize("inherited,ours,want", [("3.5;5.0", None, "9.0"), ("3.5;5.0", "8.0;9.0", "8.0;9.0")])
@@ -495,3 +496,23 @@ def test_smoke_two_direction_check_runs_both_ops_and_counts_their_kernels(monkey
     assert len(calls) == 2 and len(calls[0]) == 10 and len(calls[1]) == 6
     assert all(torch.isfinite(t).all() for t in calls[1])
     assert gpu_smoke.two_direction_launches(torch.Generator().manual_seed(0), device="cpu", sm_count=60)[1] == (2, 2)
+
+
+def test_bidirectional_step_confirms_the_two_direction_route_and_times_both_ways(tmp_path, monkeypatch):
+    """benchmarks.bidirectional (the bench group's bidirectional-sentiment step) on the CPU: the op
+    pair on the kernel runner, whose launches it counts (one forward and one backward kernel for both
+    directions), timed against one direction at a time; a count that is not the two-direction
+    route's fails it. On a GPU it counts the profiler's kernels at the sentiment shape."""
+    from benchmarks import bidirectional
+
+    steps = planned_steps(run_script("--dry-run").stdout)
+    assert "'-m' 'benchmarks.bidirectional' '--device' 'cuda'" in steps["bidirectional-sentiment"]
+    out = tmp_path / "bidirectional.json"
+    assert bidirectional.main(["--device", "cpu", "--cells", "gru,lstm", "--reps", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["cell"] for r in rows] == ["gru", "lstm"]
+    for r in rows:
+        assert r["confirmed"] and r["kernels_seen"]["two_direction"] == [1, 1], r
+        assert r["two_direction_train_ms_median"] > 0 and r["per_direction_train_ms_median"] > 0
+    monkeypatch.setattr(bidirectional, "kernel_counts", lambda fn, device: (fn(), (2, 2))[1])
+    assert bidirectional.main(["--device", "cpu", "--cells", "gru", "--reps", "1"]) == 1

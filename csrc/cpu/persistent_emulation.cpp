@@ -10,8 +10,10 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../cells/gru_cell.h"
@@ -19,6 +21,7 @@
 #include "../cells/rnn_cell.h"
 #include "../layer/layer_ops.h"
 #include "../persistent/persistent_backward_layer.h"
+#include "../persistent/persistent_bidirectional.h"
 #include "../persistent/persistent_layer.h"
 #include "../persistent/persistent_plan.h"
 #include "../exec/cpu_runner.h"
@@ -32,8 +35,17 @@ namespace {
 // shared memory the CUDA launch would have, every thread of each CTA as a fiber; a failed runner
 // check becomes a RuntimeError naming the op and the kernel.
 // The blocks dispatch to their direction as the `__global__` wrappers do (run_directions).
+// Launches on the runner since the library was loaded: forward kernels, backward kernels, schedule
+// kernels (persistent_runner_launches, for the tests that check which route a call took).
+std::atomic<int64_t> runner_launches[3];
+template <typename P>
+struct is_backward_params : std::false_type {};
+template <typename T>
+struct is_backward_params<BackwardParams<T>> : std::true_type {};
+
 template <typename K, typename Params>
 void run_on_runner(const Directions<Params>& l, int64_t grid, const char* op, const char* cell, const char* kernel) {
+  runner_launches[is_backward_params<Params>::value ? 1 : 0]++;
   exec::LaunchConfig config;
   config.grid = grid;
   config.threads = kThreads;
@@ -49,6 +61,7 @@ void run_on_runner(const Directions<Params>& l, int64_t grid, const char* op, co
 // the CUDA launch's grid (persistent_schedule.h; csrc/cuda/step_schedule.cu).
 void fill_schedule_on_runner(const ScheduleChunk& c, const char* op) {
   if (c.steps == 0) return;
+  runner_launches[2]++;
   exec::LaunchConfig config;
   config.grid = FillSchedule::blocks(c.steps);
   config.threads = kScheduleThreads;
@@ -206,6 +219,84 @@ std::vector<at::Tensor> backward_bidirectional_on_runner(
   return bidirectional_backward_outputs(dirs);
 }
 
+// The bidirectional ops (persistent_bidirectional.h) on the CPU: the same wiring as on CUDA, the
+// kernels' own source on the runner, planned for a modeled device (an H100's limits, the SM count
+// settable by persistent_runner_sm_count so that a test can make the two directions co-resident or
+// not). The runner runs float64 kernels too, so float64 is planned as float32 here (on CUDA the
+// plan sends it to the per-step path): the wiring is checked at 1e-12.
+std::atomic<int64_t> runner_sm_count{132};
+
+DeviceLimits runner_limits() {
+  DeviceLimits d;
+  d.sm_count = runner_sm_count.load();
+  d.shared_optin_bytes = 232448;
+  d.registers_per_block = 65536;
+  d.kernel_registers = kMaxRegisters;
+  d.kernel_max_threads = 1024;
+  return d;
+}
+
+template <typename Cell, bool kBackward>
+Plan runner_plan(const at::Tensor& like, int64_t hidden, int64_t batch) {
+  const LayerShape l{hidden, batch, /*float64=*/false, /*projection=*/false};
+  Plan p;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "fusedrnn.runner_plan", [&] {
+    // float64 planned as float32 (its weights would not fit an H100's shared memory; the runner's
+    // launch gives the float64 kernel the shared memory it needs).
+    using T = std::conditional_t<std::is_same_v<scalar_t, double>, float, scalar_t>;
+    p = plan_forward(l, runner_limits(), [](int64_t rows) {
+      return kBackward ? Backward<Cell, T>::shared_bytes(rows) : Forward<Cell, T>::shared_bytes(rows);
+    });
+  });
+  return p;
+}
+
+// CudaBackwardLaunch's twin (register_cuda.cpp) on the runner: planned, and under FUSEDRNN_CUDA_PATH.
+struct RunnerPlannedBackwardLaunch {
+  static inline thread_local Plan plan{};
+  template <typename Cell>
+  static bool accepts(const at::Tensor& like, int64_t hidden, int64_t batch) {
+    PathRequest request;
+    if (!wants_persistent("bidirectional_backward", &request)) return false;
+    plan = runner_plan<Cell, true>(like, hidden, batch);
+    check_forced("bidirectional_backward", request, plan);
+    return plan.ok;
+  }
+  template <typename Cell, typename T>
+  static void run_directions(Directions<BackwardParams<T>>& l, int64_t directions) {
+    TORCH_CHECK(plan.ok, "fusedrnn: the persistent backward was launched without a plan");
+    for (BackwardParams<T>& p : l.dir) p.rows_per_cta = plan.rows_per_cta;
+    l.first_ctas = plan.grid;
+    run_on_runner<Backward<Cell, T>>(l, plan.grid * directions, "bidirectional_backward", Cell::kName,
+                                     " backward kernel");
+  }
+  static void fill_schedule(const ScheduleChunk& c) { fill_schedule_on_runner(c, "bidirectional_backward"); }
+};
+
+struct RunnerBidirectional {
+  using Device = CpuDevice;
+  using DeviceGuard = CpuDevice::DeviceGuard;
+  using BackwardLaunch = RunnerPlannedBackwardLaunch;
+  template <typename Cell>
+  static Plan forward_plan(const at::Tensor& like, int64_t hidden, int64_t batch) {
+    return runner_plan<Cell, false>(like, hidden, batch);
+  }
+  static DeviceLimits limits() { return runner_limits(); }
+  static RunnerLaunch forward_launch(const Plan&) { return RunnerLaunch{}; }
+  static void fill_schedule(const ScheduleChunk& c) { fill_schedule_on_runner(c, "bidirectional_forward"); }
+};
+
+// Test-only: [forward, backward, schedule] kernel launches on the runner so far.
+std::vector<int64_t> launches_on_runner() {
+  return {runner_launches[0].load(), runner_launches[1].load(), runner_launches[2].load()};
+}
+
+// Test-only: sets the modeled device's SM count; returns the previous one.
+int64_t set_runner_sm_count(int64_t sm_count) {
+  TORCH_CHECK(sm_count >= 1, "fusedrnn.persistent_runner_sm_count: sm_count must be >= 1, got ", sm_count);
+  return runner_sm_count.exchange(sm_count);
+}
+
 // The path choice (forward, or the backward kernel's) with given device limits: [ok, rows_per_cta, grid, shared_bytes].
 template <bool kBackward, bool kDirections = false>
 std::vector<int64_t> plan(const std::string& cell, int64_t hidden, int64_t batch, at::ScalarType dtype,
@@ -269,6 +360,25 @@ TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
       "persistent_backward_bidirectional(str cell, Tensor[] grad_output, Tensor[] grad_h_n, Tensor[] grad_c_n, "
       "Tensor[] h0, Tensor[] c0, Tensor[] w_hh, Tensor batch_sizes, Tensor[] output, Tensor[] gates, Tensor[] extra, "
       "int rows_per_cta) -> Tensor[]");
+  // Both directions of a bidirectional layer (fusedrnn/functional.py; persistent_bidirectional.h). CPU: the
+  // runner (tests); CUDA: register_cuda.cpp.
+  m.def(
+      "bidirectional_forward(str cell, Tensor input, Tensor h0, Tensor h0_reverse, Tensor? c0, Tensor? c0_reverse, "
+      "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor w_ih_reverse, Tensor w_hh_reverse, "
+      "Tensor? b_ih_reverse, Tensor? b_hh_reverse, Tensor batch_sizes) -> (Tensor output, Tensor h_n, Tensor c_n, "
+      "Tensor gates, Tensor extra, Tensor output_reverse, Tensor h_n_reverse, Tensor c_n_reverse, "
+      "Tensor gates_reverse, Tensor extra_reverse, Tensor schedule)");
+  m.def(
+      "bidirectional_backward(str cell, Tensor grad_output, Tensor grad_output_reverse, Tensor grad_h_n, "
+      "Tensor grad_h_n_reverse, Tensor? grad_c_n, Tensor? grad_c_n_reverse, Tensor input, Tensor h0, "
+      "Tensor h0_reverse, Tensor? c0, Tensor? c0_reverse, Tensor w_ih, Tensor w_hh, Tensor w_ih_reverse, "
+      "Tensor w_hh_reverse, Tensor batch_sizes, bool need_grad_input, Tensor output, Tensor gates, Tensor extra, "
+      "Tensor output_reverse, Tensor gates_reverse, Tensor extra_reverse, Tensor schedule) -> (Tensor grad_input, "
+      "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, "
+      "Tensor grad_h0_reverse, Tensor grad_c0_reverse, Tensor grad_w_ih_reverse, Tensor grad_w_hh_reverse, "
+      "Tensor grad_b_ih_reverse, Tensor grad_b_hh_reverse)");
+  m.def("persistent_runner_sm_count(int sm_count) -> int");
+  m.def("persistent_runner_launches() -> int[]");
   m.def(
       "persistent_plan_directions(str cell, int hidden, int batch, ScalarType dtype, int sm_count, int shared_optin, "
       "int registers_per_block, int kernel_registers, int kernel_max_threads) -> int[]");
@@ -282,9 +392,14 @@ TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
   m.impl("persistent_schedule", &fusedrnn::persistent::schedule);
   m.impl("persistent_forward_bidirectional", &fusedrnn::persistent::forward_bidirectional_on_runner);
   m.impl("persistent_backward_bidirectional", &fusedrnn::persistent::backward_bidirectional_on_runner);
+  using fusedrnn::persistent::RunnerBidirectional;
+  m.impl("bidirectional_forward", &fusedrnn::persistent::bidirectional_forward_op<RunnerBidirectional>);
+  m.impl("bidirectional_backward", &fusedrnn::persistent::bidirectional_backward_op<RunnerBidirectional>);
 }
 TORCH_LIBRARY_IMPL(fusedrnn, CompositeExplicitAutograd, m) {
   m.impl("persistent_plan", &fusedrnn::persistent::plan<false>);
   m.impl("persistent_plan_backward", &fusedrnn::persistent::plan<true>);
   m.impl("persistent_plan_directions", &fusedrnn::persistent::plan_directions);
+  m.impl("persistent_runner_sm_count", &fusedrnn::persistent::set_runner_sm_count);
+  m.impl("persistent_runner_launches", &fusedrnn::persistent::launches_on_runner);
 }

@@ -19,7 +19,9 @@
 // use; others through ATen); the persistent path's input projection goes through
 // ATen and its recurrent product is exact fp32 on chip. Kernels launch on the
 // current stream too, so the ops are correct on any stream and capturable in
-// CUDA graphs.
+// CUDA graphs. A bidirectional layer runs through bidirectional_forward /
+// bidirectional_backward (persistent/persistent_bidirectional.h): both
+// directions' recurrences in one persistent launch where the plan allows.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -32,6 +34,7 @@
 
 #include "../layer/layer_ops.h"
 #include "../persistent/persistent_backward_layer.h"
+#include "../persistent/persistent_bidirectional.h"
 #include "../persistent/persistent_layer.h"
 #include "../persistent/persistent_plan.h"
 #include "fp32_gemm.h"
@@ -126,21 +129,6 @@ Plan plan_backward_layer(const at::Tensor& like, int64_t hidden, int64_t batch) 
 // (persistent_schedule.h), so the persistent path is capturable in CUDA graphs, ragged or not.
 inline void fill_schedule_on_device(const ScheduleChunk& c) {
   C10_CUDA_CHECK(launch_fill_schedule(c, at::cuda::getCurrentCUDAStream()));
-}
-
-// The path for this call: true = persistent (with `plan`), false = per-step.
-inline bool wants_persistent(const char* op, PathRequest* request) {
-  const char* env = std::getenv("FUSEDRNN_CUDA_PATH");
-  *request = parse_path_request(env);
-  FUSEDRNN_CHECK(*request != PathRequest::kInvalid, op, "FUSEDRNN_CUDA_PATH must be per_step, persistent or auto, got '",
-                 env, "'");
-  return *request != PathRequest::kPerStep;
-}
-
-inline void check_forced(const char* op, PathRequest request, const Plan& plan) {
-  FUSEDRNN_CHECK(request != PathRequest::kPersistent || plan.ok, op,
-                 "FUSEDRNN_CUDA_PATH=persistent, but the persistent kernel cannot run this layer: ", plan.why_not,
-                 " (unset FUSEDRNN_CUDA_PATH or set it to auto to fall back to the per-step path)");
 }
 
 struct CudaLaunch {
@@ -317,6 +305,25 @@ std::vector<at::Tensor> backward_bidirectional(const std::string& cell, at::Tens
   return bidirectional_backward_outputs(dirs);
 }
 
+// The bidirectional ops (persistent_bidirectional.h) on CUDA: the real kernels, both directions in
+// one launch where the plan says both grids are co-resident on this device.
+struct CudaBidirectional {
+  using Device = CudaDevice;
+  using DeviceGuard = c10::cuda::OptionalCUDAGuard;
+  using BackwardLaunch = CudaBackwardLaunch;
+  template <typename Cell>
+  static Plan forward_plan(const at::Tensor& like, int64_t hidden, int64_t batch) {
+    return plan_layer<Cell>(like, hidden, batch, false);
+  }
+  static DeviceLimits limits() {
+    DeviceLimits d;
+    d.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    return d;
+  }
+  static CudaLaunch forward_launch(const Plan& plan) { return CudaLaunch{plan}; }
+  static void fill_schedule(const ScheduleChunk& c) { fill_schedule_on_device(c); }
+};
+
 // The inference twins (csrc/ops.cpp): on CUDA the forward as above, its saved buffers dropped.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
@@ -356,4 +363,7 @@ TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) {
   // Test-only (schema in csrc/cpu/persistent_emulation.cpp): a bidirectional layer's persistent forward.
   m.impl("persistent_forward_bidirectional", &persistent::forward_bidirectional);
   m.impl("persistent_backward_bidirectional", &persistent::backward_bidirectional);
+  // What a bidirectional layer on CUDA runs (fusedrnn/functional.py; schema in csrc/cpu/persistent_emulation.cpp).
+  m.impl("bidirectional_forward", &persistent::bidirectional_forward_op<persistent::CudaBidirectional>);
+  m.impl("bidirectional_backward", &persistent::bidirectional_backward_op<persistent::CudaBidirectional>);
 }

@@ -38,9 +38,12 @@ struct BackwardDirection {
 
 // The backward recurrence of one or two directions of a layer over the same schedule in ONE launch
 // (persistent_directions.h) through Launch::run_directions<Cell, T>(Directions<BackwardParams<T>>&,
-// directions), which sets the rows per CTA and the grid.
+// directions), which sets the rows per CTA and the grid. `written_schedule`: a ragged batch's
+// [2, steps] schedule the forward already wrote on the device (the bidirectional ops save it), read
+// instead of writing it again; undefined: written here.
 template <typename Cell, typename Launch>
-void backward_directions(std::vector<BackwardDirection>& dirs, const StepSchedule& s) {
+void backward_directions(std::vector<BackwardDirection>& dirs, const StepSchedule& s,
+                         const at::Tensor& written_schedule = at::Tensor()) {
   constexpr int64_t G = Cell::kGates;
   TORCH_CHECK(dirs.size() == 1 || dirs.size() == 2, "fusedrnn: a persistent launch runs one or two directions, got ",
               dirs.size());
@@ -48,7 +51,15 @@ void backward_directions(std::vector<BackwardDirection>& dirs, const StepSchedul
   if (B == 0 || T_ == 0) return;
   // The ragged schedule written on the device, as the forward's (persistent_layer.h).
   at::Tensor schedule;
-  if (!s.uniform) {
+  if (!s.uniform && written_schedule.defined()) {
+    TORCH_CHECK(written_schedule.dim() == 2 && written_schedule.size(0) == 2 && written_schedule.size(1) == T_ &&
+                    written_schedule.scalar_type() == at::kLong && written_schedule.is_contiguous() &&
+                    written_schedule.device() == dirs[0].grad_output.device(),
+                "fusedrnn: the saved schedule must be the contiguous int64 [2, ", T_,
+                "] tensor the forward returned, on grad_output's device; got ", written_schedule.sizes(), " ",
+                written_schedule.scalar_type(), " on ", written_schedule.device());
+    schedule = written_schedule;
+  } else if (!s.uniform) {
     schedule = device_schedule(s, dirs[0].grad_output.device(), [](const ScheduleChunk& c) { Launch::fill_schedule(c); });
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dirs[0].grad_output.scalar_type(),

@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -17,18 +18,40 @@
 #include "../layer/layer_tensors.h"
 #include "persistent_directions.h"
 #include "persistent_forward.h"
+#include "persistent_plan.h"
 #include "persistent_schedule.h"
 
 namespace fusedrnn {
 namespace persistent {
 
+// The path for this call from FUSEDRNN_CUDA_PATH: true = persistent where the plan allows (auto) or
+// always (persistent), false = per-step.
+inline bool wants_persistent(const char* op, PathRequest* request) {
+  const char* env = std::getenv("FUSEDRNN_CUDA_PATH");
+  *request = parse_path_request(env);
+  FUSEDRNN_CHECK(*request != PathRequest::kInvalid, op, "FUSEDRNN_CUDA_PATH must be per_step, persistent or auto, got '",
+                 env, "'");
+  return *request != PathRequest::kPerStep;
+}
+
+inline void check_forced(const char* op, PathRequest request, const Plan& plan) {
+  FUSEDRNN_CHECK(request != PathRequest::kPersistent || plan.ok, op,
+                 "FUSEDRNN_CUDA_PATH=persistent, but the persistent kernel cannot run this layer: ", plan.why_not,
+                 " (unset FUSEDRNN_CUDA_PATH or set it to auto to fall back to the per-step path)");
+}
+
 // A ragged batch's schedule, [2, steps] (batch sizes, then offsets), in a buffer on `device`,
 // written there by the FillSchedule kernel (persistent_schedule.h) through `fill(const
 // ScheduleChunk&)`: nothing is copied from host memory, so a CUDA graph capture replays it (the
 // chunks live in the captured kernels' parameters, the buffer in the graph's pool).
+// `into`: a [2, steps] int64 buffer on `device` to write (the bidirectional ops' schedule output),
+// or undefined for a fresh one.
 template <typename Fill>
-at::Tensor device_schedule(const StepSchedule& s, const at::Device& device, Fill&& fill) {
-  at::Tensor schedule = at::empty({2, s.steps()}, at::TensorOptions().dtype(at::kLong).device(device));
+at::Tensor device_schedule(const StepSchedule& s, const at::Device& device, Fill&& fill, at::Tensor into = {}) {
+  at::Tensor schedule = into.defined() ? into : at::empty({2, s.steps()}, at::TensorOptions().dtype(at::kLong).device(device));
+  TORCH_CHECK(schedule.dim() == 2 && schedule.size(0) == 2 && schedule.size(1) == s.steps() &&
+                  schedule.scalar_type() == at::kLong && schedule.is_contiguous() && schedule.device() == device,
+              "fusedrnn: the schedule buffer must be a contiguous int64 [2, ", s.steps(), "] tensor on ", device);
   schedule_chunks(s.batch.data(), s.steps(), schedule.data_ptr<int64_t>(), fill);
   return schedule;
 }
@@ -44,9 +67,15 @@ struct DirectionInputs {
 // kernels in ONE launch (persistent_directions.h); outputs as one-direction calls give them.
 // Launch: struct with `template <typename Cell, typename T> void run(const Directions<ForwardParams<T>>&,
 // int64_t grid)` and `void fill_schedule(const ScheduleChunk&)` (the FillSchedule kernel).
+// `schedule`: where a ragged batch's device-written schedule is kept ([2, steps]): written here
+// when it arrives undefined or unwritten (`*schedule_written` false), else read as it is, so the
+// two directions launched one by one and the backward after them share one (see
+// persistent_bidirectional.h); nullptr: a schedule of this call's own.
 template <typename Cell, typename Launch>
 std::vector<ForwardOutputs> layer_forward_directions(const at::Tensor& input, const std::vector<DirectionInputs>& dirs,
-                                                     const StepSchedule& sched, int64_t rows_per_cta, Launch& launch) {
+                                                     const StepSchedule& sched, int64_t rows_per_cta, Launch& launch,
+                                                     at::Tensor* schedule_io = nullptr,
+                                                     bool* schedule_written = nullptr) {
   constexpr int64_t G = Cell::kGates;
   TORCH_CHECK(dirs.size() == 1 || dirs.size() == 2, "fusedrnn: a persistent launch runs one or two directions, got ",
               dirs.size());
@@ -78,7 +107,11 @@ std::vector<ForwardOutputs> layer_forward_directions(const at::Tensor& input, co
   // needs none.
   at::Tensor schedule;
   if (!sched.uniform) {
-    schedule = device_schedule(sched, input.device(), [&launch](const ScheduleChunk& c) { launch.fill_schedule(c); });
+    const bool reuse = schedule_io != nullptr && schedule_written != nullptr && *schedule_written;
+    schedule = reuse ? *schedule_io
+                     : device_schedule(sched, input.device(), [&launch](const ScheduleChunk& c) { launch.fill_schedule(c); },
+                                       schedule_io != nullptr ? *schedule_io : at::Tensor());
+    if (schedule_written != nullptr) *schedule_written = true;
   }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fusedrnn.persistent_forward", [&] {
@@ -115,11 +148,14 @@ std::vector<ForwardOutputs> layer_forward_directions(const at::Tensor& input, co
 // The arguments of the test-only op persistent_forward_bidirectional (per-direction lists; direction
 // 0 runs forward in time, direction 1 reversed), checked, as DirectionInputs; and its result: each
 // direction's (output, h_n, c_n, gates, extra) as the one-direction forward ops return them.
+// `persistent_only`: refuse a hidden size the persistent kernels cannot run (the test-only ops); the
+// bidirectional ops take any and leave it to the plan.
 inline std::vector<DirectionInputs> bidirectional_inputs(const char* op, const std::string& cell,
                                                          const at::Tensor& input, at::TensorList h0,
                                                          at::TensorList c0, at::TensorList w_ih, at::TensorList w_hh,
                                                          at::ArrayRef<std::optional<at::Tensor>> b_ih,
-                                                         at::ArrayRef<std::optional<at::Tensor>> b_hh) {
+                                                         at::ArrayRef<std::optional<at::Tensor>> b_hh,
+                                                         bool persistent_only = true) {
   const bool lstm = cell == "lstm";
   const int64_t gates = lstm ? 4 : cell == "gru" ? 3 : 1;
   FUSEDRNN_CHECK(lstm || cell == "gru" || cell == "rnn_tanh" || cell == "rnn_relu", op,
@@ -137,7 +173,7 @@ inline std::vector<DirectionInputs> bidirectional_inputs(const char* op, const s
     dirs[d].h0 = h0[d];
     dirs[d].c0 = c0d;
     dirs[d].reverse = d == 1;
-    FUSEDRNN_CHECK(h0[d].size(1) <= kMaxHidden, op, "hidden_size must be at most ", kMaxHidden, ", got ",
+    FUSEDRNN_CHECK(!persistent_only || h0[d].size(1) <= kMaxHidden, op, "hidden_size must be at most ", kMaxHidden, ", got ",
                    h0[d].size(1));
   }
   return dirs;
