@@ -98,6 +98,20 @@ FUSEDRNN_LN_INLINE A normalize_into(const A* v, int64_t n, A eps, S* out, A* out
   return rstd;
 }
 
+// normalize_into without the S output (the inference ops): the same arithmetic, so out_acc is bitwise
+// what normalize_into keeps.
+template <typename A>
+FUSEDRNN_LN_INLINE A normalize_acc(const A* v, int64_t n, A eps, A* out_acc) {
+  const A mean = row_sum<A>(n, [&](int64_t k) { return v[k]; }) / A(n);
+  const A var = row_sum<A>(n, [&](int64_t k) {
+                  const A d = v[k] - mean;
+                  return d * d;
+                }) / A(n);
+  const A rstd = A(1) / std::sqrt(var + eps);
+  for (int64_t k = 0; k < n; ++k) out_acc[k] = (v[k] - mean) * rstd;
+  return rstd;
+}
+
 // a[k] = b[k] = v[k]: the step's new state into the output and the running state. Distinct arrays
 // (__restrict__), else with S = A = float the loop's four-store original stayed scalar (NOTES entry 20).
 template <typename S, typename A>
@@ -245,7 +259,10 @@ struct ParamVectors {
 
 // ---- LSTM ------------------------------------------------------------------------------------
 
-template <typename S>
+// Save = false: the inference op (ln_lstm_inference). The same arithmetic in the same order, minus the
+// stores only backward reads: no gates, cells, norm_c or rstd (undefined tensors), and norm_h a [B, G]
+// scratch of the step's rows where norm_h_rows says so.
+template <typename S, bool Save>
 void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool reverse, double eps_d,
                           const at::Tensor& w_hh_t, const at::Tensor& b_ih, const at::Tensor& b_hh,
                           const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w, const at::Tensor& ln_c_w,
@@ -258,11 +275,11 @@ void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool rever
   const A eps = A(eps_d);
   S* nx = norm_x.data_ptr<S>();
   S* nh = norm_h.data_ptr<S>();
-  S* gt = gates.data_ptr<S>();
   S* out = output.data_ptr<S>();
-  S* cl = cells.data_ptr<S>();
-  S* nc = norm_c.data_ptr<S>();
-  A* rs = rstd.data_ptr<A>();
+  S* gt = Save ? gates.data_ptr<S>() : nullptr;
+  S* cl = Save ? cells.data_ptr<S>() : nullptr;
+  S* nc = Save ? norm_c.data_ptr<S>() : nullptr;
+  A* rs = Save ? rstd.data_ptr<A>() : nullptr;
   S* hs = h_state.data_ptr<S>();
   S* cs = c_state.data_ptr<S>();
   const S *zh = ptr_or_null<S>(zh_t), *zc = ptr_or_null<S>(zc_t);
@@ -272,20 +289,25 @@ void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool rever
 
   // LN of the input projection, all rows at once (off the recurrence's critical path).
   at::parallel_for(0, s.N, kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) rs[p * 3] = normalize_row<S, A>(nx + p * G, G, eps);
+    for (int64_t p = begin; p < end; ++p) {
+      const A r = normalize_row<S, A>(nx + p * G, G, eps);
+      if constexpr (Save) rs[p * 3] = r;
+    }
   });
   const int64_t T = sched.steps();
   const bool block_gemm = use_row_block_gemm<S>();
   const bool avx512 = rows_on_avx512();
+  const bool full_norm_h = norm_h.size(0) == s.N;  // else a [B, G] scratch (see norm_h_rows)
   for (int64_t i = 0; i < T; ++i) {
     const int64_t t = reverse ? T - 1 - i : i;
     const int64_t bs = sched.batch[t], off = sched.offset[t];
-    if (!block_gemm) matmul<S>(h_state.narrow(0, 0, bs), w_hh_t, norm_h.narrow(0, off, bs), false);
+    const int64_t nh_off = full_norm_h ? off : 0;  // the step's first row of norm_h
+    if (!block_gemm) matmul<S>(h_state.narrow(0, 0, bs), w_hh_t, norm_h.narrow(0, nh_off, bs), false);
     at::parallel_for(0, bs, kRowGrain, [&](int64_t begin, int64_t end) {
       if constexpr (std::is_same_v<S, float>) {
         if (block_gemm) {  // this block's W_hh h (each row reads only its own h_state row)
-          row_block_gemm(end - begin, G, H, hs + begin * H, H, w_hh_t.const_data_ptr<float>(), nh + (off + begin) * G,
-                         G, false);
+          row_block_gemm(end - begin, G, H, hs + begin * H, H, w_hh_t.const_data_ptr<float>(),
+                         nh + (nh_off + begin) * G, G, false);
           row_block_gemm_done();
         }
       }
@@ -300,21 +322,27 @@ void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool rever
       for (int64_t j = begin; j < end; ++j) {
         const int64_t p = off + j;
         const S* xr = nx + p * G;
-        S* hr = nh + p * G;
-        rs[p * 3 + 1] = normalize_row<S, A>(hr, G, eps);
+        S* hr = nh + (nh_off + j) * G;
+        const A rstd_h = normalize_row<S, A>(hr, G, eps);
+        if constexpr (Save) rs[p * 3 + 1] = rstd_h;
         for (int64_t c = 0; c < G; ++c) a[c] = A(xr[c]) * gx[c] + A(hr[c]) * gh[c] + bsum[c];
         for (int64_t c = 0; c < 2 * H; ++c) a[c] = sigmoid_(a[c]);          // i, f
         for (int64_t c = 2 * H; c < 3 * H; ++c) a[c] = tanh_(a[c]);         // g
         for (int64_t c = 3 * H; c < G; ++c) a[c] = sigmoid_(a[c]);          // o
-        S* g = gt + p * G;
-        for (int64_t c = 0; c < G; ++c) g[c] = S(a[c]);
+        if constexpr (Save) {
+          S* g = gt + p * G;
+          for (int64_t c = 0; c < G; ++c) g[c] = S(a[c]);
+        }
         S* cs_row = cs + j * H;
         S* hs_row = hs + j * H;
         for (int64_t k = 0; k < H; ++k) c_new[k] = a[H + k] * A(cs_row[k]) + a[k] * a[2 * H + k];
-        rs[p * 3 + 2] = normalize_into<S, A>(c_new, H, eps, nc + p * H, c_hat);
+        if constexpr (Save) {
+          rs[p * 3 + 2] = normalize_into<S, A>(c_new, H, eps, nc + p * H, c_hat);
+        } else {
+          normalize_acc<A>(c_new, H, eps, c_hat);
+        }
         for (int64_t k = 0; k < H; ++k) h_new[k] = a[3 * H + k] * tanh_(c_hat[k] * gc[k] + bc[k]);
         S* out_row = out + p * H;
-        S* cl_row = cl + p * H;
         if (zh != nullptr) {
           const S* z = zh + p * H;
           for (int64_t k = 0; k < H; ++k) h_new[k] = A(z[k]) * A(hs_row[k]) + (A(1) - A(z[k])) * h_new[k];
@@ -324,7 +352,11 @@ void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool rever
           for (int64_t k = 0; k < H; ++k) c_new[k] = A(z[k]) * A(cs_row[k]) + (A(1) - A(z[k])) * c_new[k];
         }
         store_twice<S, A>(H, h_new, out_row, hs_row);
-        store_twice<S, A>(H, c_new, cl_row, cs_row);
+        if constexpr (Save) {
+          store_twice<S, A>(H, c_new, cl + p * H, cs_row);
+        } else {
+          for (int64_t k = 0; k < H; ++k) cs_row[k] = S(c_new[k]);
+        }
       }
       };
       run_rows(avx512, rows);
@@ -555,13 +587,27 @@ void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reve
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-ln_lstm_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-                const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& ln_ih_w,
-                const at::Tensor& ln_hh_w, const at::Tensor& ln_c_w, const OptTensor& ln_c_b,
-                const OptTensor& zoneout_h, const OptTensor& zoneout_c, const at::Tensor& batch_sizes, bool reverse,
-                double eps) {
-  const char* op = "ln_lstm_forward";
+// Rows of the forward's norm_h buffer: [N, G] when saved for backward; in the inference ops a [B, G] scratch
+// that each step overwrites, except where the step GEMM is MKL's (float64, the half types, or
+// FUSEDRNN_LN_GEMM=blas): its results depend on where C lies (measured: float64 GRU outputs differed from the
+// forward op's with C at the scratch's offset instead of the step's rows), and the inference outputs must
+// be the forward's bitwise. brgemm's do not (tested).
+template <typename S>
+inline int64_t norm_h_rows(bool save, const Shapes& s) {
+  return save || !use_row_block_gemm<S>() ? s.N : s.B;
+}
+
+using LnLstmOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The forward op (Save) and its inference twin (!Save: the saved-for-backward outputs undefined, see
+// ln_lstm_forward_impl): one body, so checks, messages and arithmetic are the same.
+template <bool Save>
+LnLstmOutputs run_ln_lstm(const char* op, const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                          const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                          const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w, const at::Tensor& ln_c_w,
+                          const OptTensor& ln_c_b, const OptTensor& zoneout_h, const OptTensor& zoneout_c,
+                          const at::Tensor& batch_sizes, bool reverse, double eps) {
   const Shapes s = check_common(op, KernelDevice::kCpu, 4, input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w,
                                 zoneout_h);
   check_lstm_cell_args(op, s, input, c0, ln_c_w, ln_c_b, zoneout_c);
@@ -569,20 +615,45 @@ ln_lstm_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor&
   const StepSchedule sched = make_schedule(op, batch_sizes, s.N, s.B);
   const auto opts = input.options();
   at::Tensor norm_x = at::mm(input, w_ih.t()).contiguous();
-  at::Tensor norm_h = new_buffer({s.N, s.G}, opts), gates = new_buffer({s.N, s.G}, opts);
-  at::Tensor output = new_buffer({s.N, s.H}, opts), cells = new_buffer({s.N, s.H}, opts);
-  at::Tensor norm_c = new_buffer({s.N, s.H}, opts);
-  at::Tensor rstd = new_buffer({s.N, 3}, opts.dtype(at::toOpMathType(input.scalar_type())));
+  at::Tensor norm_h;
+  at::Tensor output = new_buffer({s.N, s.H}, opts);
+  at::Tensor gates, cells, norm_c, rstd;
+  if constexpr (Save) {
+    gates = new_buffer({s.N, s.G}, opts);
+    cells = new_buffer({s.N, s.H}, opts);
+    norm_c = new_buffer({s.N, s.H}, opts);
+    rstd = new_buffer({s.N, 3}, opts.dtype(at::toOpMathType(input.scalar_type())));
+  }
   at::Tensor h_state = h0.contiguous().clone(), c_state = c0.contiguous().clone();
   const at::Tensor w_hh_t = w_hh.t().contiguous();  // [H, G]: the step GEMM's right operand
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ln_lstm_forward", [&] {
-    ln_lstm_forward_impl<scalar_t>(s, sched, reverse, eps, w_hh_t, contiguous_or_undefined(b_ih),
-                                   contiguous_or_undefined(b_hh), ln_ih_w.contiguous(), ln_hh_w.contiguous(),
-                                   ln_c_w.contiguous(), contiguous_or_undefined(ln_c_b),
-                                   contiguous_or_undefined(zoneout_h), contiguous_or_undefined(zoneout_c), h_state,
-                                   c_state, output, norm_x, norm_h, gates, cells, norm_c, rstd);
+    norm_h = new_buffer({norm_h_rows<scalar_t>(Save, s), s.G}, opts);
+    ln_lstm_forward_impl<scalar_t, Save>(s, sched, reverse, eps, w_hh_t, contiguous_or_undefined(b_ih),
+                                         contiguous_or_undefined(b_hh), ln_ih_w.contiguous(), ln_hh_w.contiguous(),
+                                         ln_c_w.contiguous(), contiguous_or_undefined(ln_c_b),
+                                         contiguous_or_undefined(zoneout_h), contiguous_or_undefined(zoneout_c),
+                                         h_state, c_state, output, norm_x, norm_h, gates, cells, norm_c, rstd);
   });
   return {output, h_state, c_state, norm_x, norm_h, gates, cells, norm_c, rstd};
+}
+
+LnLstmOutputs ln_lstm_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                              const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
+                              const OptTensor& b_hh, const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
+                              const at::Tensor& ln_c_w, const OptTensor& ln_c_b, const OptTensor& zoneout_h,
+                              const OptTensor& zoneout_c, const at::Tensor& batch_sizes, bool reverse, double eps) {
+  return run_ln_lstm<true>("ln_lstm_forward", input, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b,
+                           zoneout_h, zoneout_c, batch_sizes, reverse, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ln_lstm_inference(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& ln_ih_w,
+    const at::Tensor& ln_hh_w, const at::Tensor& ln_c_w, const OptTensor& ln_c_b, const OptTensor& zoneout_h,
+    const OptTensor& zoneout_c, const at::Tensor& batch_sizes, bool reverse, double eps) {
+  const LnLstmOutputs r = run_ln_lstm<false>("ln_lstm_inference", input, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih_w,
+                                             ln_hh_w, ln_c_w, ln_c_b, zoneout_h, zoneout_c, batch_sizes, reverse, eps);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -629,7 +700,9 @@ ln_lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, cons
 
 // ---- GRU -------------------------------------------------------------------------------------
 
-template <typename S>
+// Save = false: the inference op (ln_gru_inference), as the LSTM's: no gates or rstd, norm_h a [B, G]
+// scratch.
+template <typename S, bool Save>
 void ln_gru_forward_impl(const Shapes& s, const StepSchedule& sched, bool reverse, double eps_d,
                          const at::Tensor& w_hh_t, const at::Tensor& b_ih, const at::Tensor& b_hh,
                          const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w, const at::Tensor& zh_t,
@@ -638,27 +711,33 @@ void ln_gru_forward_impl(const Shapes& s, const StepSchedule& sched, bool revers
   using A = at::opmath_type<S>;
   const int64_t H = s.H, G = s.G;
   const A eps = A(eps_d);
-  S *nx = norm_x.data_ptr<S>(), *nh = norm_h.data_ptr<S>(), *gt = gates.data_ptr<S>(), *out = output.data_ptr<S>();
-  A* rs = rstd.data_ptr<A>();
+  S *nx = norm_x.data_ptr<S>(), *nh = norm_h.data_ptr<S>(), *out = output.data_ptr<S>();
+  S* gt = Save ? gates.data_ptr<S>() : nullptr;
+  A* rs = Save ? rstd.data_ptr<A>() : nullptr;
   S* hs = h_state.data_ptr<S>();
   const ParamVectors<A> pv(b_ih, b_hh, ln_ih_w, ln_hh_w, at::Tensor(), at::Tensor(), G, H);
   const A *gx = pv.gain_x.data(), *gh = pv.gain_h.data(), *bx = pv.bias_x.data(), *bh = pv.bias_h.data();
   const S* zh = ptr_or_null<S>(zh_t);
   at::parallel_for(0, s.N, kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) rs[p * 2] = normalize_row<S, A>(nx + p * G, G, eps);
+    for (int64_t p = begin; p < end; ++p) {
+      const A r = normalize_row<S, A>(nx + p * G, G, eps);
+      if constexpr (Save) rs[p * 2] = r;
+    }
   });
   const int64_t T = sched.steps();
   const bool block_gemm = use_row_block_gemm<S>();
   const bool avx512 = rows_on_avx512();
+  const bool full_norm_h = norm_h.size(0) == s.N;  // else a [B, G] scratch (see norm_h_rows)
   for (int64_t i = 0; i < T; ++i) {
     const int64_t t = reverse ? T - 1 - i : i;
     const int64_t bs = sched.batch[t], off = sched.offset[t];
-    if (!block_gemm) matmul<S>(h_state.narrow(0, 0, bs), w_hh_t, norm_h.narrow(0, off, bs), false);
+    const int64_t nh_off = full_norm_h ? off : 0;  // the step's first row of norm_h
+    if (!block_gemm) matmul<S>(h_state.narrow(0, 0, bs), w_hh_t, norm_h.narrow(0, nh_off, bs), false);
     at::parallel_for(0, bs, kRowGrain, [&](int64_t begin, int64_t end) {
       if constexpr (std::is_same_v<S, float>) {
         if (block_gemm) {
-          row_block_gemm(end - begin, G, H, hs + begin * H, H, w_hh_t.const_data_ptr<float>(), nh + (off + begin) * G,
-                         G, false);
+          row_block_gemm(end - begin, G, H, hs + begin * H, H, w_hh_t.const_data_ptr<float>(),
+                         nh + (nh_off + begin) * G, G, false);
           row_block_gemm_done();
         }
       }
@@ -670,8 +749,9 @@ void ln_gru_forward_impl(const Shapes& s, const StepSchedule& sched, bool revers
       for (int64_t j = begin; j < end; ++j) {
         const int64_t p = off + j;
         const S* xr = nx + p * G;
-        S* hr = nh + p * G;
-        rs[p * 2 + 1] = normalize_row<S, A>(hr, G, eps);
+        S* hr = nh + (nh_off + j) * G;
+        const A rstd_h = normalize_row<S, A>(hr, G, eps);
+        if constexpr (Save) rs[p * 2 + 1] = rstd_h;
         for (int64_t c = 0; c < G; ++c) {
           ax[c] = A(xr[c]) * gx[c] + bx[c];
           ah[c] = A(hr[c]) * gh[c] + bh[c];
@@ -687,8 +767,10 @@ void ln_gru_forward_impl(const Shapes& s, const StepSchedule& sched, bool revers
           const S* zr = zh + p * H;
           for (int64_t k = 0; k < H; ++k) h_new[k] = A(zr[k]) * A(hs_row[k]) + (A(1) - A(zr[k])) * h_new[k];
         }
-        S* g = gt + p * G;
-        for (int64_t c = 0; c < G; ++c) g[c] = S(ax[c]);
+        if constexpr (Save) {
+          S* g = gt + p * G;
+          for (int64_t c = 0; c < G; ++c) g[c] = S(ax[c]);
+        }
         S* out_row = out + p * H;
         store_twice<S, A>(H, h_new, out_row, hs_row);
       }
@@ -814,27 +896,55 @@ void ln_gru_backward_impl(const Shapes& s, const StepSchedule& sched, bool rever
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-ln_gru_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-               const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
-               const OptTensor& zoneout_h, const at::Tensor& batch_sizes, bool reverse, double eps) {
-  const char* op = "ln_gru_forward";
+using LnGruOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The forward op and its inference twin, as run_ln_lstm.
+template <bool Save>
+LnGruOutputs run_ln_gru(const char* op, const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
+                        const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& ln_ih_w,
+                        const at::Tensor& ln_hh_w, const OptTensor& zoneout_h, const at::Tensor& batch_sizes,
+                        bool reverse, double eps) {
   const Shapes s = check_common(op, KernelDevice::kCpu, 3, input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w,
                                 zoneout_h);
   check_eps(op, eps);
   const StepSchedule sched = make_schedule(op, batch_sizes, s.N, s.B);
   const auto opts = input.options();
   at::Tensor norm_x = at::mm(input, w_ih.t()).contiguous();
-  at::Tensor norm_h = new_buffer({s.N, s.G}, opts), gates = new_buffer({s.N, s.G}, opts);
+  at::Tensor norm_h;
   at::Tensor output = new_buffer({s.N, s.H}, opts);
-  at::Tensor rstd = new_buffer({s.N, 2}, opts.dtype(at::toOpMathType(input.scalar_type())));
+  at::Tensor gates, rstd;
+  if constexpr (Save) {
+    gates = new_buffer({s.N, s.G}, opts);
+    rstd = new_buffer({s.N, 2}, opts.dtype(at::toOpMathType(input.scalar_type())));
+  }
   at::Tensor h_state = h0.contiguous().clone();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ln_gru_forward", [&] {
-    ln_gru_forward_impl<scalar_t>(s, sched, reverse, eps, w_hh.t().contiguous(), contiguous_or_undefined(b_ih),
-                                  contiguous_or_undefined(b_hh), ln_ih_w.contiguous(), ln_hh_w.contiguous(),
-                                  contiguous_or_undefined(zoneout_h), h_state, output, norm_x, norm_h, gates, rstd);
+    norm_h = new_buffer({norm_h_rows<scalar_t>(Save, s), s.G}, opts);
+    ln_gru_forward_impl<scalar_t, Save>(s, sched, reverse, eps, w_hh.t().contiguous(), contiguous_or_undefined(b_ih),
+                                        contiguous_or_undefined(b_hh), ln_ih_w.contiguous(), ln_hh_w.contiguous(),
+                                        contiguous_or_undefined(zoneout_h), h_state, output, norm_x, norm_h, gates,
+                                        rstd);
   });
   return {output, h_state, norm_x, norm_h, gates, rstd};
+}
+
+LnGruOutputs ln_gru_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
+                            const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                            const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w, const OptTensor& zoneout_h,
+                            const at::Tensor& batch_sizes, bool reverse, double eps) {
+  return run_ln_gru<true>("ln_gru_forward", input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w, zoneout_h,
+                          batch_sizes, reverse, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor> ln_gru_inference(const at::Tensor& input, const at::Tensor& h0,
+                                                    const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                    const OptTensor& b_ih, const OptTensor& b_hh,
+                                                    const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
+                                                    const OptTensor& zoneout_h, const at::Tensor& batch_sizes,
+                                                    bool reverse, double eps) {
+  const LnGruOutputs r = run_ln_gru<false>("ln_gru_inference", input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w,
+                                           zoneout_h, batch_sizes, reverse, eps);
+  return {std::get<0>(r), std::get<1>(r)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -894,6 +1004,17 @@ TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
       "ln_gru_forward(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
       "Tensor ln_ih_w, Tensor ln_hh_w, Tensor? zoneout_h, Tensor batch_sizes, bool reverse, float eps) -> "
       "(Tensor output, Tensor h_n, Tensor norm_x, Tensor norm_h, Tensor gates, Tensor rstd)");
+  // The inference twins (as csrc/ops.cpp's lstm_inference / gru_inference): the forward's main outputs
+  // bitwise, without the saved-for-backward buffers; what fusedrnn/_layernorm_ops.py runs when no
+  // gradient can be taken. Not differentiable.
+  m.def(
+      "ln_lstm_inference(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor ln_ih_w, Tensor ln_hh_w, Tensor ln_c_w, Tensor? ln_c_b, Tensor? zoneout_h, Tensor? zoneout_c, "
+      "Tensor batch_sizes, bool reverse, float eps) -> (Tensor output, Tensor h_n, Tensor c_n)");
+  m.def(
+      "ln_gru_inference(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor ln_ih_w, Tensor ln_hh_w, Tensor? zoneout_h, Tensor batch_sizes, bool reverse, float eps) -> "
+      "(Tensor output, Tensor h_n)");
   m.def(
       "ln_gru_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_hh, Tensor ln_ih_w, Tensor ln_hh_w, Tensor? zoneout_h, Tensor batch_sizes, bool reverse, "
@@ -907,4 +1028,6 @@ TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
   m.impl("ln_lstm_backward", &fusedrnn::layernorm::ln_lstm_backward);
   m.impl("ln_gru_forward", &fusedrnn::layernorm::ln_gru_forward);
   m.impl("ln_gru_backward", &fusedrnn::layernorm::ln_gru_backward);
+  m.impl("ln_lstm_inference", &fusedrnn::layernorm::ln_lstm_inference);
+  m.impl("ln_gru_inference", &fusedrnn::layernorm::ln_gru_inference);
 }
