@@ -82,24 +82,7 @@ FUSEDRNN_LN_INLINE A normalize_row(S* v, int64_t n, A eps) {
   return rstd;
 }
 
-// Same, from an A buffer into an S output, keeping the normalised values in `out_acc` too.
-template <typename S, typename A>
-FUSEDRNN_LN_INLINE A normalize_into(const A* v, int64_t n, A eps, S* out, A* out_acc) {
-  const A mean = row_sum<A>(n, [&](int64_t k) { return v[k]; }) / A(n);
-  const A var = row_sum<A>(n, [&](int64_t k) {
-                  const A d = v[k] - mean;
-                  return d * d;
-                }) / A(n);
-  const A rstd = A(1) / std::sqrt(var + eps);
-  for (int64_t k = 0; k < n; ++k) {
-    out_acc[k] = (v[k] - mean) * rstd;
-    out[k] = S(out_acc[k]);
-  }
-  return rstd;
-}
-
-// normalize_into without the S output (the inference ops): the same arithmetic, so out_acc is bitwise
-// what normalize_into keeps.
+// v[0..n) normalised into out_acc, returning rstd.
 template <typename A>
 FUSEDRNN_LN_INLINE A normalize_acc(const A* v, int64_t n, A eps, A* out_acc) {
   const A mean = row_sum<A>(n, [&](int64_t k) { return v[k]; }) / A(n);
@@ -109,6 +92,15 @@ FUSEDRNN_LN_INLINE A normalize_acc(const A* v, int64_t n, A eps, A* out_acc) {
                 }) / A(n);
   const A rstd = A(1) / std::sqrt(var + eps);
   for (int64_t k = 0; k < n; ++k) out_acc[k] = (v[k] - mean) * rstd;
+  return rstd;
+}
+
+// Same, and the normalised values stored as S in `out` too (the forward op saves them for backward; the
+// inference op calls normalize_acc alone, so its out_acc is bitwise this one's).
+template <typename S, typename A>
+FUSEDRNN_LN_INLINE A normalize_into(const A* v, int64_t n, A eps, S* out, A* out_acc) {
+  const A rstd = normalize_acc<A>(v, n, eps, out_acc);
+  for (int64_t k = 0; k < n; ++k) out[k] = S(out_acc[k]);
   return rstd;
 }
 
