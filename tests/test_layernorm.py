@@ -70,6 +70,37 @@ def test_op_matches_reference_float64(cell, reverse, batch_sizes, bias, zoneout)
         assert (a - b).abs().max().item() <= 1e-10
 
 
+# More rows than one block of the backward's gradient buffers (256 rows, csrc/layernorm/layernorm_cpu.cpp
+# step_blocks), ragged, so that blocks end inside runs of equal batch sizes and at their changes.
+LONG_RAGGED = [20] * 10 + [17] * 10 + [9] * 10 + [3] * 12 + [1] * 5
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
+def test_backward_in_step_blocks_matches_reference(cell, reverse, dtype, monkeypatch):
+    torch.manual_seed(15)
+    forward, _, ref, n_main = ops_of(cell)
+    args, bs = op_args(cell, LONG_RAGGED, zoneout=True, requires_grad=True)
+    leaves = [a for a in args if a is not None and a.requires_grad]
+    theirs = ref(*args, bs, reverse, 1e-5)
+    grads = [torch.randn_like(t) for t in theirs]
+    g_ref = torch.autograd.grad(theirs, leaves, grads)
+    cast = tuple(None if a is None else a.detach().to(dtype).requires_grad_(a.requires_grad) for a in args)
+    cast_leaves = [a for a in cast if a is not None and a.requires_grad]
+    results = {}
+    for blocks in ("steps", "all"):
+        if blocks == "all":
+            monkeypatch.setenv("FUSEDRNN_LN_BACKWARD_BLOCK", "all")
+        ours = forward(*cast, bs, reverse, 1e-5)[:n_main]
+        results[blocks] = torch.autograd.grad(ours, cast_leaves, [g.to(dtype) for g in grads])
+    tol = 1e-10 if dtype == F64 else 2e-4
+    for a, b, c in zip(results["steps"], results["all"], g_ref):
+        scale = 1.0 if dtype == F64 else c.abs().max().item() + 1.0
+        assert (a.double() - c).abs().max().item() <= tol * scale
+        assert (b.double() - c).abs().max().item() <= tol * scale
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_gradcheck(cell, reverse):

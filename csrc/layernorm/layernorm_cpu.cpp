@@ -15,17 +15,20 @@
 // inverse standard deviations rstd [N, 3] (x, h, c; GRU [N, 2]) in float32 (float64 for float64).
 //
 // Backward: reverse time, per step one fused pass per row (zoneout, the LN of c, the cell, the two
-// gate LNs' backward) then the GEMM dh += d(W_hh h) W_hh (per block of rows, as forward's); after the loop the weight gradients are
-// single large GEMMs over all steps and the gain / bias gradients column sums.
+// gate LNs' backward) then the GEMM dh += d(W_hh h) W_hh (per block of rows, as forward's); after each block of
+// ~256 rows of steps the weight gradients' share of it is one GEMM each (step_blocks), the gain / bias gradients
+// per-thread column sums.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <type_traits>
 #include <tuple>
@@ -526,14 +529,77 @@ FUSEDRNN_LN_ROW_COPIES(ln_lstm_backward_row,
                        (H, g, ch, xr, hr, cp_row, go_row, zh_row, zc_row, rstd_x, rstd_h, rstd_c, gx, gh, gc, bc,
                         dhs_row, dcs_row, acc, work, dx_row, dhh_row))
 
+// Backward's per-row gradients of the two gate LNs' inputs (dxp, dhp: [rows, G]) are held for a block of
+// consecutive steps at a time, not for all N rows: after a block, its rows' share of the weight gradients
+// (and of grad_input) is one GEMM each, accumulated. Two [N, G] buffers per call were what the LN-LSTM
+// training step's page faults came from (glibc trims the heap's top after each step; NOTES entry 30);
+// a block of ~kBlockRows rows stays in L2 between the row pass that writes it and the GEMMs that read it.
+// float32 / float64 only: the half types keep one block of all rows, so that each weight gradient is still
+// one GEMM rounded once (a bf16 accumulator over blocks would round per block). FUSEDRNN_LN_BACKWARD_BLOCK=all
+// forces that single block for every dtype (read per call, so a benchmark compares both in one process).
+constexpr int64_t kBlockRows = 256;
+
+inline bool one_backward_block() {
+  const char* v = std::getenv("FUSEDRNN_LN_BACKWARD_BLOCK");
+  return v != nullptr && std::strcmp(v, "all") == 0;
+}
+
+struct StepBlock {
+  int64_t first, last;  // processing indices i (the backward's order) of its steps, first <= last
+  int64_t row_begin, rows;  // its packed rows [row_begin, row_begin + rows): contiguous, as steps are
+};
+
 template <typename S>
+std::vector<StepBlock> step_blocks(const StepSchedule& sched, bool reverse, int64_t max_batch) {
+  const int64_t T = sched.steps();
+  const bool whole = !(std::is_same_v<S, float> || std::is_same_v<S, double>) || one_backward_block();
+  const int64_t cap = whole ? std::numeric_limits<int64_t>::max() : std::max(kBlockRows, max_batch);
+  std::vector<StepBlock> blocks;
+  for (int64_t i = 0; i < T; ++i) {
+    const int64_t t = reverse ? i : T - 1 - i;
+    const int64_t bs = sched.batch[t], off = sched.offset[t];
+    if (blocks.empty() || blocks.back().rows + bs > cap) {
+      blocks.push_back({i, i, off, bs});
+    } else {
+      StepBlock& b = blocks.back();
+      b.last = i;
+      b.row_begin = std::min(b.row_begin, off);
+      b.rows += bs;
+    }
+  }
+  return blocks;
+}
+
+inline int64_t block_buffer_rows(const std::vector<StepBlock>& blocks) {
+  int64_t rows = 0;
+  for (const StepBlock& b : blocks) rows = std::max(rows, b.rows);
+  return rows;
+}
+
+// After a block's steps: grad_w_ih += dxp_block^T input_rows, grad_w_hh += dhp_block^T hprev_rows, and the
+// block's rows of grad_input = dxp_block W_ih.
+inline void block_weight_grads(const StepBlock& b, const at::Tensor& dxp, const at::Tensor& dhp,
+                               const at::Tensor& input, const at::Tensor& hprev, const at::Tensor& w_ih,
+                               bool need_grad_input, at::Tensor& grad_input, at::Tensor& grad_w_ih,
+                               at::Tensor& grad_w_hh) {
+  const at::Tensor dx = dxp.narrow(0, 0, b.rows), dh = dhp.narrow(0, 0, b.rows);
+  if (need_grad_input) {
+    at::Tensor rows = grad_input.narrow(0, b.row_begin, b.rows);
+    at::mm_out(rows, dx, w_ih);
+  }
+  grad_w_ih.addmm_(dx.t(), input.narrow(0, b.row_begin, b.rows));
+  grad_w_hh.addmm_(dh.t(), hprev.narrow(0, b.row_begin, b.rows));
+}
+
+template <typename S, typename BlockDone>
 void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reverse, const at::Tensor& grad_output,
                            const at::Tensor& w_hh, const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
                            const at::Tensor& ln_c_w, const at::Tensor& ln_c_b, const at::Tensor& zh_t,
                            const at::Tensor& zc_t, const at::Tensor& cprev, const at::Tensor& norm_x,
                            const at::Tensor& norm_h, const at::Tensor& gates, const at::Tensor& norm_c,
                            const at::Tensor& rstd, at::Tensor& dh_state, at::Tensor& dc_state,
-                           ColumnSums<at::opmath_type<S>>& sums, at::Tensor& dxp, at::Tensor& dhp) {
+                           ColumnSums<at::opmath_type<S>>& sums, at::Tensor& dxp, at::Tensor& dhp,
+                           const std::vector<StepBlock>& blocks, BlockDone block_done) {
   using A = at::opmath_type<S>;
   const int64_t H = s.H, G = s.G;
   const S* go = grad_output.const_data_ptr<S>();
@@ -549,9 +615,11 @@ void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reve
   const int64_t T = sched.steps();
   const bool block_gemm = use_row_block_gemm<S>();
   const bool avx512 = rows_on_avx512();
-  for (int64_t i = 0; i < T; ++i) {
+  for (const StepBlock& blk : blocks) {
+  for (int64_t i = blk.first; i <= blk.last; ++i) {
     const int64_t t = reverse ? i : T - 1 - i;  // the forward's order, backwards
     const int64_t bs = sched.batch[t], off = sched.offset[t];
+    const int64_t rel = off - blk.row_begin;  // the step's first row in dxp / dhp
     at::parallel_for(0, bs, kRowGrain, [&](int64_t begin, int64_t end) {
       std::vector<A> work(3 * H + G);
       A* acc = sums.mine();
@@ -564,18 +632,21 @@ void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reve
         const int64_t p = off + j;
         row(H, gt + p * G, nc + p * H, nx + p * G, nh + p * G, cp + p * H, go + p * H,
             zh == nullptr ? nullptr : zh + p * H, zc == nullptr ? nullptr : zc + p * H, rs[p * 3], rs[p * 3 + 1],
-            rs[p * 3 + 2], gx, gh, gc, bc, dhs + j * H, dcs + j * H, acc, work.data(), dx + p * G, dhh + p * G);
+            rs[p * 3 + 2], gx, gh, gc, bc, dhs + j * H, dcs + j * H, acc, work.data(), dx + (rel + j) * G,
+            dhh + (rel + j) * G);
       }
       if constexpr (std::is_same_v<S, float>) {
         if (block_gemm) {  // after the block's rows have read their dh_state rows
-          row_block_gemm(end - begin, H, G, dhh + (off + begin) * G, G, w_hh.const_data_ptr<float>(), dhs + begin * H,
+          row_block_gemm(end - begin, H, G, dhh + (rel + begin) * G, G, w_hh.const_data_ptr<float>(), dhs + begin * H,
                          H, zh != nullptr);
           row_block_gemm_done();
         }
       }
     });
     // Without zoneout the row pass left dh_state's rows alone: the GEMM writes them (no zeros first).
-    if (!block_gemm) matmul<S>(dhp.narrow(0, off, bs), w_hh, dh_state.narrow(0, 0, bs), zh != nullptr);
+    if (!block_gemm) matmul<S>(dhp.narrow(0, rel, bs), w_hh, dh_state.narrow(0, 0, bs), zh != nullptr);
+  }
+  block_done(blk);
   }
 }
 
@@ -668,24 +739,29 @@ ln_lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, cons
   const at::Tensor hprev = previous_states(sched, reverse, out_c, h0.contiguous());
   const at::Tensor cprev = previous_states(sched, reverse, cells_c, c0.contiguous());
   at::Tensor dh_state = grad_h_n.contiguous().clone(), dc_state = grad_c_n.contiguous().clone();
-  at::Tensor dxp = new_buffer({s.N, s.G}, opts), dhp = new_buffer({s.N, s.G}, opts);
   const at::Tensor nx = norm_x.contiguous(), nh = norm_h.contiguous(), nc = norm_c.contiguous();
+  at::Tensor grad_input = need_grad_input ? new_buffer({s.N, s.I}, opts) : at::empty({0}, opts);
+  at::Tensor grad_w_ih = at::zeros({s.G, s.I}, opts), grad_w_hh = at::zeros({s.G, s.H}, opts);
   at::Tensor grad_b, grad_ln_ih_w, grad_ln_hh_w, grad_ln_c_w, grad_ln_c_b;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ln_lstm_backward", [&] {
+    const std::vector<StepBlock> blocks = step_blocks<scalar_t>(sched, reverse, s.B);
+    const int64_t rows = block_buffer_rows(blocks);
+    at::Tensor dxp = new_buffer({rows, s.G}, opts), dhp = new_buffer({rows, s.G}, opts);
     ColumnSums<at::opmath_type<scalar_t>> sums(3 * s.G + 2 * s.H);
     ln_lstm_backward_impl<scalar_t>(s, sched, reverse, grad_output.contiguous(), w_hh.contiguous(),
                                     ln_ih_w, ln_hh_w, ln_c_w, contiguous_or_undefined(ln_c_b),
                                     contiguous_or_undefined(zoneout_h), contiguous_or_undefined(zoneout_c), cprev, nx,
-                                    nh, gates.contiguous(), nc, rstd.contiguous(), dh_state, dc_state, sums, dxp, dhp);
+                                    nh, gates.contiguous(), nc, rstd.contiguous(), dh_state, dc_state, sums, dxp, dhp,
+                                    blocks, [&](const StepBlock& b) {
+                                      block_weight_grads(b, dxp, dhp, input, hprev, w_ih, need_grad_input,
+                                                         grad_input, grad_w_ih, grad_w_hh);
+                                    });
     grad_b = sums.total(0, s.G, opts);
     grad_ln_ih_w = sums.total(s.G, s.G, opts);
     grad_ln_hh_w = sums.total(2 * s.G, s.G, opts);
     grad_ln_c_w = sums.total(3 * s.G, s.H, opts);
     grad_ln_c_b = sums.total(3 * s.G + s.H, s.H, opts);
   });
-  at::Tensor grad_input = need_grad_input ? at::mm(dxp, w_ih) : at::empty({0}, opts);
-  at::Tensor grad_w_ih = at::mm(dxp.t(), input);
-  at::Tensor grad_w_hh = at::mm(dhp.t(), hprev);
   return {grad_input, dh_state, dc_state, grad_w_ih, grad_w_hh, grad_b, grad_b.clone(), grad_ln_ih_w, grad_ln_hh_w,
           grad_ln_c_w, grad_ln_c_b};
 }
@@ -839,13 +915,14 @@ FUSEDRNN_LN_ROW_COPIES(ln_gru_backward_row,
                        (H, g, xr, hr, hp_row, go_row, zh_row, rstd_x, rstd_h, gx, gh, bh, dhs_row, acc, work, dx_row,
                         dhh_row))
 
-template <typename S>
+template <typename S, typename BlockDone>
 void ln_gru_backward_impl(const Shapes& s, const StepSchedule& sched, bool reverse, const at::Tensor& grad_output,
                           const at::Tensor& w_hh, const at::Tensor& b_hh, const at::Tensor& ln_ih_w,
                           const at::Tensor& ln_hh_w, const at::Tensor& zh_t, const at::Tensor& hprev,
                           const at::Tensor& norm_x, const at::Tensor& norm_h, const at::Tensor& gates,
                           const at::Tensor& rstd, at::Tensor& dh_state, ColumnSums<at::opmath_type<S>>& sums,
-                          at::Tensor& dxp, at::Tensor& dhp) {
+                          at::Tensor& dxp, at::Tensor& dhp, const std::vector<StepBlock>& blocks,
+                          BlockDone block_done) {
   using A = at::opmath_type<S>;
   const int64_t H = s.H, G = s.G;
   const S* go = grad_output.const_data_ptr<S>();
@@ -860,9 +937,11 @@ void ln_gru_backward_impl(const Shapes& s, const StepSchedule& sched, bool rever
   const int64_t T = sched.steps();
   const bool block_gemm = use_row_block_gemm<S>();
   const bool avx512 = rows_on_avx512();
-  for (int64_t i = 0; i < T; ++i) {
+  for (const StepBlock& blk : blocks) {
+  for (int64_t i = blk.first; i <= blk.last; ++i) {
     const int64_t t = reverse ? i : T - 1 - i;
     const int64_t bs = sched.batch[t], off = sched.offset[t];
+    const int64_t rel = off - blk.row_begin;  // the step's first row in dxp / dhp
     at::parallel_for(0, bs, kRowGrain, [&](int64_t begin, int64_t end) {
       std::vector<A> work(2 * G + H);
       A* acc = sums.mine();
@@ -874,17 +953,20 @@ void ln_gru_backward_impl(const Shapes& s, const StepSchedule& sched, bool rever
       for (int64_t j = begin; j < end; ++j) {
         const int64_t p = off + j;
         row(H, gt + p * G, nx + p * G, nh + p * G, hp + p * H, go + p * H, zh == nullptr ? nullptr : zh + p * H,
-            rs[p * 2], rs[p * 2 + 1], gx, gh, bh, dhs + j * H, acc, work.data(), dx + p * G, dhh + p * G);
+            rs[p * 2], rs[p * 2 + 1], gx, gh, bh, dhs + j * H, acc, work.data(), dx + (rel + j) * G,
+            dhh + (rel + j) * G);
       }
       if constexpr (std::is_same_v<S, float>) {
         if (block_gemm) {
-          row_block_gemm(end - begin, H, G, dhh + (off + begin) * G, G, w_hh.const_data_ptr<float>(), dhs + begin * H,
+          row_block_gemm(end - begin, H, G, dhh + (rel + begin) * G, G, w_hh.const_data_ptr<float>(), dhs + begin * H,
                          H, true);
           row_block_gemm_done();
         }
       }
     });
-    if (!block_gemm) matmul<S>(dhp.narrow(0, off, bs), w_hh, dh_state.narrow(0, 0, bs), true);
+    if (!block_gemm) matmul<S>(dhp.narrow(0, rel, bs), w_hh, dh_state.narrow(0, 0, bs), true);
+  }
+  block_done(blk);
   }
 }
 
@@ -953,23 +1035,27 @@ ln_gru_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const
   const auto opts = input.options();
   const at::Tensor hprev = previous_states(sched, reverse, output.contiguous(), h0.contiguous());
   at::Tensor dh_state = grad_h_n.contiguous().clone();
-  at::Tensor dxp = new_buffer({s.N, s.G}, opts), dhp = new_buffer({s.N, s.G}, opts);
   const at::Tensor nx = norm_x.contiguous(), nh = norm_h.contiguous();
+  at::Tensor grad_input = need_grad_input ? new_buffer({s.N, s.I}, opts) : at::empty({0}, opts);
+  at::Tensor grad_w_ih = at::zeros({s.G, s.I}, opts), grad_w_hh = at::zeros({s.G, s.H}, opts);
   at::Tensor grad_b_ih, grad_b_hh, grad_ln_ih_w, grad_ln_hh_w;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ln_gru_backward", [&] {
+    const std::vector<StepBlock> blocks = step_blocks<scalar_t>(sched, reverse, s.B);
+    const int64_t rows = block_buffer_rows(blocks);
+    at::Tensor dxp = new_buffer({rows, s.G}, opts), dhp = new_buffer({rows, s.G}, opts);
     ColumnSums<at::opmath_type<scalar_t>> sums(4 * s.G);
     ln_gru_backward_impl<scalar_t>(s, sched, reverse, grad_output.contiguous(), w_hh.contiguous(),
                                    contiguous_or_undefined(b_hh), ln_ih_w, ln_hh_w,
                                    contiguous_or_undefined(zoneout_h), hprev, nx, nh, gates.contiguous(),
-                                   rstd.contiguous(), dh_state, sums, dxp, dhp);
+                                   rstd.contiguous(), dh_state, sums, dxp, dhp, blocks, [&](const StepBlock& b) {
+                                     block_weight_grads(b, dxp, dhp, input, hprev, w_ih, need_grad_input,
+                                                        grad_input, grad_w_ih, grad_w_hh);
+                                   });
     grad_b_ih = sums.total(0, s.G, opts);
     grad_b_hh = sums.total(s.G, s.G, opts);
     grad_ln_ih_w = sums.total(2 * s.G, s.G, opts);
     grad_ln_hh_w = sums.total(3 * s.G, s.G, opts);
   });
-  at::Tensor grad_input = need_grad_input ? at::mm(dxp, w_ih) : at::empty({0}, opts);
-  at::Tensor grad_w_ih = at::mm(dxp.t(), input);
-  at::Tensor grad_w_hh = at::mm(dhp.t(), hprev);
   return {grad_input, dh_state, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_ln_ih_w, grad_ln_hh_w};
 }
 
