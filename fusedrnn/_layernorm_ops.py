@@ -3,8 +3,10 @@ cell that runs one layer in one direction on the compiled op or, where it cannot
 fusedrnn.reference (equations there).
 
 Routing, as fusedrnn._ops does for the plain cells (and through its helpers): eager calls that need no
-gradient call the op below autograd; eager training calls go through an old-style autograd.Function
-twin of the registered formula; traced calls (torch.compile, export, make_fx) see the registered op.
+gradient call the inference twin (ln_*_inference: the forward's outputs without the saved-for-backward
+buffers) below autograd; eager training calls go through an old-style autograd.Function twin of the
+registered formula; traced calls (torch.compile, export, make_fx, jit.trace) see the registered ops, the
+inference twin where no gradient can be taken (no grad mode, or nothing requiring grad).
 Double backward (create_graph=True) differentiates fusedrnn.reference recomputed from the saved
 inputs; forward-mode AD and torch.func transforms run fusedrnn.reference itself.
 """
@@ -17,7 +19,9 @@ from torch import Tensor
 
 from . import _ops, reference
 
-OPS = ("ln_lstm_forward", "ln_lstm_backward", "ln_gru_forward", "ln_gru_backward")
+OPS = ("ln_lstm_forward", "ln_lstm_backward", "ln_gru_forward", "ln_gru_backward", "ln_lstm_inference",
+       "ln_gru_inference")
+INFERENCE_OPS = ("ln_lstm_inference", "ln_gru_inference")
 AVAILABLE = _ops.COMPILED and all(hasattr(torch.ops.fusedrnn, name) for name in OPS)
 
 # Saved outputs after the main ones (what backward reads; not differentiable).
@@ -59,6 +63,21 @@ def _register() -> None:
         return (input.new_empty(n, h), _ops._fresh(h0), _ops._fresh(c0), input.new_empty(n, g),
                 input.new_empty(n, g), input.new_empty(n, g), input.new_empty(n, h), input.new_empty(n, h),
                 input.new_empty(n, 3, dtype=_opmath(input.dtype)))
+
+    @torch.library.register_fake(lib + "ln_lstm_inference")
+    def _lstm_inference_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b, zoneout_h,
+                             zoneout_c, batch_sizes, reverse, eps):
+        _ops._check_like("ln_lstm_inference", input, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh,
+                         ln_ih_w=ln_ih_w, ln_hh_w=ln_hh_w, ln_c_w=ln_c_w, ln_c_b=ln_c_b, zoneout_h=zoneout_h,
+                         zoneout_c=zoneout_c)
+        return input.new_empty(input.shape[0], w_hh.shape[1]), _ops._fresh(h0), _ops._fresh(c0)
+
+    @torch.library.register_fake(lib + "ln_gru_inference")
+    def _gru_inference_fake(input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w, zoneout_h, batch_sizes, reverse,
+                            eps):
+        _ops._check_like("ln_gru_inference", input, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh,
+                         ln_ih_w=ln_ih_w, ln_hh_w=ln_hh_w, zoneout_h=zoneout_h)
+        return input.new_empty(input.shape[0], w_hh.shape[1]), _ops._fresh(h0)
 
     @torch.library.register_fake(lib + "ln_lstm_backward")
     def _lstm_bwd_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b,
@@ -139,6 +158,8 @@ def _register() -> None:
                 (gbhh if b_hh is not None else None), glnih, glnhh, None, None, None, None)
 
     _ops._register_autograd("ln_gru_forward", _gru_backward, _gru_setup)
+    for name in INFERENCE_OPS:
+        _ops._reject_inference_backward(name)
     for name in OPS:
         if name.endswith("_backward"):
             _ops._reject_double_backward(name)
@@ -159,7 +180,7 @@ def _register_onnxscript(registration) -> None:
         translation.__name__ = op_name
         return translation
 
-    for name in ("ln_lstm_forward", "ln_gru_forward"):
+    for name in ("ln_lstm_forward", "ln_gru_forward") + INFERENCE_OPS:
         qualified = f"fusedrnn::{name}"
         if qualified not in registration.default_registry:
             registration.torch_op(qualified, trace_only=True)(refuse(name))
@@ -174,6 +195,8 @@ if AVAILABLE:
                                        torch.ops.fusedrnn.ln_lstm_forward.default)
     _EAGER_GRU = _ops._eager_function(_ops._FUNCTORCH_FUNCTIONS["ln_gru_forward"],
                                       torch.ops.fusedrnn.ln_gru_forward.default)
+    _LSTM_INFERENCE = _ops._raw(torch.ops.fusedrnn.ln_lstm_inference.default)
+    _GRU_INFERENCE = _ops._raw(torch.ops.fusedrnn.ln_gru_inference.default)
 
 
 def _in_onnx_export() -> bool:
@@ -199,9 +222,12 @@ def ln_lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Ten
     route = _ops._route(*args)
     if route == _ops._NO_GRAD:
         with _ops._below_autograd():
-            result = torch.ops.fusedrnn.ln_lstm_forward.default(*args, batch_sizes, reverse, eps)
+            result = _LSTM_INFERENCE(*args, batch_sizes, reverse, eps)
     elif route == _ops._EAGER_GRAD:
         result = _EAGER_LSTM.apply(*args, batch_sizes, reverse, eps)
+    elif route == _ops._DISPATCHER and not _ops._grad_possible(list(args)):
+        # Traced (torch.compile, export, make_fx, jit.trace): the graph gets the inference op.
+        result = torch.ops.fusedrnn.ln_lstm_inference(*args, batch_sizes, reverse, eps)
     else:
         result = torch.ops.fusedrnn.ln_lstm_forward(*args, batch_sizes, reverse, eps)
     return result[0], result[1], result[2]
@@ -217,9 +243,11 @@ def ln_gru_layer(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Op
     route = _ops._route(*args)
     if route == _ops._NO_GRAD:
         with _ops._below_autograd():
-            result = torch.ops.fusedrnn.ln_gru_forward.default(*args, batch_sizes, reverse, eps)
+            result = _GRU_INFERENCE(*args, batch_sizes, reverse, eps)
     elif route == _ops._EAGER_GRAD:
         result = _EAGER_GRU.apply(*args, batch_sizes, reverse, eps)
+    elif route == _ops._DISPATCHER and not _ops._grad_possible(list(args)):
+        result = torch.ops.fusedrnn.ln_gru_inference(*args, batch_sizes, reverse, eps)
     else:
         result = torch.ops.fusedrnn.ln_gru_forward(*args, batch_sizes, reverse, eps)
     return result[0], result[1]

@@ -70,6 +70,37 @@ def test_op_matches_reference_float64(cell, reverse, batch_sizes, bias, zoneout)
         assert (a - b).abs().max().item() <= 1e-10
 
 
+# More rows than one block of the backward's gradient buffers (256 rows, csrc/layernorm/layernorm_cpu.cpp
+# step_blocks), ragged, so that blocks end inside runs of equal batch sizes and at their changes.
+LONG_RAGGED = [20] * 10 + [17] * 10 + [9] * 10 + [3] * 12 + [1] * 5
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
+def test_backward_in_step_blocks_matches_reference(cell, reverse, dtype, monkeypatch):
+    torch.manual_seed(15)
+    forward, _, ref, n_main = ops_of(cell)
+    args, bs = op_args(cell, LONG_RAGGED, zoneout=True, requires_grad=True)
+    leaves = [a for a in args if a is not None and a.requires_grad]
+    theirs = ref(*args, bs, reverse, 1e-5)
+    grads = [torch.randn_like(t) for t in theirs]
+    g_ref = torch.autograd.grad(theirs, leaves, grads)
+    cast = tuple(None if a is None else a.detach().to(dtype).requires_grad_(a.requires_grad) for a in args)
+    cast_leaves = [a for a in cast if a is not None and a.requires_grad]
+    results = {}
+    for blocks in ("steps", "all"):
+        if blocks == "all":
+            monkeypatch.setenv("FUSEDRNN_LN_BACKWARD_BLOCK", "all")
+        ours = forward(*cast, bs, reverse, 1e-5)[:n_main]
+        results[blocks] = torch.autograd.grad(ours, cast_leaves, [g.to(dtype) for g in grads])
+    tol = 1e-10 if dtype == F64 else 2e-4
+    for a, b, c in zip(results["steps"], results["all"], g_ref):
+        scale = 1.0 if dtype == F64 else c.abs().max().item() + 1.0
+        assert (a.double() - c).abs().max().item() <= tol * scale
+        assert (b.double() - c).abs().max().item() <= tol * scale
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_gradcheck(cell, reverse):
@@ -264,6 +295,18 @@ def test_cell_is_one_step_of_the_layer(cell):
 
 # ---- zoneout ----------------------------------------------------------------------------------------
 
+def drawn_mask(rows, hidden, p):
+    """A training mask as fusedrnn.layernorm documents its draw, written out independently: 64-bit words
+    uniform over every bit pattern from torch's generator, each read as four signed 16-bit integers s
+    (little-endian, two's complement) in [-2**15, 2**15), a unit kept where s + 2**15 < round(p * 2**16)."""
+    n = rows * hidden
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None)
+    fields = [(words >> (16 * k)) & 0xFFFF for k in range(4)]  # the k-th 16 bits of each word
+    bits = torch.stack(fields, dim=1).reshape(-1)[:n].reshape(rows, hidden)
+    signed = torch.where(bits >= 2**15, bits - 2**16, bits)
+    return signed + 2**15 < round(p * 2**16)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_zoneout_training_uses_fresh_bernoulli_masks_reproducibly(cell):
     T, B, I, H, p = 6, 4, 3, 5, 0.3
@@ -280,8 +323,8 @@ def test_zoneout_training_uses_fresh_bernoulli_masks_reproducibly(cell):
     # The same masks drawn by hand, in the module's order (h's, then c's, per layer and direction),
     # through the oracle.
     torch.manual_seed(7)
-    zh = (torch.rand(T * B, H) < p).to(F64)  # Bernoulli(p): float32 uniforms below p
-    zc = (torch.rand(T * B, H) < p).to(F64) if cell == "lstm" else None
+    zh = drawn_mask(T * B, H, p).to(F64)
+    zc = drawn_mask(T * B, H, p).to(F64) if cell == "lstm" else None
     assert zh.reshape(T, B, H).std(0).sum() > 0  # a fresh mask per step, not one for the sequence
     bs = torch.full((T,), B)
     w = [getattr(m, n + "_l0") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_ln_ih",
@@ -295,11 +338,39 @@ def test_zoneout_training_uses_fresh_bernoulli_masks_reproducibly(cell):
     assert (out1.reshape(T * B, H) - ref).abs().max().item() <= 1e-10
 
 
-def test_zoneout_mask_rate_and_eval_expectation():
-    torch.manual_seed(0)
-    mask = fusedrnn.layernorm.zoneout_weights(0.25, 2000, 50, torch.empty(0), True)
+@pytest.mark.parametrize("p", [0.05, 0.25, 0.5, 0.9])
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16])
+def test_zoneout_mask_statistics(p, dtype):
+    """The masks are Bernoulli(p) per unit: their rate, the rate of each of the four units a 64-bit word
+    serves (the word's top field holds its sign bit), and no correlation between neighbouring units or
+    between consecutive steps' masks."""
+    rows, hidden = 4000, 64  # 256000 units: the rate's standard deviation is <= 0.001
+    torch.manual_seed(1)
+    mask = fusedrnn.layernorm.zoneout_weights(p, rows, hidden, torch.empty(0, dtype=dtype), True)
+    assert mask.dtype == dtype and mask.shape == (rows, hidden)
     assert set(mask.unique().tolist()) == {0.0, 1.0}
-    assert abs(mask.mean().item() - 0.25) < 0.01
+    m = mask.double()
+    sd = (p * (1 - p) / m.numel()) ** 0.5
+    assert abs(m.mean().item() - p) < 5 * sd
+    for lane in range(4):
+        assert abs(m[:, lane::4].mean().item() - p) < 5 * 2 * sd
+    centred = m - p
+    var = p * (1 - p)
+    assert abs((centred[:, 1:] * centred[:, :-1]).mean().item() / var) < 0.02  # neighbouring units
+    assert abs((centred[1:] * centred[:-1]).mean().item() / var) < 0.02  # consecutive rows (steps)
+    torch.manual_seed(1)
+    assert torch.equal(mask.bool(), drawn_mask(rows, hidden, p))
+
+
+def test_zoneout_mask_edge_probabilities():
+    assert fusedrnn.layernorm.zoneout_weights(0.0, 3, 4, torch.empty(0), True) is None
+    assert torch.equal(fusedrnn.layernorm.zoneout_weights(1.0, 3, 4, torch.empty(0), True), torch.ones(3, 4))
+    # Below 2**-17, p rounds to 0 at the masks' 16-bit resolution.
+    assert fusedrnn.layernorm.zoneout_weights(1e-6, 30, 40, torch.empty(0), True).sum().item() == 0
+
+
+def test_zoneout_eval_expectation():
+    torch.manual_seed(0)
     m = randomise(fusedrnn.LayerNormLSTM(3, 4, zoneout=(0.2, 0.5), dtype=F64)).eval()
     x = torch.randn(5, 2, 3, dtype=F64)
     out, _ = m(x)
@@ -430,6 +501,101 @@ def test_torch_compile_fullgraph_and_export(cell):
     x2 = torch.randn(5, 9, 3)
     torch.testing.assert_close(ep.module()(x2)[0], m(x2)[0])
     assert any("ln_" in str(n.target) for n in ep.graph.nodes)
+
+
+# ---- inference without the saved-for-backward buffers ----------------------------------------------
+# ln_lstm_inference / ln_gru_inference: the forward op's main outputs without norm_h [N, G] (a [B, G]
+# scratch instead), gates, cells, norm_c and rstd; what the layers run when no gradient can be taken.
+
+def inference_of(cell):
+    return OPS.ln_lstm_inference if cell == "lstm" else OPS.ln_gru_inference
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("zoneout", ["mask", "eval", "none"])
+@pytest.mark.parametrize("env", [{}, {"FUSEDRNN_LN_GEMM": "blas"}, {"FUSEDRNN_CPU_ISA": "avx2"}],
+                         ids=["brgemm", "sgemm", "avx2_rows"])
+def test_inference_op_is_bitwise_the_forward(cell, dtype, reverse, zoneout, env, monkeypatch):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    torch.manual_seed(12)
+    forward, _, ref, n_main = ops_of(cell)
+    args, bs = op_args(cell, [9, 9, 7, 7, 2], hidden=37, input_size=13, zoneout=zoneout == "mask", dtype=dtype)
+    if zoneout == "eval":
+        p = torch.full((int(bs.sum()), 37), 0.3, dtype=dtype)
+        args = args[:-2] + (p, p) if cell == "lstm" else args[:-1] + (p,)
+    expected = forward(*args, bs, reverse, 1e-5)[:n_main]
+    got = inference_of(cell)(*args, bs, reverse, 1e-5)
+    assert len(got) == n_main
+    for e, g in zip(expected, got):
+        assert g.dtype == dtype and g.shape == e.shape
+        assert torch.equal(g, e)
+    if dtype == F64:  # equal, and right
+        for e, g in zip(ref(*args, bs, reverse, 1e-5), got):
+            assert (g - e).abs().max().item() <= 1e-10
+
+
+def _ln_op_names(fn):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = fn()
+    return {e.name for e in prof.events() if e.name.startswith("fusedrnn::")}, result
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("zoneout", [0.0, 0.25])
+def test_layers_without_gradients_run_the_inference_ops(cell, zoneout):
+    torch.manual_seed(13)
+    cls = fusedrnn.LayerNormLSTM if cell == "lstm" else fusedrnn.LayerNormGRU
+    m = randomise(cls(5, 6, num_layers=2, bidirectional=True, zoneout=zoneout)).eval()
+    x = torch.randn(7, 3, 5)
+    trained, twin = f"fusedrnn::ln_{cell}_forward", f"fusedrnn::ln_{cell}_inference"
+    ops, with_grad = _ln_op_names(lambda: m(x))
+    assert trained in ops and twin not in ops, ops
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            ops, without = _ln_op_names(lambda: m(x))
+        assert twin in ops and trained not in ops, ops
+        assert torch.equal(without[0], with_grad[0].detach())
+    for p in m.parameters():
+        p.requires_grad_(False)
+    ops, frozen = _ln_op_names(lambda: m(x))
+    assert twin in ops and trained not in ops, ops
+    assert torch.equal(frozen[0], with_grad[0].detach())
+    ops, _ = _ln_op_names(lambda: m(x.clone().requires_grad_()))  # a gradient of the input can be taken
+    assert trained in ops and twin not in ops, ops
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_inference_op_passes_opcheck_and_refuses_gradients(cell):
+    args, bs = op_args(cell, RAGGED, dtype=torch.float32)
+    torch.library.opcheck(inference_of(cell).default, (*args, bs, True, 1e-5))
+    args, bs = op_args(cell, RAGGED, dtype=torch.float32, requires_grad=True)
+    out = inference_of(cell)(*args, bs, False, 1e-5)[0]
+    with pytest.raises(RuntimeError, match=rf"fusedrnn\.ln_{cell}_inference: .*saves nothing for backward"):
+        out.sum().backward()
+    with pytest.raises(RuntimeError, match=rf"fusedrnn\.ln_{cell}_inference: batch_sizes must sum"):
+        inference_of(cell)(*args, torch.tensor([4, 4, 3, 1]), False, 1e-5)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_compile_and_export_without_gradients_use_the_inference_op(cell):
+    torch._dynamo.reset()
+    torch.manual_seed(14)
+    cls = fusedrnn.LayerNormLSTM if cell == "lstm" else fusedrnn.LayerNormGRU
+    m = randomise(cls(3, 4, bidirectional=True, zoneout=0.2)).eval()
+    x = torch.randn(6, 2, 3)
+    with torch.no_grad():
+        eager = m(x)[0]
+        compiled = torch.compile(m, fullgraph=True)(x)[0]
+        program = torch.export.export(m, (x,))
+        exported = program.module()(x)[0]
+    graph = str(program.graph)
+    assert f"fusedrnn.ln_{cell}_inference" in graph and f"fusedrnn.ln_{cell}_forward" not in graph, graph
+    assert torch.equal(compiled, eager) and torch.equal(exported, eager)
+    assert f"fusedrnn.ln_{cell}_forward" in str(torch.export.export(m, (x,)).graph)  # with gradients
 
 
 def test_training_step_with_zoneout_and_dropout_runs_backward():

@@ -151,3 +151,24 @@ def test_ln_module_on_cuda_matches_the_cpu_module(device, mode):
     out_gpu.data.square().sum().backward()
     for (name, p), q in zip(cpu.named_parameters(), gpu.parameters()):
         torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=0, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("zoneout", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("device", ["cuda"])
+def test_ln_inference_op_on_cuda_is_bitwise_the_forward(device, cell, dtype, zoneout):
+    a = make(cell, 37, [3, 3, 2], zoneout)
+    op = torch.ops.fusedrnn.ln_lstm_inference if cell == "lstm" else torch.ops.fusedrnn.ln_gru_inference
+    got = op(*args(cell, a, dtype, device), torch.tensor([3, 3, 2]), False, EPS)
+    expected = forward(cell, a, [3, 3, 2], False, dtype, device)
+    for g, e in zip(got, expected):
+        assert g.device.type == device and torch.equal(g, e)
+
+
+@pytest.mark.parametrize("device", ["cuda"])
+def test_zoneout_masks_on_cuda_have_rate_p(device):
+    torch.manual_seed(0)
+    mask = fusedrnn.layernorm.zoneout_weights(0.3, 4000, 64, torch.empty(0, device=device), True)
+    assert mask.device.type == device and set(mask.unique().tolist()) == {0.0, 1.0}
+    assert abs(mask.double().mean().item() - 0.3) < 0.005

@@ -15,17 +15,20 @@
 // inverse standard deviations rstd [N, 3] (x, h, c; GRU [N, 2]) in float32 (float64 for float64).
 //
 // Backward: reverse time, per step one fused pass per row (zoneout, the LN of c, the cell, the two
-// gate LNs' backward) then the GEMM dh += d(W_hh h) W_hh (per block of rows, as forward's); after the loop the weight gradients are
-// single large GEMMs over all steps and the gain / bias gradients column sums.
+// gate LNs' backward) then the GEMM dh += d(W_hh h) W_hh (per block of rows, as forward's); after each block of
+// ~256 rows of steps the weight gradients' share of it is one GEMM each (step_blocks), the gain / bias gradients
+// per-thread column sums.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <type_traits>
 #include <tuple>
@@ -82,19 +85,25 @@ FUSEDRNN_LN_INLINE A normalize_row(S* v, int64_t n, A eps) {
   return rstd;
 }
 
-// Same, from an A buffer into an S output, keeping the normalised values in `out_acc` too.
-template <typename S, typename A>
-FUSEDRNN_LN_INLINE A normalize_into(const A* v, int64_t n, A eps, S* out, A* out_acc) {
+// v[0..n) normalised into out_acc, returning rstd.
+template <typename A>
+FUSEDRNN_LN_INLINE A normalize_acc(const A* v, int64_t n, A eps, A* out_acc) {
   const A mean = row_sum<A>(n, [&](int64_t k) { return v[k]; }) / A(n);
   const A var = row_sum<A>(n, [&](int64_t k) {
                   const A d = v[k] - mean;
                   return d * d;
                 }) / A(n);
   const A rstd = A(1) / std::sqrt(var + eps);
-  for (int64_t k = 0; k < n; ++k) {
-    out_acc[k] = (v[k] - mean) * rstd;
-    out[k] = S(out_acc[k]);
-  }
+  for (int64_t k = 0; k < n; ++k) out_acc[k] = (v[k] - mean) * rstd;
+  return rstd;
+}
+
+// Same, and the normalised values stored as S in `out` too (the forward op saves them for backward; the
+// inference op calls normalize_acc alone, so its out_acc is bitwise this one's).
+template <typename S, typename A>
+FUSEDRNN_LN_INLINE A normalize_into(const A* v, int64_t n, A eps, S* out, A* out_acc) {
+  const A rstd = normalize_acc<A>(v, n, eps, out_acc);
+  for (int64_t k = 0; k < n; ++k) out[k] = S(out_acc[k]);
   return rstd;
 }
 
@@ -245,7 +254,10 @@ struct ParamVectors {
 
 // ---- LSTM ------------------------------------------------------------------------------------
 
-template <typename S>
+// Save = false: the inference op (ln_lstm_inference). The same arithmetic in the same order, minus the
+// stores only backward reads: no gates, cells, norm_c or rstd (undefined tensors), and norm_h a [B, G]
+// scratch of the step's rows where norm_h_rows says so.
+template <typename S, bool Save>
 void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool reverse, double eps_d,
                           const at::Tensor& w_hh_t, const at::Tensor& b_ih, const at::Tensor& b_hh,
                           const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w, const at::Tensor& ln_c_w,
@@ -258,11 +270,11 @@ void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool rever
   const A eps = A(eps_d);
   S* nx = norm_x.data_ptr<S>();
   S* nh = norm_h.data_ptr<S>();
-  S* gt = gates.data_ptr<S>();
   S* out = output.data_ptr<S>();
-  S* cl = cells.data_ptr<S>();
-  S* nc = norm_c.data_ptr<S>();
-  A* rs = rstd.data_ptr<A>();
+  S* gt = Save ? gates.data_ptr<S>() : nullptr;
+  S* cl = Save ? cells.data_ptr<S>() : nullptr;
+  S* nc = Save ? norm_c.data_ptr<S>() : nullptr;
+  A* rs = Save ? rstd.data_ptr<A>() : nullptr;
   S* hs = h_state.data_ptr<S>();
   S* cs = c_state.data_ptr<S>();
   const S *zh = ptr_or_null<S>(zh_t), *zc = ptr_or_null<S>(zc_t);
@@ -272,20 +284,25 @@ void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool rever
 
   // LN of the input projection, all rows at once (off the recurrence's critical path).
   at::parallel_for(0, s.N, kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) rs[p * 3] = normalize_row<S, A>(nx + p * G, G, eps);
+    for (int64_t p = begin; p < end; ++p) {
+      const A r = normalize_row<S, A>(nx + p * G, G, eps);
+      if constexpr (Save) rs[p * 3] = r;
+    }
   });
   const int64_t T = sched.steps();
   const bool block_gemm = use_row_block_gemm<S>();
   const bool avx512 = rows_on_avx512();
+  const bool full_norm_h = norm_h.size(0) == s.N;  // else a [B, G] scratch (see norm_h_rows)
   for (int64_t i = 0; i < T; ++i) {
     const int64_t t = reverse ? T - 1 - i : i;
     const int64_t bs = sched.batch[t], off = sched.offset[t];
-    if (!block_gemm) matmul<S>(h_state.narrow(0, 0, bs), w_hh_t, norm_h.narrow(0, off, bs), false);
+    const int64_t nh_off = full_norm_h ? off : 0;  // the step's first row of norm_h
+    if (!block_gemm) matmul<S>(h_state.narrow(0, 0, bs), w_hh_t, norm_h.narrow(0, nh_off, bs), false);
     at::parallel_for(0, bs, kRowGrain, [&](int64_t begin, int64_t end) {
       if constexpr (std::is_same_v<S, float>) {
         if (block_gemm) {  // this block's W_hh h (each row reads only its own h_state row)
-          row_block_gemm(end - begin, G, H, hs + begin * H, H, w_hh_t.const_data_ptr<float>(), nh + (off + begin) * G,
-                         G, false);
+          row_block_gemm(end - begin, G, H, hs + begin * H, H, w_hh_t.const_data_ptr<float>(),
+                         nh + (nh_off + begin) * G, G, false);
           row_block_gemm_done();
         }
       }
@@ -300,21 +317,27 @@ void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool rever
       for (int64_t j = begin; j < end; ++j) {
         const int64_t p = off + j;
         const S* xr = nx + p * G;
-        S* hr = nh + p * G;
-        rs[p * 3 + 1] = normalize_row<S, A>(hr, G, eps);
+        S* hr = nh + (nh_off + j) * G;
+        const A rstd_h = normalize_row<S, A>(hr, G, eps);
+        if constexpr (Save) rs[p * 3 + 1] = rstd_h;
         for (int64_t c = 0; c < G; ++c) a[c] = A(xr[c]) * gx[c] + A(hr[c]) * gh[c] + bsum[c];
         for (int64_t c = 0; c < 2 * H; ++c) a[c] = sigmoid_(a[c]);          // i, f
         for (int64_t c = 2 * H; c < 3 * H; ++c) a[c] = tanh_(a[c]);         // g
         for (int64_t c = 3 * H; c < G; ++c) a[c] = sigmoid_(a[c]);          // o
-        S* g = gt + p * G;
-        for (int64_t c = 0; c < G; ++c) g[c] = S(a[c]);
+        if constexpr (Save) {
+          S* g = gt + p * G;
+          for (int64_t c = 0; c < G; ++c) g[c] = S(a[c]);
+        }
         S* cs_row = cs + j * H;
         S* hs_row = hs + j * H;
         for (int64_t k = 0; k < H; ++k) c_new[k] = a[H + k] * A(cs_row[k]) + a[k] * a[2 * H + k];
-        rs[p * 3 + 2] = normalize_into<S, A>(c_new, H, eps, nc + p * H, c_hat);
+        if constexpr (Save) {
+          rs[p * 3 + 2] = normalize_into<S, A>(c_new, H, eps, nc + p * H, c_hat);
+        } else {
+          normalize_acc<A>(c_new, H, eps, c_hat);
+        }
         for (int64_t k = 0; k < H; ++k) h_new[k] = a[3 * H + k] * tanh_(c_hat[k] * gc[k] + bc[k]);
         S* out_row = out + p * H;
-        S* cl_row = cl + p * H;
         if (zh != nullptr) {
           const S* z = zh + p * H;
           for (int64_t k = 0; k < H; ++k) h_new[k] = A(z[k]) * A(hs_row[k]) + (A(1) - A(z[k])) * h_new[k];
@@ -324,7 +347,11 @@ void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool rever
           for (int64_t k = 0; k < H; ++k) c_new[k] = A(z[k]) * A(cs_row[k]) + (A(1) - A(z[k])) * c_new[k];
         }
         store_twice<S, A>(H, h_new, out_row, hs_row);
-        store_twice<S, A>(H, c_new, cl_row, cs_row);
+        if constexpr (Save) {
+          store_twice<S, A>(H, c_new, cl + p * H, cs_row);
+        } else {
+          for (int64_t k = 0; k < H; ++k) cs_row[k] = S(c_new[k]);
+        }
       }
       };
       run_rows(avx512, rows);
@@ -502,14 +529,77 @@ FUSEDRNN_LN_ROW_COPIES(ln_lstm_backward_row,
                        (H, g, ch, xr, hr, cp_row, go_row, zh_row, zc_row, rstd_x, rstd_h, rstd_c, gx, gh, gc, bc,
                         dhs_row, dcs_row, acc, work, dx_row, dhh_row))
 
+// Backward's per-row gradients of the two gate LNs' inputs (dxp, dhp: [rows, G]) are held for a block of
+// consecutive steps at a time, not for all N rows: after a block, its rows' share of the weight gradients
+// (and of grad_input) is one GEMM each, accumulated. Two [N, G] buffers per call were what the LN-LSTM
+// training step's page faults came from (glibc trims the heap's top after each step; NOTES entry 30);
+// a block of ~kBlockRows rows stays in L2 between the row pass that writes it and the GEMMs that read it.
+// float32 / float64 only: the half types keep one block of all rows, so that each weight gradient is still
+// one GEMM rounded once (a bf16 accumulator over blocks would round per block). FUSEDRNN_LN_BACKWARD_BLOCK=all
+// forces that single block for every dtype (read per call, so a benchmark compares both in one process).
+constexpr int64_t kBlockRows = 256;
+
+inline bool one_backward_block() {
+  const char* v = std::getenv("FUSEDRNN_LN_BACKWARD_BLOCK");
+  return v != nullptr && std::strcmp(v, "all") == 0;
+}
+
+struct StepBlock {
+  int64_t first, last;  // processing indices i (the backward's order) of its steps, first <= last
+  int64_t row_begin, rows;  // its packed rows [row_begin, row_begin + rows): contiguous, as steps are
+};
+
 template <typename S>
+std::vector<StepBlock> step_blocks(const StepSchedule& sched, bool reverse, int64_t max_batch) {
+  const int64_t T = sched.steps();
+  const bool whole = !(std::is_same_v<S, float> || std::is_same_v<S, double>) || one_backward_block();
+  const int64_t cap = whole ? std::numeric_limits<int64_t>::max() : std::max(kBlockRows, max_batch);
+  std::vector<StepBlock> blocks;
+  for (int64_t i = 0; i < T; ++i) {
+    const int64_t t = reverse ? i : T - 1 - i;
+    const int64_t bs = sched.batch[t], off = sched.offset[t];
+    if (blocks.empty() || blocks.back().rows + bs > cap) {
+      blocks.push_back({i, i, off, bs});
+    } else {
+      StepBlock& b = blocks.back();
+      b.last = i;
+      b.row_begin = std::min(b.row_begin, off);
+      b.rows += bs;
+    }
+  }
+  return blocks;
+}
+
+inline int64_t block_buffer_rows(const std::vector<StepBlock>& blocks) {
+  int64_t rows = 0;
+  for (const StepBlock& b : blocks) rows = std::max(rows, b.rows);
+  return rows;
+}
+
+// After a block's steps: grad_w_ih += dxp_block^T input_rows, grad_w_hh += dhp_block^T hprev_rows, and the
+// block's rows of grad_input = dxp_block W_ih.
+inline void block_weight_grads(const StepBlock& b, const at::Tensor& dxp, const at::Tensor& dhp,
+                               const at::Tensor& input, const at::Tensor& hprev, const at::Tensor& w_ih,
+                               bool need_grad_input, at::Tensor& grad_input, at::Tensor& grad_w_ih,
+                               at::Tensor& grad_w_hh) {
+  const at::Tensor dx = dxp.narrow(0, 0, b.rows), dh = dhp.narrow(0, 0, b.rows);
+  if (need_grad_input) {
+    at::Tensor rows = grad_input.narrow(0, b.row_begin, b.rows);
+    at::mm_out(rows, dx, w_ih);
+  }
+  grad_w_ih.addmm_(dx.t(), input.narrow(0, b.row_begin, b.rows));
+  grad_w_hh.addmm_(dh.t(), hprev.narrow(0, b.row_begin, b.rows));
+}
+
+template <typename S, typename BlockDone>
 void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reverse, const at::Tensor& grad_output,
                            const at::Tensor& w_hh, const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
                            const at::Tensor& ln_c_w, const at::Tensor& ln_c_b, const at::Tensor& zh_t,
                            const at::Tensor& zc_t, const at::Tensor& cprev, const at::Tensor& norm_x,
                            const at::Tensor& norm_h, const at::Tensor& gates, const at::Tensor& norm_c,
                            const at::Tensor& rstd, at::Tensor& dh_state, at::Tensor& dc_state,
-                           ColumnSums<at::opmath_type<S>>& sums, at::Tensor& dxp, at::Tensor& dhp) {
+                           ColumnSums<at::opmath_type<S>>& sums, at::Tensor& dxp, at::Tensor& dhp,
+                           const std::vector<StepBlock>& blocks, BlockDone block_done) {
   using A = at::opmath_type<S>;
   const int64_t H = s.H, G = s.G;
   const S* go = grad_output.const_data_ptr<S>();
@@ -525,9 +615,11 @@ void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reve
   const int64_t T = sched.steps();
   const bool block_gemm = use_row_block_gemm<S>();
   const bool avx512 = rows_on_avx512();
-  for (int64_t i = 0; i < T; ++i) {
+  for (const StepBlock& blk : blocks) {
+  for (int64_t i = blk.first; i <= blk.last; ++i) {
     const int64_t t = reverse ? i : T - 1 - i;  // the forward's order, backwards
     const int64_t bs = sched.batch[t], off = sched.offset[t];
+    const int64_t rel = off - blk.row_begin;  // the step's first row in dxp / dhp
     at::parallel_for(0, bs, kRowGrain, [&](int64_t begin, int64_t end) {
       std::vector<A> work(3 * H + G);
       A* acc = sums.mine();
@@ -540,28 +632,45 @@ void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reve
         const int64_t p = off + j;
         row(H, gt + p * G, nc + p * H, nx + p * G, nh + p * G, cp + p * H, go + p * H,
             zh == nullptr ? nullptr : zh + p * H, zc == nullptr ? nullptr : zc + p * H, rs[p * 3], rs[p * 3 + 1],
-            rs[p * 3 + 2], gx, gh, gc, bc, dhs + j * H, dcs + j * H, acc, work.data(), dx + p * G, dhh + p * G);
+            rs[p * 3 + 2], gx, gh, gc, bc, dhs + j * H, dcs + j * H, acc, work.data(), dx + (rel + j) * G,
+            dhh + (rel + j) * G);
       }
       if constexpr (std::is_same_v<S, float>) {
         if (block_gemm) {  // after the block's rows have read their dh_state rows
-          row_block_gemm(end - begin, H, G, dhh + (off + begin) * G, G, w_hh.const_data_ptr<float>(), dhs + begin * H,
+          row_block_gemm(end - begin, H, G, dhh + (rel + begin) * G, G, w_hh.const_data_ptr<float>(), dhs + begin * H,
                          H, zh != nullptr);
           row_block_gemm_done();
         }
       }
     });
     // Without zoneout the row pass left dh_state's rows alone: the GEMM writes them (no zeros first).
-    if (!block_gemm) matmul<S>(dhp.narrow(0, off, bs), w_hh, dh_state.narrow(0, 0, bs), zh != nullptr);
+    if (!block_gemm) matmul<S>(dhp.narrow(0, rel, bs), w_hh, dh_state.narrow(0, 0, bs), zh != nullptr);
+  }
+  block_done(blk);
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-ln_lstm_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-                const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& ln_ih_w,
-                const at::Tensor& ln_hh_w, const at::Tensor& ln_c_w, const OptTensor& ln_c_b,
-                const OptTensor& zoneout_h, const OptTensor& zoneout_c, const at::Tensor& batch_sizes, bool reverse,
-                double eps) {
-  const char* op = "ln_lstm_forward";
+// Rows of the forward's norm_h buffer: [N, G] when saved for backward; in the inference ops a [B, G] scratch
+// that each step overwrites, except where the step GEMM is MKL's (float64, the half types, or
+// FUSEDRNN_LN_GEMM=blas): its results depend on where C lies (measured: float64 GRU outputs differed from the
+// forward op's with C at the scratch's offset instead of the step's rows), and the inference outputs must
+// be the forward's bitwise. brgemm's do not (tested).
+template <typename S>
+inline int64_t norm_h_rows(bool save, const Shapes& s) {
+  return save || !use_row_block_gemm<S>() ? s.N : s.B;
+}
+
+using LnLstmOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The forward op (Save) and its inference twin (!Save: the saved-for-backward outputs undefined, see
+// ln_lstm_forward_impl): one body, so checks, messages and arithmetic are the same.
+template <bool Save>
+LnLstmOutputs run_ln_lstm(const char* op, const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                          const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                          const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w, const at::Tensor& ln_c_w,
+                          const OptTensor& ln_c_b, const OptTensor& zoneout_h, const OptTensor& zoneout_c,
+                          const at::Tensor& batch_sizes, bool reverse, double eps) {
   const Shapes s = check_common(op, KernelDevice::kCpu, 4, input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w,
                                 zoneout_h);
   check_lstm_cell_args(op, s, input, c0, ln_c_w, ln_c_b, zoneout_c);
@@ -569,20 +678,45 @@ ln_lstm_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor&
   const StepSchedule sched = make_schedule(op, batch_sizes, s.N, s.B);
   const auto opts = input.options();
   at::Tensor norm_x = at::mm(input, w_ih.t()).contiguous();
-  at::Tensor norm_h = new_buffer({s.N, s.G}, opts), gates = new_buffer({s.N, s.G}, opts);
-  at::Tensor output = new_buffer({s.N, s.H}, opts), cells = new_buffer({s.N, s.H}, opts);
-  at::Tensor norm_c = new_buffer({s.N, s.H}, opts);
-  at::Tensor rstd = new_buffer({s.N, 3}, opts.dtype(at::toOpMathType(input.scalar_type())));
+  at::Tensor norm_h;
+  at::Tensor output = new_buffer({s.N, s.H}, opts);
+  at::Tensor gates, cells, norm_c, rstd;
+  if constexpr (Save) {
+    gates = new_buffer({s.N, s.G}, opts);
+    cells = new_buffer({s.N, s.H}, opts);
+    norm_c = new_buffer({s.N, s.H}, opts);
+    rstd = new_buffer({s.N, 3}, opts.dtype(at::toOpMathType(input.scalar_type())));
+  }
   at::Tensor h_state = h0.contiguous().clone(), c_state = c0.contiguous().clone();
   const at::Tensor w_hh_t = w_hh.t().contiguous();  // [H, G]: the step GEMM's right operand
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ln_lstm_forward", [&] {
-    ln_lstm_forward_impl<scalar_t>(s, sched, reverse, eps, w_hh_t, contiguous_or_undefined(b_ih),
-                                   contiguous_or_undefined(b_hh), ln_ih_w.contiguous(), ln_hh_w.contiguous(),
-                                   ln_c_w.contiguous(), contiguous_or_undefined(ln_c_b),
-                                   contiguous_or_undefined(zoneout_h), contiguous_or_undefined(zoneout_c), h_state,
-                                   c_state, output, norm_x, norm_h, gates, cells, norm_c, rstd);
+    norm_h = new_buffer({norm_h_rows<scalar_t>(Save, s), s.G}, opts);
+    ln_lstm_forward_impl<scalar_t, Save>(s, sched, reverse, eps, w_hh_t, contiguous_or_undefined(b_ih),
+                                         contiguous_or_undefined(b_hh), ln_ih_w.contiguous(), ln_hh_w.contiguous(),
+                                         ln_c_w.contiguous(), contiguous_or_undefined(ln_c_b),
+                                         contiguous_or_undefined(zoneout_h), contiguous_or_undefined(zoneout_c),
+                                         h_state, c_state, output, norm_x, norm_h, gates, cells, norm_c, rstd);
   });
   return {output, h_state, c_state, norm_x, norm_h, gates, cells, norm_c, rstd};
+}
+
+LnLstmOutputs ln_lstm_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                              const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
+                              const OptTensor& b_hh, const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
+                              const at::Tensor& ln_c_w, const OptTensor& ln_c_b, const OptTensor& zoneout_h,
+                              const OptTensor& zoneout_c, const at::Tensor& batch_sizes, bool reverse, double eps) {
+  return run_ln_lstm<true>("ln_lstm_forward", input, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b,
+                           zoneout_h, zoneout_c, batch_sizes, reverse, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ln_lstm_inference(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& ln_ih_w,
+    const at::Tensor& ln_hh_w, const at::Tensor& ln_c_w, const OptTensor& ln_c_b, const OptTensor& zoneout_h,
+    const OptTensor& zoneout_c, const at::Tensor& batch_sizes, bool reverse, double eps) {
+  const LnLstmOutputs r = run_ln_lstm<false>("ln_lstm_inference", input, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih_w,
+                                             ln_hh_w, ln_c_w, ln_c_b, zoneout_h, zoneout_c, batch_sizes, reverse, eps);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -605,31 +739,38 @@ ln_lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, cons
   const at::Tensor hprev = previous_states(sched, reverse, out_c, h0.contiguous());
   const at::Tensor cprev = previous_states(sched, reverse, cells_c, c0.contiguous());
   at::Tensor dh_state = grad_h_n.contiguous().clone(), dc_state = grad_c_n.contiguous().clone();
-  at::Tensor dxp = new_buffer({s.N, s.G}, opts), dhp = new_buffer({s.N, s.G}, opts);
   const at::Tensor nx = norm_x.contiguous(), nh = norm_h.contiguous(), nc = norm_c.contiguous();
+  at::Tensor grad_input = need_grad_input ? new_buffer({s.N, s.I}, opts) : at::empty({0}, opts);
+  at::Tensor grad_w_ih = at::zeros({s.G, s.I}, opts), grad_w_hh = at::zeros({s.G, s.H}, opts);
   at::Tensor grad_b, grad_ln_ih_w, grad_ln_hh_w, grad_ln_c_w, grad_ln_c_b;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ln_lstm_backward", [&] {
+    const std::vector<StepBlock> blocks = step_blocks<scalar_t>(sched, reverse, s.B);
+    const int64_t rows = block_buffer_rows(blocks);
+    at::Tensor dxp = new_buffer({rows, s.G}, opts), dhp = new_buffer({rows, s.G}, opts);
     ColumnSums<at::opmath_type<scalar_t>> sums(3 * s.G + 2 * s.H);
     ln_lstm_backward_impl<scalar_t>(s, sched, reverse, grad_output.contiguous(), w_hh.contiguous(),
                                     ln_ih_w, ln_hh_w, ln_c_w, contiguous_or_undefined(ln_c_b),
                                     contiguous_or_undefined(zoneout_h), contiguous_or_undefined(zoneout_c), cprev, nx,
-                                    nh, gates.contiguous(), nc, rstd.contiguous(), dh_state, dc_state, sums, dxp, dhp);
+                                    nh, gates.contiguous(), nc, rstd.contiguous(), dh_state, dc_state, sums, dxp, dhp,
+                                    blocks, [&](const StepBlock& b) {
+                                      block_weight_grads(b, dxp, dhp, input, hprev, w_ih, need_grad_input,
+                                                         grad_input, grad_w_ih, grad_w_hh);
+                                    });
     grad_b = sums.total(0, s.G, opts);
     grad_ln_ih_w = sums.total(s.G, s.G, opts);
     grad_ln_hh_w = sums.total(2 * s.G, s.G, opts);
     grad_ln_c_w = sums.total(3 * s.G, s.H, opts);
     grad_ln_c_b = sums.total(3 * s.G + s.H, s.H, opts);
   });
-  at::Tensor grad_input = need_grad_input ? at::mm(dxp, w_ih) : at::empty({0}, opts);
-  at::Tensor grad_w_ih = at::mm(dxp.t(), input);
-  at::Tensor grad_w_hh = at::mm(dhp.t(), hprev);
   return {grad_input, dh_state, dc_state, grad_w_ih, grad_w_hh, grad_b, grad_b.clone(), grad_ln_ih_w, grad_ln_hh_w,
           grad_ln_c_w, grad_ln_c_b};
 }
 
 // ---- GRU -------------------------------------------------------------------------------------
 
-template <typename S>
+// Save = false: the inference op (ln_gru_inference), as the LSTM's: no gates or rstd, norm_h a [B, G]
+// scratch.
+template <typename S, bool Save>
 void ln_gru_forward_impl(const Shapes& s, const StepSchedule& sched, bool reverse, double eps_d,
                          const at::Tensor& w_hh_t, const at::Tensor& b_ih, const at::Tensor& b_hh,
                          const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w, const at::Tensor& zh_t,
@@ -638,27 +779,33 @@ void ln_gru_forward_impl(const Shapes& s, const StepSchedule& sched, bool revers
   using A = at::opmath_type<S>;
   const int64_t H = s.H, G = s.G;
   const A eps = A(eps_d);
-  S *nx = norm_x.data_ptr<S>(), *nh = norm_h.data_ptr<S>(), *gt = gates.data_ptr<S>(), *out = output.data_ptr<S>();
-  A* rs = rstd.data_ptr<A>();
+  S *nx = norm_x.data_ptr<S>(), *nh = norm_h.data_ptr<S>(), *out = output.data_ptr<S>();
+  S* gt = Save ? gates.data_ptr<S>() : nullptr;
+  A* rs = Save ? rstd.data_ptr<A>() : nullptr;
   S* hs = h_state.data_ptr<S>();
   const ParamVectors<A> pv(b_ih, b_hh, ln_ih_w, ln_hh_w, at::Tensor(), at::Tensor(), G, H);
   const A *gx = pv.gain_x.data(), *gh = pv.gain_h.data(), *bx = pv.bias_x.data(), *bh = pv.bias_h.data();
   const S* zh = ptr_or_null<S>(zh_t);
   at::parallel_for(0, s.N, kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) rs[p * 2] = normalize_row<S, A>(nx + p * G, G, eps);
+    for (int64_t p = begin; p < end; ++p) {
+      const A r = normalize_row<S, A>(nx + p * G, G, eps);
+      if constexpr (Save) rs[p * 2] = r;
+    }
   });
   const int64_t T = sched.steps();
   const bool block_gemm = use_row_block_gemm<S>();
   const bool avx512 = rows_on_avx512();
+  const bool full_norm_h = norm_h.size(0) == s.N;  // else a [B, G] scratch (see norm_h_rows)
   for (int64_t i = 0; i < T; ++i) {
     const int64_t t = reverse ? T - 1 - i : i;
     const int64_t bs = sched.batch[t], off = sched.offset[t];
-    if (!block_gemm) matmul<S>(h_state.narrow(0, 0, bs), w_hh_t, norm_h.narrow(0, off, bs), false);
+    const int64_t nh_off = full_norm_h ? off : 0;  // the step's first row of norm_h
+    if (!block_gemm) matmul<S>(h_state.narrow(0, 0, bs), w_hh_t, norm_h.narrow(0, nh_off, bs), false);
     at::parallel_for(0, bs, kRowGrain, [&](int64_t begin, int64_t end) {
       if constexpr (std::is_same_v<S, float>) {
         if (block_gemm) {
-          row_block_gemm(end - begin, G, H, hs + begin * H, H, w_hh_t.const_data_ptr<float>(), nh + (off + begin) * G,
-                         G, false);
+          row_block_gemm(end - begin, G, H, hs + begin * H, H, w_hh_t.const_data_ptr<float>(),
+                         nh + (nh_off + begin) * G, G, false);
           row_block_gemm_done();
         }
       }
@@ -670,8 +817,9 @@ void ln_gru_forward_impl(const Shapes& s, const StepSchedule& sched, bool revers
       for (int64_t j = begin; j < end; ++j) {
         const int64_t p = off + j;
         const S* xr = nx + p * G;
-        S* hr = nh + p * G;
-        rs[p * 2 + 1] = normalize_row<S, A>(hr, G, eps);
+        S* hr = nh + (nh_off + j) * G;
+        const A rstd_h = normalize_row<S, A>(hr, G, eps);
+        if constexpr (Save) rs[p * 2 + 1] = rstd_h;
         for (int64_t c = 0; c < G; ++c) {
           ax[c] = A(xr[c]) * gx[c] + bx[c];
           ah[c] = A(hr[c]) * gh[c] + bh[c];
@@ -687,8 +835,10 @@ void ln_gru_forward_impl(const Shapes& s, const StepSchedule& sched, bool revers
           const S* zr = zh + p * H;
           for (int64_t k = 0; k < H; ++k) h_new[k] = A(zr[k]) * A(hs_row[k]) + (A(1) - A(zr[k])) * h_new[k];
         }
-        S* g = gt + p * G;
-        for (int64_t c = 0; c < G; ++c) g[c] = S(ax[c]);
+        if constexpr (Save) {
+          S* g = gt + p * G;
+          for (int64_t c = 0; c < G; ++c) g[c] = S(ax[c]);
+        }
         S* out_row = out + p * H;
         store_twice<S, A>(H, h_new, out_row, hs_row);
       }
@@ -765,13 +915,14 @@ FUSEDRNN_LN_ROW_COPIES(ln_gru_backward_row,
                        (H, g, xr, hr, hp_row, go_row, zh_row, rstd_x, rstd_h, gx, gh, bh, dhs_row, acc, work, dx_row,
                         dhh_row))
 
-template <typename S>
+template <typename S, typename BlockDone>
 void ln_gru_backward_impl(const Shapes& s, const StepSchedule& sched, bool reverse, const at::Tensor& grad_output,
                           const at::Tensor& w_hh, const at::Tensor& b_hh, const at::Tensor& ln_ih_w,
                           const at::Tensor& ln_hh_w, const at::Tensor& zh_t, const at::Tensor& hprev,
                           const at::Tensor& norm_x, const at::Tensor& norm_h, const at::Tensor& gates,
                           const at::Tensor& rstd, at::Tensor& dh_state, ColumnSums<at::opmath_type<S>>& sums,
-                          at::Tensor& dxp, at::Tensor& dhp) {
+                          at::Tensor& dxp, at::Tensor& dhp, const std::vector<StepBlock>& blocks,
+                          BlockDone block_done) {
   using A = at::opmath_type<S>;
   const int64_t H = s.H, G = s.G;
   const S* go = grad_output.const_data_ptr<S>();
@@ -786,9 +937,11 @@ void ln_gru_backward_impl(const Shapes& s, const StepSchedule& sched, bool rever
   const int64_t T = sched.steps();
   const bool block_gemm = use_row_block_gemm<S>();
   const bool avx512 = rows_on_avx512();
-  for (int64_t i = 0; i < T; ++i) {
+  for (const StepBlock& blk : blocks) {
+  for (int64_t i = blk.first; i <= blk.last; ++i) {
     const int64_t t = reverse ? i : T - 1 - i;
     const int64_t bs = sched.batch[t], off = sched.offset[t];
+    const int64_t rel = off - blk.row_begin;  // the step's first row in dxp / dhp
     at::parallel_for(0, bs, kRowGrain, [&](int64_t begin, int64_t end) {
       std::vector<A> work(2 * G + H);
       A* acc = sums.mine();
@@ -800,41 +953,72 @@ void ln_gru_backward_impl(const Shapes& s, const StepSchedule& sched, bool rever
       for (int64_t j = begin; j < end; ++j) {
         const int64_t p = off + j;
         row(H, gt + p * G, nx + p * G, nh + p * G, hp + p * H, go + p * H, zh == nullptr ? nullptr : zh + p * H,
-            rs[p * 2], rs[p * 2 + 1], gx, gh, bh, dhs + j * H, acc, work.data(), dx + p * G, dhh + p * G);
+            rs[p * 2], rs[p * 2 + 1], gx, gh, bh, dhs + j * H, acc, work.data(), dx + (rel + j) * G,
+            dhh + (rel + j) * G);
       }
       if constexpr (std::is_same_v<S, float>) {
         if (block_gemm) {
-          row_block_gemm(end - begin, H, G, dhh + (off + begin) * G, G, w_hh.const_data_ptr<float>(), dhs + begin * H,
+          row_block_gemm(end - begin, H, G, dhh + (rel + begin) * G, G, w_hh.const_data_ptr<float>(), dhs + begin * H,
                          H, true);
           row_block_gemm_done();
         }
       }
     });
-    if (!block_gemm) matmul<S>(dhp.narrow(0, off, bs), w_hh, dh_state.narrow(0, 0, bs), true);
+    if (!block_gemm) matmul<S>(dhp.narrow(0, rel, bs), w_hh, dh_state.narrow(0, 0, bs), true);
+  }
+  block_done(blk);
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-ln_gru_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-               const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
-               const OptTensor& zoneout_h, const at::Tensor& batch_sizes, bool reverse, double eps) {
-  const char* op = "ln_gru_forward";
+using LnGruOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The forward op and its inference twin, as run_ln_lstm.
+template <bool Save>
+LnGruOutputs run_ln_gru(const char* op, const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
+                        const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& ln_ih_w,
+                        const at::Tensor& ln_hh_w, const OptTensor& zoneout_h, const at::Tensor& batch_sizes,
+                        bool reverse, double eps) {
   const Shapes s = check_common(op, KernelDevice::kCpu, 3, input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w,
                                 zoneout_h);
   check_eps(op, eps);
   const StepSchedule sched = make_schedule(op, batch_sizes, s.N, s.B);
   const auto opts = input.options();
   at::Tensor norm_x = at::mm(input, w_ih.t()).contiguous();
-  at::Tensor norm_h = new_buffer({s.N, s.G}, opts), gates = new_buffer({s.N, s.G}, opts);
+  at::Tensor norm_h;
   at::Tensor output = new_buffer({s.N, s.H}, opts);
-  at::Tensor rstd = new_buffer({s.N, 2}, opts.dtype(at::toOpMathType(input.scalar_type())));
+  at::Tensor gates, rstd;
+  if constexpr (Save) {
+    gates = new_buffer({s.N, s.G}, opts);
+    rstd = new_buffer({s.N, 2}, opts.dtype(at::toOpMathType(input.scalar_type())));
+  }
   at::Tensor h_state = h0.contiguous().clone();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ln_gru_forward", [&] {
-    ln_gru_forward_impl<scalar_t>(s, sched, reverse, eps, w_hh.t().contiguous(), contiguous_or_undefined(b_ih),
-                                  contiguous_or_undefined(b_hh), ln_ih_w.contiguous(), ln_hh_w.contiguous(),
-                                  contiguous_or_undefined(zoneout_h), h_state, output, norm_x, norm_h, gates, rstd);
+    norm_h = new_buffer({norm_h_rows<scalar_t>(Save, s), s.G}, opts);
+    ln_gru_forward_impl<scalar_t, Save>(s, sched, reverse, eps, w_hh.t().contiguous(), contiguous_or_undefined(b_ih),
+                                        contiguous_or_undefined(b_hh), ln_ih_w.contiguous(), ln_hh_w.contiguous(),
+                                        contiguous_or_undefined(zoneout_h), h_state, output, norm_x, norm_h, gates,
+                                        rstd);
   });
   return {output, h_state, norm_x, norm_h, gates, rstd};
+}
+
+LnGruOutputs ln_gru_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
+                            const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                            const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w, const OptTensor& zoneout_h,
+                            const at::Tensor& batch_sizes, bool reverse, double eps) {
+  return run_ln_gru<true>("ln_gru_forward", input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w, zoneout_h,
+                          batch_sizes, reverse, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor> ln_gru_inference(const at::Tensor& input, const at::Tensor& h0,
+                                                    const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                    const OptTensor& b_ih, const OptTensor& b_hh,
+                                                    const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
+                                                    const OptTensor& zoneout_h, const at::Tensor& batch_sizes,
+                                                    bool reverse, double eps) {
+  const LnGruOutputs r = run_ln_gru<false>("ln_gru_inference", input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w,
+                                           zoneout_h, batch_sizes, reverse, eps);
+  return {std::get<0>(r), std::get<1>(r)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -851,23 +1035,27 @@ ln_gru_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const
   const auto opts = input.options();
   const at::Tensor hprev = previous_states(sched, reverse, output.contiguous(), h0.contiguous());
   at::Tensor dh_state = grad_h_n.contiguous().clone();
-  at::Tensor dxp = new_buffer({s.N, s.G}, opts), dhp = new_buffer({s.N, s.G}, opts);
   const at::Tensor nx = norm_x.contiguous(), nh = norm_h.contiguous();
+  at::Tensor grad_input = need_grad_input ? new_buffer({s.N, s.I}, opts) : at::empty({0}, opts);
+  at::Tensor grad_w_ih = at::zeros({s.G, s.I}, opts), grad_w_hh = at::zeros({s.G, s.H}, opts);
   at::Tensor grad_b_ih, grad_b_hh, grad_ln_ih_w, grad_ln_hh_w;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ln_gru_backward", [&] {
+    const std::vector<StepBlock> blocks = step_blocks<scalar_t>(sched, reverse, s.B);
+    const int64_t rows = block_buffer_rows(blocks);
+    at::Tensor dxp = new_buffer({rows, s.G}, opts), dhp = new_buffer({rows, s.G}, opts);
     ColumnSums<at::opmath_type<scalar_t>> sums(4 * s.G);
     ln_gru_backward_impl<scalar_t>(s, sched, reverse, grad_output.contiguous(), w_hh.contiguous(),
                                    contiguous_or_undefined(b_hh), ln_ih_w, ln_hh_w,
                                    contiguous_or_undefined(zoneout_h), hprev, nx, nh, gates.contiguous(),
-                                   rstd.contiguous(), dh_state, sums, dxp, dhp);
+                                   rstd.contiguous(), dh_state, sums, dxp, dhp, blocks, [&](const StepBlock& b) {
+                                     block_weight_grads(b, dxp, dhp, input, hprev, w_ih, need_grad_input,
+                                                        grad_input, grad_w_ih, grad_w_hh);
+                                   });
     grad_b_ih = sums.total(0, s.G, opts);
     grad_b_hh = sums.total(s.G, s.G, opts);
     grad_ln_ih_w = sums.total(2 * s.G, s.G, opts);
     grad_ln_hh_w = sums.total(3 * s.G, s.G, opts);
   });
-  at::Tensor grad_input = need_grad_input ? at::mm(dxp, w_ih) : at::empty({0}, opts);
-  at::Tensor grad_w_ih = at::mm(dxp.t(), input);
-  at::Tensor grad_w_hh = at::mm(dhp.t(), hprev);
   return {grad_input, dh_state, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_ln_ih_w, grad_ln_hh_w};
 }
 
@@ -894,6 +1082,17 @@ TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
       "ln_gru_forward(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
       "Tensor ln_ih_w, Tensor ln_hh_w, Tensor? zoneout_h, Tensor batch_sizes, bool reverse, float eps) -> "
       "(Tensor output, Tensor h_n, Tensor norm_x, Tensor norm_h, Tensor gates, Tensor rstd)");
+  // The inference twins (as csrc/ops.cpp's lstm_inference / gru_inference): the forward's main outputs
+  // bitwise, without the saved-for-backward buffers; what fusedrnn/_layernorm_ops.py runs when no
+  // gradient can be taken. Not differentiable.
+  m.def(
+      "ln_lstm_inference(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor ln_ih_w, Tensor ln_hh_w, Tensor ln_c_w, Tensor? ln_c_b, Tensor? zoneout_h, Tensor? zoneout_c, "
+      "Tensor batch_sizes, bool reverse, float eps) -> (Tensor output, Tensor h_n, Tensor c_n)");
+  m.def(
+      "ln_gru_inference(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor ln_ih_w, Tensor ln_hh_w, Tensor? zoneout_h, Tensor batch_sizes, bool reverse, float eps) -> "
+      "(Tensor output, Tensor h_n)");
   m.def(
       "ln_gru_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_hh, Tensor ln_ih_w, Tensor ln_hh_w, Tensor? zoneout_h, Tensor batch_sizes, bool reverse, "
@@ -907,4 +1106,6 @@ TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
   m.impl("ln_lstm_backward", &fusedrnn::layernorm::ln_lstm_backward);
   m.impl("ln_gru_forward", &fusedrnn::layernorm::ln_gru_forward);
   m.impl("ln_gru_backward", &fusedrnn::layernorm::ln_gru_backward);
+  m.impl("ln_lstm_inference", &fusedrnn::layernorm::ln_lstm_inference);
+  m.impl("ln_gru_inference", &fusedrnn::layernorm::ln_gru_inference);
 }

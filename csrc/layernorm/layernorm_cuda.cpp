@@ -75,13 +75,15 @@ inline void check_launch(cudaError_t err) { C10_CUDA_CHECK(err); }
 
 // ---- LSTM ------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-ln_lstm_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-                const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& ln_ih_w,
-                const at::Tensor& ln_hh_w, const at::Tensor& ln_c_w, const OptTensor& ln_c_b,
-                const OptTensor& zoneout_h, const OptTensor& zoneout_c, const at::Tensor& batch_sizes, bool reverse,
-                double eps) {
-  const char* op = "ln_lstm_forward";
+using LnLstmOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The forward op, and (named `op` in its messages) the body of its inference twin below.
+LnLstmOutputs run_ln_lstm(const char* op, const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                          const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                          const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w, const at::Tensor& ln_c_w,
+                          const OptTensor& ln_c_b, const OptTensor& zoneout_h, const OptTensor& zoneout_c,
+                          const at::Tensor& batch_sizes, bool reverse, double eps) {
   const Shapes s = check_common(op, KernelDevice::kCuda, 4, input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w,
                                 zoneout_h);
   layernorm::check_lstm_cell_args(op, s, input, c0, ln_c_w, ln_c_b, zoneout_c);
@@ -219,11 +221,12 @@ ln_lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, cons
 
 // ---- GRU -------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-ln_gru_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-               const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
-               const OptTensor& zoneout_h, const at::Tensor& batch_sizes, bool reverse, double eps) {
-  const char* op = "ln_gru_forward";
+using LnGruOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+LnGruOutputs run_ln_gru(const char* op, const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
+                        const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& ln_ih_w,
+                        const at::Tensor& ln_hh_w, const OptTensor& zoneout_h, const at::Tensor& batch_sizes,
+                        bool reverse, double eps) {
   const Shapes s = check_common(op, KernelDevice::kCuda, 3, input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w,
                                 zoneout_h);
   layernorm::check_eps(op, eps);
@@ -340,6 +343,47 @@ ln_gru_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const
   return {grad_input, dh_state, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_ln_ih_w, grad_ln_hh_w};
 }
 
+LnLstmOutputs ln_lstm_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                              const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
+                              const OptTensor& b_hh, const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
+                              const at::Tensor& ln_c_w, const OptTensor& ln_c_b, const OptTensor& zoneout_h,
+                              const OptTensor& zoneout_c, const at::Tensor& batch_sizes, bool reverse, double eps) {
+  return run_ln_lstm("ln_lstm_forward", input, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b,
+                     zoneout_h, zoneout_c, batch_sizes, reverse, eps);
+}
+
+LnGruOutputs ln_gru_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
+                            const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                            const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w, const OptTensor& zoneout_h,
+                            const at::Tensor& batch_sizes, bool reverse, double eps) {
+  return run_ln_gru("ln_gru_forward", input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w, zoneout_h, batch_sizes,
+                    reverse, eps);
+}
+
+// The inference twins (layernorm_cpu.cpp's schemas): on CUDA the forward as above, its saved buffers
+// dropped when it returns (the kernels still write them; a kernel variant without those stores is not
+// written, and could not be measured here without a GPU).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ln_lstm_inference(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const at::Tensor& ln_ih_w,
+    const at::Tensor& ln_hh_w, const at::Tensor& ln_c_w, const OptTensor& ln_c_b, const OptTensor& zoneout_h,
+    const OptTensor& zoneout_c, const at::Tensor& batch_sizes, bool reverse, double eps) {
+  const LnLstmOutputs r = run_ln_lstm("ln_lstm_inference", input, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w,
+                                      ln_c_w, ln_c_b, zoneout_h, zoneout_c, batch_sizes, reverse, eps);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+}
+
+std::tuple<at::Tensor, at::Tensor> ln_gru_inference(const at::Tensor& input, const at::Tensor& h0,
+                                                    const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                    const OptTensor& b_ih, const OptTensor& b_hh,
+                                                    const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
+                                                    const OptTensor& zoneout_h, const at::Tensor& batch_sizes,
+                                                    bool reverse, double eps) {
+  const LnGruOutputs r = run_ln_gru("ln_gru_inference", input, h0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w,
+                                    zoneout_h, batch_sizes, reverse, eps);
+  return {std::get<0>(r), std::get<1>(r)};
+}
+
 }  // namespace lncuda
 }  // namespace fusedrnn
 
@@ -348,6 +392,8 @@ TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) {
   m.impl("ln_lstm_backward", &fusedrnn::lncuda::ln_lstm_backward);
   m.impl("ln_gru_forward", &fusedrnn::lncuda::ln_gru_forward);
   m.impl("ln_gru_backward", &fusedrnn::lncuda::ln_gru_backward);
+  m.impl("ln_lstm_inference", &fusedrnn::lncuda::ln_lstm_inference);
+  m.impl("ln_gru_inference", &fusedrnn::lncuda::ln_gru_inference);
 }
 
 #endif  // FUSEDRNN_WITH_CUDA
