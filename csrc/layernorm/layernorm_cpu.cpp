@@ -532,7 +532,7 @@ FUSEDRNN_LN_ROW_COPIES(ln_lstm_backward_row,
 // Backward's per-row gradients of the two gate LNs' inputs (dxp, dhp: [rows, G]) are held for a block of
 // consecutive steps at a time, not for all N rows: after a block, its rows' share of the weight gradients
 // (and of grad_input) is one GEMM each, accumulated. Two [N, G] buffers per call were what the LN-LSTM
-// training step's page faults came from (glibc trims the heap's top after each step; NOTES entry 30);
+// training step's page faults came from (glibc trims the heap's top after each step; NOTES entry 32);
 // a block of ~kBlockRows rows stays in L2 between the row pass that writes it and the GEMMs that read it.
 // float32 / float64 only: the half types keep one block of all rows, so that each weight gradient is still
 // one GEMM rounded once (a bf16 accumulator over blocks would round per block). FUSEDRNN_LN_BACKWARD_BLOCK=all
