@@ -286,7 +286,7 @@ inline at::Tensor owned_gradient(const at::Tensor& t) {
 template <typename Cell, typename Device>
 BackwardOutputs layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                                const SavedForBackward& saved, const LayerWeights& w, const StepSchedule& sched,
-                               bool reverse, bool need_grad_input, bool need_grad_h0) {
+                               bool reverse, bool need_grad_input, bool need_grad_h0 = true) {
   constexpr int64_t G = Cell::kGates;
   const int64_t N = saved.input.size(0);
   const int64_t B = saved.h0.size(0);
