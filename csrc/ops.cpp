@@ -15,6 +15,10 @@
 // (callers drop them), grad_w_hr is empty without projection, and grad_input
 // is empty when need_grad_input is false (its GEMM, a sixth of an LSTM's
 // training FLOPs, is skipped: a first layer fed raw features needs none).
+// Likewise grad_h0 is empty when need_grad_h0 is false: the first step's
+// dh_{t-1} = dgates W_hh, which only dh0 needs, is skipped (a cell or one-step
+// call from a zero or detached state: a second read of W_hh). grad_c0 is always
+// returned (LSTM: dc0 = dc_1 * f_1, pointwise, nothing to save).
 //
 // Implementations: cpu/register_cpu.cpp (CPU), cuda/register_cuda.cpp (CUDA).
 // Fake kernels and autograd are registered in Python (fusedrnn/_ops.py); eager training calls use
@@ -30,14 +34,15 @@ TORCH_LIBRARY(fusedrnn, m) {
   m.def(
       "lstm_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, Tensor h0, Tensor c0, "
       "Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor batch_sizes, bool reverse, bool need_grad_input, "
-      "Tensor output, Tensor gates, Tensor cells) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
-      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");
+      "Tensor output, Tensor gates, Tensor cells, bool need_grad_h0=True) -> (Tensor grad_input, Tensor grad_h0, "
+      "Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");
   m.def(
       "gru_forward(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
       "Tensor batch_sizes, bool reverse) -> (Tensor output, Tensor h_n, Tensor gates, Tensor hn)");
   m.def(
       "gru_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, "
-      "Tensor batch_sizes, bool reverse, bool need_grad_input, Tensor output, Tensor gates, Tensor hn) -> "
+      "Tensor batch_sizes, bool reverse, bool need_grad_input, Tensor output, Tensor gates, Tensor hn, "
+      "bool need_grad_h0=True) -> "
       "(Tensor grad_input, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
   // The forward of a call no gradient will be taken of (torch.no_grad, inference_mode, nothing
   // requiring grad: fusedrnn/_ops.py chooses): the same output and final states, bitwise, without
@@ -54,15 +59,15 @@ TORCH_LIBRARY(fusedrnn, m) {
       "Tensor batch_sizes, bool reverse) -> (Tensor output, Tensor h_n)");
   m.def(
       "rnn_tanh_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, "
-      "Tensor batch_sizes, bool reverse, bool need_grad_input, Tensor output) -> (Tensor grad_input, "
-      "Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
+      "Tensor batch_sizes, bool reverse, bool need_grad_input, Tensor output, bool need_grad_h0=True) -> "
+      "(Tensor grad_input, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
   m.def(
       "rnn_relu_forward(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
       "Tensor batch_sizes, bool reverse) -> (Tensor output, Tensor h_n)");
   m.def(
       "rnn_relu_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, "
-      "Tensor batch_sizes, bool reverse, bool need_grad_input, Tensor output) -> (Tensor grad_input, "
-      "Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
+      "Tensor batch_sizes, bool reverse, bool need_grad_input, Tensor output, bool need_grad_h0=True) -> "
+      "(Tensor grad_input, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
   // Test-only (csrc/cpu/persistent_emulation.cpp): the persistent CUDA forward's phase functions run
   // on the CPU, thread by thread (extra = LSTM cells, GRU hn, else empty); and its path choice with
   // given device limits, returning [ok, rows_per_cta, grid, shared_bytes].

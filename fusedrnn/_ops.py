@@ -311,15 +311,15 @@ class _VJPSpec:
 
     def fused(self, grads, primals, batch_sizes, saved):
         """The fused backward op: the gradients of primals[self.mask]."""
-        need_grad_input = 0 in self.mask
+        need_grad_input, need_grad_h0 = 0 in self.mask, 1 in self.mask
         if self.kind == "lstm":
             input, h0, c0, w_ih, w_hh, _, _, w_hr = primals
             result = _call("lstm_backward", *grads, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes,
-                           self.reverse, need_grad_input, *saved)
+                           self.reverse, need_grad_input, *saved, need_grad_h0)
         else:
             input, h0, w_ih, w_hh, _, _ = primals
             result = _call(f"{self.kind}_backward", *grads, input, h0, w_ih, w_hh, batch_sizes,
-                           self.reverse, need_grad_input, *saved)
+                           self.reverse, need_grad_input, *saved, need_grad_h0)
         return tuple(result[i] for i in self.mask)
 
     def reference(self, primals, batch_sizes):
@@ -468,6 +468,11 @@ def _grad_input_like(input: Tensor, needed: bool) -> Tensor:
     return _fresh(input) if needed else input.new_empty(0)
 
 
+def _grad_h0_like(h0: Tensor, needed: bool) -> Tensor:
+    # Likewise for h0: without need_grad_h0 the first step's dh_{t-1} = dgates W_hh is skipped.
+    return _fresh(h0) if needed else h0.new_empty(0)
+
+
 def _fresh(like: Tensor) -> Tensor:
     """A new contiguous tensor of like's shape: the real ops allocate every output afresh, so a
     fake output must not inherit a permuted argument's strides as torch.empty_like would."""
@@ -487,9 +492,9 @@ def _register():
 
     @torch.library.register_fake(lib + "lstm_backward")
     def _lstm_bwd_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes,
-                       reverse, need_grad_input, output, gates, cells):
+                       reverse, need_grad_input, output, gates, cells, need_grad_h0=True):
         g = w_hh.shape[0]
-        return (_grad_input_like(input, need_grad_input), _fresh(h0), _fresh(c0), _fresh(w_ih),
+        return (_grad_input_like(input, need_grad_input), _grad_h0_like(h0, need_grad_h0), _fresh(c0), _fresh(w_ih),
                 _fresh(w_hh), input.new_empty(g), input.new_empty(g),
                 _fresh(w_hr) if w_hr is not None else input.new_empty(0))
 
@@ -499,13 +504,19 @@ def _register():
         n, h = input.shape[0], w_hh.shape[0] // 3
         return input.new_empty(n, h), _fresh(h0), input.new_empty(n, 3 * h), input.new_empty(n, h)
 
-    def _simple_bwd_fake(grad_output, grad_h_n, input, h0, w_ih, w_hh, batch_sizes, reverse, need_grad_input,
-                         output, *saved):
+    def _simple_bwd_fake(input, h0, w_ih, w_hh, need_grad_input, need_grad_h0):
         g = w_hh.shape[0]
-        return (_grad_input_like(input, need_grad_input), _fresh(h0), _fresh(w_ih), _fresh(w_hh),
+        return (_grad_input_like(input, need_grad_input), _grad_h0_like(h0, need_grad_h0), _fresh(w_ih), _fresh(w_hh),
                 input.new_empty(g), input.new_empty(g))
 
-    torch.library.register_fake(lib + "gru_backward", _simple_bwd_fake)
+    @torch.library.register_fake(lib + "gru_backward")
+    def _gru_bwd_fake(grad_output, grad_h_n, input, h0, w_ih, w_hh, batch_sizes, reverse, need_grad_input,
+                      output, gates, hn, need_grad_h0=True):
+        return _simple_bwd_fake(input, h0, w_ih, w_hh, need_grad_input, need_grad_h0)
+
+    def _rnn_bwd_fake(grad_output, grad_h_n, input, h0, w_ih, w_hh, batch_sizes, reverse, need_grad_input,
+                      output, need_grad_h0=True):
+        return _simple_bwd_fake(input, h0, w_ih, w_hh, need_grad_input, need_grad_h0)
 
     @torch.library.register_fake(lib + "lstm_inference")
     def _lstm_inference_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
@@ -523,7 +534,7 @@ def _register():
 
     for act in ("tanh", "relu"):
         torch.library.register_fake(f"{lib}rnn_{act}_forward", _rnn_fwd_fake)
-        torch.library.register_fake(f"{lib}rnn_{act}_backward", _simple_bwd_fake)
+        torch.library.register_fake(f"{lib}rnn_{act}_backward", _rnn_bwd_fake)
 
     # ---- autograd -------------------------------------------------------------------------
     def _bias_grads(ctx, g_b_ih, g_b_hh):
@@ -547,9 +558,10 @@ def _register():
         gi, gh0, gc0, gwih, gwhh, gbih, gbhh, gwhr = _call(
             "lstm_backward",
             _unused_grad(g_out, out), _unused_grad(g_hn, h0), _unused_grad(g_cn, c0),
-            input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse, ctx.needs_input_grad[0], out, gates, cells)
+            input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse, ctx.needs_input_grad[0], out, gates, cells,
+            ctx.needs_input_grad[1])
         gbih, gbhh = _bias_grads(ctx, gbih, gbhh)
-        return (gi if ctx.needs_input_grad[0] else None), gh0, gc0, gwih, gwhh, gbih, gbhh, (gwhr if w_hr is not None else None), None, None
+        return (gi if ctx.needs_input_grad[0] else None), (gh0 if ctx.needs_input_grad[1] else None), gc0, gwih, gwhh, gbih, gbhh, (gwhr if w_hr is not None else None), None, None
 
     _register_autograd("lstm_forward", _lstm_backward, _lstm_setup)
 
@@ -570,9 +582,9 @@ def _register():
         gi, gh0, gwih, gwhh, gbih, gbhh = _call(
             "gru_backward",
             _unused_grad(g_out, out), _unused_grad(g_hn, h0), input, h0, w_ih, w_hh,
-            batch_sizes, ctx.reverse, ctx.needs_input_grad[0], out, gates, hn)
+            batch_sizes, ctx.reverse, ctx.needs_input_grad[0], out, gates, hn, ctx.needs_input_grad[1])
         gbih, gbhh = _bias_grads(ctx, gbih, gbhh)
-        return (gi if ctx.needs_input_grad[0] else None), gh0, gwih, gwhh, gbih, gbhh, None, None
+        return (gi if ctx.needs_input_grad[0] else None), (gh0 if ctx.needs_input_grad[1] else None), gwih, gwhh, gbih, gbhh, None, None
 
     _register_autograd("gru_forward", _gru_backward, _gru_setup)
 
@@ -593,9 +605,9 @@ def _register():
             gi, gh0, gwih, gwhh, gbih, gbhh = _call(
                 f"rnn_{act}_backward",
                 _unused_grad(g_out, out), _unused_grad(g_hn, h0), input, h0, w_ih, w_hh,
-                batch_sizes, ctx.reverse, ctx.needs_input_grad[0], out)
+                batch_sizes, ctx.reverse, ctx.needs_input_grad[0], out, ctx.needs_input_grad[1])
             gbih, gbhh = _bias_grads(ctx, gbih, gbhh)
-            return (gi if ctx.needs_input_grad[0] else None), gh0, gwih, gwhh, gbih, gbhh, None, None
+            return (gi if ctx.needs_input_grad[0] else None), (gh0 if ctx.needs_input_grad[1] else None), gwih, gwhh, gbih, gbhh, None, None
 
         _register_autograd(f"rnn_{act}_forward", backward, setup)
 

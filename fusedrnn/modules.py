@@ -506,6 +506,12 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
 
     def _run(self, data: Tensor, batch_sizes: Tensor, h: Tensor, c: Optional[Tensor],
              weights: List[LayerWeights]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        if self.num_layers == 1 and not self.bidirectional:
+            # One layer, one direction (most decoding and streaming calls): the layer itself, without
+            # rnn_packed's loops and lists (benchmarks/NOTES.md, entry 33); h_n / c_n are views, as there.
+            out, h_n, c_n = functional.layer(self.mode, data, h[0], None if c is None else c[0], weights[0],
+                                             batch_sizes, False)
+            return out, h_n.unsqueeze(0), None if c_n is None else c_n.unsqueeze(0)
         return functional.rnn_packed(self.mode, data, batch_sizes, h, c, weights, self.num_layers,
                                      self.bidirectional, self.dropout, self.training)
 

@@ -198,3 +198,87 @@ def test_small_call_weight_gradients_accumulate_like_nn(kind, batch):
             h = h[0] if kind == "lstm" else h
             (h * torch.arange(4, dtype=torch.double)).sum().backward()
     _assert_same_grads(ref, ours)
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+@pytest.mark.parametrize("state", ["none", "detached", "h0", "c0", "both"])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_initial_state_gradient_only_where_needed(kind, state, packed, dtype):
+    """The backward ops skip dh0's product with W_hh when h0 needs no gradient (need_grad_h0): every
+    combination of h0 / c0 requiring grad or not (no state, a detached one, h0 only, c0 only, both),
+    2 bidirectional layers, packed ragged input, against torch.nn in float64 (float32: the CPU engine)."""
+    if state in ("c0", "both") and kind != "lstm":
+        pytest.skip("only LSTM has c0")
+    ref, ours = _pair(kind, num_layers=2, bidirectional=True)
+    ours.to(dtype)
+    x = torch.randn(3, 3, 3, dtype=torch.double, requires_grad=True)
+    h0 = torch.randn(4, 3, 4, dtype=torch.double, requires_grad=state in ("h0", "both"))
+    c0 = torch.randn(4, 3, 4, dtype=torch.double, requires_grad=state in ("c0", "both"))
+    leaves = [x] + [t for t in (h0, c0) if t.requires_grad]
+    grads = []
+    for m, t in ((ref, torch.double), (ours, dtype)):
+        xs, hs, cs = x.to(t), h0.to(t), c0.to(t)
+        if packed:
+            xs = torch.nn.utils.rnn.pack_padded_sequence(xs, [3, 2, 1])
+        hx = None if state == "none" else (hs, cs) if kind == "lstm" else hs
+        out, hn = m(xs, hx)
+        out = torch.nn.utils.rnn.pad_packed_sequence(out)[0] if packed else out
+        h_n = hn[0] if kind == "lstm" else hn
+        loss = out.pow(2).sum() + h_n.sum() + (hn[1].pow(2).sum() if kind == "lstm" else 0)
+        grads.append(torch.autograd.grad(loss, leaves + list(m.parameters())))
+    tol = {} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b.double(), a, **tol)
+
+
+@pytest.mark.parametrize("kind", list(CELLS))
+@pytest.mark.parametrize("state_grad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cell_state_gradient_only_where_needed(kind, state_grad, dtype):
+    """A cell call from a state that needs no gradient (the usual training step) and from one that
+    does: weight, input and state gradients against torch.nn in float64."""
+    ref, ours = _pair(kind, layer=False)
+    ours.to(dtype)
+    x = torch.randn(2, 3, dtype=torch.double, requires_grad=True)
+    h = torch.randn(2, 4, dtype=torch.double, requires_grad=state_grad)
+    c = torch.randn(2, 4, dtype=torch.double, requires_grad=state_grad)
+    leaves = [x] + ([h, c] if state_grad and kind == "lstm" else [h] if state_grad else [])
+    grads = []
+    for m, t in ((ref, torch.double), (ours, dtype)):
+        out = m(x.to(t), (h.to(t), c.to(t)) if kind == "lstm" else h.to(t))
+        loss = out[0].pow(2).sum() + out[1].sum() if kind == "lstm" else out.pow(2).sum()
+        grads.append(torch.autograd.grad(loss, leaves + list(m.parameters())))
+    tol = {} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b.double(), a, **tol)
+
+
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_torch_func_and_double_backward_with_a_state_that_needs_no_gradient(kind):
+    """torch.func.grad with respect to the weights only (h0 a plain input), jacrev with respect to h0,
+    and a gradient penalty (create_graph) from a detached state: each against torch.nn in float64."""
+    ref, ours = _pair(kind, layer=False)
+    x = torch.randn(2, 3, dtype=torch.double)
+    h = torch.randn(2, 4, dtype=torch.double)
+    state = (h, h * 0.5) if kind == "lstm" else h
+
+    def loss(m, params, hx):
+        out = torch.func.functional_call(m, params, (x, hx))
+        return (out[0] if kind == "lstm" else out).pow(2).sum()
+
+    def first_state(m, h_):
+        return torch.func.functional_call(m, dict(m.named_parameters()), (x, (h_, h * 0.5) if kind == "lstm"
+                                                                           else h_))
+
+    results = []
+    for m in (ref, ours):
+        params = {k: v.detach() for k, v in m.named_parameters()}
+        g = torch.func.grad(loss, argnums=1)(m, params, state)
+        jac = torch.func.jacrev(lambda h_: first_state(m, h_)[0] if kind == "lstm" else first_state(m, h_))(h)
+        first = torch.autograd.grad(loss(m, dict(m.named_parameters()), state), list(m.parameters()),
+                                    create_graph=True)
+        penalty = torch.autograd.grad(sum(t.pow(2).sum() for t in first), list(m.parameters()))
+        results.append([g[k] for k in sorted(g)] + [jac] + list(penalty))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a)

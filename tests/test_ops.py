@@ -91,23 +91,62 @@ def test_opcheck_forward_op(cell, bias, device):
     torch.library.opcheck(op, (*args, True))
 
 
+def backward_args(cell, args, outs, grads, reverse, need_grad_input):
+    """The backward op of `cell` and its arguments (without need_grad_h0) for forward outputs `outs`."""
+    if cell.startswith("lstm"):
+        x, h0, c0, w_ih, w_hh, _, _, w_hr, bs = args
+        return OPS.lstm_backward, (*grads, x, h0, c0, w_ih, w_hh, w_hr, bs, reverse, need_grad_input, outs[0],
+                                   outs[3], outs[4])
+    x, h0, w_ih, w_hh, _, _, bs = args
+    saved = (outs[0], outs[2], outs[3]) if cell == "gru" else (outs[0],)
+    backward = {"gru": OPS.gru_backward, "rnn_tanh": OPS.rnn_tanh_backward, "rnn_relu": OPS.rnn_relu_backward}[cell]
+    return backward, (*grads, x, h0, w_ih, w_hh, bs, reverse, need_grad_input, *saved)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cell", list(GATES))
 @pytest.mark.parametrize("need_grad_input", [True, False])
-def test_opcheck_backward_op(cell, device, need_grad_input):
+@pytest.mark.parametrize("need_grad_h0", [True, False])
+def test_opcheck_backward_op(cell, device, need_grad_input, need_grad_h0):
     op, args = make_args(cell, RAGGED, device=device)
     outs = op(*args, False)
     grads = [torch.randn_like(t) for t in outs[: 3 if cell.startswith("lstm") else 2]]
-    if cell.startswith("lstm"):
-        x, h0, c0, w_ih, w_hh, _, _, w_hr, bs = args
-        bargs = (*grads, x, h0, c0, w_ih, w_hh, w_hr, bs, False, need_grad_input, outs[0], outs[3], outs[4])
-        torch.library.opcheck(OPS.lstm_backward, bargs)
-    else:
-        x, h0, w_ih, w_hh, _, _, bs = args
-        saved = (outs[0], outs[2], outs[3]) if cell == "gru" else (outs[0],)
-        backward = {"gru": OPS.gru_backward, "rnn_tanh": OPS.rnn_tanh_backward,
-                    "rnn_relu": OPS.rnn_relu_backward}[cell]
-        torch.library.opcheck(backward, (*grads, x, h0, w_ih, w_hh, bs, False, need_grad_input, *saved))
+    backward, bargs = backward_args(cell, args, outs, grads, False, need_grad_input)
+    torch.library.opcheck(backward, (*bargs, need_grad_h0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cell,sizes,reverse", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("small", ["0", "1"])
+def test_backward_without_grad_h0_skips_only_grad_h0(cell, sizes, reverse, dtype, small, device, monkeypatch):
+    """need_grad_h0=False: grad_h0 comes back empty and every other gradient is bitwise the one of
+    need_grad_h0=True (the skipped product feeds only dh0), on the engine (float32, packed and small
+    paths) and the per-step loop (float64), ragged and uniform, both directions."""
+    monkeypatch.setenv("FUSEDRNN_CPU_SMALL", small)
+    batch_sizes = RAGGED if sizes == "ragged" else UNIFORM
+    op, args = make_args(cell, batch_sizes, dtype=dtype, device=device)
+    outs = op(*args, reverse)
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(t.shape, generator=g, dtype=dtype).to(device)
+             for t in outs[: 3 if cell.startswith("lstm") else 2]]
+    backward, bargs = backward_args(cell, args, outs, grads, reverse, True)
+    full = backward(*bargs)  # the schema's default: need_grad_h0=True
+    explicit = backward(*bargs, True)
+    partial = backward(*bargs, False)
+    assert partial[1].numel() == 0
+    for i, (a, b) in enumerate(zip(full, explicit)):
+        assert torch.equal(a, b), i
+    for i, (a, b) in enumerate(zip(full, partial)):
+        if i != 1:
+            assert torch.equal(a, b), i
+    # And grad_h0 itself, when asked for, is the reference's.
+    ref_args = [a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a for a in args]
+    expected = reference_forward(cell, ref_args, reverse)
+    main = expected[:3] if cell.startswith("lstm") else expected[:2]
+    want_h0 = torch.autograd.grad(sum((t * w).sum() for t, w in zip(main, grads)), ref_args[1])[0]
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=1e-12)
+    torch.testing.assert_close(full[1], want_h0, **tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -6,6 +6,9 @@
 // backward, the boxed backward-op call). Here both directions stay in C++ (benchmarks/NOTES.md,
 // the entry "C++ autograd for the small training calls").
 //
+// The backward op is told which of input and h0 need a gradient (needs_input_grad): a cell or one-step
+// call from a zero or detached state skips dX and the first step's dh_{t-1} = dgates W_hh.
+//
 // What it does not replace: the Python formulas in fusedrnn/_ops.py (torch.library's autograd
 // registration and the functorch twins) stay the only autograd that torch.compile, torch.export,
 // TorchScript, make_fx and torch.func see; fusedrnn/_ops.py calls the eager_* ops below only for an
@@ -131,7 +134,7 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
             .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
                 const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                 const Tensor&, const Tensor&, const optional<Tensor>&, const Tensor&, bool, bool, const Tensor&,
-                const Tensor&, const Tensor&)>();
+                const Tensor&, const Tensor&, bool)>();
     auto s = ctx->get_saved_variables();
     const Tensor &input = s[0], &h0 = s[1], &c0 = s[2], &w_ih = s[3], &w_hh = s[4], &b_ih = s[5], &b_hh = s[6],
                  &w_hr = s[7], &batch_sizes = s[8], &out = s[9], &gates = s[10], &cells = s[11];
@@ -150,9 +153,9 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [gi, gh0, gc0, gwih, gwhh, gbih, gbhh, gwhr] =
         op.call(g[0], g[1], g[2], input, h0, c0, w_ih, w_hh, w_hr.defined() ? optional<Tensor>(w_hr) : std::nullopt,
-                batch_sizes, reverse, needs[0], out, gates, cells);
+                batch_sizes, reverse, needs[0], out, gates, cells, needs[1]);
     result[0] = needs[0] ? gi : Tensor();
-    result[1] = gh0;
+    result[1] = needs[1] ? gh0 : Tensor();
     result[2] = gc0;
     result[3] = gwih;
     result[4] = gwhh;
@@ -189,7 +192,7 @@ struct GRUFunction : public torch::autograd::Function<GRUFunction> {
         op_handle("fusedrnn::gru_backward")
             .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
                 const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                const Tensor&, bool, bool, const Tensor&, const Tensor&, const Tensor&)>();
+                const Tensor&, bool, bool, const Tensor&, const Tensor&, const Tensor&, bool)>();
     auto s = ctx->get_saved_variables();
     const Tensor &input = s[0], &h0 = s[1], &w_ih = s[2], &w_hh = s[3], &b_ih = s[4], &b_hh = s[5],
                  &batch_sizes = s[6], &out = s[7], &gates = s[8], &hn = s[9];
@@ -206,9 +209,9 @@ struct GRUFunction : public torch::autograd::Function<GRUFunction> {
     }
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [gi, gh0, gwih, gwhh, gbih, gbhh] =
-        op.call(g[0], g[1], input, h0, w_ih, w_hh, batch_sizes, reverse, needs[0], out, gates, hn);
+        op.call(g[0], g[1], input, h0, w_ih, w_hh, batch_sizes, reverse, needs[0], out, gates, hn, needs[1]);
     result[0] = needs[0] ? gi : Tensor();
-    result[1] = gh0;
+    result[1] = needs[1] ? gh0 : Tensor();
     result[2] = gwih;
     result[3] = gwhh;
     if (b_ih.defined()) result[4] = gbih;
@@ -244,7 +247,7 @@ struct RNNFunction : public torch::autograd::Function<RNNFunction<Relu>> {
     static const auto op = op_handle(Relu ? "fusedrnn::rnn_relu_backward" : "fusedrnn::rnn_tanh_backward")
                                .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
                                    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                   const Tensor&, const Tensor&, bool, bool, const Tensor&)>();
+                                   const Tensor&, const Tensor&, bool, bool, const Tensor&, bool)>();
     auto s = ctx->get_saved_variables();
     const Tensor &input = s[0], &h0 = s[1], &w_ih = s[2], &w_hh = s[3], &b_ih = s[4], &b_hh = s[5],
                  &batch_sizes = s[6], &out = s[7];
@@ -261,9 +264,9 @@ struct RNNFunction : public torch::autograd::Function<RNNFunction<Relu>> {
     }
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [gi, gh0, gwih, gwhh, gbih, gbhh] =
-        op.call(g[0], g[1], input, h0, w_ih, w_hh, batch_sizes, reverse, needs[0], out);
+        op.call(g[0], g[1], input, h0, w_ih, w_hh, batch_sizes, reverse, needs[0], out, needs[1]);
     result[0] = needs[0] ? gi : Tensor();
-    result[1] = gh0;
+    result[1] = needs[1] ? gh0 : Tensor();
     result[2] = gwih;
     result[3] = gwhh;
     if (b_ih.defined()) result[4] = gbih;

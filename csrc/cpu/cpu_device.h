@@ -111,11 +111,13 @@ struct CpuDevice {
 
   // h0 / c0: contiguous initial states; the engine reads each step's previous
   // states from them and from output / cells (no [N, H] gather). dgates_h: GRU's
-  // [B, 3H] hidden-side gate gradients of one step.
+  // [B, 3H] hidden-side gate gradients of one step. need_grad_h0 false: dh_state is left unfinished
+  // (the first step's product with W_hh, which only dh0 needs, is skipped).
   template <typename Cell>
   static bool backward_sequence(const at::Tensor& grad_output, const SavedForBackward& saved, const LayerWeights& w,
                                 const StepSchedule& s, bool reverse, const at::Tensor& h0, const at::Tensor& c0,
-                                at::Tensor& dh_state, at::Tensor& dc_state, at::Tensor& dgates, at::Tensor& dgates_h) {
+                                at::Tensor& dh_state, at::Tensor& dc_state, at::Tensor& dgates, at::Tensor& dgates_h,
+                                bool need_grad_h0) {
     if (!engine_takes(grad_output)) return false;
     const at::Tensor w_hh = w.w_hh.contiguous();
     cpu_engine::BackwardArgs a;
@@ -140,6 +142,7 @@ struct CpuDevice {
     }
     a.grad_h_state = dh_state.data_ptr<float>();
     a.grad_gates = dgates.data_ptr<float>();
+    a.need_grad_h0 = need_grad_h0;
     cpu_engine::backward(a);
     return true;
   }

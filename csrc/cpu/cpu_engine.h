@@ -111,6 +111,9 @@ struct BackwardArgs {
   float* grad_gates = nullptr;
   float* grad_gates_h = nullptr;     // [B, 3H] GRU only: the hidden side, one step at a time
   bool small = false;                // use_small_path: W_hh read in place when H allows it
+  // false: the first step's dh_{t-1} = dgates_h W_hh (dh0 alone) is skipped; grad_h_state is then
+  // not dh0 and nothing may read it.
+  bool need_grad_h0 = true;
 };
 
 // Whether forward should compute the input projection inside its tiles: only

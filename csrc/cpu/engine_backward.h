@@ -51,18 +51,19 @@ void backward_gemm(const float* dgates_h, int64_t G, int64_t H, const BackwardPa
 }
 
 // One block of MR rows of one step: the cell backward, then dh_{t-1} = dgates_h
-// W_hh while the block's gate gradients are in L1. GRU's cell has written the
-// direct path z * dh into dh, which the product adds to.
+// W_hh while the block's gate gradients are in L1 (unless `product` is false:
+// the first step when dh0 is not needed). GRU's cell has written the direct
+// path z * dh into dh, which the product adds to.
 template <typename Cell, int MR>
 __attribute__((noinline, flatten)) void backward_block(const cells::BackwardStepParams<float>& q,
                                                        const float* dgates_h, const BackwardPanels& w_packed,
-                                                       float* dh) {
+                                                       float* dh, bool product) {
   constexpr int G = Cell::kGates;
   for (int m = 0; m < MR; ++m) {
 #pragma omp simd simdlen(FUSEDRNN_ENGINE_SIMDLEN)
     for (int64_t j = 0; j < q.hidden; ++j) Cell::backward(q, m, j);
   }
-  backward_gemm<MR>(dgates_h, G, q.hidden, w_packed, G == 3, dh);
+  if (product) backward_gemm<MR>(dgates_h, G, q.hidden, w_packed, G == 3, dh);
 }
 
 // The previous states of rows [m0, m0 + mr) of a step whose rows [0, carried)
@@ -111,6 +112,8 @@ void backward_impl(const BackwardArgs& args) {
       const bool has_src = src >= 0 && src < T;
       const int64_t src_offset = has_src ? offset[src] : 0;
       const int64_t carried = has_src ? std::min(batch[t], batch[src]) : 0;
+      // The last step processed is the sequence's first: its dh_{t-1} is dh0 alone.
+      const bool product = args.need_grad_h0 || k < T - 1;
       for_each_row_block(lo, end, [&](int64_t m0, int64_t mr) {
         const int64_t row = off + m0;  // packed row of the block's first sequence
         cells::BackwardStepParams<float> q;
@@ -135,7 +138,7 @@ void backward_impl(const BackwardArgs& args) {
         if (is_gru) q.grad_gates_h = args.grad_gates_h + m0 * G * H;
         const float* dgates_h = is_gru ? args.grad_gates_h + m0 * G * H : args.grad_gates + row * G * H;
         float* dh = args.grad_h_state + m0 * H;
-        with_rows(mr, [&](auto rows) { backward_block<Cell, rows.value>(q, dgates_h, w_packed, dh); });
+        with_rows(mr, [&](auto rows) { backward_block<Cell, rows.value>(q, dgates_h, w_packed, dh, product); });
       });
     }
   });

@@ -286,12 +286,12 @@ inline at::Tensor owned_gradient(const at::Tensor& t) {
 template <typename Cell, typename Device>
 BackwardOutputs layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                                const SavedForBackward& saved, const LayerWeights& w, const StepSchedule& sched,
-                               bool reverse, bool need_grad_input) {
+                               bool reverse, bool need_grad_input, bool need_grad_h0 = true) {
   if constexpr (widens_half_types<Device>::value) {  // the half types in float32 (layer_forward.h)
     if (Device::widens(saved.input.scalar_type())) {
       return Device::narrow(layer_backward<Cell, Device>(Device::widen(grad_output_in), Device::widen(grad_h_n),
                                                          Device::widen(grad_c_n), Device::widen(saved), Device::widen(w),
-                                                         sched, reverse, need_grad_input),
+                                                         sched, reverse, need_grad_input, need_grad_h0),
                             saved.input.scalar_type());
     }
   }
@@ -327,10 +327,22 @@ BackwardOutputs layer_backward(const at::Tensor& grad_output_in, const at::Tenso
 
   // A device with a sequence engine (the CPU's) may run the whole loop below
   // itself, with the same cell math; the weight gradients after it are shared.
+  // An engine that takes need_grad_h0 skips the first step's dh_{t-1} product when it is false; the
+  // others (the persistent CUDA backward) compute it, and it is dropped below.
   bool engine_done = false;
   if constexpr (has_sequence_engine<Device>::value) {
-    engine_done = !has_proj && Device::template backward_sequence<Cell>(grad_output, saved, w, sched, reverse, h0, c0,
-                                                                       dh_state, dc_state, dgates, dgates_h);
+    if (!has_proj) {
+      if constexpr (requires {
+                      Device::template backward_sequence<Cell>(grad_output, saved, w, sched, reverse, h0, c0,
+                                                               dh_state, dc_state, dgates, dgates_h, need_grad_h0);
+                    }) {
+        engine_done = Device::template backward_sequence<Cell>(grad_output, saved, w, sched, reverse, h0, c0, dh_state,
+                                                               dc_state, dgates, dgates_h, need_grad_h0);
+      } else {
+        engine_done = Device::template backward_sequence<Cell>(grad_output, saved, w, sched, reverse, h0, c0, dh_state,
+                                                               dc_state, dgates, dgates_h);
+      }
+    }
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.input.scalar_type(), "fusedrnn.layer_backward", [&] {
     using T = scalar_t;
@@ -368,7 +380,10 @@ BackwardOutputs layer_backward(const at::Tensor& grad_output_in, const at::Tenso
       p.grad_gates = dgates.template data_ptr<T>() + off * G * H;
       Device::template backward<Cell, T>(p);
 
-      // dh_{t-1} = dgates_h W_hh; GRU adds it to the direct z * dh path its cell wrote.
+      // dh_{t-1} = dgates_h W_hh; GRU adds it to the direct z * dh path its cell wrote. At the last
+      // step processed here (the first of the sequence) it is dh0 alone (every row's previous state
+      // is h0's), so without need_grad_h0 nothing reads it.
+      if (k == sched.steps() - 1 && !need_grad_h0) continue;
       at::Tensor dh_prev = rows(dh_state, 0, bs);
       Device::template matmul<T>(dh_prev, rows(dgates_h, is_gru ? 0 : off, bs), w.w_hh, at::Tensor(), is_gru);
     }
@@ -411,7 +426,7 @@ BackwardOutputs layer_backward(const at::Tensor& grad_output_in, const at::Tenso
     g.grad_input = at::empty({0}, opts);
   }
   g.grad_w_hr = has_proj ? device_mm<Device>(dh_all.t(), r_all) : at::empty({0}, opts);
-  g.grad_h0 = dh_state;
+  g.grad_h0 = need_grad_h0 ? dh_state : at::empty({0}, opts);
   g.grad_c0 = is_lstm ? dc_state : at::empty({0}, opts);
   return g;
 }

@@ -156,13 +156,15 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& input, const at
 // ---------------------------------------------------------------------------
 // Backward ops
 // ---------------------------------------------------------------------------
+// need_grad_h0 defaults to true as in the schemas (the persistent runner's test op calls these directly).
 
 template <typename Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
               const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
               const at::Tensor& w_hh, const OptTensor& w_hr, const at::Tensor& batch_sizes, bool reverse,
-              bool need_grad_input, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
+              bool need_grad_input, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+              bool need_grad_h0 = true) {
   constexpr const char* op = "lstm_backward";
   const LayerWeights w = check_layer(op, 4, input, h0, &c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
@@ -177,7 +179,7 @@ lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const a
   SavedForBackward saved{input, h0, c0, output.contiguous(), gates.contiguous(), cells.contiguous(), {}};
   BackwardOutputs g =
       layer_backward<LstmCell, Device>(grad_output, grad_h_n, grad_c_n, saved, w, s, reverse,
-                                       need_grad_input);
+                                       need_grad_input, need_grad_h0);
   return {g.grad_input, g.grad_h0, g.grad_c0, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh, g.grad_w_hr};
 }
 
@@ -185,7 +187,8 @@ template <typename Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input, const at::Tensor& h0,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& batch_sizes, bool reverse,
-    bool need_grad_input, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& hn) {
+    bool need_grad_input, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& hn,
+    bool need_grad_h0 = true) {
   constexpr const char* op = "gru_backward";
   const LayerWeights w = check_layer(op, 3, input, h0, nullptr, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt);
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
@@ -199,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   SavedForBackward saved{input, h0, {}, output.contiguous(), gates.contiguous(), {}, hn.contiguous()};
   BackwardOutputs g =
       layer_backward<GruCell, Device>(grad_output, grad_h_n, at::Tensor(), saved, w, s, reverse,
-                                      need_grad_input);
+                                      need_grad_input, need_grad_h0);
   return {g.grad_input, g.grad_h0, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh};
 }
 
@@ -207,7 +210,7 @@ template <typename Cell, typename Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input, const at::Tensor& h0,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& batch_sizes, bool reverse,
-    bool need_grad_input, const at::Tensor& output) {
+    bool need_grad_input, const at::Tensor& output, bool need_grad_h0 = true) {
   const char* op = Cell::kRelu ? "rnn_relu_backward" : "rnn_tanh_backward";
   const LayerWeights w = check_layer(op, 1, input, h0, nullptr, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt);
   const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
@@ -219,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   SavedForBackward saved{input, h0, {}, output.contiguous(), {}, {}, {}};  // RNN needs only h_t
   BackwardOutputs g =
       layer_backward<Cell, Device>(grad_output, grad_h_n, at::Tensor(), saved, w, s, reverse,
-                                   need_grad_input);
+                                   need_grad_input, need_grad_h0);
   return {g.grad_input, g.grad_h0, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh};
 }
 
