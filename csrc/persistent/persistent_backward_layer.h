@@ -156,6 +156,9 @@ inline std::vector<at::Tensor> bidirectional_backward_outputs(const std::vector<
 template <typename Base, typename Launch>
 struct PersistentBackward : Base {
   static constexpr bool kSequenceEngine = true;
+  // The persistent kernel runs the half types as such (fp32 sums and state inside), on the GPU and
+  // in the CPU runner that stands for it: never the CPU policy's widening to float32 (layer_forward.h).
+  static constexpr bool kWidensHalfTypes = false;
 
   template <typename Cell>
   static bool backward_sequence(const at::Tensor& grad_output, const SavedForBackward& saved, const LayerWeights& w,

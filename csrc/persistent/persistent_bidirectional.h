@@ -50,6 +50,7 @@ namespace persistent {
 template <typename Base>
 struct PrecomputedRecurrence : Base {
   static constexpr bool kSequenceEngine = true;
+  static constexpr bool kWidensHalfTypes = false;  // the recurrence's results are in the layer's dtype
   static inline thread_local BackwardDirection* ready = nullptr;
 
   template <typename Cell>
