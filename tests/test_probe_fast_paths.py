@@ -466,6 +466,47 @@ def test_layer_calls_that_may_or_may_not_need_a_gradient(kind, how, dtype, shape
     both(ref, ours, scenario, dtype)
 
 
+@pytest.mark.xfail(strict=True, reason="functional.full_batch_sizes caches one batch_sizes tensor per (steps, batch); "
+                   "the first call of a shape under torch.inference_mode caches an inference tensor, and every later "
+                   "call of that shape (inference_mode, no_grad or training) then fails on its `t._version` test: "
+                   "RuntimeError: Inference tensors do not track version counter")
+@pytest.mark.parametrize("layer", [True, False], ids=["layer", "cell"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_first_call_under_inference_mode_then_more_calls(kind, layer, monkeypatch):
+    """A serving loop: the first call of a shape under torch.inference_mode, then more calls of it."""
+    monkeypatch.setattr(fusedrnn.functional, "_BATCH_SIZES", {})  # this shape's first call is the one below
+    ref, ours = (layer_pair if layer else cell_pair)(kind, torch.float64)
+    x = seq(3, 2, torch.float64) if layer else seq(1, 2, torch.float64)[0]
+
+    def scenario(m):
+        with torch.inference_mode():
+            first = m(x)
+        with torch.inference_mode():
+            second = m(x * 0.5)
+        with torch.no_grad():
+            third = m(x * 2)
+        out = m(x)
+        loss_of(out).backward()
+        return first, second, third, out
+
+    both(ref, ours, scenario, torch.float64)
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_eval_turns_inter_layer_dropout_off(kind):
+    ref, ours = layer_pair(kind, torch.float64, num_layers=3, dropout=0.5)
+    x = seq(4, 3, torch.float64)
+
+    def scenario(m):
+        m.eval()
+        out = m(x)
+        loss_of(out).backward()
+        with torch.no_grad():
+            return out, m(x * 0.5)
+
+    both(ref, ours, scenario, torch.float64)
+
+
 @pytest.mark.parametrize("how", ["no_grad", "frozen_input_grad", "frozen_h0_grad", "func_grad_input", "func_jvp",
                                  "enable_grad_in_no_grad"])
 @pytest.mark.parametrize("kind", list(CELLS))
@@ -505,8 +546,8 @@ def test_cell_calls_that_may_or_may_not_need_a_gradient(kind, how, dtype):
 
 # ---- 3. the C++ autograd node and need_grad_h0 (entries 24, 28, 33) --------------------------------
 
-STATE_CASES = ["h0_only", "c0_only", "non_leaf", "expanded", "strided", "shared_two_calls", "retain_graph_twice",
-               "accumulate_across_calls", "hook_on_h0", "create_graph", "grad_of_h_n_only"]
+STATE_CASES = ["h0_only", "c0_only", "no_state_grad", "non_leaf", "expanded", "strided", "shared_two_calls",
+               "retain_graph_twice", "accumulate_across_calls", "hook_on_h0", "create_graph", "grad_of_h_n_only"]
 
 
 def _make_state(case, kind, m, batch, dtype, layer=True):
@@ -518,6 +559,8 @@ def _make_state(case, kind, m, batch, dtype, layer=True):
         if len(st) == 1:
             return st, []
         return st, [st[1].requires_grad_()]
+    if case == "no_state_grad":
+        return st, []
     if case == "non_leaf":
         leaves = [s.requires_grad_() for s in st]
         return tuple(s * 1.5 - 0.1 for s in leaves), leaves
@@ -574,6 +617,28 @@ def test_layer_state_gradients(kind, case, dtype, layers):
             results.append(seen)
         results.append(_grads_of([x] + leaves))
         return results
+
+    both(ref, ours, scenario, dtype)
+
+
+@pytest.mark.parametrize("case", ["h0_only", "c0_only", "no_state_grad", "both", "expanded"])
+@pytest.mark.parametrize("kind", list(LAYERS))
+@PATHS
+def test_ragged_batch_state_gradients(kind, case, dtype, shape):
+    """need_grad_h0 on a ragged batch: in the reverse direction each sequence starts from h0 at its own last
+    step, so the step whose dh product is skipped differs per row."""
+    ref, ours = layer_pair(kind, dtype, num_layers=2, bidirectional=True)
+    steps, batch = shape[0] + 1, shape[1] + 1
+    x0 = seq(steps, batch, dtype)
+    lengths = torch.tensor([steps - (b * 5) % steps for b in range(batch)])
+
+    def scenario(m):
+        x = x0.clone().requires_grad_()
+        st, leaves = _make_state("non_leaf" if case == "both" else case, kind, m, batch, dtype)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        out = m(packed, hx_of(st))
+        loss_of((out[0].data,) + flat(out[1])).backward()
+        return out, _grads_of([x] + leaves)
 
     both(ref, ours, scenario, dtype)
 
