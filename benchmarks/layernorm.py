@@ -8,10 +8,11 @@ Per cell, in one process, interleaved, after warm-up, medians (and min-max) of -
            LoopLayerNormGRU below; tests/test_layernorm.py checks it gives the fused layer's numbers),
            with every step's input projection and its LayerNorm hoisted out of the loop;
 - fused:   fusedrnn.LayerNormLSTM / LayerNormGRU;
-- zoneout: the same with zoneout=0.1 (training: fresh Bernoulli masks);
+- zoneout: the same with zoneout=0.1 (training: fresh Bernoulli masks; inference: eval's expectation);
 - plain:   fusedrnn.LSTM / GRU (no layer norm), the cost of the normalisation.
 Training step: forward + backward of output.sum() into the parameters' gradients (set to None first).
-Inference: forward under torch.no_grad. Ratios printed: loop / fused (goal >= 8x for training),
+Inference: forward in eval mode under torch.no_grad (before NOTES entry 37 the
+models stayed in training mode here, so the zoneout row drew training masks without using a gradient). Ratios printed: loop / fused (goal >= 8x for training),
 fused / plain (goal <= 1.3x), zoneout / fused (goal <= 1.10x). Results:
 benchmarks/runs/layernorm_cpu_<machine>_<time>.{json,md} (ignored by git), or with --publish
 benchmarks/results/layernorm_cpu_<machine>.{json,md}, <machine> as in benchmarks/layers.py (CPU name and ISA).
@@ -184,11 +185,11 @@ def main(argv=None) -> None:
     for cell in args.cells.split(","):
         torch.manual_seed(0)
         models = _models(cell, I, H)
-        for m in models.values():
-            m.train()
         x = torch.randn(T, B, I)
         h0, c0 = torch.randn(1, B, H), torch.randn(1, B, H)
         for mode in ("train", "infer"):
+            for m in models.values():
+                m.train(mode == "train")
             times = measure(_step_fns(cell, models, x, h0, c0, mode == "train"), args.reps, cpu_time=args.cpu_time)
             med = {k: statistics.median(v) for k, v in times.items()}
             payload["results"][f"{cell}_{mode}"] = {k: v for k, v in times.items()}

@@ -383,6 +383,40 @@ def test_zoneout_eval_expectation():
     assert (out.reshape(10, 4) - ref).abs().max().item() <= 1e-10
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("env", [{}, {"FUSEDRNN_LN_GEMM": "blas"}], ids=["brgemm", "sgemm"])
+def test_zoneout_weights_as_one_expanded_row_equal_the_full_tensor(cell, dtype, reverse, env, monkeypatch):
+    """Eval's zoneout argument is one row of p's expanded over the rows (stride 0; the CPU kernels then read
+    that row for every row, NOTES entry 37): the forward op's outputs (saved buffers included), the inference
+    op's and every gradient bitwise those of the same values as a full [N, H] tensor; the LSTM's h weights
+    a row of p's while its c weights are a full mask (each argument read by its own row step)."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    torch.manual_seed(14)
+    forward, _, _, n_main = ops_of(cell)
+    args, bs = op_args(cell, [9, 9, 7, 7, 2], hidden=37, input_size=13, zoneout=True, dtype=dtype,
+                       requires_grad=True)
+    n = int(bs.sum())
+    row = torch.rand(1, 37, dtype=dtype)  # a different p per unit, so that a wrong row offset shows
+    expanded, full = row.expand(n, 37), row.expand(n, 37).contiguous()
+    assert expanded.stride(0) == 0
+    as_row = args[:-2] + (expanded, args[-1]) if cell == "lstm" else args[:-1] + (expanded,)
+    as_full = args[:-2] + (full, args[-1]) if cell == "lstm" else args[:-1] + (full,)
+    results = []
+    for a in (as_row, as_full):
+        out = forward(*a, bs, reverse, 1e-5)
+        inference = inference_of(cell)(*[t.detach() if isinstance(t, torch.Tensor) else t for t in a], bs,
+                                       reverse, 1e-5)
+        torch.manual_seed(15)
+        grads = [torch.randn_like(o) for o in out[:n_main]]
+        leaves = [t for t in a if t is not None and t.requires_grad]
+        results.append(list(out) + list(inference) + list(torch.autograd.grad(out[:n_main], leaves, grads)))
+    for r, f in zip(*results):
+        assert torch.equal(r, f)
+
+
 def test_zoneout_one_keeps_the_initial_state():
     m = fusedrnn.LayerNormGRU(3, 4, zoneout=1.0)
     h0 = torch.randn(1, 2, 4)
@@ -514,7 +548,7 @@ def inference_of(cell):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16], ids=["f32", "f64", "bf16"])
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("zoneout", ["mask", "eval", "none"])
+@pytest.mark.parametrize("zoneout", ["mask", "eval", "eval_row", "none"])
 @pytest.mark.parametrize("env", [{}, {"FUSEDRNN_LN_GEMM": "blas"}, {"FUSEDRNN_CPU_ISA": "avx2"}],
                          ids=["brgemm", "sgemm", "avx2_rows"])
 def test_inference_op_is_bitwise_the_forward(cell, dtype, reverse, zoneout, env, monkeypatch):
@@ -523,8 +557,9 @@ def test_inference_op_is_bitwise_the_forward(cell, dtype, reverse, zoneout, env,
     torch.manual_seed(12)
     forward, _, ref, n_main = ops_of(cell)
     args, bs = op_args(cell, [9, 9, 7, 7, 2], hidden=37, input_size=13, zoneout=zoneout == "mask", dtype=dtype)
-    if zoneout == "eval":
-        p = torch.full((int(bs.sum()), 37), 0.3, dtype=dtype)
+    if zoneout.startswith("eval"):  # eval_row: one row of p's expanded over the rows, as the layers pass it
+        n = int(bs.sum())
+        p = torch.full((n, 37), 0.3, dtype=dtype) if zoneout == "eval" else torch.full((1, 37), 0.3, dtype=dtype).expand(n, 37)
         args = args[:-2] + (p, p) if cell == "lstm" else args[:-1] + (p,)
     expected = forward(*args, bs, reverse, 1e-5)[:n_main]
     got = inference_of(cell)(*args, bs, reverse, 1e-5)

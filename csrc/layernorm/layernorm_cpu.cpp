@@ -4,20 +4,23 @@
 // Per layer and direction, as the plain ops (csrc/ops.cpp): packed time-major input [N, I] with
 // batch_sizes [T]; `reverse` runs the sequence backwards.
 //
-// Forward: the input projection of every step is one GEMM (W_ih x, no bias: the bias comes after
-// the normalisation), normalised row by row in one parallel pass before the time loop (it does not
-// depend on the recurrence). Per step and block of rows (one parallel_for chunk): the block's GEMM
-// W_hh h (float32: ATen's brgemm; else MKL per step, see use_row_block_gemm) into its rows of norm_h,
-// then ONE fused pass per row: the row's LN statistics of W_hh h, the gates, the cell, the
-// LN of c (LSTM) and zoneout, everything in registers / L1 (the row is 4H values).
+// Forward: the input projection of every step (W_ih x, no bias: the bias comes after the
+// normalisation), normalised row by row in one parallel pass before the time loop (it does not
+// depend on the recurrence); float32 computes the projection in that pass, a block of rows at a
+// time by brgemm (project_and_normalize_inputs), the other dtypes as one GEMM before it. Per step
+// and block of rows (one parallel_for chunk): the block's GEMM W_hh h (float32: ATen's brgemm; else
+// MKL per step, see use_row_block_gemm) into its rows of norm_h, then ONE fused pass per row: the
+// row's LN statistics of W_hh h, the gates, the cell, the LN of c (LSTM) and zoneout, everything in
+// registers / L1 (the row is 4H values).
 // Saved for backward (outputs after the main ones): the normalised projections norm_x, norm_h
 // [N, G], the activated gates [N, G], the LSTM's state c_t [N, H] and normalised c' [N, H], and the
 // inverse standard deviations rstd [N, 3] (x, h, c; GRU [N, 2]) in float32 (float64 for float64).
 //
 // Backward: reverse time, per step one fused pass per row (zoneout, the LN of c, the cell, the two
-// gate LNs' backward) then the GEMM dh += d(W_hh h) W_hh (per block of rows, as forward's); after each block of
-// ~256 rows of steps the weight gradients' share of it is one GEMM each (step_blocks), the gain / bias gradients
-// per-thread column sums.
+// gate LNs' backward; each row prefetches the next row's saved values) then the GEMM
+// dh += d(W_hh h) W_hh (per block of rows, as forward's); after each block of ~256 rows of steps the
+// weight gradients' share of it is one GEMM each (step_blocks), the gain / bias gradients per-thread
+// column sums.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -28,10 +31,12 @@
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <type_traits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../cells/cell_common.h"
@@ -127,6 +132,19 @@ inline at::Tensor contiguous_or_undefined(const OptTensor& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
 }
 
+// A zoneout argument ([N, H] weights of the previous state) as the kernels read it: contiguous [N, H], or,
+// where every row is the same row (stride 0 along the rows: eval's constant p, which fusedrnn/layernorm.py
+// passes as one row expanded), that one row [H], read for every row (zoneout_row_step 0). Eval's blend then
+// reads H values from L1 instead of an [N, H] tensor of p's filled per call (NOTES entry 37).
+inline at::Tensor zoneout_or_undefined(const OptTensor& t) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  if (t->dim() == 2 && t->size(0) > 0 && t->stride(0) == 0) return t->select(0, 0).contiguous();
+  return t->contiguous();
+}
+
+// Elements between consecutive rows of a zoneout argument from zoneout_or_undefined: H, or 0 for one shared row.
+inline int64_t zoneout_row_step(const at::Tensor& z, int64_t H) { return z.defined() && z.dim() == 1 ? 0 : H; }
+
 // Row-major C[m, n] (=, or += when accumulate) A[m, k] B[k, n], every matrix contiguous: the direct
 // BLAS call of the plain layers (cpu/cpu_blas.h: MKL's sgemm_/dgemm_, without ATen's dispatch and
 // copies, one thread below ~1M multiply-adds) for float32/64, at::mm otherwise (half types, or a
@@ -180,6 +198,47 @@ inline void row_block_gemm(int64_t m, int64_t n, int64_t k, const float* a, int6
 // The end of a thread's brgemm calls (releases what the micro-kernel configured on this thread: AMX tiles
 // where it used them).
 inline void row_block_gemm_done() { at::native::cpublas::brgemm_release(false); }
+
+// The input projection W_ih x of every row, and its LN, before the time loop (neither depends on the
+// recurrence); rstd of row p into rs[p * rs_stride] where rs is not null. With `project` (float32 on the
+// brgemm path, see input_projection_in_pass) norm_x arrives unfilled and each thread computes its rows'
+// projection here, kProjectRows at a time by brgemm, and normalises each block while it is in L1 / L2.
+// The one MKL sgemm over all rows that it replaces (still the path of the other dtypes and of
+// FUSEDRNN_LN_GEMM=blas) zero-filled the fresh [N, G] output first (beta = 0: mkl_blas_def_sgemm_mscale),
+// and the LN pass then read it back from beyond L2 (NOTES entry 37).
+constexpr int64_t kProjectRows = 32;
+
+template <typename S, typename A>
+void project_and_normalize_inputs(const Shapes& s, const at::Tensor& input, const at::Tensor& w_ih_t, bool project,
+                                  S* nx, A eps, A* rs, int64_t rs_stride) {
+  const int64_t G = s.G;
+  at::parallel_for(0, s.N, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; b += kProjectRows) {
+      const int64_t stop = std::min(end, b + kProjectRows);
+      if constexpr (std::is_same_v<S, float>) {
+        if (project) {
+          row_block_gemm(stop - b, G, s.I, input.const_data_ptr<float>() + b * s.I, s.I,
+                         w_ih_t.const_data_ptr<float>(), nx + b * G, G, false);
+        }
+      }
+      for (int64_t p = b; p < stop; ++p) {
+        const A r = normalize_row<S, A>(nx + p * G, G, eps);
+        if (rs != nullptr) rs[p * rs_stride] = r;
+      }
+    }
+    if constexpr (std::is_same_v<S, float>) {
+      if (project) row_block_gemm_done();
+    }
+  });
+}
+
+// Whether project_and_normalize_inputs computes the input projection itself (else norm_x is at::mm's).
+// FUSEDRNN_LN_PROJECTION=mm forces at::mm (read per call, for an A/B in one process).
+inline bool input_projection_in_pass(const at::Tensor& input) {
+  const char* v = std::getenv("FUSEDRNN_LN_PROJECTION");
+  const bool forced_mm = v != nullptr && std::strcmp(v, "mm") == 0;
+  return input.scalar_type() == at::kFloat && input.size(1) > 0 && use_row_block_gemm<float>() && !forced_mm;
+}
 
 // The row passes, compiled twice: with the build's flags (-mavx2 -mfma on an AVX2 build machine) and for
 // AVX-512F, taken where cpu_engine::isa() says the CPU has it (so FUSEDRNN_CPU_ISA=avx2 tests the other
@@ -259,6 +318,7 @@ struct ParamVectors {
 // scratch of the step's rows where norm_h_rows says so.
 template <typename S, bool Save>
 void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool reverse, double eps_d,
+                          const at::Tensor& input, const at::Tensor& w_ih_t, bool project,
                           const at::Tensor& w_hh_t, const at::Tensor& b_ih, const at::Tensor& b_hh,
                           const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w, const at::Tensor& ln_c_w,
                           const at::Tensor& ln_c_b, const at::Tensor& zh_t, const at::Tensor& zc_t,
@@ -278,17 +338,12 @@ void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool rever
   S* hs = h_state.data_ptr<S>();
   S* cs = c_state.data_ptr<S>();
   const S *zh = ptr_or_null<S>(zh_t), *zc = ptr_or_null<S>(zc_t);
+  const int64_t zh_step = zoneout_row_step(zh_t, H), zc_step = zoneout_row_step(zc_t, H);
   const ParamVectors<A> pv(b_ih, b_hh, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b, G, H);
   const A *gx = pv.gain_x.data(), *gh = pv.gain_h.data(), *bsum = pv.bias.data();
   const A *gc = pv.gain_c.data(), *bc = pv.shift_c.data();
 
-  // LN of the input projection, all rows at once (off the recurrence's critical path).
-  at::parallel_for(0, s.N, kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const A r = normalize_row<S, A>(nx + p * G, G, eps);
-      if constexpr (Save) rs[p * 3] = r;
-    }
-  });
+  project_and_normalize_inputs<S, A>(s, input, w_ih_t, project, nx, eps, rs, 3);
   const int64_t T = sched.steps();
   const bool block_gemm = use_row_block_gemm<S>();
   const bool avx512 = rows_on_avx512();
@@ -339,11 +394,11 @@ void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool rever
         for (int64_t k = 0; k < H; ++k) h_new[k] = a[3 * H + k] * tanh_(c_hat[k] * gc[k] + bc[k]);
         S* out_row = out + p * H;
         if (zh != nullptr) {
-          const S* z = zh + p * H;
+          const S* z = zh + p * zh_step;
           for (int64_t k = 0; k < H; ++k) h_new[k] = A(z[k]) * A(hs_row[k]) + (A(1) - A(z[k])) * h_new[k];
         }
         if (zc != nullptr) {
-          const S* z = zc + p * H;
+          const S* z = zc + p * zc_step;
           for (int64_t k = 0; k < H; ++k) c_new[k] = A(z[k]) * A(cs_row[k]) + (A(1) - A(z[k])) * c_new[k];
         }
         store_twice<S, A>(H, h_new, out_row, hs_row);
@@ -529,6 +584,41 @@ FUSEDRNN_LN_ROW_COPIES(ln_lstm_backward_row,
                        (H, g, ch, xr, hr, cp_row, go_row, zh_row, zc_row, rstd_x, rstd_h, rstd_c, gx, gh, gc, bc,
                         dhs_row, dcs_row, acc, work, dx_row, dhh_row))
 
+// Software prefetch of n values from v. The backward row passes read each row's saved values (gates, norm_x,
+// norm_h, ...: [N, G] each, far beyond L2) backwards in time, and their hottest instructions were the first
+// loads of each saved row (perf annotate, NOTES entries 20 and 36); each row therefore prefetches the next
+// row's (the next step's first row of this thread's chunk after its last row), a row's work ahead.
+template <typename T>
+FUSEDRNN_LN_INLINE void prefetch_values(const T* v, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(v);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
+}
+
+// prefetch_values of each (values, count) whose values are not null: one row of each saved array.
+template <typename S>
+FUSEDRNN_LN_INLINE void prefetch_rows(std::initializer_list<std::pair<const S*, int64_t>> rows) {
+  for (const auto& [v, n] : rows) {
+    if (v != nullptr) prefetch_values(v, n);
+  }
+}
+
+// FUSEDRNN_LN_PREFETCH=0 turns the backward's prefetches off (read per call, for an A/B in one process).
+inline bool backward_prefetch() {
+  const char* v = std::getenv("FUSEDRNN_LN_PREFETCH");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+// The row the backward processes after row j of step index i on the thread whose chunk is [begin, end), or -1.
+inline int64_t next_backward_row(const StepSchedule& sched, bool reverse, int64_t i, int64_t j, int64_t begin,
+                                 int64_t end) {
+  const int64_t T = sched.steps();
+  if (j + 1 < end) return sched.offset[reverse ? i : T - 1 - i] + j + 1;
+  if (i + 1 >= T) return -1;
+  const int64_t t = reverse ? i + 1 : T - 2 - i;
+  return begin < sched.batch[t] ? sched.offset[t] + begin : -1;
+}
+
 // Backward's per-row gradients of the two gate LNs' inputs (dxp, dhp: [rows, G]) are held for a block of
 // consecutive steps at a time, not for all N rows: after a block, its rows' share of the weight gradients
 // (and of grad_input) is one GEMM each, accumulated. Two [N, G] buffers per call were what the LN-LSTM
@@ -606,6 +696,7 @@ void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reve
   const ParamVectors<A> pv(at::Tensor(), at::Tensor(), ln_ih_w, ln_hh_w, ln_c_w, ln_c_b, G, H);
   const A *gx = pv.gain_x.data(), *gh = pv.gain_h.data(), *gc = pv.gain_c.data(), *bc = pv.shift_c.data();
   const S *zh = ptr_or_null<S>(zh_t), *zc = ptr_or_null<S>(zc_t);
+  const int64_t zh_step = zoneout_row_step(zh_t, H), zc_step = zoneout_row_step(zc_t, H);
   const S* cp = cprev.const_data_ptr<S>();
   const S *nx = norm_x.const_data_ptr<S>(), *nh = norm_h.const_data_ptr<S>();
   const S *gt = gates.const_data_ptr<S>(), *nc = norm_c.const_data_ptr<S>();
@@ -615,6 +706,7 @@ void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reve
   const int64_t T = sched.steps();
   const bool block_gemm = use_row_block_gemm<S>();
   const bool avx512 = rows_on_avx512();
+  const bool prefetch = backward_prefetch();
   for (const StepBlock& blk : blocks) {
   for (int64_t i = blk.first; i <= blk.last; ++i) {
     const int64_t t = reverse ? i : T - 1 - i;  // the forward's order, backwards
@@ -630,9 +722,15 @@ void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reve
 #endif
       for (int64_t j = begin; j < end; ++j) {
         const int64_t p = off + j;
+        const int64_t q = prefetch ? next_backward_row(sched, reverse, i, j, begin, end) : -1;
+        if (q >= 0) {
+          prefetch_rows<S>({{gt + q * G, G}, {nx + q * G, G}, {nh + q * G, G}, {nc + q * H, H}, {cp + q * H, H},
+                            {go + q * H, H}, {zh == nullptr ? nullptr : zh + q * zh_step, H},
+                            {zc == nullptr ? nullptr : zc + q * zc_step, H}});
+        }
         row(H, gt + p * G, nc + p * H, nx + p * G, nh + p * G, cp + p * H, go + p * H,
-            zh == nullptr ? nullptr : zh + p * H, zc == nullptr ? nullptr : zc + p * H, rs[p * 3], rs[p * 3 + 1],
-            rs[p * 3 + 2], gx, gh, gc, bc, dhs + j * H, dcs + j * H, acc, work.data(), dx + (rel + j) * G,
+            zh == nullptr ? nullptr : zh + p * zh_step, zc == nullptr ? nullptr : zc + p * zc_step, rs[p * 3],
+            rs[p * 3 + 1], rs[p * 3 + 2], gx, gh, gc, bc, dhs + j * H, dcs + j * H, acc, work.data(), dx + (rel + j) * G,
             dhh + (rel + j) * G);
       }
       if constexpr (std::is_same_v<S, float>) {
@@ -677,7 +775,10 @@ LnLstmOutputs run_ln_lstm(const char* op, const at::Tensor& input, const at::Ten
   check_eps(op, eps);
   const StepSchedule sched = make_schedule(op, batch_sizes, s.N, s.B);
   const auto opts = input.options();
-  at::Tensor norm_x = at::mm(input, w_ih.t()).contiguous();
+  const bool project = input_projection_in_pass(input);  // else norm_x is at::mm's W_ih x
+  const at::Tensor input_c = project ? input.contiguous() : at::Tensor();
+  const at::Tensor w_ih_t = project ? w_ih.t().contiguous() : at::Tensor();  // [I, G]
+  at::Tensor norm_x = project ? new_buffer({s.N, s.G}, input.options()) : at::mm(input, w_ih.t()).contiguous();
   at::Tensor norm_h;
   at::Tensor output = new_buffer({s.N, s.H}, opts);
   at::Tensor gates, cells, norm_c, rstd;
@@ -691,10 +792,10 @@ LnLstmOutputs run_ln_lstm(const char* op, const at::Tensor& input, const at::Ten
   const at::Tensor w_hh_t = w_hh.t().contiguous();  // [H, G]: the step GEMM's right operand
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ln_lstm_forward", [&] {
     norm_h = new_buffer({norm_h_rows<scalar_t>(Save, s), s.G}, opts);
-    ln_lstm_forward_impl<scalar_t, Save>(s, sched, reverse, eps, w_hh_t, contiguous_or_undefined(b_ih),
+    ln_lstm_forward_impl<scalar_t, Save>(s, sched, reverse, eps, input_c, w_ih_t, project, w_hh_t, contiguous_or_undefined(b_ih),
                                          contiguous_or_undefined(b_hh), ln_ih_w.contiguous(), ln_hh_w.contiguous(),
                                          ln_c_w.contiguous(), contiguous_or_undefined(ln_c_b),
-                                         contiguous_or_undefined(zoneout_h), contiguous_or_undefined(zoneout_c),
+                                         zoneout_or_undefined(zoneout_h), zoneout_or_undefined(zoneout_c),
                                          h_state, c_state, output, norm_x, norm_h, gates, cells, norm_c, rstd);
   });
   return {output, h_state, c_state, norm_x, norm_h, gates, cells, norm_c, rstd};
@@ -750,7 +851,7 @@ ln_lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, cons
     ColumnSums<at::opmath_type<scalar_t>> sums(3 * s.G + 2 * s.H);
     ln_lstm_backward_impl<scalar_t>(s, sched, reverse, grad_output.contiguous(), w_hh.contiguous(),
                                     ln_ih_w, ln_hh_w, ln_c_w, contiguous_or_undefined(ln_c_b),
-                                    contiguous_or_undefined(zoneout_h), contiguous_or_undefined(zoneout_c), cprev, nx,
+                                    zoneout_or_undefined(zoneout_h), zoneout_or_undefined(zoneout_c), cprev, nx,
                                     nh, gates.contiguous(), nc, rstd.contiguous(), dh_state, dc_state, sums, dxp, dhp,
                                     blocks, [&](const StepBlock& b) {
                                       block_weight_grads(b, dxp, dhp, input, hprev, w_ih, need_grad_input,
@@ -772,6 +873,7 @@ ln_lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, cons
 // scratch.
 template <typename S, bool Save>
 void ln_gru_forward_impl(const Shapes& s, const StepSchedule& sched, bool reverse, double eps_d,
+                         const at::Tensor& input, const at::Tensor& w_ih_t, bool project,
                          const at::Tensor& w_hh_t, const at::Tensor& b_ih, const at::Tensor& b_hh,
                          const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w, const at::Tensor& zh_t,
                          at::Tensor& h_state, at::Tensor& output, at::Tensor& norm_x, at::Tensor& norm_h,
@@ -786,12 +888,8 @@ void ln_gru_forward_impl(const Shapes& s, const StepSchedule& sched, bool revers
   const ParamVectors<A> pv(b_ih, b_hh, ln_ih_w, ln_hh_w, at::Tensor(), at::Tensor(), G, H);
   const A *gx = pv.gain_x.data(), *gh = pv.gain_h.data(), *bx = pv.bias_x.data(), *bh = pv.bias_h.data();
   const S* zh = ptr_or_null<S>(zh_t);
-  at::parallel_for(0, s.N, kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const A r = normalize_row<S, A>(nx + p * G, G, eps);
-      if constexpr (Save) rs[p * 2] = r;
-    }
-  });
+  const int64_t zh_step = zoneout_row_step(zh_t, H);
+  project_and_normalize_inputs<S, A>(s, input, w_ih_t, project, nx, eps, rs, 2);
   const int64_t T = sched.steps();
   const bool block_gemm = use_row_block_gemm<S>();
   const bool avx512 = rows_on_avx512();
@@ -832,7 +930,7 @@ void ln_gru_forward_impl(const Shapes& s, const StepSchedule& sched, bool revers
           h_new[k] = (A(1) - z) * ax[2 * H + k] + z * A(hs_row[k]);
         }
         if (zh != nullptr) {
-          const S* zr = zh + p * H;
+          const S* zr = zh + p * zh_step;
           for (int64_t k = 0; k < H; ++k) h_new[k] = A(zr[k]) * A(hs_row[k]) + (A(1) - A(zr[k])) * h_new[k];
         }
         if constexpr (Save) {
@@ -929,6 +1027,7 @@ void ln_gru_backward_impl(const Shapes& s, const StepSchedule& sched, bool rever
   const ParamVectors<A> pv(at::Tensor(), b_hh, ln_ih_w, ln_hh_w, at::Tensor(), at::Tensor(), G, H);
   const A *gx = pv.gain_x.data(), *gh = pv.gain_h.data(), *bh = pv.bias_h.data();
   const S* zh = ptr_or_null<S>(zh_t);
+  const int64_t zh_step = zoneout_row_step(zh_t, H);
   const S* hp = hprev.const_data_ptr<S>();
   const S *nx = norm_x.const_data_ptr<S>(), *nh = norm_h.const_data_ptr<S>(), *gt = gates.const_data_ptr<S>();
   const A* rs = rstd.const_data_ptr<A>();
@@ -937,6 +1036,7 @@ void ln_gru_backward_impl(const Shapes& s, const StepSchedule& sched, bool rever
   const int64_t T = sched.steps();
   const bool block_gemm = use_row_block_gemm<S>();
   const bool avx512 = rows_on_avx512();
+  const bool prefetch = backward_prefetch();
   for (const StepBlock& blk : blocks) {
   for (int64_t i = blk.first; i <= blk.last; ++i) {
     const int64_t t = reverse ? i : T - 1 - i;
@@ -952,9 +1052,14 @@ void ln_gru_backward_impl(const Shapes& s, const StepSchedule& sched, bool rever
 #endif
       for (int64_t j = begin; j < end; ++j) {
         const int64_t p = off + j;
-        row(H, gt + p * G, nx + p * G, nh + p * G, hp + p * H, go + p * H, zh == nullptr ? nullptr : zh + p * H,
-            rs[p * 2], rs[p * 2 + 1], gx, gh, bh, dhs + j * H, acc, work.data(), dx + (rel + j) * G,
-            dhh + (rel + j) * G);
+        const int64_t q = prefetch ? next_backward_row(sched, reverse, i, j, begin, end) : -1;
+        if (q >= 0) {
+          prefetch_rows<S>({{gt + q * G, G}, {nx + q * G, G}, {nh + q * G, G}, {hp + q * H, H}, {go + q * H, H},
+                            {zh == nullptr ? nullptr : zh + q * zh_step, H}});
+        }
+        row(H, gt + p * G, nx + p * G, nh + p * G, hp + p * H, go + p * H,
+            zh == nullptr ? nullptr : zh + p * zh_step, rs[p * 2], rs[p * 2 + 1], gx, gh, bh, dhs + j * H, acc,
+            work.data(), dx + (rel + j) * G, dhh + (rel + j) * G);
       }
       if constexpr (std::is_same_v<S, float>) {
         if (block_gemm) {
@@ -983,7 +1088,10 @@ LnGruOutputs run_ln_gru(const char* op, const at::Tensor& input, const at::Tenso
   check_eps(op, eps);
   const StepSchedule sched = make_schedule(op, batch_sizes, s.N, s.B);
   const auto opts = input.options();
-  at::Tensor norm_x = at::mm(input, w_ih.t()).contiguous();
+  const bool project = input_projection_in_pass(input);  // else norm_x is at::mm's W_ih x
+  const at::Tensor input_c = project ? input.contiguous() : at::Tensor();
+  const at::Tensor w_ih_t = project ? w_ih.t().contiguous() : at::Tensor();  // [I, G]
+  at::Tensor norm_x = project ? new_buffer({s.N, s.G}, input.options()) : at::mm(input, w_ih.t()).contiguous();
   at::Tensor norm_h;
   at::Tensor output = new_buffer({s.N, s.H}, opts);
   at::Tensor gates, rstd;
@@ -994,9 +1102,9 @@ LnGruOutputs run_ln_gru(const char* op, const at::Tensor& input, const at::Tenso
   at::Tensor h_state = h0.contiguous().clone();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ln_gru_forward", [&] {
     norm_h = new_buffer({norm_h_rows<scalar_t>(Save, s), s.G}, opts);
-    ln_gru_forward_impl<scalar_t, Save>(s, sched, reverse, eps, w_hh.t().contiguous(), contiguous_or_undefined(b_ih),
+    ln_gru_forward_impl<scalar_t, Save>(s, sched, reverse, eps, input_c, w_ih_t, project, w_hh.t().contiguous(), contiguous_or_undefined(b_ih),
                                         contiguous_or_undefined(b_hh), ln_ih_w.contiguous(), ln_hh_w.contiguous(),
-                                        contiguous_or_undefined(zoneout_h), h_state, output, norm_x, norm_h, gates,
+                                        zoneout_or_undefined(zoneout_h), h_state, output, norm_x, norm_h, gates,
                                         rstd);
   });
   return {output, h_state, norm_x, norm_h, gates, rstd};
@@ -1046,7 +1154,7 @@ ln_gru_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const
     ColumnSums<at::opmath_type<scalar_t>> sums(4 * s.G);
     ln_gru_backward_impl<scalar_t>(s, sched, reverse, grad_output.contiguous(), w_hh.contiguous(),
                                    contiguous_or_undefined(b_hh), ln_ih_w, ln_hh_w,
-                                   contiguous_or_undefined(zoneout_h), hprev, nx, nh, gates.contiguous(),
+                                   zoneout_or_undefined(zoneout_h), hprev, nx, nh, gates.contiguous(),
                                    rstd.contiguous(), dh_state, sums, dxp, dhp, blocks, [&](const StepBlock& b) {
                                      block_weight_grads(b, dxp, dhp, input, hprev, w_ih, need_grad_input,
                                                         grad_input, grad_w_ih, grad_w_hh);
