@@ -8,6 +8,15 @@
 // input.reshape(T * B, I) with batch_sizes = [B] * T. `reverse` runs the
 // sequence backwards (the second direction of a bidirectional layer).
 //
+// A full-length batch may also be passed as the modules hold it: input
+// [T, B, input_size] (batch_sizes then holds B T times) and the states h0 / c0
+// as [1, B, *]. Outputs then come back in the same form (output [T, B, P],
+// h_n / c_n [1, B, *]; gates, cells and hn stay [tokens, *]), and a backward op
+// takes its gradients and saved output in the forward's shapes and returns
+// grad_input and grad_h0 / grad_c0 in those of input and h0. Either form can be
+// used for the sequence and for the states independently. It spares a one-step
+// call from Python the four view calls around the op (benchmarks/NOTES.md, 36).
+//
 // Forward ops return, after the outputs, what their backward needs (the
 // activated gates; LSTM: the cell states; GRU: W_hn h + b_hn), so backward
 // never recomputes the forward. Backward ops return a gradient for every

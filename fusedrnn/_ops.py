@@ -323,12 +323,28 @@ class _VJPSpec:
         return tuple(result[i] for i in self.mask)
 
     def reference(self, primals, batch_sizes):
-        """The forward op's differentiable outputs, by fusedrnn.reference."""
+        """The forward op's differentiable outputs, by fusedrnn.reference, in the op's shapes: a
+        [T, B, I] input and [1, B, *] states (csrc/ops.cpp) run as rows and come back as given."""
+        primals = list(primals)
+        input, h0 = primals[0], primals[1]
+        n_states = 2 if self.kind == "lstm" else 1
+        if input.dim() == 3:
+            primals[0] = input.reshape(-1, input.shape[-1])
+        if h0.dim() == 3:
+            for i in range(1, 1 + n_states):
+                primals[i] = primals[i][0]
         if self.kind == "lstm":
-            return reference.lstm_layer(*primals, batch_sizes, self.reverse)
-        if self.kind == "gru":
-            return reference.gru_layer(*primals, batch_sizes, self.reverse)
-        return reference.rnn_layer(self.kind[4:], *primals, batch_sizes, self.reverse)
+            outputs = reference.lstm_layer(*primals, batch_sizes, self.reverse)
+        elif self.kind == "gru":
+            outputs = reference.gru_layer(*primals, batch_sizes, self.reverse)
+        else:
+            outputs = reference.rnn_layer(self.kind[4:], *primals, batch_sizes, self.reverse)
+        out, states = outputs[0], list(outputs[1:])
+        if input.dim() == 3:
+            out = out.view(input.shape[0], input.shape[1], out.shape[-1])
+        if h0.dim() == 3:
+            states = [s.unsqueeze(0) for s in states]
+        return (out, *states)
 
 
 class _FirstOrderGrads(torch.autograd.Function):
@@ -479,6 +495,16 @@ def _fresh(like: Tensor) -> Tensor:
     return like.new_empty(like.shape)
 
 
+def _tokens(input: Tensor):
+    """Rows of the op's sequence: input is [tokens, I], or [T, B, I] for a full-length batch (csrc/ops.cpp)."""
+    return input.shape[0] * input.shape[1] if input.dim() == 3 else input.shape[0]
+
+
+def _sequence_like(input: Tensor, features) -> Tensor:
+    """An output of the sequence: [tokens, features], or [T, B, features] for a 3-D input."""
+    return input.new_empty(*input.shape[:-1], features)
+
+
 def _register():
     lib = "fusedrnn::"
 
@@ -486,8 +512,8 @@ def _register():
     @torch.library.register_fake(lib + "lstm_forward")
     def _lstm_fwd_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
         _check_like("lstm_forward", input, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
-        n, h = input.shape[0], w_hh.shape[0] // 4
-        return (input.new_empty(n, h0.shape[1]), _fresh(h0), _fresh(c0),
+        n, h = _tokens(input), w_hh.shape[0] // 4
+        return (_sequence_like(input, h0.shape[-1]), _fresh(h0), _fresh(c0),
                 input.new_empty(n, 4 * h), input.new_empty(n, h))
 
     @torch.library.register_fake(lib + "lstm_backward")
@@ -501,8 +527,8 @@ def _register():
     @torch.library.register_fake(lib + "gru_forward")
     def _gru_fwd_fake(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse):
         _check_like("gru_forward", input, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
-        n, h = input.shape[0], w_hh.shape[0] // 3
-        return input.new_empty(n, h), _fresh(h0), input.new_empty(n, 3 * h), input.new_empty(n, h)
+        n, h = _tokens(input), w_hh.shape[0] // 3
+        return _sequence_like(input, h), _fresh(h0), input.new_empty(n, 3 * h), input.new_empty(n, h)
 
     def _simple_bwd_fake(input, h0, w_ih, w_hh, need_grad_input, need_grad_h0):
         g = w_hh.shape[0]
@@ -521,16 +547,16 @@ def _register():
     @torch.library.register_fake(lib + "lstm_inference")
     def _lstm_inference_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
         _check_like("lstm_inference", input, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
-        return input.new_empty(input.shape[0], h0.shape[1]), _fresh(h0), _fresh(c0)
+        return _sequence_like(input, h0.shape[-1]), _fresh(h0), _fresh(c0)
 
     @torch.library.register_fake(lib + "gru_inference")
     def _gru_inference_fake(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse):
         _check_like("gru_inference", input, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
-        return input.new_empty(input.shape[0], w_hh.shape[0] // 3), _fresh(h0)
+        return _sequence_like(input, w_hh.shape[0] // 3), _fresh(h0)
 
     def _rnn_fwd_fake(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse):
         _check_like("rnn_forward", input, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
-        return input.new_empty(input.shape[0], w_hh.shape[0]), _fresh(h0)
+        return _sequence_like(input, w_hh.shape[0]), _fresh(h0)
 
     for act in ("tanh", "relu"):
         torch.library.register_fake(f"{lib}rnn_{act}_forward", _rnn_fwd_fake)
@@ -654,6 +680,14 @@ _is_tracing = torch._C._is_tracing
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
+
+
+def plain_eager() -> bool:
+    """The usual eager call that _route's first test recognises: compiled ops, no functorch level, no
+    forward-AD level, not compiling or tracing, no dispatch mode; such a call runs the op itself (below
+    autograd or through the eager autograd node), never fusedrnn.reference or the functorch twins."""
+    return (_functorch_level() is None and _forward_ad._current_level < 0 and COMPILED and not _is_compiling()
+            and not _is_tracing() and _dispatch_modes() == 0)
 
 
 def _route(*tensors) -> int:

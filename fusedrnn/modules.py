@@ -234,6 +234,7 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
     __constants__ = ["mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
                      "bidirectional", "proj_size", "_type_name"]
     __jit_unused_properties__ = ["all_weights"]
+    __jit_ignored_attributes__ = ["_checked_cache"]  # eager only (_weights)
     _type_name = "fusedrnn.RNNBase"  # each class's name in messages (a TorchScript constant)
     # The weights as TorchScript sees them, set by __prepare_scriptable__; eager code reads the
     # attributes on every call instead, so that parametrizations and reassigned weights take effect.
@@ -382,9 +383,42 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
             return self._checked_weights([getattr(self, n) for n in self._flat_weights_names])
         if "parametrizations" in self._modules:
             self._update_flat_weights()  # torch.nn's reads, side effects included
-        else:
-            self._refresh_flat_weights()
-        return self._checked_weights(self._flat_weights)
+            return self._checked_weights(self._flat_weights)
+        return self._kept_weights()
+
+    @torch.jit.unused
+    def _kept_weights(self) -> List[LayerWeights]:
+        """_weights of an eager module without parametrizations."""
+        self._refresh_flat_weights()
+        # Without parametrizations the checked list depends only on which tensor objects the weights are
+        # (a Parameter's layout cannot change under it: `.data` refuses another layout) and on the
+        # attributes _checked_weights reads, whose every assignment drops the cache (__setattr__). So it
+        # is kept while the weights are the same objects: ~2 us of a ~40 us one-step call (NOTES 36).
+        # In-place and `.data` writes change no object here and are read by the op on every call.
+        flat = self._flat_weights
+        ids = list(map(id, flat))  # the cache holds the objects, so no id is reused while it is kept
+        cached = self.__dict__.get("_checked_cache")
+        if cached is not None and cached[0] == ids:
+            return cached[1]
+        out = self._checked_weights(flat)
+        if all(a is b for a, b in zip(flat, (t for w in out for t in w if t is not None))):
+            # Nothing converted (a sparse weight_ih is made dense per call, from its current values).
+            self.__dict__["_checked_cache"] = (ids, out)
+        return out
+
+    def __setattr__(self, attr, value) -> None:
+        # Any attribute assignment (bias, num_layers, a weight, training, ...) drops the checked weights.
+        self.__dict__.pop("_checked_cache", None)
+        super().__setattr__(attr, value)
+
+    def __delattr__(self, attr) -> None:
+        self.__dict__.pop("_checked_cache", None)
+        super().__delattr__(attr)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_checked_cache", None)
+        return state
 
     def _refresh_flat_weights(self) -> None:
         """nn.RNNBase._update_flat_weights for a module without parametrizations, where reading a weight
@@ -551,9 +585,18 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
                 if c0 is None or not _plain(c0, dtype, device) or c0.shape != cell_state:
                     return None
                 c = c0
-        out, h, c = self._run(x.reshape(steps * batch, x.shape[2]), functional.full_batch_sizes(steps, batch), h, c,
-                              weights)
-        out = out.view(steps, batch, out.shape[-1])
+        batch_sizes = functional.full_batch_sizes(steps, batch)
+        if (self.num_layers == 1 and not self.bidirectional and type(self)._run is _RNNBase._run
+                and _ops.plain_eager()):
+            # The ops take [T, B, I] and [1, B, *] states as they are (csrc/ops.cpp) and return h_n / c_n
+            # as [1, B, *]: no reshape of x, h0[0], unsqueeze or view around the call (NOTES 36). Only
+            # where the op itself runs (no-grad or the eager autograd node), not on the reference or
+            # functorch routes, whose formulas take rows; and only for the layers _run runs here (a
+            # subclass's own _run, the layer-normalised layers', is kept).
+            out, h, c = functional.layer(self.mode, x, h, c, weights[0], batch_sizes, False)
+        else:
+            out, h, c = self._run(x.reshape(steps * batch, x.shape[2]), batch_sizes, h, c, weights)
+            out = out.view(steps, batch, out.shape[-1])
         return (out.transpose(0, 1) if self.batch_first else out), h, c
 
     def _forward_tensor(self, input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor],

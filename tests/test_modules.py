@@ -362,3 +362,101 @@ def test_size_one_state_matches_torch_nn(monkeypatch, engine, dtype, batch, cell
     torch.testing.assert_close(xo.grad, xr.grad, **tolerances(dtype))
     for (name, p_r), p_o in zip(ref.named_parameters(), ours.parameters()):
         torch.testing.assert_close(p_o.grad, p_r.grad, **tolerances(dtype), msg=name)
+
+
+# ---- the one-layer eager call through the ops' full-batch form, and the kept weight list -------------
+# (benchmarks/NOTES.md entry 38: the module passes [T, B, I] and [1, B, *] to the op and keeps its
+# checked weight list while the weights are the same objects).
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("steps,batch", [(1, 1), (1, 4), (5, 2)])
+@pytest.mark.parametrize("given_state", [False, True])
+def test_one_layer_full_batch_call_matches_torch_nn(cell, batch_first, steps, batch, given_state):
+    ref, ours = make_pair(cell, batch_first=batch_first)
+    g = torch.Generator().manual_seed(steps * 10 + batch)
+    shape = (batch, steps, 3) if batch_first else (steps, batch, 3)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    state = None
+    if given_state:
+        h_size = 3 if cell == "lstm_proj" else 5
+        h0 = torch.randn(1, batch, h_size, generator=g, dtype=torch.float64)
+        state = (h0, torch.randn(1, batch, 5, generator=g, dtype=torch.float64)) if cell.startswith("lstm") else h0
+    with torch.no_grad():
+        (o1, s1), (o2, s2) = ref(x, state), ours(x, state)
+    assert o2.shape == o1.shape
+    torch.testing.assert_close(o2, o1, rtol=0, atol=1e-10)
+    for a, b in zip(flat_state(s2), flat_state(s1)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    # Training: gradients of input, states and weights, and double backward, against torch.nn.
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    states = [None, None]
+    if given_state:
+        states = [tuple(t.clone().requires_grad_() for t in flat_state(state)) for _ in range(2)]
+        if not cell.startswith("lstm"):
+            states = [s[0] for s in states]
+    results = []
+    for m, xi, si in ((ref, xs[0], states[0]), (ours, xs[1], states[1])):
+        out, s = m(xi, si)
+        loss = (out ** 2).sum() + sum((t ** 3).sum() for t in flat_state(s))
+        leaves = [xi] + (flat_state(si) if si is not None else []) + list(m.parameters())
+        first = torch.autograd.grad(loss, leaves, create_graph=True)
+        second = torch.autograd.grad(sum((f ** 2).sum() for f in first), leaves)
+        results.append((first, second))
+    for want, got in zip(*[[t for pair in r for t in pair] for r in results]):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
+
+
+def test_kept_weight_list_follows_every_change_of_the_weights_and_attributes():
+    ref, ours = make_pair("gru")
+    x = torch.randn(2, 3, 3, dtype=torch.float64)
+
+    def same():
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=0, atol=1e-10)
+
+    same()
+    same()  # the kept list
+    with torch.no_grad():  # in place: the same objects, new values
+        ref.weight_hh_l0.mul_(0.5)
+        ours.weight_hh_l0.mul_(0.5)
+    same()
+    new = torch.randn_like(ref.weight_ih_l0)  # a new Parameter object
+    ref.weight_ih_l0 = nn.Parameter(new.clone())
+    ours.weight_ih_l0 = nn.Parameter(new.clone())
+    same()
+    ours._parameters["bias_hh_l0"] = nn.Parameter(ref.bias_hh_l0.detach() * 0 + 1)  # behind __setattr__'s back
+    with torch.no_grad():
+        ref.bias_hh_l0.fill_(1)
+    same()
+    with torch.no_grad():  # .data swapped for another tensor
+        ref.bias_ih_l0.data = ref.bias_ih_l0.data * 2
+        ours.bias_ih_l0.data = ours.bias_ih_l0.data * 2
+    same()
+    # An attribute that the checks read: torch.nn's error, not the kept list.
+    ours.bias = False
+    with pytest.raises(RuntimeError, match="bias=False"):
+        ours(x)
+    ours.bias = True
+    same()
+    ours.num_layers = 2
+    with pytest.raises(RuntimeError, match="num_layers=2"):
+        ours(x)
+    ours.num_layers = 1
+    same()
+    # A copy and a pickled copy carry no list of the original's weights.
+    import copy
+    import pickle
+    for twin in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.add_(1)
+            for p in ref.parameters():
+                p.add_(1)
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x)[0], ref(x)[0], rtol=0, atol=1e-10)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.sub_(1)
+    same()

@@ -259,3 +259,144 @@ def test_input_gradient_skipped_when_not_needed_and_others_unchanged(cell):
 
     for with_dx, without_dx in zip(grads(True), grads(False)):
         assert torch.equal(with_dx, without_dx)
+
+
+# ---- full-length batches as the modules hold them: input [T, B, I], states [1, B, *] -----------------
+# (csrc/ops.cpp): the same numbers as the row form, in the shapes given; what does not fit raises.
+
+def _as_full_batch(cell, args):
+    """args of make_args(cell, UNIFORM) with input [T, B, I] and the states [1, B, *]."""
+    a = list(args)
+    steps, batch = len(UNIFORM), int(UNIFORM[0])
+    a[0] = a[0].reshape(steps, batch, I)
+    for k in (1, 2) if cell.startswith("lstm") else (1,):
+        a[k] = a[k].unsqueeze(0)
+    return a
+
+
+def _inference_op(cell):
+    return {"lstm": OPS.lstm_inference, "lstm_proj": OPS.lstm_inference, "gru": OPS.gru_inference}.get(cell)
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_full_batch_shapes_give_the_row_results(cell, reverse, dtype):
+    op, args = make_args(cell, UNIFORM, dtype=dtype)
+    full = _as_full_batch(cell, args)
+    steps, batch = len(UNIFORM), int(UNIFORM[0])
+    n_states = 2 if cell.startswith("lstm") else 1
+    rows = op(*args, reverse)
+    got = op(*full, reverse)
+    assert got[0].shape == (steps, batch, rows[0].shape[1])
+    assert torch.equal(got[0].reshape(rows[0].shape), rows[0])
+    for k in range(1, 1 + n_states):
+        assert got[k].shape == (1,) + tuple(rows[k].shape)
+        assert torch.equal(got[k][0], rows[k])
+    for k in range(1 + n_states, len(rows)):  # saved for backward: rows either way
+        assert torch.equal(got[k], rows[k])
+    # Against the reference, independently of the row form.
+    expected = reference_forward(cell, args, reverse)
+    tol = dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[0].reshape(expected[0].shape), expected[0], **tol)
+    inference = _inference_op(cell)
+    if inference is not None:
+        inf = inference(*full, reverse)
+        for a, b in zip(inf, got):
+            assert torch.equal(a, b)
+    # Only one of the two in full-batch form: the other keeps its own shape.
+    mixed = list(args)
+    mixed[0] = full[0]
+    got_mixed = op(*mixed, reverse)
+    assert got_mixed[0].shape == got[0].shape and got_mixed[1].shape == rows[1].shape
+    assert torch.equal(got_mixed[1], rows[1])
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("need_grad_input", [True, False])
+@pytest.mark.parametrize("need_grad_h0", [True, False])
+def test_full_batch_backward_gives_the_row_gradients(cell, need_grad_input, need_grad_h0):
+    op, args = make_args(cell, UNIFORM)
+    full = _as_full_batch(cell, args)
+    n_main = 3 if cell.startswith("lstm") else 2
+    rows_out = op(*args, False)
+    full_out = op(*full, False)
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in rows_out[:n_main]]
+    full_grads = [grads[0].reshape(full_out[0].shape)] + [t.unsqueeze(0) for t in grads[1:]]
+    backward, bargs = backward_args(cell, args, rows_out, grads, False, need_grad_input)
+    _, fargs = backward_args(cell, full, full_out, full_grads, False, need_grad_input)
+    want = backward(*bargs, need_grad_h0)
+    got = backward(*fargs, need_grad_h0)
+    n_states = 2 if cell.startswith("lstm") else 1
+    for k, (a, b) in enumerate(zip(got, want)):
+        if k == 0 and need_grad_input:
+            assert a.shape == full[0].shape
+            a = a.reshape(b.shape)
+        elif 1 <= k <= n_states and b.numel() > 0:
+            assert a.shape == (1,) + tuple(b.shape)
+            a = a[0]
+        assert a.shape == b.shape and torch.equal(a, b), k
+    torch.library.opcheck(backward, (*fargs, need_grad_h0))
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+def test_full_batch_autograd_and_opcheck(cell):
+    """Through the op's registered autograd (and its fake kernel): gradients and double backward of the
+    full-batch form against fusedrnn.reference in float64, and opcheck's checks of the fake shapes."""
+    op, args = make_args(cell, UNIFORM, requires_grad=True)
+    detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
+    full = [f.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.requires_grad else f
+            for a, f in zip(args, _as_full_batch(cell, detached))]
+    torch.library.opcheck(op, (*full, False))
+    n_main = 3 if cell.startswith("lstm") else 2
+    outs = op(*full, False)[:n_main]
+    expected = reference_forward(cell, args, False)
+    leaves_full = [t for t in full if isinstance(t, torch.Tensor) and t.requires_grad]
+    leaves_ref = [t for t in args if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def loss(main):
+        return sum(((k + 1) * o.reshape(-1) ** 2).sum() for k, o in enumerate(main))
+
+    got = torch.autograd.grad(loss(outs), leaves_full, create_graph=True)
+    want = torch.autograd.grad(loss(expected), leaves_ref, create_graph=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.reshape(b.shape), b, rtol=0, atol=1e-10)
+    got2 = torch.autograd.grad(sum(g.square().sum() for g in got), leaves_full)
+    want2 = torch.autograd.grad(sum(g.square().sum() for g in want), leaves_ref)
+    for a, b in zip(got2, want2):
+        torch.testing.assert_close(a.reshape(b.shape), b, rtol=1e-9, atol=1e-9)
+
+
+FULL_BAD = [
+    ("gru", {"input": torch.randn(4, 2, 3, dtype=torch.float64)}, "full-length batch"),  # batch 2, h0's 3
+    ("gru", {"input": torch.randn(2, 3, 3, dtype=torch.float64)}, "full-length batch"),  # 2 steps, 3 in batch_sizes
+    ("gru", {"h0": torch.randn(2, 3, 4, dtype=torch.float64)}, r"h0 must be 3-D \[1, batch, \*\]"),
+    ("lstm", {"c0": torch.randn(1, 3, 4, dtype=torch.float64)}, "c0 must have the rank of h0"),
+]
+
+
+@pytest.mark.parametrize("cell,changes,message", FULL_BAD)
+def test_full_batch_shapes_that_do_not_fit_raise(cell, changes, message):
+    op, args = make_args(cell, UNIFORM)
+    names = {"lstm": ["input", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "batch_sizes"],
+             "gru": ["input", "h0", "w_ih", "w_hh", "b_ih", "b_hh", "batch_sizes"]}[cell]
+    for k, v in changes.items():
+        args[names.index(k)] = v
+    with pytest.raises(RuntimeError, match=message):
+        op(*args, False)
+    # A ragged batch cannot be given as [T, B, I].
+    op, args = make_args("gru", RAGGED)
+    with pytest.raises(RuntimeError, match="full-length batch"):
+        op(torch.randn(4, 2, 3, dtype=torch.float64), *args[1:], False)
+
+
+def test_full_batch_backward_checks_shapes():
+    op, args = make_args("rnn_tanh", UNIFORM)
+    full = _as_full_batch("rnn_tanh", args)
+    out, h = op(*full, False)
+    x, h0, w_ih, w_hh, _, _, bs = full
+    with pytest.raises(RuntimeError, match=r"grad_output must be 3-D \[3, 3, \*\] like input"):
+        OPS.rnn_tanh_backward(out.reshape(9, 4), h, x, h0, w_ih, w_hh, bs, False, True, out)
+    with pytest.raises(RuntimeError, match=r"grad_h_n must be 3-D \[1, batch, \*\] like h0"):
+        OPS.rnn_tanh_backward(out, h[0], x, h0, w_ih, w_hh, bs, False, True, out)

@@ -189,21 +189,24 @@ ForwardOutputs forward_layer(const char* op, const at::Tensor& input, const at::
                              const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
                              const OptTensor& b_hh, const OptTensor& w_hr, const at::Tensor& batch_sizes,
                              bool reverse) {
-  const LayerWeights w = check_layer(op, Cell::kGates, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
-  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
+  // A [T, B, I] input and [1, B, *] states run as rows, and come back in their shapes (layer_ops.h).
+  const RowArgs rows = as_rows(op, input, h0, c0, batch_sizes);
+  const at::Tensor& x = rows.input;
+  const LayerWeights w =
+      check_layer(op, Cell::kGates, x, rows.h0, c0 != nullptr ? &rows.c0 : nullptr, w_ih, w_hh, b_ih, b_hh, w_hr);
+  const StepSchedule s = make_schedule(op, batch_sizes, x.size(0), rows.h0.size(0));
   const c10::cuda::OptionalCUDAGuard device_guard(input.device());
-  const at::Tensor c0_or_none = c0 != nullptr ? *c0 : at::Tensor();
   PathRequest request;
   if (wants_persistent(op, &request)) {
     const int64_t hidden = w_hh.size(0) / Cell::kGates;
-    Plan plan = plan_layer<Cell>(input, hidden, h0.size(0), w.w_hr.defined());
+    Plan plan = plan_layer<Cell>(x, hidden, rows.h0.size(0), w.w_hr.defined());
     check_forced(op, request, plan);
     if (plan.ok) {
       CudaLaunch launch{plan};
-      return layer_forward<Cell>(input, h0, c0_or_none, w, s, reverse, plan.rows_per_cta, launch);
+      return shaped_as_given(rows, layer_forward<Cell>(x, rows.h0, rows.c0, w, s, reverse, plan.rows_per_cta, launch));
     }
   }
-  return fusedrnn::layer_forward<Cell, CudaDevice>(input, h0, c0_or_none, w, s, reverse);
+  return shaped_as_given(rows, fusedrnn::layer_forward<Cell, CudaDevice>(x, rows.h0, rows.c0, w, s, reverse));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(

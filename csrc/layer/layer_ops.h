@@ -30,16 +30,76 @@ inline at::Tensor contiguous_or_undefined(const OptTensor& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
 }
 
+// The ops also take a full-length batch as the modules hold it (csrc/ops.cpp): input [T, B, I] and
+// states [1, B, *], returning output [T, B, P] and final states [1, B, *]; the drivers run on the
+// row views below. What this saves is the caller's four view calls around each op call (two
+// reshapes of the sequence, two of the state: a dispatcher round trip from Python apiece, ~5 us of
+// a ~40 us one-step layer call; benchmarks/NOTES.md, entry 38); a C++ view is ~20x cheaper.
+struct RowArgs {
+  at::Tensor input, h0, c0;  // [tokens, I], [B, P], [B, H] (c0 undefined when absent)
+  bool sequence = false;     // input was [T, B, I]: outputs [tokens, *] become [T, B, *]
+  bool state = false;        // the states were [1, B, *]: final states and their gradients get the 1 back
+  int64_t steps = 0, batch = 0;
+
+  at::Tensor sequence_out(const at::Tensor& rows) const {
+    return sequence ? rows.reshape({steps, batch, rows.size(1)}) : rows;
+  }
+  // An input gradient: [T, B, I] like input, or the empty tensor of need_grad_input=false as it is.
+  at::Tensor sequence_out_if(const at::Tensor& rows) const { return rows.dim() == 2 ? sequence_out(rows) : rows; }
+  // A final state or a state gradient: [1, B, *] like h0, or the empty tensor of need_grad_h0=false.
+  at::Tensor state_out(const at::Tensor& s) const { return state && s.dim() == 2 ? s.unsqueeze(0) : s; }
+  // A tensor given with the sequence's shape ([T, B, *] when input was 3-D), as rows.
+  at::Tensor sequence_rows(const char* op, const char* name, const at::Tensor& t) const {
+    if (!sequence) return t;
+    FUSEDRNN_CHECK(t.dim() == 3 && t.size(0) == steps && t.size(1) == batch, op, name, " must be 3-D [", steps,
+                   ", ", batch, ", *] like input, got shape ", t.sizes());
+    return t.reshape({steps * batch, t.size(2)});
+  }
+  // A tensor given with the states' shape ([1, B, *] when h0 was 3-D), as [B, *].
+  at::Tensor state_rows(const char* op, const char* name, const at::Tensor& t) const {
+    if (!state) return t;
+    FUSEDRNN_CHECK(t.dim() == 3 && t.size(0) == 1, op, name, " must be 3-D [1, batch, *] like h0, got shape ",
+                   t.sizes());
+    return t.select(0, 0);
+  }
+};
+
+inline RowArgs as_rows(const char* op, const at::Tensor& input, const at::Tensor& h0, const at::Tensor* c0,
+                       const at::Tensor& batch_sizes) {
+  RowArgs r;
+  r.state = h0.dim() == 3;
+  FUSEDRNN_CHECK(c0 == nullptr || c0->dim() == h0.dim(), op, "c0 must have the rank of h0 (", h0.dim(),
+                 "-D), got shape ", c0 != nullptr ? c0->sizes() : h0.sizes());
+  r.h0 = r.state_rows(op, "h0", h0);
+  if (c0 != nullptr) r.c0 = r.state_rows(op, "c0", *c0);
+  r.sequence = input.dim() == 3;
+  r.input = input;
+  if (r.sequence) {
+    // Full length only: T steps of B rows, B = the states' batch (batch_sizes then holds B T times).
+    FUSEDRNN_CHECK(r.h0.dim() >= 1 && input.size(1) == r.h0.size(0) && batch_sizes.dim() == 1 &&
+                       batch_sizes.size(0) == input.size(0),
+                   op, "input must be 2-D [tokens, input_size] (packed), or 3-D [steps, batch, input_size] for a "
+                   "full-length batch (batch = h0's, ", r.h0.dim() >= 1 ? r.h0.size(0) : -1, ", and batch_sizes of ",
+                   input.size(0), " steps), got input of shape ", input.sizes(), " and batch_sizes of shape ",
+                   batch_sizes.sizes());
+    r.steps = input.size(0);
+    r.batch = input.size(1);
+    r.input = input.reshape({r.steps * r.batch, input.size(2)});
+  }
+  return r;
+}
+
 // Validates the arguments common to every op and returns the layer's weights
 // (made contiguous where a kernel reads them through raw pointers).
 inline LayerWeights check_layer(const char* op, int64_t gates, const at::Tensor& input, const at::Tensor& h0,
                                 const at::Tensor* c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                                 const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr) {
   check_floating(op, "input", input);
-  FUSEDRNN_CHECK(input.dim() == 2, op, "input must be 2-D [tokens, input_size] (packed, time-major), got shape ",
-                 input.sizes());
+  FUSEDRNN_CHECK(input.dim() == 2, op, "input must be 2-D [tokens, input_size] (packed, time-major) or 3-D "
+                 "[steps, batch, input_size] (full length), got shape ", input.sizes());
   check_like(op, "h0", h0, input);
-  FUSEDRNN_CHECK(h0.dim() == 2, op, "h0 must be 2-D [batch, hidden], got shape ", h0.sizes());
+  FUSEDRNN_CHECK(h0.dim() == 2, op, "h0 must be 2-D [batch, hidden] or 3-D [1, batch, hidden], got shape ",
+                 h0.sizes());
   check_like(op, "w_ih", w_ih, input);
   check_like(op, "w_hh", w_hh, input);
   FUSEDRNN_CHECK(w_hh.dim() == 2 && w_hh.size(0) % gates == 0 && w_hh.size(0) > 0, op,
@@ -88,6 +148,15 @@ inline void check_saved(const char* op, const char* name, const at::Tensor& t, c
 // Forward ops
 // ---------------------------------------------------------------------------
 
+// A forward's outputs in the shapes of its call (RowArgs): output and final states; gates, cells and
+// hn stay [tokens, *] (only the backward ops read them).
+inline ForwardOutputs shaped_as_given(const RowArgs& rows, ForwardOutputs r) {
+  r.output = rows.sequence_out(r.output);
+  r.h_n = rows.state_out(r.h_n);
+  if (r.c_n.defined()) r.c_n = rows.state_out(r.c_n);
+  return r;
+}
+
 // Every forward op and its inference twin (csrc/ops.cpp): the op's checks, its schedule, the
 // device guard and the driver; save_for_backward false keeps nothing that only backward reads.
 template <typename Cell, typename Device>
@@ -95,10 +164,13 @@ ForwardOutputs run_forward_op(const char* op, const at::Tensor& input, const at:
                               const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
                               const OptTensor& b_hh, const OptTensor& w_hr, const at::Tensor& batch_sizes,
                               bool reverse, bool save_for_backward) {
-  const LayerWeights w = check_layer(op, Cell::kGates, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
-  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
+  const RowArgs rows = as_rows(op, input, h0, c0, batch_sizes);
+  const LayerWeights w = check_layer(op, Cell::kGates, rows.input, rows.h0, c0 != nullptr ? &rows.c0 : nullptr, w_ih,
+                                     w_hh, b_ih, b_hh, w_hr);
+  const StepSchedule s = make_schedule(op, batch_sizes, rows.input.size(0), rows.h0.size(0));
   const typename Device::DeviceGuard device_guard(input.device());
-  return layer_forward<Cell, Device>(input, h0, c0 != nullptr ? *c0 : at::Tensor(), w, s, reverse, save_for_backward);
+  return shaped_as_given(rows, layer_forward<Cell, Device>(rows.input, rows.h0, rows.c0, w, s, reverse,
+                                                           save_for_backward));
 }
 
 template <typename Device>
@@ -166,21 +238,27 @@ lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const a
               bool need_grad_input, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
               bool need_grad_h0 = true) {
   constexpr const char* op = "lstm_backward";
-  const LayerWeights w = check_layer(op, 4, input, h0, &c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
-  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
-  const int64_t N = input.size(0), B = h0.size(0), P = h0.size(1), H = w_hh.size(0) / 4;
-  check_saved(op, "grad_output", grad_output, input, {N, P});
-  check_saved(op, "grad_h_n", grad_h_n, input, {B, P});
-  check_saved(op, "grad_c_n", grad_c_n, input, {B, H});
-  check_saved(op, "output", output, input, {N, P});
-  check_saved(op, "gates", gates, input, {N, 4 * H});
-  check_saved(op, "cells", cells, input, {N, H});
+  const RowArgs rows = as_rows(op, input, h0, &c0, batch_sizes);
+  const LayerWeights w = check_layer(op, 4, rows.input, rows.h0, &rows.c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
+  const StepSchedule s = make_schedule(op, batch_sizes, rows.input.size(0), rows.h0.size(0));
+  const int64_t N = rows.input.size(0), B = rows.h0.size(0), P = rows.h0.size(1), H = w_hh.size(0) / 4;
+  const at::Tensor grad_out = rows.sequence_rows(op, "grad_output", grad_output);
+  const at::Tensor out = rows.sequence_rows(op, "output", output);
+  const at::Tensor grad_hn = rows.state_rows(op, "grad_h_n", grad_h_n);
+  const at::Tensor grad_cn = rows.state_rows(op, "grad_c_n", grad_c_n);
+  const at::Tensor& x = rows.input;
+  check_saved(op, "grad_output", grad_out, x, {N, P});
+  check_saved(op, "grad_h_n", grad_hn, x, {B, P});
+  check_saved(op, "grad_c_n", grad_cn, x, {B, H});
+  check_saved(op, "output", out, x, {N, P});
+  check_saved(op, "gates", gates, x, {N, 4 * H});
+  check_saved(op, "cells", cells, x, {N, H});
   const typename Device::DeviceGuard device_guard(input.device());
-  SavedForBackward saved{input, h0, c0, output.contiguous(), gates.contiguous(), cells.contiguous(), {}};
+  SavedForBackward saved{x, rows.h0, rows.c0, out.contiguous(), gates.contiguous(), cells.contiguous(), {}};
   BackwardOutputs g =
-      layer_backward<LstmCell, Device>(grad_output, grad_h_n, grad_c_n, saved, w, s, reverse,
-                                       need_grad_input, need_grad_h0);
-  return {g.grad_input, g.grad_h0, g.grad_c0, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh, g.grad_w_hr};
+      layer_backward<LstmCell, Device>(grad_out, grad_hn, grad_cn, saved, w, s, reverse, need_grad_input, need_grad_h0);
+  return {rows.sequence_out_if(g.grad_input), rows.state_out(g.grad_h0), rows.state_out(g.grad_c0), g.grad_w_ih,
+          g.grad_w_hh, g.grad_b_ih, g.grad_b_hh, g.grad_w_hr};
 }
 
 template <typename Device>
@@ -190,20 +268,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool need_grad_input, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& hn,
     bool need_grad_h0 = true) {
   constexpr const char* op = "gru_backward";
-  const LayerWeights w = check_layer(op, 3, input, h0, nullptr, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt);
-  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
-  const int64_t N = input.size(0), B = h0.size(0), H = h0.size(1);
-  check_saved(op, "grad_output", grad_output, input, {N, H});
-  check_saved(op, "grad_h_n", grad_h_n, input, {B, H});
-  check_saved(op, "output", output, input, {N, H});
-  check_saved(op, "gates", gates, input, {N, 3 * H});
-  check_saved(op, "hn", hn, input, {N, H});
+  const RowArgs rows = as_rows(op, input, h0, nullptr, batch_sizes);
+  const LayerWeights w =
+      check_layer(op, 3, rows.input, rows.h0, nullptr, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt);
+  const StepSchedule s = make_schedule(op, batch_sizes, rows.input.size(0), rows.h0.size(0));
+  const int64_t N = rows.input.size(0), B = rows.h0.size(0), H = rows.h0.size(1);
+  const at::Tensor grad_out = rows.sequence_rows(op, "grad_output", grad_output);
+  const at::Tensor out = rows.sequence_rows(op, "output", output);
+  const at::Tensor grad_hn = rows.state_rows(op, "grad_h_n", grad_h_n);
+  const at::Tensor& x = rows.input;
+  check_saved(op, "grad_output", grad_out, x, {N, H});
+  check_saved(op, "grad_h_n", grad_hn, x, {B, H});
+  check_saved(op, "output", out, x, {N, H});
+  check_saved(op, "gates", gates, x, {N, 3 * H});
+  check_saved(op, "hn", hn, x, {N, H});
   const typename Device::DeviceGuard device_guard(input.device());
-  SavedForBackward saved{input, h0, {}, output.contiguous(), gates.contiguous(), {}, hn.contiguous()};
-  BackwardOutputs g =
-      layer_backward<GruCell, Device>(grad_output, grad_h_n, at::Tensor(), saved, w, s, reverse,
-                                      need_grad_input, need_grad_h0);
-  return {g.grad_input, g.grad_h0, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh};
+  SavedForBackward saved{x, rows.h0, {}, out.contiguous(), gates.contiguous(), {}, hn.contiguous()};
+  BackwardOutputs g = layer_backward<GruCell, Device>(grad_out, grad_hn, at::Tensor(), saved, w, s, reverse,
+                                                      need_grad_input, need_grad_h0);
+  return {rows.sequence_out_if(g.grad_input), rows.state_out(g.grad_h0), g.grad_w_ih, g.grad_w_hh, g.grad_b_ih,
+          g.grad_b_hh};
 }
 
 template <typename Cell, typename Device>
@@ -212,18 +296,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& batch_sizes, bool reverse,
     bool need_grad_input, const at::Tensor& output, bool need_grad_h0 = true) {
   const char* op = Cell::kRelu ? "rnn_relu_backward" : "rnn_tanh_backward";
-  const LayerWeights w = check_layer(op, 1, input, h0, nullptr, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt);
-  const StepSchedule s = make_schedule(op, batch_sizes, input.size(0), h0.size(0));
-  const int64_t N = input.size(0), B = h0.size(0), H = h0.size(1);
-  check_saved(op, "grad_output", grad_output, input, {N, H});
-  check_saved(op, "grad_h_n", grad_h_n, input, {B, H});
-  check_saved(op, "output", output, input, {N, H});
+  const RowArgs rows = as_rows(op, input, h0, nullptr, batch_sizes);
+  const LayerWeights w =
+      check_layer(op, 1, rows.input, rows.h0, nullptr, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt);
+  const StepSchedule s = make_schedule(op, batch_sizes, rows.input.size(0), rows.h0.size(0));
+  const int64_t N = rows.input.size(0), B = rows.h0.size(0), H = rows.h0.size(1);
+  const at::Tensor grad_out = rows.sequence_rows(op, "grad_output", grad_output);
+  const at::Tensor out = rows.sequence_rows(op, "output", output);
+  const at::Tensor grad_hn = rows.state_rows(op, "grad_h_n", grad_h_n);
+  const at::Tensor& x = rows.input;
+  check_saved(op, "grad_output", grad_out, x, {N, H});
+  check_saved(op, "grad_h_n", grad_hn, x, {B, H});
+  check_saved(op, "output", out, x, {N, H});
   const typename Device::DeviceGuard device_guard(input.device());
-  SavedForBackward saved{input, h0, {}, output.contiguous(), {}, {}, {}};  // RNN needs only h_t
-  BackwardOutputs g =
-      layer_backward<Cell, Device>(grad_output, grad_h_n, at::Tensor(), saved, w, s, reverse,
-                                   need_grad_input, need_grad_h0);
-  return {g.grad_input, g.grad_h0, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh};
+  SavedForBackward saved{x, rows.h0, {}, out.contiguous(), {}, {}, {}};  // RNN needs only h_t
+  BackwardOutputs g = layer_backward<Cell, Device>(grad_out, grad_hn, at::Tensor(), saved, w, s, reverse,
+                                                   need_grad_input, need_grad_h0);
+  return {rows.sequence_out_if(g.grad_input), rows.state_out(g.grad_h0), g.grad_w_ih, g.grad_w_hh, g.grad_b_ih,
+          g.grad_b_hh};
 }
 
 // Registers every op's implementation for one dispatch key.
