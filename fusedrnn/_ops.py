@@ -224,7 +224,8 @@ def _unused_grad(grad: Optional[Tensor], like: Tensor) -> Tensor:
         key = (like.dtype, like.device)
         zero = _ZERO_SCALARS.get(key)
         if zero is None:
-            zero = _ZERO_SCALARS[key] = like.new_zeros(())
+            with torch.inference_mode(False):  # cached: never an inference tensor (see functional.full_batch_sizes)
+                zero = _ZERO_SCALARS[key] = like.new_zeros(())
         return zero.expand_as(like)
     return like.new_zeros(()).expand_as(like)
 

@@ -87,7 +87,10 @@ def full_batch_sizes(steps: int, batch: int) -> Tensor:
             if t is None or t._version != 0:
                 if len(_BATCH_SIZES) > 256:
                     _BATCH_SIZES.clear()
-                t = _BATCH_SIZES[key] = torch.full((steps,), batch, dtype=torch.int64)
+                # Never an inference tensor (a first call under torch.inference_mode would cache one,
+                # and every later call of the shape would fail on its _version).
+                with torch.inference_mode(False):
+                    t = _BATCH_SIZES[key] = torch.full((steps,), batch, dtype=torch.int64)
             return t
     return torch.full((steps,), batch, dtype=torch.int64)
 

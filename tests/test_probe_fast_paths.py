@@ -499,14 +499,11 @@ def test_layer_calls_that_may_or_may_not_need_a_gradient(kind, how, dtype, shape
     both(ref, ours, scenario, dtype)
 
 
-@pytest.mark.xfail(strict=True, reason="functional.full_batch_sizes caches one batch_sizes tensor per (steps, batch); "
-                   "the first call of a shape under torch.inference_mode caches an inference tensor, and every later "
-                   "call of that shape (inference_mode, no_grad or training) then fails on its `t._version` test: "
-                   "RuntimeError: Inference tensors do not track version counter")
 @pytest.mark.parametrize("layer", [True, False], ids=["layer", "cell"])
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
 def test_first_call_under_inference_mode_then_more_calls(kind, layer, monkeypatch):
-    """A serving loop: the first call of a shape under torch.inference_mode, then more calls of it."""
+    """A serving loop: the first call of a shape under torch.inference_mode, then more calls of it (each
+    shape's batch_sizes tensor is cached between calls: it must not be an inference tensor)."""
     monkeypatch.setattr(fusedrnn.functional, "_BATCH_SIZES", {})  # this shape's first call is the one below
     ref, ours = (layer_pair if layer else cell_pair)(kind, torch.float64)
     x = seq(3, 2, torch.float64) if layer else seq(1, 2, torch.float64)[0]
