@@ -48,13 +48,13 @@ struct CpuDevice {
   // the drivers keep LSTM's projection on their loop).
   static constexpr bool kSequenceEngine = true;
 
-  // bfloat16 / float16 layers run in float32 (widened_layer.h): the drivers widen once per call.
+  // bfloat16 / float16 layers run in float32 (widened_layer.h), in chunks of time steps.
   static constexpr bool kWidensHalfTypes = true;
   static bool widens(at::ScalarType type) { return cpu_widened::takes(type); }
-  template <typename X>
-  static X widen(const X& x) { return cpu_widened::widen(x); }
-  template <typename X>
-  static X narrow(X x, at::ScalarType type) { return cpu_widened::narrow(std::move(x), type); }
+  template <typename... A>
+  static ForwardOutputs forward_widened(A&&... a) { return cpu_widened::forward_in_chunks(std::forward<A>(a)...); }
+  template <typename... A>
+  static BackwardOutputs backward_widened(A&&... a) { return cpu_widened::backward_in_chunks(std::forward<A>(a)...); }
 
   static bool engine_takes(const at::Tensor& t) { return t.scalar_type() == at::kFloat && cpu_engine::available(); }
 

@@ -289,10 +289,8 @@ BackwardOutputs layer_backward(const at::Tensor& grad_output_in, const at::Tenso
                                bool reverse, bool need_grad_input, bool need_grad_h0 = true) {
   if constexpr (widens_half_types<Device>::value) {  // the half types in float32 (layer_forward.h)
     if (Device::widens(saved.input.scalar_type())) {
-      return Device::narrow(layer_backward<Cell, Device>(Device::widen(grad_output_in), Device::widen(grad_h_n),
-                                                         Device::widen(grad_c_n), Device::widen(saved), Device::widen(w),
-                                                         sched, reverse, need_grad_input, need_grad_h0),
-                            saved.input.scalar_type());
+      return Device::backward_widened(grad_output_in, grad_h_n, grad_c_n, saved, w, sched, reverse, need_grad_input,
+                                      need_grad_h0, [](auto&&... a) { return layer_backward<Cell, Device>(a...); });
     }
   }
   constexpr int64_t G = Cell::kGates;

@@ -112,8 +112,9 @@ struct has_sequence_engine<Device, std::void_t<decltype(Device::kSequenceEngine)
     : std::bool_constant<Device::kSequenceEngine> {};
 
 // A device policy may run the half types' layers in float32 (the CPU's: cpu/widened_layer.h) by
-// declaring `static constexpr bool kWidensHalfTypes = true`, widens(dtype), widen(x) and narrow(x, dtype)
-// for the drivers' tensors and structs: the drivers then call themselves once on the widened tensors.
+// declaring `static constexpr bool kWidensHalfTypes = true`, widens(dtype), forward_widened and
+// backward_widened: the drivers hand those the call and themselves on float32 tensors, to run on the
+// widened tensors (in chunks of time steps, on the CPU).
 template <typename Device, typename = void>
 struct widens_half_types : std::false_type {};
 template <typename Device>
@@ -141,9 +142,8 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
                              bool save_for_backward = true) {
   if constexpr (widens_half_types<Device>::value) {
     if (Device::widens(input.scalar_type())) {
-      return Device::narrow(layer_forward<Cell, Device>(Device::widen(input), Device::widen(h0), Device::widen(c0),
-                                                        Device::widen(w), sched, reverse, save_for_backward),
-                            input.scalar_type());
+      return Device::forward_widened(input, h0, c0, w, sched, reverse, save_for_backward,
+                                     [](auto&&... a) { return layer_forward<Cell, Device>(a...); });
     }
   }
   constexpr int64_t G = Cell::kGates;
