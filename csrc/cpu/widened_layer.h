@@ -95,25 +95,27 @@ struct Chunk {
 // chunk has at least 64 rows (a call of fewer tokens runs whole).
 // FUSEDRNN_CPU_HALF_CHUNK_ROWS (read per call) sets the rows per chunk instead: for measurements, and
 // for the tests that compare chunkings (a value >= the tokens: the whole sequence at once).
-// A call whose whole-sequence float32 copies are at most kWholeMaxBytes runs whole: there the chunks'
-// per-call costs were 1.2-1.3x of the step (small_batch, B=4, NOTES entry 39) to save at most 4 MiB,
-// while the weights' float32 copies, which no chunking removes, are of the same order.
+// A call of at most kWholeMaxRows tokens runs whole: there the chunks' per-call costs (the engine's
+// setup and weight packing per chunk) outweigh what they save (small_batch T=100 B=4, bf16 training, 2
+// threads: 64-row chunks 1.34-1.42x the whole call's time, 128 rows 1.18-1.24x, 256 rows 1.08-1.12x), and
+// the weights' float32 copies, which no chunking removes, are of the same order as the rest (lead, NOTES
+// entry 39's addendum).
 constexpr int64_t kChunkMaxBytes = int64_t(1) << 20;
 constexpr int64_t kChunkShareOfHalf = 4;
 constexpr int64_t kChunkMinRows = 64;
-constexpr int64_t kWholeMaxBytes = int64_t(4) << 20;
+constexpr int64_t kWholeMaxRows = 512;
 
 // floats_per_row: the float32 values a chunk holds per row; rows: the call's tokens; half_bytes: the
 // bytes of the half-type per-token tensors of the whole call.
 inline int64_t chunk_rows(int64_t floats_per_row, int64_t rows, int64_t half_bytes) {
   if (const char* v = std::getenv("FUSEDRNN_CPU_HALF_CHUNK_ROWS")) {
     char* end = nullptr;
-    const long long rows = std::strtoll(v, &end, 10);
-    TORCH_CHECK(end != v && *end == '\0' && rows > 0,
+    const long long forced = std::strtoll(v, &end, 10);
+    TORCH_CHECK(end != v && *end == '\0' && forced > 0,
                 "fusedrnn: FUSEDRNN_CPU_HALF_CHUNK_ROWS must be a positive integer, got '", v, "'");
-    return rows;
+    return forced;
   }
-  if (rows * floats_per_row * int64_t(sizeof(float)) <= kWholeMaxBytes) return std::max<int64_t>(1, rows);
+  if (rows <= kWholeMaxRows) return std::max<int64_t>(1, rows);
   const int64_t bytes = std::min(kChunkMaxBytes, half_bytes / kChunkShareOfHalf);
   return std::max(kChunkMinRows, bytes / (int64_t(sizeof(float)) * std::max<int64_t>(1, floats_per_row)));
 }
