@@ -261,16 +261,16 @@ lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const a
           g.grad_w_hh, g.grad_b_ih, g.grad_b_hh, g.grad_w_hr};
 }
 
-template <typename Device>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward(
-    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input, const at::Tensor& h0,
-    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& batch_sizes, bool reverse,
-    bool need_grad_input, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& hn,
-    bool need_grad_h0 = true) {
-  constexpr const char* op = "gru_backward";
+// GRU's and the RNN's backward: one state, and the saved tensors their cells read besides the output
+// (GRU: gates and hn; the RNN: none, it needs only h_t).
+template <typename Cell, typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> one_state_backward(
+    const char* op, int G, const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
+    const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& batch_sizes, bool reverse,
+    bool need_grad_input, const at::Tensor& output, const at::Tensor* gates, const at::Tensor* hn, bool need_grad_h0) {
   const RowArgs rows = as_rows(op, input, h0, nullptr, batch_sizes);
   const LayerWeights w =
-      check_layer(op, 3, rows.input, rows.h0, nullptr, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt);
+      check_layer(op, G, rows.input, rows.h0, nullptr, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt);
   const StepSchedule s = make_schedule(op, batch_sizes, rows.input.size(0), rows.h0.size(0));
   const int64_t N = rows.input.size(0), B = rows.h0.size(0), H = rows.h0.size(1);
   const at::Tensor grad_out = rows.sequence_rows(op, "grad_output", grad_output);
@@ -280,14 +280,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_saved(op, "grad_output", grad_out, x, {N, H});
   check_saved(op, "grad_h_n", grad_hn, x, {B, H});
   check_saved(op, "output", out, x, {N, H});
-  check_saved(op, "gates", gates, x, {N, 3 * H});
-  check_saved(op, "hn", hn, x, {N, H});
+  if (gates != nullptr) check_saved(op, "gates", *gates, x, {N, G * H});
+  if (hn != nullptr) check_saved(op, "hn", *hn, x, {N, H});
   const typename Device::DeviceGuard device_guard(input.device());
-  SavedForBackward saved{x, rows.h0, {}, out.contiguous(), gates.contiguous(), {}, hn.contiguous()};
-  BackwardOutputs g = layer_backward<GruCell, Device>(grad_out, grad_hn, at::Tensor(), saved, w, s, reverse,
-                                                      need_grad_input, need_grad_h0);
+  SavedForBackward saved{x,  rows.h0, {}, out.contiguous(), gates != nullptr ? gates->contiguous() : at::Tensor(),
+                         {}, hn != nullptr ? hn->contiguous() : at::Tensor()};
+  BackwardOutputs g = layer_backward<Cell, Device>(grad_out, grad_hn, at::Tensor(), saved, w, s, reverse,
+                                                   need_grad_input, need_grad_h0);
   return {rows.sequence_out_if(g.grad_input), rows.state_out(g.grad_h0), g.grad_w_ih, g.grad_w_hh, g.grad_b_ih,
           g.grad_b_hh};
+}
+
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input, const at::Tensor& h0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& batch_sizes, bool reverse,
+    bool need_grad_input, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& hn,
+    bool need_grad_h0 = true) {
+  return one_state_backward<GruCell, Device>("gru_backward", 3, grad_output, grad_h_n, input, h0, w_ih, w_hh,
+                                             batch_sizes, reverse, need_grad_input, output, &gates, &hn, need_grad_h0);
 }
 
 template <typename Cell, typename Device>
@@ -295,25 +306,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input, const at::Tensor& h0,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& batch_sizes, bool reverse,
     bool need_grad_input, const at::Tensor& output, bool need_grad_h0 = true) {
-  const char* op = Cell::kRelu ? "rnn_relu_backward" : "rnn_tanh_backward";
-  const RowArgs rows = as_rows(op, input, h0, nullptr, batch_sizes);
-  const LayerWeights w =
-      check_layer(op, 1, rows.input, rows.h0, nullptr, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt);
-  const StepSchedule s = make_schedule(op, batch_sizes, rows.input.size(0), rows.h0.size(0));
-  const int64_t N = rows.input.size(0), B = rows.h0.size(0), H = rows.h0.size(1);
-  const at::Tensor grad_out = rows.sequence_rows(op, "grad_output", grad_output);
-  const at::Tensor out = rows.sequence_rows(op, "output", output);
-  const at::Tensor grad_hn = rows.state_rows(op, "grad_h_n", grad_h_n);
-  const at::Tensor& x = rows.input;
-  check_saved(op, "grad_output", grad_out, x, {N, H});
-  check_saved(op, "grad_h_n", grad_hn, x, {B, H});
-  check_saved(op, "output", out, x, {N, H});
-  const typename Device::DeviceGuard device_guard(input.device());
-  SavedForBackward saved{x, rows.h0, {}, out.contiguous(), {}, {}, {}};  // RNN needs only h_t
-  BackwardOutputs g = layer_backward<Cell, Device>(grad_out, grad_hn, at::Tensor(), saved, w, s, reverse,
-                                                   need_grad_input, need_grad_h0);
-  return {rows.sequence_out_if(g.grad_input), rows.state_out(g.grad_h0), g.grad_w_ih, g.grad_w_hh, g.grad_b_ih,
-          g.grad_b_hh};
+  return one_state_backward<Cell, Device>(Cell::kRelu ? "rnn_relu_backward" : "rnn_tanh_backward", 1, grad_output,
+                                          grad_h_n, input, h0, w_ih, w_hh, batch_sizes, reverse, need_grad_input,
+                                          output, nullptr, nullptr, need_grad_h0);
 }
 
 // Registers every op's implementation for one dispatch key.
