@@ -44,7 +44,6 @@ inline bool takes(at::ScalarType t) {
   return false;
 }
 
-
 // Undefined (absent bias, c0 of a GRU) and empty placeholders pass through the casts as they are.
 inline at::Tensor widen(const at::Tensor& t) { return t.defined() ? t.to(at::kFloat).contiguous() : t; }
 inline at::Tensor narrow(const at::Tensor& t, at::ScalarType type) { return t.defined() ? t.to(type) : t; }
@@ -92,14 +91,14 @@ struct Chunk {
 // float32 layer call of its own (the engine's setup, the casts, per-chunk GEMMs for dX / dW over its rows);
 // on the sentiment shape one-step chunks (32 rows) were 1.35-1.45x slower, 128 rows and more as fast as
 // the whole sequence, 64 rows in between (NOTES entry 39 has the measurements that chose this), so a
-// chunk has at least 64 rows (a call of fewer tokens runs whole).
-// FUSEDRNN_CPU_HALF_CHUNK_ROWS (read per call) sets the rows per chunk instead: for measurements, and
-// for the tests that compare chunkings (a value >= the tokens: the whole sequence at once).
+// chunk has at least 64 rows.
 // A call of at most kWholeMaxRows tokens runs whole: there the chunks' per-call costs (the engine's
 // setup and weight packing per chunk) outweigh what they save (small_batch T=100 B=4, bf16 training, 2
 // threads: 64-row chunks 1.34-1.42x the whole call's time, 128 rows 1.18-1.24x, 256 rows 1.08-1.12x), and
 // the weights' float32 copies, which no chunking removes, are of the same order as the rest (lead, NOTES
 // entry 39's addendum).
+// FUSEDRNN_CPU_HALF_CHUNK_ROWS (read per call) sets the rows per chunk instead, whatever the call's size:
+// for measurements, and for the tests that compare chunkings (a value >= the tokens: the whole sequence).
 constexpr int64_t kChunkMaxBytes = int64_t(1) << 20;
 constexpr int64_t kChunkShareOfHalf = 4;
 constexpr int64_t kChunkMinRows = 64;

@@ -230,6 +230,47 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& input, const at
 // ---------------------------------------------------------------------------
 // need_grad_h0 defaults to true as in the schemas (the persistent runner's test op calls these directly).
 
+// Every backward op (csrc/ops.cpp), as run_forward_op is every forward: the call's checks, the saved
+// tensors checked against the shapes forward gave them, the device guard, the driver, and the input and
+// state gradients back in the shapes of the call. c0 / grad_c_n: the LSTM's (nullptr otherwise); gates,
+// cells, hn: what the cell saved besides the output (nullptr where it saves none: the RNN needs only h_t).
+template <typename Cell, typename Device>
+BackwardOutputs run_backward_op(const char* op, const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                                const at::Tensor* grad_c_n, const at::Tensor& input, const at::Tensor& h0,
+                                const at::Tensor* c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                const OptTensor& w_hr, const at::Tensor& batch_sizes, bool reverse,
+                                bool need_grad_input, const at::Tensor& output, const at::Tensor* gates,
+                                const at::Tensor* cells, const at::Tensor* hn, bool need_grad_h0) {
+  constexpr int64_t G = Cell::kGates;
+  const RowArgs rows = as_rows(op, input, h0, c0, batch_sizes);
+  const LayerWeights w = check_layer(op, G, rows.input, rows.h0, c0 != nullptr ? &rows.c0 : nullptr, w_ih, w_hh,
+                                     std::nullopt, std::nullopt, w_hr);
+  const StepSchedule s = make_schedule(op, batch_sizes, rows.input.size(0), rows.h0.size(0));
+  const int64_t N = rows.input.size(0), B = rows.h0.size(0), P = rows.h0.size(1), H = w_hh.size(0) / G;
+  const at::Tensor grad_out = rows.sequence_rows(op, "grad_output", grad_output);
+  const at::Tensor out = rows.sequence_rows(op, "output", output);
+  const at::Tensor grad_hn = rows.state_rows(op, "grad_h_n", grad_h_n);
+  const at::Tensor grad_cn = grad_c_n != nullptr ? rows.state_rows(op, "grad_c_n", *grad_c_n) : at::Tensor();
+  const at::Tensor& x = rows.input;
+  check_saved(op, "grad_output", grad_out, x, {N, P});
+  check_saved(op, "grad_h_n", grad_hn, x, {B, P});
+  if (grad_c_n != nullptr) check_saved(op, "grad_c_n", grad_cn, x, {B, H});
+  check_saved(op, "output", out, x, {N, P});
+  if (gates != nullptr) check_saved(op, "gates", *gates, x, {N, G * H});
+  if (cells != nullptr) check_saved(op, "cells", *cells, x, {N, H});
+  if (hn != nullptr) check_saved(op, "hn", *hn, x, {N, H});
+  const typename Device::DeviceGuard device_guard(input.device());
+  auto saved_or_none = [](const at::Tensor* t) { return t != nullptr ? t->contiguous() : at::Tensor(); };
+  SavedForBackward saved{x, rows.h0, rows.c0, out.contiguous(), saved_or_none(gates), saved_or_none(cells),
+                         saved_or_none(hn)};
+  BackwardOutputs g =
+      layer_backward<Cell, Device>(grad_out, grad_hn, grad_cn, saved, w, s, reverse, need_grad_input, need_grad_h0);
+  g.grad_input = rows.sequence_out_if(g.grad_input);
+  g.grad_h0 = rows.state_out(g.grad_h0);
+  if (c0 != nullptr) g.grad_c0 = rows.state_out(g.grad_c0);
+  return g;
+}
+
 template <typename Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
@@ -237,58 +278,10 @@ lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const a
               const at::Tensor& w_hh, const OptTensor& w_hr, const at::Tensor& batch_sizes, bool reverse,
               bool need_grad_input, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
               bool need_grad_h0 = true) {
-  constexpr const char* op = "lstm_backward";
-  const RowArgs rows = as_rows(op, input, h0, &c0, batch_sizes);
-  const LayerWeights w = check_layer(op, 4, rows.input, rows.h0, &rows.c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
-  const StepSchedule s = make_schedule(op, batch_sizes, rows.input.size(0), rows.h0.size(0));
-  const int64_t N = rows.input.size(0), B = rows.h0.size(0), P = rows.h0.size(1), H = w_hh.size(0) / 4;
-  const at::Tensor grad_out = rows.sequence_rows(op, "grad_output", grad_output);
-  const at::Tensor out = rows.sequence_rows(op, "output", output);
-  const at::Tensor grad_hn = rows.state_rows(op, "grad_h_n", grad_h_n);
-  const at::Tensor grad_cn = rows.state_rows(op, "grad_c_n", grad_c_n);
-  const at::Tensor& x = rows.input;
-  check_saved(op, "grad_output", grad_out, x, {N, P});
-  check_saved(op, "grad_h_n", grad_hn, x, {B, P});
-  check_saved(op, "grad_c_n", grad_cn, x, {B, H});
-  check_saved(op, "output", out, x, {N, P});
-  check_saved(op, "gates", gates, x, {N, 4 * H});
-  check_saved(op, "cells", cells, x, {N, H});
-  const typename Device::DeviceGuard device_guard(input.device());
-  SavedForBackward saved{x, rows.h0, rows.c0, out.contiguous(), gates.contiguous(), cells.contiguous(), {}};
-  BackwardOutputs g =
-      layer_backward<LstmCell, Device>(grad_out, grad_hn, grad_cn, saved, w, s, reverse, need_grad_input, need_grad_h0);
-  return {rows.sequence_out_if(g.grad_input), rows.state_out(g.grad_h0), rows.state_out(g.grad_c0), g.grad_w_ih,
-          g.grad_w_hh, g.grad_b_ih, g.grad_b_hh, g.grad_w_hr};
-}
-
-// GRU's and the RNN's backward: one state, and the saved tensors their cells read besides the output
-// (GRU: gates and hn; the RNN: none, it needs only h_t).
-template <typename Cell, typename Device>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> one_state_backward(
-    const char* op, int G, const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
-    const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& batch_sizes, bool reverse,
-    bool need_grad_input, const at::Tensor& output, const at::Tensor* gates, const at::Tensor* hn, bool need_grad_h0) {
-  const RowArgs rows = as_rows(op, input, h0, nullptr, batch_sizes);
-  const LayerWeights w =
-      check_layer(op, G, rows.input, rows.h0, nullptr, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt);
-  const StepSchedule s = make_schedule(op, batch_sizes, rows.input.size(0), rows.h0.size(0));
-  const int64_t N = rows.input.size(0), B = rows.h0.size(0), H = rows.h0.size(1);
-  const at::Tensor grad_out = rows.sequence_rows(op, "grad_output", grad_output);
-  const at::Tensor out = rows.sequence_rows(op, "output", output);
-  const at::Tensor grad_hn = rows.state_rows(op, "grad_h_n", grad_h_n);
-  const at::Tensor& x = rows.input;
-  check_saved(op, "grad_output", grad_out, x, {N, H});
-  check_saved(op, "grad_h_n", grad_hn, x, {B, H});
-  check_saved(op, "output", out, x, {N, H});
-  if (gates != nullptr) check_saved(op, "gates", *gates, x, {N, G * H});
-  if (hn != nullptr) check_saved(op, "hn", *hn, x, {N, H});
-  const typename Device::DeviceGuard device_guard(input.device());
-  SavedForBackward saved{x,  rows.h0, {}, out.contiguous(), gates != nullptr ? gates->contiguous() : at::Tensor(),
-                         {}, hn != nullptr ? hn->contiguous() : at::Tensor()};
-  BackwardOutputs g = layer_backward<Cell, Device>(grad_out, grad_hn, at::Tensor(), saved, w, s, reverse,
-                                                   need_grad_input, need_grad_h0);
-  return {rows.sequence_out_if(g.grad_input), rows.state_out(g.grad_h0), g.grad_w_ih, g.grad_w_hh, g.grad_b_ih,
-          g.grad_b_hh};
+  BackwardOutputs g = run_backward_op<LstmCell, Device>("lstm_backward", grad_output, grad_h_n, &grad_c_n, input, h0,
+                                                        &c0, w_ih, w_hh, w_hr, batch_sizes, reverse, need_grad_input,
+                                                        output, &gates, &cells, nullptr, need_grad_h0);
+  return {g.grad_input, g.grad_h0, g.grad_c0, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh, g.grad_w_hr};
 }
 
 template <typename Device>
@@ -297,8 +290,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& batch_sizes, bool reverse,
     bool need_grad_input, const at::Tensor& output, const at::Tensor& gates, const at::Tensor& hn,
     bool need_grad_h0 = true) {
-  return one_state_backward<GruCell, Device>("gru_backward", 3, grad_output, grad_h_n, input, h0, w_ih, w_hh,
-                                             batch_sizes, reverse, need_grad_input, output, &gates, &hn, need_grad_h0);
+  BackwardOutputs g = run_backward_op<GruCell, Device>("gru_backward", grad_output, grad_h_n, nullptr, input, h0,
+                                                       nullptr, w_ih, w_hh, std::nullopt, batch_sizes, reverse,
+                                                       need_grad_input, output, &gates, nullptr, &hn, need_grad_h0);
+  return {g.grad_input, g.grad_h0, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh};
 }
 
 template <typename Cell, typename Device>
@@ -306,9 +301,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input, const at::Tensor& h0,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& batch_sizes, bool reverse,
     bool need_grad_input, const at::Tensor& output, bool need_grad_h0 = true) {
-  return one_state_backward<Cell, Device>(Cell::kRelu ? "rnn_relu_backward" : "rnn_tanh_backward", 1, grad_output,
-                                          grad_h_n, input, h0, w_ih, w_hh, batch_sizes, reverse, need_grad_input,
-                                          output, nullptr, nullptr, need_grad_h0);
+  BackwardOutputs g = run_backward_op<Cell, Device>(
+      Cell::kRelu ? "rnn_relu_backward" : "rnn_tanh_backward", grad_output, grad_h_n, nullptr, input, h0, nullptr,
+      w_ih, w_hh, std::nullopt, batch_sizes, reverse, need_grad_input, output, nullptr, nullptr, nullptr, need_grad_h0);
+  return {g.grad_input, g.grad_h0, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh};
 }
 
 // Registers every op's implementation for one dispatch key.
