@@ -393,7 +393,7 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
         # Without parametrizations the checked list depends only on which tensor objects the weights are
         # (a Parameter's layout cannot change under it: `.data` refuses another layout) and on the
         # attributes _checked_weights reads, whose every assignment drops the cache (__setattr__). So it
-        # is kept while the weights are the same objects: ~2 us of a ~40 us one-step call (NOTES 36).
+        # is kept while the weights are the same objects: ~2 us of a ~40 us one-step call (NOTES 38).
         # In-place and `.data` writes change no object here and are read by the op on every call.
         flat = self._flat_weights
         ids = list(map(id, flat))  # the cache holds the objects, so no id is reused while it is kept
@@ -589,7 +589,7 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
         if (self.num_layers == 1 and not self.bidirectional and type(self)._run is _RNNBase._run
                 and _ops.plain_eager()):
             # The ops take [T, B, I] and [1, B, *] states as they are (csrc/ops.cpp) and return h_n / c_n
-            # as [1, B, *]: no reshape of x, h0[0], unsqueeze or view around the call (NOTES 36). Only
+            # as [1, B, *]: no reshape of x, h0[0], unsqueeze or view around the call (NOTES 38). Only
             # where the op itself runs (no-grad or the eager autograd node), not on the reference or
             # functorch routes, whose formulas take rows; and only for the layers _run runs here (a
             # subclass's own _run, the layer-normalised layers', is kept).

@@ -506,7 +506,7 @@ def test_bf16_training_step_peak_not_above_torch_nn(cell, monkeypatch):
     on the same shape), for a bfloat16 layer on the default (widened) path, at the sentiment shape of
     benchmarks.layers (T=100 B=32 I=100 H=128). The layer is widened in chunks of time steps
     (csrc/cpu/widened_layer.h), so the float32 copies are one chunk's; widened whole the peak was 2.3-2.8x
-    torch.nn's (NOTES 34). Measured (NOTES 36): LSTM 8.5 MB vs 9.4, GRU 7.4 vs 8.6, RNN 2.9 vs 3.1. Not at
+    torch.nn's (NOTES 34). Measured (NOTES 39): LSTM 8.5 MB vs 9.4, GRU 7.4 vs 8.6, RNN 2.9 vs 3.1. Not at
     every shape: the widened weights, the per-chunk weight gradients and their running sum are three
     float32 copies of the weights whatever the chunk, which at small shapes is a large part of the step
     (T=60 B=16 I=48 H=64 LSTM: 1.47 MB vs torch.nn 1.41; small_batch B=4: about 2x torch.nn)."""
