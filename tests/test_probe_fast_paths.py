@@ -887,7 +887,8 @@ def test_one_layer_module_call(kind, case, dtype):
 
 
 FLAT_WEIGHTS_CASES = ["list_assigned", "entry_replaced_after_a_call", "then_attribute_assigned",
-                      "attribute_deleted_after_a_call", "functional_call_then_a_call"]
+                      "attribute_deleted_after_a_call", "functional_call_then_a_call",
+                      "parameters_entry_swapped_after_a_call", "parameters_entry_swapped_and_restored"]
 
 
 @pytest.mark.parametrize("case", FLAT_WEIGHTS_CASES)
@@ -920,6 +921,15 @@ def test_flat_weights_replaced(kind, case, dtype, shape):
         elif case == "functional_call_then_a_call":
             other = {n: p.detach() * 0.9 for n, p in m.named_parameters()}
             torch.func.functional_call(m, other, (x,))
+        elif case.startswith("parameters_entry_swapped"):
+            # a write to _parameters (no __setattr__, as torch.func's stateless swap may do): nn's weakref
+            # test sees it, so must fusedrnn's kept weight list
+            m(x)
+            original = m._parameters["weight_hh_l0"]
+            m._parameters["weight_hh_l0"] = nn.Parameter(original.detach() * -0.5)
+            if case.endswith("restored"):
+                m(x)
+                m._parameters["weight_hh_l0"] = original
         out = m(x)
         loss_of(out).backward()
         return out, [None if w is None else w.detach().clone() for w in m._flat_weights]
