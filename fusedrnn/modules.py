@@ -345,7 +345,9 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
         (torch.nn's compacts them for cuDNN on CUDA and is a no-op elsewhere too)."""
 
     def __setstate__(self, state) -> None:
-        if "_flat_weights" not in state:  # pickled by fusedrnn 0.1.0, whose modules were not nn.RNNBase's
+        # Pickled by fusedrnn 0.1.0, whose modules were not nn.RNNBase's: names but no _flat_weights. (A
+        # torch.nn pickle from before PyTorch 1.8 has neither, and nn.RNNBase.__setstate__ rebuilds both.)
+        if "_flat_weights" not in state and "_flat_weights_names" in state:
             state = dict(state)
             state["_flat_weights"] = [state["_parameters"].get(n, state.get(n)) for n in state["_flat_weights_names"]]
         super().__setstate__(state)
