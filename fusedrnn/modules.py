@@ -24,10 +24,15 @@ and what is not:
   date by its __setattr__ when a weight is reassigned, by its _apply after
   .to()/.half(), so after load_state_dict(assign=True) too),
   `_flat_weights_names`, `all_weights`, __getstate__/__setstate__ (pickling
-  without the weakrefs), _replicate_for_data_parallel. forward reads the
-  weights by name on every call, as before, so parametrizations and
-  functional_call take effect; `_flat_weights` is for the user code that
-  reads it.
+  without the weakrefs), _replicate_for_data_parallel. forward runs with
+  `_flat_weights` as torch.nn's does: refreshed from the attributes when one
+  is no longer the tensor of the last refresh (nn's _weights_have_changed, so
+  parametrizations and functional_call take effect), else as it is (a list
+  user code put there runs).
+- the methods torch.nn's forward calls (permute_hidden, check_forward_args
+  and the checks it calls, _update_flat_weights): forward does their work
+  itself while they are torch.nn's, and calls them, where and as nn's forward
+  does, when a subclass overrides one (_NN_FORWARD_METHODS).
 - TorchDynamo refuses every instance of nn.LSTM/GRU/RNN unless
   torch._dynamo.config.allow_rnn is set (VariableBuilder.wrap_module), and
   that would refuse ours too. Setting allow_rnn globally would change how
@@ -50,6 +55,7 @@ weights) sits behind `torch.jit.is_scripting()`, a compile-time constant there.
 import functools
 import math
 import numbers
+import operator
 import warnings
 from typing import List, Optional, Tuple, overload
 
@@ -218,6 +224,18 @@ def _plain(t, dtype: torch.dtype, device: torch.device) -> bool:
     return type(t) in _PLAIN_TENSORS and t.layout is _STRIDED and t.dtype is dtype and t.device == device
 
 
+# torch.nn's layer forward calls these methods of the module (the last two through
+# _update_flat_weights): a subclass may override them, or user code set one on an instance, to check
+# more, permute the states otherwise or read the weights otherwise. nn.LSTM / GRU / RNN's own ones are
+# what fusedrnn's forward does itself, faster (its input and state checks, index_select of the states,
+# _refresh_flat_weights); an overridden one is called, at nn's points, with nn's arguments
+# (_RNNBase._nn_methods_in / _nn_permute_out).
+_NN_FORWARD_METHODS = frozenset({"permute_hidden", "check_forward_args", "check_input", "get_expected_hidden_size",
+                                 "check_hidden_size", "get_expected_cell_size", "_update_flat_weights",
+                                 "_weights_have_changed"})
+_NN_LAYERS = (nn.LSTM, nn.GRU, nn.RNN)
+
+
 class _ModuleInit(nn.Module):
     """Ends our classes' super().__init__() chain at nn.Module.__init__, skipping torch.nn's
     RNNBase / RNNCellBase constructors (which would create and initialise the weights a second
@@ -234,11 +252,24 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
     __constants__ = ["mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
                      "bidirectional", "proj_size", "_type_name"]
     __jit_unused_properties__ = ["all_weights"]
-    __jit_ignored_attributes__ = ["_checked_cache"]  # eager only (_weights)
+    __jit_ignored_attributes__ = ["_checked_cache", "_calls_nn_methods"]  # eager only (_weights, forward)
     _type_name = "fusedrnn.RNNBase"  # each class's name in messages (a TorchScript constant)
-    # The weights as TorchScript sees them, set by __prepare_scriptable__; eager code reads the
-    # attributes on every call instead, so that parametrizations and reassigned weights take effect.
+    # The weights as TorchScript sees them, set by __prepare_scriptable__; eager code reads
+    # _flat_weights, refreshed as torch.nn refreshes it, so that parametrizations and reassigned weights
+    # take effect.
     _script_weights: List[LayerWeights]
+    # True where a method of _NN_FORWARD_METHODS is not torch.nn's: forward then calls them as torch.nn's
+    # does (and takes no fast path). Set per class by __init_subclass__, per instance by __setattr__; never
+    # for the classes that are no torch.nn layer (the layer-normalised ones: there is no nn forward to follow).
+    _calls_nn_methods = False
+    _nn_class: Optional[type] = None  # the torch.nn class this one is a drop-in for
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        nn_cls = next((c for c in cls.__mro__ if c in _NN_LAYERS), None)
+        cls._nn_class = nn_cls
+        cls._calls_nn_methods = nn_cls is not None and any(
+            getattr(cls, name, None) is not getattr(nn_cls, name, None) for name in _NN_FORWARD_METHODS)
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
@@ -314,7 +345,9 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
         (torch.nn's compacts them for cuDNN on CUDA and is a no-op elsewhere too)."""
 
     def __setstate__(self, state) -> None:
-        if "_flat_weights" not in state:  # pickled by fusedrnn 0.1.0, whose modules were not nn.RNNBase's
+        # Pickled by fusedrnn 0.1.0, whose modules were not nn.RNNBase's: names but no _flat_weights. (A
+        # torch.nn pickle from before PyTorch 1.8 has neither, and nn.RNNBase.__setstate__ rebuilds both.)
+        if "_flat_weights" not in state and "_flat_weights_names" in state:
             state = dict(state)
             state["_flat_weights"] = [state["_parameters"].get(n, state.get(n)) for n in state["_flat_weights_names"]]
         super().__setstate__(state)
@@ -381,34 +414,45 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
             # Traced (torch.compile, torch.export): each weight read once, by name. Refreshing
             # _flat_weights would assign module state inside the graph (torch.export warns of it).
             return self._checked_weights([getattr(self, n) for n in self._flat_weights_names])
-        if "parametrizations" in self._modules:
-            self._update_flat_weights()  # torch.nn's reads, side effects included
+        if "parametrizations" in self._modules or self._calls_nn_methods:
+            self._update_flat_weights()  # torch.nn's reads, side effects included (or the subclass's own)
             return self._checked_weights(self._flat_weights)
         return self._kept_weights()
 
     @torch.jit.unused
     def _kept_weights(self) -> List[LayerWeights]:
-        """_weights of an eager module without parametrizations."""
-        self._refresh_flat_weights()
-        # Without parametrizations the checked list depends only on which tensor objects the weights are
-        # (a Parameter's layout cannot change under it: `.data` refuses another layout) and on the
-        # attributes _checked_weights reads, whose every assignment drops the cache (__setattr__). So it
-        # is kept while the weights are the same objects: ~2 us of a ~40 us one-step call (NOTES 38).
-        # In-place and `.data` writes change no object here and are read by the op on every call.
+        """_weights of an eager module without parametrizations: _refresh_flat_weights, then the checked
+        list of _flat_weights. Without parametrizations both depend only on which tensor objects the
+        attributes and _flat_weights' entries are (a Parameter's layout cannot change under it: `.data`
+        refuses another layout) and on the attributes _checked_weights reads, whose every assignment
+        drops the cache (__setattr__, which also catches `m.weight = ...` and _apply's new weakrefs). So
+        the list is kept while the attributes are the objects they were at its refresh (then nn's weakref
+        test finds no change either: each weakref still names the object it named then) and _flat_weights
+        holds the objects it held: ~2 us of a ~40 us one-step call (NOTES 38). Both tested as C-level
+        identity maps. In-place and `.data` writes change no object here and are read by the op on every
+        call."""
+        params = self._parameters
+        names = self._flat_weights_names
         flat = self._flat_weights
-        ids = list(map(id, flat))  # the cache holds the objects, so no id is reused while it is kept
         cached = self.__dict__.get("_checked_cache")
-        if cached is not None and cached[0] == ids:
-            return cached[1]
+        if (cached is not None and all(map(operator.is_, map(params.get, names), cached[0]))
+                and len(flat) == len(cached[1]) and all(map(operator.is_, flat, cached[1]))):
+            return cached[2]
+        self._refresh_flat_weights()
+        flat = self._flat_weights
         out = self._checked_weights(flat)
-        if all(a is b for a, b in zip(flat, (t for w in out for t in w if t is not None))):
-            # Nothing converted (a sparse weight_ih is made dense per call, from its current values).
-            self.__dict__["_checked_cache"] = (ids, out)
+        if (all(name in params for name in names)  # each attribute one params.get reads (no old-style hook's)
+                and all(a is b for a, b in zip(flat, (t for w in out for t in w if t is not None)))):
+            # Nothing converted (a sparse weight_ih is made dense per call, from its current values). The
+            # cache holds the objects, so none of them is freed and replaced by another at its address.
+            self.__dict__["_checked_cache"] = (tuple(map(params.get, names)), tuple(flat), out)
         return out
 
     def __setattr__(self, attr, value) -> None:
         # Any attribute assignment (bias, num_layers, a weight, training, ...) drops the checked weights.
         self.__dict__.pop("_checked_cache", None)
+        if attr in _NN_FORWARD_METHODS and self._nn_class is not None:
+            self.__dict__["_calls_nn_methods"] = True  # e.g. `m.permute_hidden = f`: nn's forward calls f
         super().__setattr__(attr, value)
 
     def __delattr__(self, attr) -> None:
@@ -422,15 +466,19 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
 
     def _refresh_flat_weights(self) -> None:
         """nn.RNNBase._update_flat_weights for a module without parametrizations, where reading a weight
-        has no side effect and so only the outcome matters: _flat_weights holds the weights the attributes
-        hold now (after functional_call, a `_parameters` swap, an old-style weight_norm hook). Read from
-        _parameters directly: Module.__getattr__ plus nn's hasattr-then-getattr cost about 0.7 us a
-        weight, 11 us a call for a 2-layer bidirectional LSTM (measured)."""
+        has no side effect and so only the outcome matters. The same test as nn's _weights_have_changed:
+        an attribute that is not the tensor it held at the last refresh (its weakref in _flat_weight_refs:
+        after functional_call, a `_parameters` swap, an old-style weight_norm hook) re-reads every
+        attribute; otherwise the forward runs with _flat_weights as it is, so a list the user put there
+        is what runs, as in torch.nn. A deleted attribute (None) or one that was None at the last refresh
+        is no change there either. Read from _parameters directly: Module.__getattr__ plus nn's
+        hasattr-then-getattr cost about 0.7 us a weight, 11 us a call for a 2-layer bidirectional LSTM
+        (measured)."""
         params = self._parameters
-        flat = self._flat_weights
-        for i, name in enumerate(self._flat_weights_names):
+        # strict, as nn's: a refs list of another length than the names is a ValueError there too
+        for ref, name in zip(self._flat_weight_refs, self._flat_weights_names, strict=True):
             weight = params[name] if name in params else getattr(self, name, None)
-            if weight is not flat[i]:
+            if weight is not None and ref is not None and ref() is not weight:
                 self._init_flat_weights()
                 return
 
@@ -538,6 +586,38 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
         _check_state(name, state, arg, expected, input)
         return state
 
+    @torch.jit.unused
+    def _nn_methods_in(self, input: Tensor, h: Tensor, c: Optional[Tensor], given: bool,
+                       batch_sizes: Optional[Tensor], sorted_indices: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        """What torch.nn's forward does with the states on the way in, by calling self's methods (for a
+        module whose _calls_nn_methods is set): permute_hidden(hx, sorted_indices) of a given state (None for
+        a padded input) and check_forward_args(input, hx, batch_sizes), in nn's order: nn.GRU / RNN permute
+        then check, nn.LSTM checks a padded call before permuting and no packed call at all. input and the
+        states are as nn passes them: a padded input batched (unbatched ones unsqueezed at the batch dim,
+        batch_first kept), the packed data, the states [layers, batch, *] (zeros where none was given).
+        fusedrnn's own checks of the same things ran before and passed; the states the methods return run."""
+        is_lstm = self.mode == "LSTM"
+        hx = (h, c) if is_lstm else h
+        if given and not is_lstm:
+            hx = self.permute_hidden(hx, sorted_indices)
+        if not (is_lstm and batch_sizes is not None):
+            self.check_forward_args(input, hx, batch_sizes)
+        if given and is_lstm:
+            hx = self.permute_hidden(hx, sorted_indices)
+        if is_lstm:
+            return hx[0], hx[1]
+        return hx, None
+
+    @torch.jit.unused
+    def _nn_permute_out(self, h: Tensor, c: Optional[Tensor],
+                        unsorted_indices: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        """torch.nn's last step: permute_hidden(hidden, unsorted_indices) of the final states (None for a
+        padded input), for a module whose _calls_nn_methods is set."""
+        if self.mode == "LSTM":
+            hidden = self.permute_hidden((h, c), unsorted_indices)
+            return hidden[0], hidden[1]
+        return self.permute_hidden(h, unsorted_indices), None
+
     def _run(self, data: Tensor, batch_sizes: Tensor, h: Tensor, c: Optional[Tensor],
              weights: List[LayerWeights]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         if self.num_layers == 1 and not self.bidirectional:
@@ -604,10 +684,13 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
         weights = self._weights()
         if lengths is not None:
             return self._forward_lengths(input, h0, c0, lengths, weights)
+        nn_methods = False  # the module's own permute_hidden / check_forward_args are called (_nn_methods_in)
         if not torch.jit.is_scripting():
-            fast = self._fast_tensor(input, h0, c0, weights)
-            if fast is not None:
-                return fast
+            nn_methods = self._calls_nn_methods
+            if not nn_methods:
+                fast = self._fast_tensor(input, h0, c0, weights)
+                if fast is not None:
+                    return fast
         self._check_input(input, False, weights[0][0])
         batched = input.dim() == 3
         if not batched:
@@ -620,7 +703,11 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
         if steps == 0:
             raise RuntimeError(f"{self._type_name}: expected sequence length to be larger than 0, got input of "
                                f"shape {_size(input.shape)}")
-        h, c, _ = self._initial_state(h0, c0, batch, x, batched, False)
+        h, c, given = self._initial_state(h0, c0, batch, x, batched, False)
+        if not torch.jit.is_scripting():
+            if nn_methods:
+                nn_input = input if batched else input.unsqueeze(0 if self.batch_first else 1)
+                h, c = self._nn_methods_in(nn_input, h, c, given, None, None)
         batch_sizes = functional.full_batch_sizes(steps, batch)
         out, h, c = self._run(x.reshape(steps * batch, x.shape[2]), batch_sizes, h, c, weights)
         out = out.view(steps, batch, out.shape[-1])
@@ -630,6 +717,9 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
                 c = c.squeeze(1)
         elif self.batch_first:
             out = out.transpose(0, 1)
+        if not torch.jit.is_scripting():
+            if nn_methods:
+                h, c = self._nn_permute_out(h, c, None)
         return out, h, c
 
     def _forward_packed(self, input: PackedSequence, h0: Optional[Tensor], c0: Optional[Tensor],
@@ -647,13 +737,21 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
                              "batch_sizes")
         batch = int(batch_sizes[0])
         h, c, given = self._initial_state(h0, c0, batch, data, True, True)
-        if given and sorted_indices is not None:
+        nn_methods = False  # the module's own permute_hidden / check_forward_args are called (_nn_methods_in)
+        if not torch.jit.is_scripting():
+            if self._calls_nn_methods:
+                nn_methods = True
+                h, c = self._nn_methods_in(data, h, c, given, batch_sizes, sorted_indices)
+        if not nn_methods and given and sorted_indices is not None:
             # hx is given in the caller's batch order; the packed data is sorted by length.
             h = h.index_select(1, sorted_indices)
             if c is not None:
                 c = c.index_select(1, sorted_indices)
         out, h, c = self._run(data, batch_sizes, h, c, weights)
-        if unsorted_indices is not None:
+        if nn_methods:
+            if not torch.jit.is_scripting():
+                h, c = self._nn_permute_out(h, c, unsorted_indices)
+        elif unsorted_indices is not None:
             h = h.index_select(1, unsorted_indices)
             if c is not None:
                 c = c.index_select(1, unsorted_indices)

@@ -2,13 +2,18 @@
 torch.nn's exception types, relu's gradient at NaN, and fake kernels that describe the real
 outputs. Every test compares with torch.nn or a float64 reference."""
 
+import copy
+import io
 import os
+import pickle
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 import fusedrnn
 from conftest import CELLS, DEVICES, flat_state, make_pair
@@ -759,3 +764,435 @@ def test_torch_jit_script_without_the_compiled_library_names_the_alternatives():
     assert result.returncode == 0, result.stderr
     assert "refused: fusedrnn.GRU: torch.jit.script needs fusedrnn's compiled operators" in result.stdout
     assert "torch.jit.trace, torch.compile and torch.export work without them" in result.stdout
+
+
+# ---- the rest of nn.RNNBase's surface: methods users override or read, and ways a module is moved,
+# ---- copied, hooked, reparametrized or built (issue 14 "no silent wrong numbers"), each against torch.nn
+
+SURFACE_LAYERS = ["lstm", "lstm_proj", "gru", "rnn_relu"]
+SURFACE_DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+
+
+def _tol(dtype):
+    return dict(rtol=0, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+
+
+def _run_and_grads(module, x, hx=None):
+    """Outputs of a call and the gradients of a loss that weights every element differently, by name."""
+    out = module(x) if hx is None else module(x, hx)
+    leaves = torch.utils._pytree.tree_leaves(out)
+    loss = sum((t * torch.linspace(-1, 1.5, t.numel(), dtype=t.dtype).view(t.shape)).sum() for t in leaves)
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    return [t.detach() for t in leaves], dict(zip([n for n, _ in named], grads))
+
+
+def _same_run(ref, ours, x, dtype, hx=None):
+    (out_r, g_r), (out_o, g_o) = _run_and_grads(ref, x, hx), _run_and_grads(ours, x, hx)
+    assert len(out_o) == len(out_r)
+    for a, b in zip(out_o, out_r):
+        torch.testing.assert_close(a, b, **_tol(dtype))
+    assert g_o.keys() == g_r.keys()
+    for name in g_r:
+        assert (g_o[name] is None) == (g_r[name] is None), name
+        if g_r[name] is not None:
+            torch.testing.assert_close(g_o[name], g_r[name], msg=name, **_tol(dtype))
+
+
+def _counting_flatten(base):
+    class Counting(base):
+        def flatten_parameters(self):
+            self.__dict__["flattened"] = self.__dict__.get("flattened", 0) + 1
+            return super().flatten_parameters()
+    return Counting
+
+
+@pytest.mark.parametrize("cell", SURFACE_LAYERS)
+def test_an_overridden_flatten_parameters_is_called_where_torch_nn_calls_it(cell):
+    """nn.RNNBase calls flatten_parameters from _init_flat_weights: at construction, after _apply (.to,
+    .double, to_empty) and in a forward after a weight's object changed; not in a forward otherwise."""
+    torch_cls, fused_cls, extra = CELLS[cell]
+    counts = []
+    for cls in (_counting_flatten(torch_cls), _counting_flatten(fused_cls)):
+        torch.manual_seed(0)
+        m = cls(3, 5, num_layers=2, **extra)
+        seen = [m.flattened]
+        x = torch.randn(4, 2, 3)
+        m(x)
+        m(x)
+        seen.append(m.flattened)
+        m.double()
+        seen.append(m.flattened)
+        m.weight_hh_l1 = nn.Parameter(m.weight_hh_l1.detach() * 2)
+        m(x.double())
+        seen.append(m.flattened)
+        torch.func.functional_call(m, {"weight_ih_l0": m.weight_ih_l0 * 1.0}, (x.double(),))
+        m(x.double())
+        seen.append(m.flattened)
+        m.to_empty(device="cpu")
+        seen.append(m.flattened)
+        counts.append(seen)
+    assert counts[1] == counts[0]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"num_layers": 2, "bias": False}, {"batch_first": True, "dropout": 0.5,
+                                                                            "num_layers": 3},
+                                    {"bidirectional": True, "proj_size": 2}])
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_repr_and_weight_bookkeeping_equal_torch_nns(name, kwargs):
+    """repr (extra_repr), _flat_weights_names, _all_weights, all_weights (the attributes' objects) and
+    _flat_weights as torch.nn has them."""
+    if name != "LSTM" and "proj_size" in kwargs:
+        kwargs = {k: v for k, v in kwargs.items() if k != "proj_size"}
+    ref, ours = getattr(nn, name)(3, 5, **kwargs), getattr(fusedrnn, name)(3, 5, **kwargs)
+    assert repr(ours) == repr(ref)
+    assert ours._flat_weights_names == ref._flat_weights_names
+    assert ours._all_weights == ref._all_weights
+    assert [[w.shape for w in ws] for ws in ours.all_weights] == [[w.shape for w in ws] for ws in ref.all_weights]
+    assert all(w is getattr(ours, n) for ws, ns in zip(ours.all_weights, ours._all_weights) for w, n in zip(ws, ns))
+    assert all(w is getattr(ours, n) for w, n in zip(ours._flat_weights, ours._flat_weights_names))
+    assert [type(r) for r in ours._flat_weight_refs] == [type(r) for r in ref._flat_weight_refs]
+    assert ours._weights_have_changed() is ref._weights_have_changed() is False
+    ours.weight_hh_l0, ref.weight_hh_l0 = (nn.Parameter(m.weight_hh_l0.detach().clone()) for m in (ours, ref))
+    assert ours._weights_have_changed() is ref._weights_have_changed() is True
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cell_repr_equals_torch_nns(name):
+    for kwargs in ({}, {"bias": False}, {"nonlinearity": "relu"} if name == "RNNCell" else {"bias": True}):
+        assert repr(getattr(fusedrnn, name)(3, 5, **kwargs)) == repr(getattr(nn, name)(3, 5, **kwargs))
+
+
+def _very_old_state(module):
+    """module's pickled state as PyTorch before 1.8 wrote it: no proj_size, no _flat_weights or
+    _flat_weights_names, and `all_weights` holding the weights themselves, not their names."""
+    state = module.__getstate__()
+    state = {k: v for k, v in state.items() if k not in ("proj_size", "_flat_weights", "_flat_weights_names",
+                                                        "_all_weights")}
+    state["all_weights"] = [[getattr(module, n) for n in names] for names in module._all_weights]
+    return state
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
+@pytest.mark.parametrize("age", ["before_1_8", "no_proj_size"])
+def test_old_pickled_state_loads_as_in_torch_nn(cell, age):
+    """nn.RNNBase.__setstate__ rebuilds the names of a pickle from before PyTorch 1.8 and sets proj_size
+    where it is missing; fusedrnn's layers load the same states and run them with nn's numbers."""
+    ref, ours = make_pair(cell, num_layers=2, bidirectional=True)
+    if age == "before_1_8":
+        state = _very_old_state(ref)
+    else:
+        state = {k: v for k, v in ref.__getstate__().items() if k != "proj_size"}
+    loaded = []
+    for cls in (type(ref), type(ours)):
+        m = cls.__new__(cls)
+        m.__setstate__(dict(state))
+        loaded.append(m)
+    assert loaded[1].proj_size == loaded[0].proj_size == 0
+    assert loaded[1]._flat_weights_names == loaded[0]._flat_weights_names
+    _same_run(loaded[0], loaded[1], torch.randn(4, 2, 3, dtype=torch.float64), torch.float64)
+
+
+class _Encoder(nn.Module):
+    def __init__(self, cell, **kwargs):
+        super().__init__()
+        torch_cls, _, extra = CELLS[cell]
+        self.proj = nn.Linear(3, 4)
+        self.rnn = torch_cls(4, 5, num_layers=2, bidirectional=True, **{**extra, **kwargs})
+        self.step = nn.GRUCell(4, 5)
+
+    def forward(self, x):
+        out = self.rnn(self.proj(x))[0]
+        return out.sum(-1, keepdim=True) + self.step(self.proj(x[0])).sum()
+
+
+@pytest.mark.parametrize("cell", SURFACE_LAYERS)
+def test_state_dicts_move_between_torch_nn_and_converted_models_both_ways(cell):
+    torch.manual_seed(0)
+    reference = _Encoder(cell).double()
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    expected = reference(x)
+    converted = fusedrnn.convert(copy.deepcopy(reference))
+    assert isinstance(converted.rnn, fusedrnn.modules._RNNBase)
+    sd = converted.state_dict()
+    assert list(sd) == list(reference.state_dict())
+    fresh_nn = _Encoder(cell).double()
+    fresh_nn.load_state_dict(sd)  # converted -> torch.nn
+    fresh_ours = fusedrnn.convert(_Encoder(cell).double())
+    fresh_ours.load_state_dict(reference.state_dict())  # torch.nn -> converted
+    reverted = fusedrnn.revert(copy.deepcopy(fresh_ours))
+    assert type(reverted.rnn) is type(reference.rnn)
+    for model in (converted, fresh_nn, fresh_ours, reverted):
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-10)
+    assert list(reverted.state_dict()) == list(sd)
+
+
+def _train_steps(model, opt, xs):
+    for x in xs:
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch_save"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_a_converted_model_copied_mid_training_continues_as_torch_nn(cell, how):
+    """deepcopy / pickle / torch.save of a converted model (and its optimizer) between two training steps:
+    the copy goes on with torch.nn's numbers, and the original is not tied to it."""
+    torch.manual_seed(0)
+    ref = _Encoder(cell, dropout=0.0).double()
+    ours = fusedrnn.convert(copy.deepcopy(ref))
+    xs = [torch.randn(4, 2, 3, dtype=torch.float64) for _ in range(4)]
+    opt_ref, opt_ours = (torch.optim.Adam(m.parameters(), lr=0.01) for m in (ref, ours))
+    _train_steps(ref, opt_ref, xs[:2])
+    _train_steps(ours, opt_ours, xs[:2])
+
+    def copied(obj):
+        if how == "deepcopy":
+            return copy.deepcopy(obj)
+        if how == "pickle":
+            return pickle.loads(pickle.dumps(obj))
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=False)
+
+    ref_copy, ours_copy = copied((ref, opt_ref)), copied((ours, opt_ours))
+    for model, opt in (ref_copy, ours_copy):
+        assert all(p.grad is None or p.grad.abs().sum() >= 0 for p in model.parameters())
+    _train_steps(*ref_copy, xs[2:])
+    _train_steps(*ours_copy, xs[2:])
+    torch.testing.assert_close(ours_copy[0](xs[0]), ref_copy[0](xs[0]), rtol=0, atol=1e-10)
+    torch.testing.assert_close(ours(xs[0]), ref(xs[0]), rtol=0, atol=1e-10)  # the originals did not move
+    assert not torch.equal(ours(xs[0]), ours_copy[0](xs[0]))
+
+
+@pytest.mark.parametrize("cell", SURFACE_LAYERS)
+@SURFACE_DTYPES
+def test_full_backward_hooks_see_what_torch_nns_see(cell, dtype):
+    """register_full_backward_pre_hook scaling grad_output and register_full_backward_hook recording
+    grad_input / grad_output: the same tensors reach the hooks, the same gradients come out."""
+    ref, ours = make_pair(cell, dtype=dtype, num_layers=2)
+    seen = {}
+    for name, m in (("ref", ref), ("ours", ours)):
+        seen[name] = []
+        m.register_full_backward_pre_hook(lambda mod, grad_output: tuple(
+            None if g is None else g * 3 for g in grad_output))
+        m.register_full_backward_hook(lambda mod, grad_input, grad_output, log=seen[name]: log.append(
+            [None if g is None else g.clone() for g in tuple(grad_input) + tuple(grad_output)]))
+    x = torch.randn(4, 2, 3, dtype=dtype, requires_grad=True)
+    grads = []
+    for m in (ref, ours):
+        x.grad = None
+        out = m(x)
+        (out[0] * torch.linspace(-1, 1, out[0].numel(), dtype=dtype).view(out[0].shape)).sum().backward()
+        grads.append((x.grad.clone(), [p.grad.clone() for p in m.parameters()]))
+    assert len(seen["ours"]) == len(seen["ref"]) == 1
+    for a, b in zip(seen["ours"][0], seen["ref"][0]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, **_tol(dtype))
+    torch.testing.assert_close(grads[1], grads[0], **_tol(dtype))
+
+
+@pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cell_full_backward_hook_sees_what_torch_nns_sees(cell):
+    torch.manual_seed(0)
+    ref = getattr(nn, cell)(3, 5, dtype=torch.float64)
+    ours = getattr(fusedrnn, cell)(3, 5, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    seen = []
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    for m in (ref, ours):
+        log = []
+        m.register_full_backward_hook(lambda mod, gi, go, log=log: log.append([g for g in gi + go if g is not None]))
+        out = m(x)
+        h = out[0] if isinstance(out, tuple) else out
+        (h * torch.arange(h.numel(), dtype=h.dtype).view(h.shape)).sum().backward()
+        seen.append(log)
+    assert len(seen[0]) == len(seen[1]) == 1 and len(seen[0][0]) == len(seen[1][0])
+    for a, b in zip(seen[1][0], seen[0][0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def _old_style(fn):
+    def apply(m, name):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.nn.utils.weight_norm is deprecated
+            fn(m, name)
+    return apply
+
+
+REPARAMETRIZATIONS = {
+    "weight_norm": lambda m, name: nn.utils.parametrizations.weight_norm(m, name),
+    "spectral_norm": lambda m, name: nn.utils.parametrizations.spectral_norm(m, name),
+    "orthogonal": lambda m, name: nn.utils.parametrizations.orthogonal(m, name),
+    "old_weight_norm": _old_style(nn.utils.weight_norm),
+    "old_spectral_norm": _old_style(nn.utils.spectral_norm),
+}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("how", list(REPARAMETRIZATIONS))
+@pytest.mark.parametrize("cell", ["lstm", "lstm_proj", "gru", "rnn_relu"])
+def test_reparametrized_weights_give_torch_nns_numbers_in_train_and_eval(cell, how, mode):
+    """parametrize-based and old hook-based weight_norm / spectral_norm (and orthogonal) on a recurrent and
+    a second-layer input weight: three steps of forward, backward and SGD, in training and in eval mode
+    (spectral_norm's power iteration runs only in training)."""
+    names = ["weight_hh_l0", "weight_ih_l1"] + (["weight_hr_l0"] if cell == "lstm_proj" else [])
+    ref, ours = make_pair(cell, num_layers=2)
+    for m in (ref, ours):
+        for name in names:
+            torch.manual_seed(1)
+            REPARAMETRIZATIONS[how](m, name)
+        getattr(m, mode)()
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ref, ours)]
+    for step in range(3):
+        x = torch.randn(4, 2, 3, dtype=torch.float64)
+        _same_run(ref, ours, x, torch.float64)
+        for m, opt in zip((ref, ours), opts):
+            opt.zero_grad()
+            m(x)[0].pow(2).sum().backward()
+            opt.step()
+    for (n, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=n)
+
+
+@pytest.mark.parametrize("cell", SURFACE_LAYERS)
+@SURFACE_DTYPES
+def test_single_weights_frozen_with_requires_grad_false(cell, dtype):
+    ref, ours = make_pair(cell, dtype=dtype, num_layers=2, bidirectional=True)
+    frozen = ["weight_hh_l0", "bias_ih_l1_reverse", "weight_ih_l1"] + (["weight_hr_l1"] if cell == "lstm_proj" else [])
+    for m in (ref, ours):
+        for name in frozen:
+            getattr(m, name).requires_grad_(False)
+    _same_run(ref, ours, torch.randn(4, 2, 3, dtype=dtype), dtype)
+    ref.weight_hh_l0.requires_grad_(True), ours.weight_hh_l0.requires_grad_(True)  # and back
+    _same_run(ref, ours, torch.randn(4, 2, 3, dtype=dtype), dtype)
+
+
+MOVES = {
+    "half_then_float": lambda m: m.half().float(),
+    "bfloat16_then_float": lambda m: m.bfloat16().float(),
+    "double_then_float": lambda m: m.double().float(),
+    "channels_last": lambda m: m.to(memory_format=torch.channels_last),
+    "to_same": lambda m: m.to("cpu", torch.float32),
+}
+
+
+@pytest.mark.parametrize("move", list(MOVES))
+@pytest.mark.parametrize("cell", SURFACE_LAYERS)
+def test_moved_modules_run_with_the_moved_weights(cell, move):
+    """The conversions of Module.to / half / bfloat16 round trips (each replaces or keeps the weights'
+    objects through nn.RNNBase._apply) give torch.nn's numbers, after a call made before the move."""
+    ref, ours = make_pair(cell, dtype=torch.float32, num_layers=2)
+    x = torch.randn(4, 2, 3)
+    for m in (ref, ours):
+        m(x)
+        assert MOVES[move](m) is m
+    _same_run(ref, ours, x, torch.float32)
+    assert all(w is getattr(ours, n) for w, n in zip(ours._flat_weights, ours._flat_weights_names))
+
+
+@pytest.mark.parametrize("cell", SURFACE_LAYERS)
+@pytest.mark.parametrize("how", ["to_empty_then_load", "meta_then_assign", "meta_context_then_assign",
+                                 "meta_then_to_empty_then_load"])
+def test_modules_built_without_weights_then_loaded(cell, how):
+    """Construction on the meta device (argument or `with torch.device("meta")`) then
+    load_state_dict(assign=True), or to_empty then load_state_dict: torch.nn's numbers, and the weights
+    the module runs with are the loaded ones."""
+    torch_cls, fused_cls, extra = CELLS[cell]
+    torch.manual_seed(0)
+    source = torch_cls(3, 5, num_layers=2, dtype=torch.float64, **extra)
+    sd = source.state_dict()
+    built = []
+    for cls in (torch_cls, fused_cls):
+        if how == "to_empty_then_load":
+            m = cls(3, 5, num_layers=2, dtype=torch.float64, **extra)
+            m(torch.randn(4, 2, 3, dtype=torch.float64))
+            m.to_empty(device="cpu")
+            m.load_state_dict(sd)
+        elif how == "meta_then_to_empty_then_load":
+            m = cls(3, 5, num_layers=2, dtype=torch.float64, device="meta", **extra)
+            m.to_empty(device="cpu")
+            m.load_state_dict(sd)
+        else:
+            if how == "meta_context_then_assign":
+                with torch.device("meta"):
+                    m = cls(3, 5, num_layers=2, dtype=torch.float64, **extra)
+            else:
+                m = cls(3, 5, num_layers=2, dtype=torch.float64, device="meta", **extra)
+            assert m.weight_ih_l0.is_meta
+            m.load_state_dict({k: v.clone() for k, v in sd.items()}, assign=True)
+        built.append(m)
+    _same_run(built[0], built[1], torch.randn(4, 2, 3, dtype=torch.float64), torch.float64)
+    _same_run(source, built[1], torch.randn(4, 2, 3, dtype=torch.float64), torch.float64)
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cells_built_on_meta_then_assigned(name):
+    torch.manual_seed(0)
+    source = getattr(nn, name)(3, 5, dtype=torch.float64)
+    ours = getattr(fusedrnn, name)(3, 5, dtype=torch.float64, device="meta")
+    ours.load_state_dict(source.state_dict(), assign=True)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    for a, b in zip(torch.utils._pytree.tree_leaves(ours(x)), torch.utils._pytree.tree_leaves(source(x))):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def _pruned(m, x):
+    prune.l1_unstructured(m, "weight_hh_l0", amount=0.5)  # an old-style pre-hook recomputes it
+    first = m(x)
+    prune.remove(m, "weight_hh_l0")
+    return first, m(x * 2)
+
+
+def _cached_parametrization(m, x):
+    nn.utils.parametrize.register_parametrization(m, "weight_hh_l1", nn.Identity())
+    with nn.utils.parametrize.cached():
+        return m(x), m(x * 2)
+
+
+def _weight_made_a_buffer(m, x):
+    m(x)
+    del m.weight_hh_l0
+    m.register_buffer("weight_hh_l0", torch.full(m.weight_hh_l1.shape, 0.1, dtype=x.dtype))
+    return m(x)
+
+
+def _pre_hook_with_kwargs(m, x):
+    m.register_forward_pre_hook(lambda mod, args, kwargs: ((args[0] * 2,) + args[1:], kwargs), with_kwargs=True)
+    return m(x)
+
+
+def _data_parallel_replica(m, x):
+    m(x)
+    return m._replicate_for_data_parallel()(x)
+
+
+MORE_USES = {"pruned_then_removed": _pruned, "parametrize_cached": _cached_parametrization,
+             "weight_made_a_buffer": _weight_made_a_buffer, "pre_hook_with_kwargs": _pre_hook_with_kwargs,
+             "data_parallel_replica": _data_parallel_replica}
+
+
+@pytest.mark.parametrize("use", list(MORE_USES))
+@pytest.mark.parametrize("cell", SURFACE_LAYERS)
+@SURFACE_DTYPES
+def test_more_uses_of_a_layer_give_torch_nns_numbers(cell, use, dtype):
+    """torch.nn.utils.prune (a mask applied by a forward pre-hook, then removed), parametrize.cached(), a
+    weight re-registered as a buffer, a pre-hook with kwargs, a DataParallel replica: outputs and the
+    gradients of every parameter as torch.nn's."""
+    ref, ours = make_pair(cell, dtype=dtype, num_layers=2)
+    x = torch.randn(4, 2, 3, dtype=dtype)
+    results = []
+    for m in (ref, ours):
+        leaves = torch.utils._pytree.tree_leaves(MORE_USES[use](m, x))
+        sum((t * torch.linspace(-1, 1, t.numel(), dtype=dtype).view(t.shape)).sum() for t in leaves).backward()
+        results.append(([t.detach() for t in leaves], [(n, p.grad) for n, p in m.named_parameters()]))
+    (out_r, g_r), (out_o, g_o) = results
+    torch.testing.assert_close(out_o, out_r, **_tol(dtype))
+    assert [n for n, _ in g_o] == [n for n, _ in g_r]
+    for (n, a), (_, b) in zip(g_o, g_r):
+        assert (a is None) == (b is None), n
+        if b is not None:
+            torch.testing.assert_close(a, b, msg=n, **_tol(dtype))

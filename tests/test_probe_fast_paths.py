@@ -886,54 +886,221 @@ def test_one_layer_module_call(kind, case, dtype):
     both(ref, ours, scenario, dtype)
 
 
-@pytest.mark.xfail(strict=True, reason="fusedrnn's layers re-read the weights from the attributes whenever "
-                   "_flat_weights holds other tensors (modules._refresh_flat_weights: `weight is not flat[i]`); "
-                   "torch.nn re-reads only when an attribute differs from the weakrefs of its last read "
-                   "(_weights_have_changed), and otherwise runs with the tensors in _flat_weights")
+FLAT_WEIGHTS_CASES = ["list_assigned", "entry_replaced_after_a_call", "then_attribute_assigned",
+                      "attribute_deleted_after_a_call", "functional_call_then_a_call",
+                      "parameters_entry_swapped_after_a_call", "parameters_entry_swapped_and_restored"]
+
+
+@pytest.mark.parametrize("case", FLAT_WEIGHTS_CASES)
 @pytest.mark.parametrize("kind", list(LAYERS))
-def test_flat_weights_replaced(kind):
-    ref, ours = layer_pair(kind, torch.float64)
-    x = seq(3, 2, torch.float64)
+@PATHS
+def test_flat_weights_replaced(kind, case, dtype, shape):
+    """torch.nn's forward runs with `self._flat_weights`, re-read from the attributes only when an attribute
+    is no longer the tensor of its last read (_weights_have_changed: its weakrefs): a list user code put
+    there runs (gradients reach the Parameters it was computed from), on a first call and after a call that
+    filled fusedrnn's kept weight list; an attribute assigned afterwards makes both re-read every weight; a
+    deleted one (None) is no change for nn."""
+    ref, ours = layer_pair(kind, dtype)
+    x = seq(*shape, dtype)
 
     def scenario(m):
-        m._flat_weights = [w * 0.5 for w in m._flat_weights]
-        return m(x)
+        if case == "list_assigned":
+            m._flat_weights = [w * 0.5 for w in m._flat_weights]
+        elif case == "entry_replaced_after_a_call":
+            m(x)
+            m._flat_weights[1] = m._flat_weights[1] * -0.5  # no attribute assignment: only the list changes
+        elif case == "then_attribute_assigned":
+            m._flat_weights = [w * 0.5 for w in m._flat_weights]
+            m(x)
+            m.weight_ih_l0 = nn.Parameter(m.weight_ih_l0.detach() * 0.75)
+        elif case == "attribute_deleted_after_a_call":
+            m(x)
+            w = m.weight_hh_l0
+            del m.weight_hh_l0  # nn keeps running with the weight in _flat_weights
+            m._keep = w
+        elif case == "functional_call_then_a_call":
+            other = {n: p.detach() * 0.9 for n, p in m.named_parameters()}
+            torch.func.functional_call(m, other, (x,))
+        elif case.startswith("parameters_entry_swapped"):
+            # a write to _parameters (no __setattr__, as torch.func's stateless swap may do): nn's weakref
+            # test sees it, so must fusedrnn's kept weight list
+            m(x)
+            original = m._parameters["weight_hh_l0"]
+            m._parameters["weight_hh_l0"] = nn.Parameter(original.detach() * -0.5)
+            if case.endswith("restored"):
+                m(x)
+                m._parameters["weight_hh_l0"] = original
+        out = m(x)
+        loss_of(out).backward()
+        return out, [None if w is None else w.detach().clone() for w in m._flat_weights]
 
-    both(ref, ours, scenario, torch.float64)
+    both(ref, ours, scenario, dtype)
+
+
+def _summary(value):
+    """An argument of a recorded call, comparable across modules: tensors by value, containers by entry."""
+    if isinstance(value, (tuple, list)):
+        return tuple(_summary(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, torch.Size):
+        return tuple(value)
+    return value
+
+
+def _recording(base):
+    """base with every method torch.nn's layer forward calls overridden to record its arguments and then do
+    what base's does."""
+    class Recording(base):
+        def note(self, name, *args):
+            self.__dict__.setdefault("calls", []).append((name, _summary(args)))
+
+        def permute_hidden(self, hx, permutation):
+            self.note("permute_hidden", hx, permutation)
+            return super().permute_hidden(hx, permutation)
+
+        def check_forward_args(self, input, hidden, batch_sizes):
+            self.note("check_forward_args", input, hidden, batch_sizes)
+            return super().check_forward_args(input, hidden, batch_sizes)
+
+        def check_input(self, input, batch_sizes):
+            self.note("check_input", input, batch_sizes)
+            return super().check_input(input, batch_sizes)
+
+        def get_expected_hidden_size(self, input, batch_sizes):
+            self.note("get_expected_hidden_size", input, batch_sizes)
+            return super().get_expected_hidden_size(input, batch_sizes)
+
+        def check_hidden_size(self, hx, expected_hidden_size, msg="Expected hidden size {}, got {}"):
+            self.note("check_hidden_size", hx, expected_hidden_size, msg)
+            return super().check_hidden_size(hx, expected_hidden_size, msg)
+
+        def _weights_have_changed(self):
+            self.note("_weights_have_changed")
+            return super()._weights_have_changed()
+
+        def _update_flat_weights(self):
+            self.note("_update_flat_weights")
+            return super()._update_flat_weights()
+
+        if base in (nn.LSTM, fusedrnn.LSTM):
+            def get_expected_cell_size(self, input, batch_sizes):
+                self.note("get_expected_cell_size", input, batch_sizes)
+                return super().get_expected_cell_size(input, batch_sizes)
+    return Recording
 
 
 def _subclass(base, override):
+    if override == "recording":
+        return _recording(base)
+
     class Sub(base):
         if override == "permute_hidden":
             def permute_hidden(self, hx, permutation):  # the caller's states taken in the sorted order
                 return hx
-        else:
+        elif override == "check_forward_args":
             def check_forward_args(self, input, hidden, batch_sizes):  # a stricter check of its own
                 raise ValueError("Sub refuses every call")
+        elif override == "check_hidden_size":
+            def check_hidden_size(self, hx, expected_hidden_size, msg="Expected hidden size {}, got {}"):
+                raise KeyError("Sub refuses every state")
+        elif override == "get_expected_hidden_size":
+            def get_expected_hidden_size(self, input, batch_sizes):  # a wrong expectation: nn's check fails
+                size = super().get_expected_hidden_size(input, batch_sizes)
+                return (size[0], size[1] + 1, size[2])
+        elif override == "check_input":
+            def check_input(self, input, batch_sizes):
+                if input.dim() == 3 and input.shape[0] > 2:
+                    raise OverflowError("Sub takes at most two steps")
+                return super().check_input(input, batch_sizes)
+        elif override == "_weights_have_changed":
+            def _weights_have_changed(self):  # always re-read: a replaced _flat_weights is dropped
+                return True
     return Sub
 
 
-@pytest.mark.xfail(strict=True, reason="fusedrnn's forward does not call permute_hidden / check_forward_args, "
-                   "so a subclass overriding them (which torch.nn's forward calls) is ignored: other numbers "
-                   "for unsorted packed input with an initial state, no error where the override raises")
-@pytest.mark.parametrize("override", ["permute_hidden", "check_forward_args"])
-@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
-def test_subclass_overriding_forward_pieces(kind, override):
+CALLS = {"padded_with_state": lambda m, x, st: m(x, hx_of(st)),
+         "padded_no_state": lambda m, x, st: m(x),
+         "unbatched_with_state": lambda m, x, st: m(x[:, 0], tuple(s[:, 0] for s in st) if len(st) == 2 else st[0][:, 0]),
+         "batch_first_with_state": lambda m, x, st: m(x.transpose(0, 1), hx_of(st)),
+         "packed_unsorted_with_state": lambda m, x, st: m(
+             nn.utils.rnn.pack_padded_sequence(x, torch.tensor([2, 3, 1]), enforce_sorted=False), hx_of(st)),
+         "packed_unsorted_no_state": lambda m, x, st: m(
+             nn.utils.rnn.pack_padded_sequence(x, torch.tensor([2, 3, 1]), enforce_sorted=False)),
+         "packed_sorted_with_state": lambda m, x, st: m(
+             nn.utils.rnn.pack_padded_sequence(x, torch.tensor([3, 2, 1])), hx_of(st))}
+OVERRIDES = ["recording", "permute_hidden", "check_forward_args", "check_hidden_size", "get_expected_hidden_size",
+             "check_input", "_weights_have_changed"]
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+@pytest.mark.parametrize("override", OVERRIDES)
+@pytest.mark.parametrize("kind", list(LAYERS))
+@DTYPES
+def test_subclass_overriding_forward_pieces(kind, override, call, dtype):
+    """A subclass overriding a method torch.nn's forward calls (permute_hidden, check_forward_args and the
+    checks it calls, _update_flat_weights / _weights_have_changed): the same calls, with the same arguments,
+    in the same order as torch.nn's forward makes them ("recording"), and nn's numbers or nn's exception type
+    where the override changes the outcome."""
     nn_cls, fused_cls, base = LAYERS[kind]
     torch.manual_seed(0)
-    ref = _subclass(nn_cls, override)(IN, HID, dtype=torch.float64, **base)
-    ours = _subclass(fused_cls, override)(IN, HID, dtype=torch.float64, **base)
+    ref = _subclass(nn_cls, override)(IN, HID, dtype=dtype, **base)
+    ours = _subclass(fused_cls, override)(IN, HID, dtype=dtype, **base)
     ours.load_state_dict(ref.state_dict())
-    x = seq(3, 3, torch.float64)
-    st = states(kind, ref, 3, torch.float64)
+    x0 = seq(3, 3, dtype)
+    st = states(kind, ref, 3, dtype)
 
     def scenario(m):
-        if override == "permute_hidden":
-            packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([2, 3, 1]), enforce_sorted=False)
-            return m(packed, hx_of(st))
-        return m(x, hx_of(st))
+        x = x0.clone().requires_grad_()
+        if call == "batch_first_with_state":
+            m.batch_first = True
+        if override == "_weights_have_changed":
+            m._flat_weights = [w * 0.5 for w in m._flat_weights]  # re-read by the override, so not run
+        out = CALLS[call](m, x, st)
+        loss_of(out[0].data if isinstance(out[0], nn.utils.rnn.PackedSequence) else out[0]).backward()
+        return out, x.grad, m.__dict__.pop("calls", None)
+
+    both(ref, ours, scenario, dtype)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_relu"])
+def test_a_method_set_on_an_instance_is_called_as_torch_nn_calls_it(kind):
+    """`m.permute_hidden = f` on an instance: torch.nn's forward calls f (an instance attribute), so does
+    fusedrnn's."""
+    ref, ours = layer_pair(kind, torch.float64)
+    x = seq(3, 3, torch.float64)
+    st = states(kind, ref, 3, torch.float64)
+    packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([2, 3, 1]), enforce_sorted=False)
+
+    def scenario(m):
+        m.permute_hidden = lambda hx, permutation: hx  # no permutation: the states in the sorted order
+        return m(packed, hx_of(st))
 
     both(ref, ours, scenario, torch.float64)
+
+
+def test_only_an_overridden_forward_method_leaves_the_fast_path():
+    """The class-level test that decides whether forward calls the module's nn methods: false for fusedrnn's
+    classes, their subclasses that override other things (forward, extra_repr), a parametrized module's
+    generated class and the layer-normalised layers; true for a subclass overriding one of them."""
+    class OwnForward(fusedrnn.GRU):
+        def forward(self, input, hx=None):
+            return super().forward(input * 2, hx)
+
+    class OwnCheck(fusedrnn.GRU):
+        def check_input(self, input, batch_sizes):
+            pass
+
+    parametrized = fusedrnn.LSTM(3, 4)
+    nn.utils.parametrize.register_parametrization(parametrized, "weight_hh_l0", nn.Identity())
+    for cls in (fusedrnn.LSTM, fusedrnn.GRU, fusedrnn.RNN, OwnForward, type(parametrized), fusedrnn.LayerNormLSTM,
+                fusedrnn.LayerNormGRU):
+        assert cls._calls_nn_methods is False, cls
+    assert OwnCheck._calls_nn_methods is True
+    m = fusedrnn.GRU(3, 4)
+    assert m._calls_nn_methods is False
+    m.permute_hidden = lambda hx, permutation: hx
+    assert m._calls_nn_methods is True and type(m)._calls_nn_methods is False
 
 
 @pytest.mark.parametrize("kind", list(CELLS))
