@@ -9,9 +9,13 @@
 // Gate-interleaved packing of W_ih and W_hh for forward. Hidden units go in
 // blocks of U (one vector for LSTM, two for GRU and RNN: AVX2 8 and 16, AVX-512
 // 16 and 32, so that a block's G*U columns are whole 2-vector micro-kernel panels); block ub holds, for every k, the G
-// gates of its U units: packed[ub][k][g * U + u] = W[g * H + ub * U + u][k],
-// zero past H. One micro-tile of rows x (G*U) columns then holds all the gates
-// of its units, ready for the cell.
+// gates of its U units in column g * U + u, zero past H. One micro-tile of rows x (G*U) columns
+// then holds all the gates of its units, ready for the cell.
+// Each micro-kernel call's kPanel columns are one contiguous [K][kPanel] stream (BLIS's packed
+// B): packed[ub][c][k][e] = W[g * H + ub * U + u][k] for column c * kPanel + e = g * U + u.
+// Interleaving the calls' columns per k ([K][G*U], one 64-byte line of each call per 128 or
+// 192 bytes) measured slower once a block's panel left L1 (H > 128: benchmarks/NOTES.md,
+// entry 42).
 template <int G>
 struct ForwardPacking {
   static constexpr int U = (G % 2 == 0) ? kVec : 2 * kVec;
@@ -20,7 +24,7 @@ struct ForwardPacking {
   static_assert(kWidth % kPanel == 0, "a unit block must be whole micro-kernel panels");
 };
 
-// w: [G*H, K] -> [blocks][K][kWidth]
+// w: [G*H, K] -> [blocks][kCalls][K][kPanel]
 template <int G>
 void pack_panels(const float* w, int64_t H, int64_t K, std::vector<float>& packed) {
   using P = ForwardPacking<G>;
@@ -32,8 +36,9 @@ void pack_panels(const float* w, int64_t H, int64_t K, std::vector<float>& packe
         const int64_t j = ub * P::U + u;
         if (j >= H) continue;
         const float* row = w + (g * H + j) * K;
-        float* dst = packed.data() + ub * K * P::kWidth + g * P::U + u;
-        for (int64_t k = 0; k < K; ++k) dst[k * P::kWidth] = row[k];
+        const int64_t col = g * P::U + u, c = col / kPanel, e = col % kPanel;
+        float* dst = packed.data() + (ub * P::kCalls + c) * K * kPanel + e;
+        for (int64_t k = 0; k < K; ++k) dst[k * kPanel] = row[k];
       }
     }
   }
@@ -203,8 +208,11 @@ struct ForwardPanels {
   int64_t H = 0, I = 0;
   std::vector<float> w_ih, w_hh, bias;
   bool fused_input = false;  // w_ih packed here, else the gates buffer holds x W_ih^T + b_ih
-  const float* x_panel(int64_t ub) const { return fused_input ? w_ih.data() + ub * I * P::kWidth : nullptr; }
-  const float* h_panel(int64_t ub) const { return w_hh.data() + ub * H * P::kWidth; }
+  // Unit block ub's panel for micro-kernel call c (columns c * kPanel ..): [K][kPanel].
+  const float* x_panel(int64_t ub, int c) const {
+    return fused_input ? w_ih.data() + (ub * P::kCalls + c) * I * kPanel : nullptr;
+  }
+  const float* h_panel(int64_t ub, int c) const { return w_hh.data() + (ub * P::kCalls + c) * H * kPanel; }
   const float* bias_panel(int64_t ub) const { return bias.data() + ub * kBiasWidth; }
 };
 
@@ -240,23 +248,22 @@ __attribute__((noinline)) void forward_tile(const StepPtrs& q, const float* x, c
   using E = ForwardEpilogue<Cell>;
   using P = ForwardPacking<E::G>;
   static_assert(P::U == E::U, "the packing and the epilogue must agree on the unit block");
-  const float* x_panel = w.x_panel(ub);
-  const float* h_panel = w.h_panel(ub);
   const float* bias = w.bias_panel(ub);
   const int64_t j0 = ub * P::U, valid = std::min<int64_t>(P::U, q.hidden - j0);
   for (int c = 0; c < P::kCalls; ++c) {
     const int64_t col = c * kPanel;
-    const float* xp = x_panel != nullptr ? x_panel + col : nullptr;
+    const float* xp = w.x_panel(ub, c);
+    const float* hp = w.h_panel(ub, c);
     if (E::G == 3 && col >= 2 * P::U) {
       // GRU's n gate: input and hidden parts in separate tile columns.
-      tile_product<MR>(bias + col, x, w.I, xp, h, w.H, nullptr, P::kWidth, tile + col, E::kTileWidth);
-      tile_product<MR>(bias + P::kWidth + (col - 2 * P::U), x, w.I, nullptr, h, w.H, h_panel + col, P::kWidth,
+      tile_product<MR>(bias + col, x, w.I, xp, h, w.H, nullptr, kPanel, tile + col, E::kTileWidth);
+      tile_product<MR>(bias + P::kWidth + (col - 2 * P::U), x, w.I, nullptr, h, w.H, hp, kPanel,
                        tile + P::kWidth + (col - 2 * P::U), E::kTileWidth);
     } else {
-      tile_product<MR>(bias + col, x, w.I, xp, h, w.H, h_panel + col, P::kWidth, tile + col, E::kTileWidth);
+      tile_product<MR>(bias + col, x, w.I, xp, h, w.H, hp, kPanel, tile + col, E::kTileWidth);
     }
   }
-  if (x_panel == nullptr) {
+  if (!w.fused_input) {
     // The input projection came precomputed in the gates buffer: add it per gate.
     for (int m = 0; m < MR; ++m) {
       for (int g = 0; g < E::G; ++g) {
