@@ -2,11 +2,12 @@
 // products (the input projection over all tokens, dX = dG W_ih, dW_ih = dG^T X, dW_hh = dG^T H),
 // blocked BLIS-style around the engine's register micro-kernel (engine_common.h: micro_kernel).
 //
-// Why not MKL: torch's MKL runs its generic ("def"/zen) kernels on AMD CPUs and reached 55-65% of
-// this AVX2 machine's FMA peak on these shapes, while the engine's 6 x 16 micro-kernel runs at the
-// peak when its operands are in L1 (benchmarks/NOTES.md, entries 8 and 42). The loops here keep
-// them there: B in [kc][panel] strips (16 KB: L1) and A in [mc][kc] blocks (L2), each block of C's
-// rows times a strip of B per micro-kernel call.
+// Why: torch's MKL runs its generic ("def"/zen) kernels on AMD CPUs and reached 55-65% of this AVX2
+// machine's FMA peak on these shapes, while the engine's 6 x 16 micro-kernel runs at the peak when its
+// operands are in L1 (benchmarks/NOTES.md, entry 8). Measured (entry 42): this GEMM beat MKL only on
+// shallow products (K <= 256: the sentiment layers' input projections); on the deep ones both ran at
+// ~70% of peak on a loaded machine and the layers were faster with MKL, so worth() sends only the
+// shallow ones here.
 //
 // Every element of C is the same chain whatever the blocking, the thread split or the vector width:
 // its start value (C, the bias or 0), then one fused multiply-add per k in order (the accumulators
@@ -46,8 +47,8 @@ struct Args {
 // product, as before. Any other value is an error (c10::Error: RuntimeError).
 bool enabled();
 
-// The measured rule (benchmarks/NOTES.md, entry 42): where this GEMM beat MKL on this project's
-// machines. Few rows (a step of a small batch) stay with MKL / the small-GEMM kernel.
+// The measured rule (benchmarks/NOTES.md, entry 42; large_gemm.cpp): at least 128 rows and a depth of
+// 16 to 256, where this GEMM beat MKL on the AVX2 machine. Everything else stays with MKL.
 bool worth(int64_t M, int64_t N, int64_t K);
 
 // Runs on isa()'s kernels; call only when enabled(). Threads (at::parallel_for) split C's blocks.
