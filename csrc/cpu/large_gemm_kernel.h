@@ -40,39 +40,38 @@ inline void transpose8x8(__m256 (&v)[8]) {
   }
 }
 
+// dst[x * ld + y] = src[x * sx + y * sy] for x < nx, y < ny: a strided block into a row-major one.
+// Where sx == 1 (a transposed operand: W_ih^T, dG^T) 8 x 8 blocks are transposed in registers; element
+// by element, the copy of dG^T took ~45% of a [512, 3200] x [3200, 128] product (perf), A's reuse
+// there being only N = 128 columns.
+inline void copy_strided(const float* src, int64_t sx, int64_t sy, int64_t nx, int64_t ny, float* dst, int64_t ld) {
+  int64_t y = 0;
+  if (sx == 1) {
+    for (; y + 8 <= ny; y += 8) {
+      int64_t x = 0;
+      for (; x + 8 <= nx; x += 8) {
+        __m256 v[8];
+        for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(src + (y + i) * sy + x);
+        transpose8x8(v);
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (x + i) * ld + y, v[i]);
+      }
+      for (; x < nx; ++x) {
+        for (int i = 0; i < 8; ++i) dst[x * ld + y + i] = src[(y + i) * sy + x];
+      }
+    }
+  }
+  for (int64_t x = 0; x < nx; ++x) {
+    for (int64_t q = y; q < ny; ++q) dst[x * ld + q] = src[x * sx + q * sy];
+  }
+}
+
 // B[pc .. pc + kc, j0 .. j0 + kPanel) into dst[k * kPanel + j], zeros for columns >= N.
 inline void pack_b_strip(const large_gemm::Args& g, int64_t pc, int64_t kc, int64_t j0, float* dst) {
   const int64_t valid = std::min<int64_t>(kPanel, g.N - j0);
   if (g.b_cs == 1) {
-    for (int64_t k = 0; k < kc; ++k) {
-      const float* src = g.B + (pc + k) * g.b_rs + j0;
-      float* d = dst + k * kPanel;
-      std::memcpy(d, src, valid * sizeof(float));
-      for (int64_t j = valid; j < kPanel; ++j) d[j] = 0.0f;
-    }
-    return;
-  }
-  // A transposed B (W_ih^T): column j is a contiguous row of the weight when b_rs == 1; 8 x 8
-  // blocks transposed in registers (element by element, this copy cost as much as a 64-row product).
-  int64_t j = 0;
-  if (g.b_rs == 1) {
-    for (; j + 8 <= valid; j += 8) {
-      int64_t k = 0;
-      for (; k + 8 <= kc; k += 8) {
-        const float* src = g.B + (pc + k) + (j0 + j) * g.b_cs;
-        __m256 v[8];
-        for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(src + i * g.b_cs);
-        transpose8x8(v);
-        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (k + i) * kPanel + j, v[i]);
-      }
-      for (; k < kc; ++k) {
-        for (int i = 0; i < 8; ++i) dst[k * kPanel + j + i] = g.B[(pc + k) + (j0 + j + i) * g.b_cs];
-      }
-    }
-  }
-  for (; j < valid; ++j) {
-    const float* src = g.B + (pc * g.b_rs) + (j0 + j) * g.b_cs;
-    for (int64_t k = 0; k < kc; ++k) dst[k * kPanel + j] = src[k * g.b_rs];
+    for (int64_t k = 0; k < kc; ++k) std::memcpy(dst + k * kPanel, g.B + (pc + k) * g.b_rs + j0, valid * sizeof(float));
+  } else {
+    copy_strided(g.B + pc * g.b_rs + j0 * g.b_cs, g.b_rs, g.b_cs, kc, valid, dst, kPanel);
   }
   for (int64_t k = 0; k < kc; ++k) {
     for (int64_t j = valid; j < kPanel; ++j) dst[k * kPanel + j] = 0.0f;
@@ -83,31 +82,8 @@ inline void pack_b_strip(const large_gemm::Args& g, int64_t pc, int64_t kc, int6
 inline void pack_a_block(const large_gemm::Args& g, int64_t i0, int64_t rows, int64_t pc, int64_t kc, float* dst) {
   if (g.a_cs == 1) {
     for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * kc, g.A + (i0 + r) * g.a_rs + pc, kc * sizeof(float));
-    return;
-  }
-  // A transposed (dG^T of the weight gradients): a k is a contiguous run of rows when a_rs == 1,
-  // so 8 x 8 blocks are transposed in registers (the element-wise copy took ~45% of a
-  // [512, 3200] x [3200, 128] product, perf: the reuse of A there is only N = 128 columns).
-  int64_t r = 0;
-  if (g.a_rs == 1) {
-    for (; r + 8 <= rows; r += 8) {
-      int64_t k = 0;
-      for (; k + 8 <= kc; k += 8) {
-        const float* src = g.A + (i0 + r) + (pc + k) * g.a_cs;
-        __m256 v[8];
-        for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(src + i * g.a_cs);
-        transpose8x8(v);
-        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (r + i) * kc + k, v[i]);
-      }
-      for (; k < kc; ++k) {
-        const float* src = g.A + (i0 + r) + (pc + k) * g.a_cs;
-        for (int i = 0; i < 8; ++i) dst[(r + i) * kc + k] = src[i];
-      }
-    }
-  }
-  for (int64_t k = 0; k < kc; ++k) {
-    const float* src = g.A + i0 * g.a_rs + (pc + k) * g.a_cs;
-    for (int64_t q = r; q < rows; ++q) dst[q * kc + k] = src[q * g.a_rs];
+  } else {
+    copy_strided(g.A + i0 * g.a_rs + pc * g.a_cs, g.a_rs, g.a_cs, rows, kc, dst, kc);
   }
 }
 
