@@ -1,6 +1,8 @@
 // The CPU device policy of the layer drivers (csrc/layer/):
 // - the per-step GEMM (matmul): few float rows in our small-GEMM kernel,
 //   otherwise straight to BLAS, otherwise ATen (see benchmarks/NOTES.md);
+// - the one-shot GEMMs (gemm: input projection, dX, dW): float32 in the large
+//   GEMM (large_gemm.h) where it beat MKL, otherwise ATen;
 // - the pointwise step: the shared per-element cell math in a loop over the
 //   active rows, split across threads by at::parallel_for when a step is large
 //   enough to pay for it. The inner loop over hidden units is a SIMD loop
@@ -23,6 +25,7 @@
 #include "../layer/layer_tensors.h"
 #include "cpu_blas.h"
 #include "cpu_engine.h"
+#include "large_gemm.h"
 #include "small_gemm.h"
 #include "widened_layer.h"
 
@@ -183,10 +186,37 @@ struct CpuDevice {
     aten_matmul(out, a, b, bias, accumulate);
   }
 
-  // The drivers' other GEMMs (input projection, projection, weight gradients): ATen.
+  // The drivers' other GEMMs (input projection, projection, weight gradients): float32 products of
+  // many rows in the large GEMM (large_gemm.h: blocked around the engine's micro-kernel, operands read
+  // through their strides, so W_ih^T and dG^T need no copy), where it measured faster than MKL
+  // (large_gemm::worth; FUSEDRNN_CPU_GEMM=mkl keeps ATen for all); everything else through ATen.
   static void gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
                    bool accumulate) {
+    if (takes_large_gemm(out, a, b, bias)) {
+      large_gemm::Args g;
+      g.M = a.size(0);
+      g.N = b.size(1);
+      g.K = a.size(1);
+      g.A = a.const_data_ptr<float>();
+      g.a_rs = a.stride(0);
+      g.a_cs = a.stride(1);
+      g.B = b.const_data_ptr<float>();
+      g.b_rs = b.stride(0);
+      g.b_cs = b.stride(1);
+      g.bias = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+      g.accumulate = accumulate;
+      g.C = out.data_ptr<float>();
+      g.ldc = row_stride(out);
+      large_gemm::run(g);
+      return;
+    }
     aten_matmul(out, a, b, bias, accumulate);
+  }
+  static bool takes_large_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                               const at::Tensor& bias) {
+    return out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+           (!bias.defined() || (bias.scalar_type() == at::kFloat && bias.is_contiguous())) && unit_columns(out) &&
+           large_gemm::worth(a.size(0), b.size(1), a.size(1)) && large_gemm::enabled();
   }
 
   // Rows per task: about 16k elements, below which threading costs more than it saves.

@@ -23,6 +23,7 @@
 
 #include "cpu_engine.h"
 #include "engine_isa.h"
+#include "large_gemm.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -97,6 +98,7 @@ constexpr int kMR = 6;  // 6 x 2 accumulators + 2 B vectors + a broadcast of the
 #include "engine_common.h"
 #include "engine_forward.h"
 #include "engine_backward.h"
+#include "large_gemm_kernel.h"
 #undef FUSEDRNN_ENGINE_SIMDLEN
 
 }  // namespace
@@ -106,6 +108,9 @@ void backward(const BackwardArgs& a) { run_backward(a); }
 
 }  // namespace avx2
 }  // namespace cpu_engine
+
+void large_gemm::avx2::run(const large_gemm::Args& a) { cpu_engine::avx2::run_large_gemm(a); }
+
 }  // namespace fusedrnn
 
 #pragma GCC pop_options

@@ -21,6 +21,7 @@
 
 #include "cpu_engine.h"
 #include "engine_isa.h"
+#include "large_gemm.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,fma")
@@ -113,6 +114,7 @@ constexpr int kMR = 8;
 #include "engine_common.h"
 #include "engine_forward.h"
 #include "engine_backward.h"
+#include "large_gemm_kernel.h"
 #undef FUSEDRNN_ENGINE_SIMDLEN
 
 }  // namespace
@@ -122,6 +124,9 @@ void backward(const BackwardArgs& a) { run_backward(a); }
 
 }  // namespace avx512
 }  // namespace cpu_engine
+
+void large_gemm::avx512::run(const large_gemm::Args& a) { cpu_engine::avx512::run_large_gemm(a); }
+
 }  // namespace fusedrnn
 
 #pragma GCC diagnostic pop

@@ -1,0 +1,75 @@
+// The large GEMM's run-time switch (large_gemm.h): portable code, no AVX2 or AVX-512 here.
+#include "large_gemm.h"
+
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <string>
+
+#include "cpu_engine.h"
+
+namespace fusedrnn {
+namespace large_gemm {
+
+bool enabled() {
+  const char* v = std::getenv("FUSEDRNN_CPU_GEMM");
+  if (v != nullptr && v[0] != '\0') {
+    const std::string s(v);
+    TORCH_CHECK(s == "own" || s == "mkl", "fusedrnn: FUSEDRNN_CPU_GEMM must be own or mkl (the CPU's large float32 "
+                "GEMMs: the blocked GEMM around the engine's micro-kernel, or ATen's MKL), got '", s, "'");
+    if (s == "mkl") return false;
+  }
+  return cpu_engine::isa() != cpu_engine::Isa::kNone;
+}
+
+// Measured on the AVX2 machine (AMD EPYC Zen 3, benchmarks/NOTES.md entry 42, 1 thread, CPU time,
+// loaded): this GEMM beat MKL's sgemm_ by 5-30% on the shallow products (K <= 128: the sentiment
+// layers' input projections, 3200 x 512 x 100), matched it within the machine's noise on the deep
+// ones (K = 512 .. 6400: fastrnns' projections and every weight gradient), and the fastrnns LSTM
+// layer ran 5-9% slower with it there; below ~128 rows MKL (and its packing-free small kernels) won.
+// So only shallow products of many rows come here.
+bool worth(int64_t M, int64_t N, int64_t K) {
+  return M >= 128 && N >= 16 && K >= 16 && K <= 256;
+}
+
+// Calls of run(), for tests: that a layer's products took this GEMM (a relaxed increment per product).
+std::atomic<int64_t> g_calls{0};
+
+void run(const Args& a) {
+  g_calls.fetch_add(1, std::memory_order_relaxed);
+  if (cpu_engine::isa() == cpu_engine::Isa::kAvx512) {
+    avx512::run(a);
+  } else {
+    avx2::run(a);
+  }
+}
+
+}  // namespace large_gemm
+}  // namespace fusedrnn
+
+// For tests and benchmarks (ctypes, no op schema): the large GEMM on raw float32 pointers, on the
+// instruction set isa() picks now (FUSEDRNN_CPU_ISA caps it), whatever FUSEDRNN_CPU_GEMM says.
+// Returns 0, 1 where this CPU has no engine, 2 for a bad FUSEDRNN_CPU_ISA (nothing done). mc / kc: 0 for the defaults.
+extern "C" __attribute__((visibility("default"))) int fusedrnn_large_gemm(
+    int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B, int64_t b_rs,
+    int64_t b_cs, const float* bias, int accumulate, float* C, int64_t ldc, int64_t mc, int64_t kc) {
+  fusedrnn::large_gemm::Args a;
+  a.M = M; a.N = N; a.K = K;
+  a.A = A; a.a_rs = a_rs; a.a_cs = a_cs;
+  a.B = B; a.b_rs = b_rs; a.b_cs = b_cs;
+  a.bias = bias; a.accumulate = accumulate != 0;
+  a.C = C; a.ldc = ldc; a.mc = mc; a.kc = kc;
+  try {
+    if (fusedrnn::cpu_engine::isa() == fusedrnn::cpu_engine::Isa::kNone) return 1;
+    fusedrnn::large_gemm::run(a);
+  } catch (const c10::Error&) {
+    return 2;  // a bad FUSEDRNN_CPU_ISA: no exception may cross into ctypes
+  }
+  return 0;
+}
+
+// For tests (ctypes): how many products run() has computed in this process.
+extern "C" __attribute__((visibility("default"))) int64_t fusedrnn_large_gemm_calls() {
+  return fusedrnn::large_gemm::g_calls.load(std::memory_order_relaxed);
+}

@@ -1,0 +1,199 @@
+// The large GEMM's loops (large_gemm.h) for one instruction set: included by engine_avx2.cpp and
+// engine_avx512.cpp after engine_common.h, inside their anonymous namespace, so that it runs the
+// same micro_kernel (kMR rows x kPanel columns in registers) with that file's Simd. No include
+// guard and no #include: the text is compiled once per instruction set.
+//
+// Loops (BLIS's, with its names): columns in blocks of kLargeNc (jc), depth in blocks of kc (pc):
+// B's block packed once into [kc][kPanel] strips, zero-padded past N (shared by the threads); then
+// the work items, each a block of mc rows of C (ic) times a chunk of kStripsPerItem strips: A's
+// block packed into [mc][kc] (row-major, contiguous: the micro-kernel's lda is kc), then per row
+// block (kMR rows, ir) every strip of the chunk (jr). The row block's A (kMR x kc: 6 KB) stays in
+// L1 while the chunk's strips (8 x 16 KB) stream from L2, one sequential stream per call; BLIS's
+// usual order (the strip in L1, A's rows streamed from L2: kMR streams of single floats, since the
+// micro-kernel reads A row by row) measured slower here (benchmarks/NOTES.md, entry 42).
+
+// Defaults: B's strip 16 KB (half of a 32 KB L1), a chunk of strips 128 KB and A's block ~150 KB
+// (AVX2: 144 x 256) in a 512 KB+ L2, B's block kc x 2048 (2 MB) in L3. kc = 256 measured at least as
+// fast as 128 and 384 on this project's AVX2 machine (benchmarks/NOTES.md, entry 42); mc matters little
+// in this loop order (it sets how often A is packed, against the balance of the threads' items).
+constexpr int64_t kLargeKc = 4096 / kPanel;          // AVX2 256, AVX-512 128
+constexpr int64_t kLargeMc = kMR * 24;
+constexpr int64_t kLargeNc = 2048;
+constexpr int64_t kStripsPerItem = 8;
+
+// v[i][j] = v[j][i] (AVX: both instruction sets' files compile it; 8 x 8 is the AVX-512 file's too).
+inline void transpose8x8(__m256 (&v)[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    v[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// dst[x * ld + y] = src[x * sx + y * sy] for x < nx, y < ny: a strided block into a row-major one.
+// Where sx == 1 (a transposed operand: W_ih^T, dG^T) 8 x 8 blocks are transposed in registers; element
+// by element, the copy of dG^T took ~45% of a [512, 3200] x [3200, 128] product (perf), A's reuse
+// there being only N = 128 columns.
+inline void copy_strided(const float* src, int64_t sx, int64_t sy, int64_t nx, int64_t ny, float* dst, int64_t ld) {
+  int64_t y = 0;
+  if (sx == 1) {
+    for (; y + 8 <= ny; y += 8) {
+      int64_t x = 0;
+      for (; x + 8 <= nx; x += 8) {
+        __m256 v[8];
+        for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(src + (y + i) * sy + x);
+        transpose8x8(v);
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (x + i) * ld + y, v[i]);
+      }
+      for (; x < nx; ++x) {
+        for (int i = 0; i < 8; ++i) dst[x * ld + y + i] = src[(y + i) * sy + x];
+      }
+    }
+  }
+  for (int64_t x = 0; x < nx; ++x) {
+    for (int64_t q = y; q < ny; ++q) dst[x * ld + q] = src[x * sx + q * sy];
+  }
+}
+
+// B[pc .. pc + kc, j0 .. j0 + kPanel) into dst[k * kPanel + j], zeros for columns >= N.
+inline void pack_b_strip(const large_gemm::Args& g, int64_t pc, int64_t kc, int64_t j0, float* dst) {
+  const int64_t valid = std::min<int64_t>(kPanel, g.N - j0);
+  if (g.b_cs == 1) {
+    for (int64_t k = 0; k < kc; ++k) std::memcpy(dst + k * kPanel, g.B + (pc + k) * g.b_rs + j0, valid * sizeof(float));
+  } else {
+    copy_strided(g.B + pc * g.b_rs + j0 * g.b_cs, g.b_rs, g.b_cs, kc, valid, dst, kPanel);
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    for (int64_t j = valid; j < kPanel; ++j) dst[k * kPanel + j] = 0.0f;
+  }
+}
+
+// A[i0 .. i0 + rows, pc .. pc + kc) into dst[r * kc + k].
+inline void pack_a_block(const large_gemm::Args& g, int64_t i0, int64_t rows, int64_t pc, int64_t kc, float* dst) {
+  if (g.a_cs == 1) {
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * kc, g.A + (i0 + r) * g.a_rs + pc, kc * sizeof(float));
+  } else {
+    copy_strided(g.A + i0 * g.a_rs + pc * g.a_cs, g.a_rs, g.a_cs, rows, kc, dst, kc);
+  }
+}
+
+// One micro-tile: rows [i, i + MR) of C, columns [j0, j0 + kPanel) (the first `valid` stored), its
+// start value per `start` (0: C, 1: bias, 2: zero), then kc multiply-adds per element.
+template <int MR>
+inline void large_tile(const large_gemm::Args& g, int start, int64_t i, int64_t j0, int64_t valid, int64_t kc,
+                       const float* ap, const float* bp) {
+  V acc[kMR][2];
+  float* c = g.C + i * g.ldc + j0;
+  for (int m = 0; m < MR; ++m) {
+    if (start == 0) {
+      acc[m][0] = load_partial(c + m * g.ldc, valid);
+      acc[m][1] = load_partial(c + m * g.ldc + kVec, valid - kVec);
+    } else if (start == 1) {
+      acc[m][0] = load_partial(g.bias + j0, valid);
+      acc[m][1] = load_partial(g.bias + j0 + kVec, valid - kVec);
+    } else {
+      acc[m][0] = Simd::zero();
+      acc[m][1] = Simd::zero();
+    }
+  }
+  // The next tile's rows of C (the next strip, same rows: the loop order of run_large_gemm), so that
+  // its loads (deep K: every k block after the first) or stores do not wait on L2 / L3 after the
+  // multiply-adds; a prefetch past the matrix's end is harmless (no fault).
+  for (int m = 0; m < MR; ++m) {
+    for (int v = 0; v < kPanel; v += 16) _mm_prefetch(reinterpret_cast<const char*>(c + m * g.ldc + kPanel + v), _MM_HINT_T0);
+  }
+  micro_kernel<MR>(kc, ap, kc, bp, kPanel, acc);
+  for (int m = 0; m < MR; ++m) {
+    store_partial(c + m * g.ldc, acc[m][0], valid);
+    store_partial(c + m * g.ldc + kVec, acc[m][1], valid - kVec);
+  }
+}
+
+// The packed buffers, grown as needed and kept per thread (a fresh 2 MB buffer per call would be
+// mapped and faulted in each time).
+inline std::vector<float>& large_gemm_buffer(int which) {
+  thread_local std::vector<float> buffers[2];
+  return buffers[which];
+}
+
+void run_large_gemm(const large_gemm::Args& g) {
+  const int64_t M = g.M, N = g.N, K = g.K;
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {  // no products: C keeps its values (accumulate) or becomes the bias or zeros
+    if (g.accumulate) return;
+    for (int64_t i = 0; i < M; ++i) {
+      float* c = g.C + i * g.ldc;
+      if (g.bias != nullptr) {
+        std::memcpy(c, g.bias, N * sizeof(float));
+      } else {
+        std::fill(c, c + N, 0.0f);
+      }
+    }
+    return;
+  }
+  const int64_t KC = g.kc > 0 ? g.kc : kLargeKc;
+  // Row blocks: at most mc rows, as even as possible, and enough of them (with the column chunks)
+  // for the threads to share evenly; a multiple of kMR unless M is smaller.
+  const int threads = at::get_num_threads();
+  int64_t mc = g.mc > 0 ? g.mc : kLargeMc;
+  const int64_t jc_strips = (std::min(N, kLargeNc) + kPanel - 1) / kPanel;
+  const int64_t chunks_max = (jc_strips + kStripsPerItem - 1) / kStripsPerItem;
+  if (g.mc <= 0 && threads > 1) {
+    const int64_t want_blocks = (4 * threads + chunks_max - 1) / chunks_max;
+    mc = std::min(mc, std::max<int64_t>(kMR, (M + want_blocks - 1) / want_blocks));
+  }
+  int64_t ic_blocks = (M + mc - 1) / mc;
+  mc = (M + ic_blocks - 1) / ic_blocks;
+  if (g.mc <= 0) mc = std::min(M, (mc + kMR - 1) / kMR * kMR);
+  ic_blocks = (M + mc - 1) / mc;
+
+  std::vector<float>& bbuf = large_gemm_buffer(0);
+  for (int64_t jc = 0; jc < N; jc += kLargeNc) {
+    const int64_t nc = std::min(kLargeNc, N - jc);
+    const int64_t strips = (nc + kPanel - 1) / kPanel;
+    const int64_t chunks = (strips + kStripsPerItem - 1) / kStripsPerItem;
+    for (int64_t pc = 0; pc < K; pc += KC) {
+      const int64_t kc = std::min(KC, K - pc);
+      const int start = pc > 0 || g.accumulate ? 0 : g.bias != nullptr ? 1 : 2;
+      if (static_cast<int64_t>(bbuf.size()) < strips * kc * kPanel) bbuf.resize(strips * kc * kPanel);
+      float* const bp = bbuf.data();
+      at::parallel_for(0, strips, 4, [&](int64_t begin, int64_t end) {
+        for (int64_t s = begin; s < end; ++s) pack_b_strip(g, pc, kc, jc + s * kPanel, bp + s * kc * kPanel);
+      });
+      at::parallel_for(0, ic_blocks * chunks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float>& abuf = large_gemm_buffer(1);
+        if (static_cast<int64_t>(abuf.size()) < mc * kc) abuf.resize(mc * kc);
+        float* const ap = abuf.data();
+        int64_t packed = -1;
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t ic = item / chunks, chunk = item % chunks;
+          const int64_t i0 = ic * mc, rows = std::min(mc, M - i0);
+          if (ic != packed) {
+            pack_a_block(g, i0, rows, pc, kc, ap);
+            packed = ic;
+          }
+          const int64_t s_end = std::min(strips, (chunk + 1) * kStripsPerItem);
+          for_each_row_block(0, rows, [&](int64_t r0, int64_t mr) {
+            with_rows(mr, [&](auto MR) {
+              for (int64_t s = chunk * kStripsPerItem; s < s_end; ++s) {
+                const int64_t j0 = jc + s * kPanel;
+                large_tile<MR>(g, start, i0 + r0, j0, std::min<int64_t>(kPanel, N - j0), kc, ap + r0 * kc,
+                               bp + s * kc * kPanel);
+              }
+            });
+          });
+        }
+      });
+    }
+  }
+}
