@@ -433,7 +433,8 @@ __attribute__((noinline)) void small_tile(const StepPtrs& q, const ForwardArgs& 
 // instead, each reading only its share of W_hh (and W_ih when fused) per step; one barrier per step
 // (each thread's units of h_t are written before any thread reads h_t). Measured on the AVX2
 // machine (benchmarks/NOTES.md, entry 42): below ~kSplitMinBytes of weights read per step the
-// barrier and the fork cost more than the halved product saves. FUSEDRNN_CPU_SMALL_SPLIT=0 / 1
+// barrier costs more than the halved product saves (a guess from the products' sizes: the machine was
+// too loaded for two-thread timings). By default sequences only (T >= 2). FUSEDRNN_CPU_SMALL_SPLIT=0 / 1
 // forces it off / on (on: whenever there are threads and a uniform batch; tests check both ways).
 constexpr int64_t kSplitMinBytes = 192 * 1024;
 constexpr int kSplitMaxParts = 4;
@@ -471,6 +472,9 @@ inline int64_t small_split_parts(const ForwardArgs& args, int G, int64_t blocks)
   if (force != nullptr && force[0] == '0') return 1;
   if (!forced_on) {
     if (args.B != 1) return 1;  // two or more rows: for_each_thread_rows splits the rows, no barrier
+    // One step: the fork of the threads is paid for a single product, unmeasured at two quiet threads
+    // so far (entry 42); a sequence pays it once for all its steps.
+    if (batch.size() < 2) return 1;
     const int64_t per_step = static_cast<int64_t>(G) * args.H * (args.H + (args.input != nullptr ? args.I : 0)) * 4;
     if (per_step < kSplitMinBytes) return 1;
   }
