@@ -283,3 +283,42 @@ def test_torch_func_and_double_backward_with_a_state_that_needs_no_gradient(kind
         results.append([g[k] for k in sorted(g)] + [jac] + list(penalty))
     for a, b in zip(*results):
         torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("layer", [False, True])
+def test_small_call_weight_gradients_split_across_threads(kind, batch, layer):
+    """Large enough small-call weight gradients (csrc/layer/layer_backward.h: small_weight_grads, H = 128)
+    are split by rows across threads: torch.nn's gradients, and bitwise the one-thread ones (each row is
+    computed by one thread in the same order whatever the split)."""
+    hidden = 128
+    torch.manual_seed(0)
+    nn_cls, fused_cls = (LAYERS if layer else CELLS)[kind]
+    ref = nn_cls(hidden, hidden, dtype=torch.double)
+    ours = fused_cls(hidden, hidden, dtype=torch.double)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(*((2, batch) if layer else (batch,)), hidden, dtype=torch.double)
+    h0 = torch.randn(*((1, batch) if layer else (batch,)), hidden, dtype=torch.double)
+    state = (h0, h0.clone()) if kind == "lstm" else h0
+    weight = torch.randn(x.shape[:-1] + (hidden,), dtype=torch.double)
+
+    def grads_of(m):
+        m.zero_grad(set_to_none=True)
+        out = m(x, state)
+        out = out[0] if isinstance(out, tuple) else out
+        (out * weight).sum().backward()
+        return [p.grad.clone() for p in m.parameters()]
+
+    before = torch.get_num_threads()
+    try:
+        by_threads = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            by_threads[threads] = grads_of(ours)
+    finally:
+        torch.set_num_threads(before)
+    expected = grads_of(ref)
+    for one, two, want in zip(by_threads[1], by_threads[2], expected):
+        assert torch.equal(one, two)
+        torch.testing.assert_close(two, want, rtol=1e-10, atol=1e-10)

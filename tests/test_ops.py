@@ -400,3 +400,52 @@ def test_full_batch_backward_checks_shapes():
         OPS.rnn_tanh_backward(out.reshape(9, 4), h, x, h0, w_ih, w_hh, bs, False, True, out)
     with pytest.raises(RuntimeError, match=r"grad_h_n must be 3-D \[1, batch, \*\] like h0"):
         OPS.rnn_tanh_backward(out, h[0], x, h0, w_ih, w_hh, bs, False, True, out)
+
+
+# ---- the small path's unit split (csrc/cpu/engine_forward.h: small_forward_split) ----------------
+
+SPLIT_I, SPLIT_H = 24, 40  # H = 40: LSTM 5 unit blocks of 8 (AVX2), GRU / RNN 3 of 16: uneven parts, a partial block
+
+
+def _split_args(cell, steps, batch, dtype):
+    g = torch.Generator().manual_seed(1)
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=dtype) * scale
+
+    gh = GATES[cell] * SPLIT_H
+    x, h0 = rand(steps * batch, SPLIT_I), rand(batch, SPLIT_H)
+    w_ih, w_hh, b_ih, b_hh = rand(gh, SPLIT_I, scale=0.3), rand(gh, SPLIT_H, scale=0.3), rand(gh), rand(gh)
+    sizes = torch.full((steps,), batch, dtype=torch.long)
+    if cell == "lstm":
+        return [OPS.lstm_forward, OPS.lstm_inference], [x, h0, rand(batch, SPLIT_H), w_ih, w_hh, b_ih, b_hh, None, sizes]
+    ops = {"gru": [OPS.gru_forward, OPS.gru_inference], "rnn_tanh": [OPS.rnn_tanh_forward],
+           "rnn_relu": [OPS.rnn_relu_forward]}[cell]
+    return ops, [x, h0, w_ih, w_hh, b_ih, b_hh, sizes]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("steps,batch", [(1, 1), (6, 1), (4, 3)])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_small_path_unit_split_gives_the_one_thread_numbers(cell, steps, batch, reverse, threads, monkeypatch):
+    """A small call split by hidden units across threads (one barrier per step) computes every unit as
+    the unsplit call does: bitwise the same output, states and saved tensors, and the reference's numbers."""
+    ops, args = _split_args(cell, steps, batch, torch.float32)
+    monkeypatch.setenv("FUSEDRNN_CPU_SMALL", "1")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        results = {}
+        for split in ("0", "1"):
+            monkeypatch.setenv("FUSEDRNN_CPU_SMALL_SPLIT", split)
+            results[split] = [op(*args, reverse) for op in ops]
+    finally:
+        torch.set_num_threads(before)
+    for whole, parts in zip(results["0"], results["1"]):
+        for a, b in zip(whole, parts):
+            assert torch.equal(a, b)
+    expected = reference_forward(cell, [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                        for a in args], reverse)
+    for got, want in zip(results["1"][0][:2], expected[:2]):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

@@ -799,11 +799,11 @@ def test_in_place_change_between_forward_and_backward(kind, what, dtype):
     both(ref, ours, _in_place_scenario(kind, what, dtype, seq(3, 2, dtype), True), dtype)
 
 
-@pytest.mark.xfail(strict=True, reason="the C++ autograd node saves the returned output for its backward, so an "
-                   "in-place change of the output before backward raises RuntimeError (version check) where "
-                   "torch.nn's layers (float64, and float32 GRU / RNN) return the gradients of the changed values")
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
 def test_in_place_change_of_the_output_between_forward_and_backward(kind):
+    """The returned output changed in place before backward: torch.nn's layers (float64, and float32 GRU /
+    RNN) return the gradients of the changed values; so does the C++ autograd node, which then runs its
+    forward again for the output's original values (csrc/autograd/eager_autograd.cpp: saved_output)."""
     ref, ours = layer_pair(kind, torch.float64)
     both(ref, ours, _in_place_scenario(kind, "output", torch.float64, seq(3, 2, torch.float64), True), torch.float64)
 

@@ -31,6 +31,7 @@ using at::Tensor;
 using std::optional;
 
 Tensor or_undefined(const optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
+optional<Tensor> optional_of(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; }
 
 // An unused output's gradient: a broadcast zero (the backward ops copy their gradients before
 // writing, so a stride-0 zero is read, never written). On the CPU one shared 0-d zero per dtype
@@ -104,26 +105,50 @@ variable_list differentiable_vjp(const char* kind, bool reverse, const variable_
   return full;
 }
 
+// The output is what backward reads (h_t of every step), and it is also what the caller gets back,
+// who may change it in place before backward: torch.nn's layers allow that (their graph saved its own
+// copies) and return the gradients of the changed values. So the node saves the output's data under a
+// version counter of its own (variable_data: the caller's in-place change is not a version error here),
+// and keeps a detached alias of the caller's tensor, which shares the caller's counter, to see whether
+// it moved. Only then does backward run the forward again for the output's original values (the same
+// op on the same saved inputs: the same numbers, bitwise); a saved input changed in place still raises
+// when it is unpacked, as torch.nn's does. Cost on the usual call: two tensor headers, no copy.
+Tensor saved_output(AutogradContext* ctx, const Tensor& out) {
+  ctx->saved_data["output"] = out.detach();
+  ctx->saved_data["output_version"] = static_cast<int64_t>(out._version());
+  return out.variable_data();
+}
+
+bool output_changed_in_place(AutogradContext* ctx) {
+  return ctx->saved_data["output"].toTensor()._version() != ctx->saved_data["output_version"].toInt();
+}
+
 struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& h0, const Tensor& c0,
-                               const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
-                               const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
-                               const Tensor& batch_sizes, bool reverse) {
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(const Tensor& input, const Tensor& h0, const Tensor& c0,
+                                                                const Tensor& w_ih, const Tensor& w_hh,
+                                                                const optional<Tensor>& b_ih,
+                                                                const optional<Tensor>& b_hh,
+                                                                const optional<Tensor>& w_hr,
+                                                                const Tensor& batch_sizes, bool reverse) {
     static const auto op =
         op_handle("fusedrnn::lstm_forward")
             .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
                 const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&,
                 const optional<Tensor>&, const optional<Tensor>&, const Tensor&, bool)>();
-    Tensor out, h_n, c_n, gates, cells;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(out, h_n, c_n, gates, cells) = op.call(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
-    }
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.call(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
+  }
+
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& h0, const Tensor& c0,
+                               const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
+                               const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
+                               const Tensor& batch_sizes, bool reverse) {
+    auto [out, h_n, c_n, gates, cells] = run(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
     ctx->mark_non_differentiable({gates, cells});
     ctx->set_materialize_grads(false);  // no zero-filled gradients for unused outputs
     // The biases only for double backward: saving them copies nothing.
     ctx->save_for_backward({input, h0, c0, w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh), or_undefined(w_hr),
-                            batch_sizes, out, gates, cells});
+                            batch_sizes, saved_output(ctx, out), gates, cells});
     ctx->saved_data["reverse"] = reverse;
     return {out, h_n, c_n, gates, cells};
   }
@@ -137,8 +162,12 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
                 const Tensor&, const Tensor&, bool)>();
     auto s = ctx->get_saved_variables();
     const Tensor &input = s[0], &h0 = s[1], &c0 = s[2], &w_ih = s[3], &w_hh = s[4], &b_ih = s[5], &b_hh = s[6],
-                 &w_hr = s[7], &batch_sizes = s[8], &out = s[9], &gates = s[10], &cells = s[11];
+                 &w_hr = s[7], &batch_sizes = s[8], &gates = s[10], &cells = s[11];
     const bool reverse = ctx->saved_data["reverse"].toBool();
+    const Tensor out = !output_changed_in_place(ctx)
+                           ? s[9]
+                           : std::get<0>(run(input, h0, c0, w_ih, w_hh, optional_of(b_ih), optional_of(b_hh),
+                                             optional_of(w_hr), batch_sizes, reverse));
     auto needs = needs_grad_by_argument(
         ctx, {true, true, true, true, true, b_ih.defined(), b_hh.defined(), w_hr.defined(), true});
     variable_list result(10);  // one per forward argument
@@ -167,22 +196,26 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
 };
 
 struct GRUFunction : public torch::autograd::Function<GRUFunction> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& h0, const Tensor& w_ih,
-                               const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
-                               const Tensor& batch_sizes, bool reverse) {
+  static std::tuple<Tensor, Tensor, Tensor, Tensor> run(const Tensor& input, const Tensor& h0, const Tensor& w_ih,
+                                                        const Tensor& w_hh, const optional<Tensor>& b_ih,
+                                                        const optional<Tensor>& b_hh, const Tensor& batch_sizes,
+                                                        bool reverse) {
     static const auto op = op_handle("fusedrnn::gru_forward")
                                .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
                                    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&,
                                    const optional<Tensor>&, const Tensor&, bool)>();
-    Tensor out, h_n, gates, hn;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(out, h_n, gates, hn) = op.call(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse);
-    }
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.call(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse);
+  }
+
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& h0, const Tensor& w_ih,
+                               const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
+                               const Tensor& batch_sizes, bool reverse) {
+    auto [out, h_n, gates, hn] = run(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse);
     ctx->mark_non_differentiable({gates, hn});
     ctx->set_materialize_grads(false);
     ctx->save_for_backward(
-        {input, h0, w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh), batch_sizes, out, gates, hn});
+        {input, h0, w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh), batch_sizes, saved_output(ctx, out), gates, hn});
     ctx->saved_data["reverse"] = reverse;
     return {out, h_n, gates, hn};
   }
@@ -195,8 +228,12 @@ struct GRUFunction : public torch::autograd::Function<GRUFunction> {
                 const Tensor&, bool, bool, const Tensor&, const Tensor&, const Tensor&, bool)>();
     auto s = ctx->get_saved_variables();
     const Tensor &input = s[0], &h0 = s[1], &w_ih = s[2], &w_hh = s[3], &b_ih = s[4], &b_hh = s[5],
-                 &batch_sizes = s[6], &out = s[7], &gates = s[8], &hn = s[9];
+                 &batch_sizes = s[6], &gates = s[8], &hn = s[9];
     const bool reverse = ctx->saved_data["reverse"].toBool();
+    const Tensor out = !output_changed_in_place(ctx)
+                           ? s[7]
+                           : std::get<0>(run(input, h0, w_ih, w_hh, optional_of(b_ih), optional_of(b_hh), batch_sizes,
+                                             reverse));
     auto needs = needs_grad_by_argument(ctx, {true, true, true, true, b_ih.defined(), b_hh.defined(), true});
     variable_list result(8);
     variable_list g = {grad_or_zero(grads[0], out), grad_or_zero(grads[1], h0)};
@@ -225,20 +262,24 @@ template <bool Relu>
 struct RNNFunction : public torch::autograd::Function<RNNFunction<Relu>> {
   static constexpr const char* kind = Relu ? "rnn_relu" : "rnn_tanh";
 
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& h0, const Tensor& w_ih,
-                               const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
-                               const Tensor& batch_sizes, bool reverse) {
+  static std::tuple<Tensor, Tensor> run(const Tensor& input, const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh,
+                                        const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
+                                        const Tensor& batch_sizes, bool reverse) {
     static const auto op = op_handle(Relu ? "fusedrnn::rnn_relu_forward" : "fusedrnn::rnn_tanh_forward")
                                .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                  const Tensor&, const optional<Tensor>&,
                                                                  const optional<Tensor>&, const Tensor&, bool)>();
-    Tensor out, h_n;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(out, h_n) = op.call(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse);
-    }
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.call(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse);
+  }
+
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& h0, const Tensor& w_ih,
+                               const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
+                               const Tensor& batch_sizes, bool reverse) {
+    auto [out, h_n] = run(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse);
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({input, h0, w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh), batch_sizes, out});
+    ctx->save_for_backward(
+        {input, h0, w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh), batch_sizes, saved_output(ctx, out)});
     ctx->saved_data["reverse"] = reverse;
     return {out, h_n};
   }
@@ -250,8 +291,12 @@ struct RNNFunction : public torch::autograd::Function<RNNFunction<Relu>> {
                                    const Tensor&, const Tensor&, bool, bool, const Tensor&, bool)>();
     auto s = ctx->get_saved_variables();
     const Tensor &input = s[0], &h0 = s[1], &w_ih = s[2], &w_hh = s[3], &b_ih = s[4], &b_hh = s[5],
-                 &batch_sizes = s[6], &out = s[7];
+                 &batch_sizes = s[6];
     const bool reverse = ctx->saved_data["reverse"].toBool();
+    const Tensor out = !output_changed_in_place(ctx)
+                           ? s[7]
+                           : std::get<0>(run(input, h0, w_ih, w_hh, optional_of(b_ih), optional_of(b_hh), batch_sizes,
+                                             reverse));
     auto needs = needs_grad_by_argument(ctx, {true, true, true, true, b_ih.defined(), b_hh.defined(), true});
     variable_list result(8);
     variable_list g = {grad_or_zero(grads[0], out), grad_or_zero(grads[1], h0)};

@@ -435,12 +435,109 @@ __attribute__((noinline)) void small_tile(const StepPtrs& q, const ForwardArgs& 
   E::template apply<MR, Save>(q, tile, j0, valid);
 }
 
+// The small path's unit split (small_forward_impl): a one-row call on two or more threads, whose rows
+// alone give one thread all the work, splits the unit blocks of every step between the threads
+// instead, each reading only its share of W_hh (and W_ih when fused) per step; one barrier per step
+// (each thread's units of h_t are written before any thread reads h_t). Measured on the AVX2
+// machine (benchmarks/NOTES.md, entry 42): below ~kSplitMinBytes of weights read per step the
+// barrier costs more than the halved product saves (a guess from the products' sizes: the machine was
+// too loaded for two-thread timings). By default sequences only (T >= 2). FUSEDRNN_CPU_SMALL_SPLIT=0 / 1
+// forces it off / on (on: whenever there are threads and a uniform batch; tests check both ways).
+constexpr int64_t kSplitMinBytes = 192 * 1024;
+constexpr int kSplitMaxParts = 4;
+
+// A worker's progress, on a cache line of its own: the number of steps whose units it has written.
+struct alignas(64) SplitProgress {
+  std::atomic<int64_t> steps{0};
+};
+
+// Waits until every part has written step `steps - 1`. Spins briefly (the other core is expected to
+// finish within a step's product), then yields, so that a loaded machine's descheduled worker is
+// not waited for by burning the core it needs.
+inline void wait_for_parts(const SplitProgress* progress, int64_t parts, int64_t steps) {
+  for (int64_t p = 0; p < parts; ++p) {
+    int spins = 0;
+    while (progress[p].steps.load(std::memory_order_acquire) < steps) {
+      if (++spins < 2048) {
+        _mm_pause();
+      } else {
+        sched_yield();
+      }
+    }
+  }
+}
+
+// How many parts the unit blocks of this call are split into (1: no split).
+inline int64_t small_split_parts(const ForwardArgs& args, int G, int64_t blocks) {
+  const int threads = at::get_num_threads();
+  if (threads < 2 || at::in_parallel_region() || blocks < 2) return 1;
+  const std::vector<int64_t>& batch = *args.sched.batch;
+  // The split reads h_{t-1} from the previous step's output rows: every row in every step.
+  if (batch.empty() || batch.front() != args.B || batch.back() != args.B) return 1;
+  const char* force = std::getenv("FUSEDRNN_CPU_SMALL_SPLIT");
+  const bool forced_on = force != nullptr && force[0] == '1';
+  if (force != nullptr && force[0] == '0') return 1;
+  if (!forced_on) {
+    if (args.B != 1) return 1;  // two or more rows: for_each_thread_rows splits the rows, no barrier
+    // One step: the fork of the threads is paid for a single product, unmeasured at two quiet threads
+    // so far (entry 42); a sequence pays it once for all its steps.
+    if (batch.size() < 2) return 1;
+    const int64_t per_step = static_cast<int64_t>(G) * args.H * (args.H + (args.input != nullptr ? args.I : 0)) * 4;
+    if (per_step < kSplitMinBytes) return 1;
+  }
+  return std::min<int64_t>({threads, blocks, kSplitMaxParts});
+}
+
+template <typename Cell, bool Save>
+void small_forward_split(const ForwardArgs& args, int64_t parts) {
+  using E = ForwardEpilogue<Cell>;
+  constexpr int G = E::G;
+  const int64_t H = args.H, B = args.B;
+  const int64_t blocks = (H + E::U - 1) / E::U;
+  const int64_t per_part = (blocks + parts - 1) / parts;
+  const std::vector<int64_t>& offset = *args.sched.offset;
+  const int64_t T = static_cast<int64_t>(offset.size());
+  // Step 0 reads h0, which the epilogues overwrite in place (a part's units while another part
+  // still multiplies by them): a copy. Later steps read h_{t-1} from the output rows of the step
+  // before, which nothing overwrites.
+  std::vector<float> h0(args.h_state, args.h_state + B * H);
+  SplitProgress progress[kSplitMaxParts];
+  at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+    // One worker may be given several parts (fewer threads than asked for): it runs all of them
+    // each step before waiting, so the barrier never waits on itself.
+    alignas(64) float tile[kMR * E::kTileWidth];
+    for (int64_t k = 0; k < T; ++k) {
+      const int64_t t = args.sched.reverse ? T - 1 - k : k;
+      const int64_t t_prev = args.sched.reverse ? t + 1 : t - 1;
+      const float* h_prev = k == 0 ? h0.data() : args.output + offset[t_prev] * H;
+      const int64_t off = offset[t];
+      for (int64_t p = first; p < last; ++p) {
+        const int64_t ub_end = std::min(blocks, (p + 1) * per_part);
+        for (int64_t ub = p * per_part; ub < ub_end; ++ub) {
+          for_each_row_block(0, B, [&](int64_t m0, int64_t mr) {
+            const StepPtrs q = step_rows(args, G, off, m0, mr);
+            const float* x = args.input != nullptr ? args.input + (off + m0) * args.I : nullptr;
+            with_rows(mr, [&](auto rows) { small_tile<Cell, rows.value, Save>(q, args, x, h_prev + m0 * H, ub, tile); });
+          });
+        }
+        progress[p].steps.store(k + 1, std::memory_order_release);
+      }
+      wait_for_parts(progress, parts, k + 1);
+    }
+  });
+}
+
 template <typename Cell, bool Save>
 void small_forward_impl(const ForwardArgs& args) {
   using E = ForwardEpilogue<Cell>;
   constexpr int G = E::G;
   const int64_t H = args.H;
   const int64_t blocks = (H + E::U - 1) / E::U;
+  const int64_t parts = small_split_parts(args, G, blocks);
+  if (parts > 1) {
+    small_forward_split<Cell, Save>(args, parts);
+    return;
+  }
   const std::vector<int64_t>& batch = *args.sched.batch;
   const std::vector<int64_t>& offset = *args.sched.offset;
   const int64_t T = static_cast<int64_t>(batch.size());

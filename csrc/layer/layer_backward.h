@@ -14,6 +14,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <vector>
@@ -194,61 +195,67 @@ inline bool small_weight_grads(BackwardOutputs& g, at::Tensor& dgates, const Sav
   g.grad_w_hh = new_buffer({K, S}, opts);
   g.grad_b_ih = new_buffer({K}, opts);
   g.grad_b_hh = new_buffer({K}, opts);
+  // Rows k of the gradients are independent: with threads, split them (1-2 MB of gradients written
+  // at H = 256, which one core writes at its own bandwidth), where each thread gets at least
+  // kMinMultiplyAddsPerThread; below that the fork costs more than it saves and one thread runs it.
+  constexpr int64_t kMinMultiplyAddsPerThread = int64_t(1) << 16;
+  const int64_t grain = std::max<int64_t>(1, kMinMultiplyAddsPerThread / std::max<int64_t>(1, N * (I + S)));
   AT_DISPATCH_FLOATING_TYPES(type, "fusedrnn.small_weight_grads", [&] {
     using T = scalar_t;
-    T* d = dgates.template data_ptr<T>();
+    const T* d = dgates.template const_data_ptr<T>();
     const T* xp = x.template const_data_ptr<T>();
-    T* wih = g.grad_w_ih.template data_ptr<T>();
-    T* bih = g.grad_b_ih.template data_ptr<T>();
-    // The first token's product is written, the others added: no zero fill first (at H = 256 the
-    // gradients are 1-2 MB, beyond L2, so a fill is a whole extra pass over memory).
-    for (int64_t k = 0; k < K; ++k) {
-      T* row = wih + k * I;
-      const T d0 = d[k];
-      for (int64_t i = 0; i < I; ++i) row[i] = d0 * xp[i];
-      T sum = d0;
-      for (int64_t n = 1; n < N; ++n) {
-        const T dk = d[n * K + k];
-        const T* xr = xp + n * I;
-        sum += dk;
-        for (int64_t i = 0; i < I; ++i) row[i] += dk * xr[i];
-      }
-      bih[k] = sum;
-    }
-    if (is_gru) {  // the hidden side's n gate gradient: dn * r (r: the first H columns of gates)
-      const T* gates = saved.gates.template const_data_ptr<T>();
-      for (int64_t n = 0; n < N; ++n) {
-        for (int64_t j = 0; j < H; ++j) d[n * K + 2 * H + j] *= gates[n * 3 * H + j];
-      }
-    }
+    const T* gates = is_gru ? saved.gates.template const_data_ptr<T>() : nullptr;
     const T* outp = out.template const_data_ptr<T>();
     const T* h0p = h0.template const_data_ptr<T>();
+    T* wih = g.grad_w_ih.template data_ptr<T>();
+    T* bih = g.grad_b_ih.template data_ptr<T>();
     T* whh = g.grad_w_hh.template data_ptr<T>();
     T* bhh = g.grad_b_hh.template data_ptr<T>();
-    for (int64_t k = 0; k < K; ++k) {
-      T* row = whh + k * S;
-      bool first = true;  // the first product written, the rest added (as for dW_ih)
-      for (const PreviousRun& r : runs) {
-        for (int64_t n = 0; n < r.count; ++n) {
-          const T dk = d[(r.dst + n) * K + k];
-          const T* hp = (r.from_init ? h0p : outp) + (r.src + n) * S;
-          if (first) {
-            for (int64_t j = 0; j < S; ++j) row[j] = dk * hp[j];
-            first = false;
-          } else {
-            for (int64_t j = 0; j < S; ++j) row[j] += dk * hp[j];
+    at::parallel_for(0, K, grain, [&](int64_t k_begin, int64_t k_end) {
+      for (int64_t k = k_begin; k < k_end; ++k) {
+        // The first token's product is written, the others added: no zero fill first (at H = 256 the
+        // gradients are 1-2 MB, beyond L2, so a fill is a whole extra pass over memory).
+        T* row = wih + k * I;
+        const T d0 = d[k];
+        for (int64_t i = 0; i < I; ++i) row[i] = d0 * xp[i];
+        T sum = d0;
+        for (int64_t n = 1; n < N; ++n) {
+          const T dk = d[n * K + k];
+          const T* xr = xp + n * I;
+          sum += dk;
+          for (int64_t i = 0; i < I; ++i) row[i] += dk * xr[i];
+        }
+        bih[k] = sum;
+        // The hidden side: GRU's n gate gradient is dn * r (r: the first H columns of gates).
+        const bool scaled = is_gru && k >= 2 * H;
+        auto hidden_grad = [&](int64_t n) {
+          const T dk = d[n * K + k];
+          return scaled ? dk * gates[n * 3 * H + (k - 2 * H)] : dk;
+        };
+        row = whh + k * S;
+        bool first = true;  // the first product written, the rest added (as for dW_ih)
+        for (const PreviousRun& r : runs) {
+          for (int64_t n = 0; n < r.count; ++n) {
+            const T dk = hidden_grad(r.dst + n);
+            const T* hp = (r.from_init ? h0p : outp) + (r.src + n) * S;
+            if (first) {
+              for (int64_t j = 0; j < S; ++j) row[j] = dk * hp[j];
+              first = false;
+            } else {
+              for (int64_t j = 0; j < S; ++j) row[j] += dk * hp[j];
+            }
           }
         }
+        if (first) std::fill(row, row + S, T(0));  // no runs (cannot happen with N > 0; kept exact)
+        if (is_gru) {
+          T hidden_sum = 0;
+          for (int64_t n = 0; n < N; ++n) hidden_sum += hidden_grad(n);
+          bhh[k] = hidden_sum;
+        } else {
+          bhh[k] = sum;
+        }
       }
-      if (first) std::fill(row, row + S, T(0));  // no runs (cannot happen with N > 0; kept exact)
-      if (is_gru) {
-        T sum = 0;
-        for (int64_t n = 0; n < N; ++n) sum += d[n * K + k];
-        bhh[k] = sum;
-      } else {
-        bhh[k] = bih[k];
-      }
-    }
+    });
   });
   return true;
 }
