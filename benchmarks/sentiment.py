@@ -9,7 +9,9 @@ binary cross-entropy, Adam 1e-3, batch 32. `--cell` swaps the recurrent cell in 
 `--cell ln_lstm` (single recipe only) is the layer-normalised LSTM, which torch.nn lacks: its baseline
 is the same model written the usual way, a Python loop of nn.Linear + nn.LayerNorm with the same
 weights (benchmarks/layernorm.py's LoopLayerNormLSTM, fed the padded batch with its lengths), against
-fusedrnn.LayerNormLSTM fed the PackedSequence and fed lengths=.
+fusedrnn.LayerNormLSTM fed the PackedSequence and fed lengths=. Its packed run packs the token ids and embeds
+the packed rows (SentimentClassifier.embed_packed): the same PackedSequence of embeddings, without sorting,
+packing and (in backward) unpacking the [batch, steps, 100] float tensor or embedding the padding (NOTES 42).
 The bidirectional recipe has no dropout between its layers: torch.nn and fusedrnn draw their
 dropout masks differently, and the point is to show equal loss curves.
 
@@ -50,7 +52,7 @@ from typing import Dict, List, Optional
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fusedrnn
 
@@ -89,6 +91,12 @@ class SentimentClassifier(nn.Module):
         self.bidirectional = bidirectional
         self.fc = nn.Linear(2 * hidden if bidirectional else hidden, 1)
         self.path = "packed"
+        # The packed path packs the token ids and embeds the packed rows instead of packing the embedded batch:
+        # the same PackedSequence (an embedding row depends on its token only), the [batch, steps, embed] float
+        # tensor never sorted, packed or unpacked in backward, the padding never embedded. The ln_lstm recipe's
+        # (make_models): embedding + pack 3.0 -> 1.3 ms (smoke set) / 1.7 -> 0.8 ms (full set) of a 22-30 ms
+        # training step of its packed run (NOTES 42).
+        self.embed_packed = False
 
     def use_python_loop(self) -> "SentimentClassifier":
         """Replaces a fusedrnn.LayerNormLSTM by the same layer written as a Python loop of nn.Linear +
@@ -100,6 +108,11 @@ class SentimentClassifier(nn.Module):
         return self
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.path == "packed" and self.embed_packed:
+            ids = pack_padded_sequence(tokens, lengths, batch_first=True, enforce_sorted=False)
+            _, state = self.rnn(PackedSequence(self.embedding(ids.data), ids.batch_sizes, ids.sorted_indices,
+                                               ids.unsorted_indices))
+            return self.fc(state[0][-1]).squeeze(-1)
         x = self.embedding(tokens)
         if self.path == "loop":
             zeros = x.new_zeros(x.shape[0], self.rnn.ln_c.normalized_shape[0])
@@ -127,6 +140,7 @@ def make_models(base: SentimentClassifier, cell: str) -> Dict[str, SentimentClas
             if cell != "ln_lstm":
                 fusedrnn.convert(m)
             m.path = name.split()[-1]
+            m.embed_packed = cell == "ln_lstm"
         models[name] = m
     return models
 

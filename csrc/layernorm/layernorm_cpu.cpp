@@ -195,6 +195,52 @@ inline void row_block_gemm(int64_t m, int64_t n, int64_t k, const float* a, int6
   at::native::cpublas::brgemm(m, n, k, lda, n, ldc, accumulate, a, b, c);
 }
 
+// The backward's recurrent product dh (=, or += when accumulate) dg W_hh on this thread: dg [m, k] (rows strided by
+// lda) times W_hh [k, n] contiguous, k = G (4H LSTM, 3H GRU). One brgemm over all of k chains k multiply-adds per
+// element in one accumulator; measured teacher-forced against float64 (every step from the float64 trajectory's
+// state, so that the recurrence's amplification of rounding is out of the comparison; NOTES entry 42), that made
+// the float32 gradients' error 1.2-1.7x the Python loop's (MKL's sgemm, which blocks k) at the sentiment shape,
+// while the forward (k = H) matched it. So k is cut into kGradSplitK chunks, each product into its own scratch
+// block, summed pairwise, (p0 + p1) + (p2 + p3): the same operations in the same order for any thread count.
+// FUSEDRNN_LN_SPLIT_K=0 runs the one brgemm over all of k (read per call, for an A/B in one process).
+constexpr int64_t kGradSplitK = 4;
+
+inline bool split_recurrent_grad() {
+  const char* v = std::getenv("FUSEDRNN_LN_SPLIT_K");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+inline void recurrent_grad_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, float* c,
+                                int64_t ldc, bool accumulate, bool split, std::vector<float>& scratch) {
+  if (m == 0 || n == 0) return;
+  if (!split) {
+    row_block_gemm(m, n, k, a, lda, b, c, ldc, accumulate);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(1, (k + kGradSplitK - 1) / kGradSplitK);
+  const int64_t block = m * n;
+  scratch.resize(static_cast<size_t>(kGradSplitK * block));
+  float* part = scratch.data();
+  int64_t parts = 0;
+  for (int64_t k0 = 0; k0 < k; k0 += chunk, ++parts) {
+    at::native::cpublas::brgemm(m, n, std::min(chunk, k - k0), lda, n, n, false, a + k0, b + k0 * n,
+                                part + parts * block);
+  }
+  if (parts < kGradSplitK) std::fill(part + parts * block, part + kGradSplitK * block, 0.0f);  // + 0 is exact
+  for (int64_t r = 0; r < m; ++r) {
+    const float* __restrict__ p0 = part + r * n;
+    const float* __restrict__ p1 = p0 + block;
+    const float* __restrict__ p2 = p1 + block;
+    const float* __restrict__ p3 = p2 + block;
+    float* __restrict__ cr = c + r * ldc;
+    if (accumulate) {
+      for (int64_t j = 0; j < n; ++j) cr[j] += (p0[j] + p1[j]) + (p2[j] + p3[j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) cr[j] = (p0[j] + p1[j]) + (p2[j] + p3[j]);
+    }
+  }
+}
+
 // The end of a thread's brgemm calls (releases what the micro-kernel configured on this thread: AMX tiles
 // where it used them).
 inline void row_block_gemm_done() { at::native::cpublas::brgemm_release(false); }
@@ -418,7 +464,16 @@ void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool rever
 // direction's order) row if that step had it, else the initial state.
 inline at::Tensor previous_states(const StepSchedule& sched, bool reverse, const at::Tensor& states,
                                   const at::Tensor& initial) {
+  // Row copies by memcpy (the callers pass contiguous tensors of one dtype): ATen's narrow + copy_ per step
+  // were ~4 dispatches a step, a few us each, ~0.3 ms of a sentiment batch's backward (NOTES entry 42).
+  TORCH_CHECK(states.is_contiguous() && initial.is_contiguous() && states.scalar_type() == initial.scalar_type(),
+              "fusedrnn: previous_states needs contiguous states and initial states of one dtype");
   at::Tensor prev = at::empty_like(states);
+  const int64_t row_bytes = states.dim() == 2 ? states.size(1) * static_cast<int64_t>(states.element_size()) : 0;
+  if (row_bytes == 0 || states.size(0) == 0) return prev;
+  char* dst = static_cast<char*>(prev.data_ptr());
+  const char* src = static_cast<const char*>(states.const_data_ptr());
+  const char* init = static_cast<const char*>(initial.const_data_ptr());
   const int64_t T = sched.steps();
   for (int64_t i = 0; i < T; ++i) {
     const int64_t t = reverse ? T - 1 - i : i;
@@ -427,9 +482,11 @@ inline at::Tensor previous_states(const StepSchedule& sched, bool reverse, const
     if (i > 0) {
       const int64_t tp = reverse ? t + 1 : t - 1;
       from_prev = std::min(bs, sched.batch[tp]);
-      prev.narrow(0, off, from_prev).copy_(states.narrow(0, sched.offset[tp], from_prev));
+      std::memcpy(dst + off * row_bytes, src + sched.offset[tp] * row_bytes, from_prev * row_bytes);
     }
-    if (bs > from_prev) prev.narrow(0, off + from_prev, bs - from_prev).copy_(initial.narrow(0, from_prev, bs - from_prev));
+    if (bs > from_prev) {
+      std::memcpy(dst + (off + from_prev) * row_bytes, init + from_prev * row_bytes, (bs - from_prev) * row_bytes);
+    }
   }
   return prev;
 }
@@ -707,6 +764,7 @@ void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reve
   const bool block_gemm = use_row_block_gemm<S>();
   const bool avx512 = rows_on_avx512();
   const bool prefetch = backward_prefetch();
+  const bool split_k = split_recurrent_grad();
   for (const StepBlock& blk : blocks) {
   for (int64_t i = blk.first; i <= blk.last; ++i) {
     const int64_t t = reverse ? i : T - 1 - i;  // the forward's order, backwards
@@ -735,8 +793,9 @@ void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reve
       }
       if constexpr (std::is_same_v<S, float>) {
         if (block_gemm) {  // after the block's rows have read their dh_state rows
-          row_block_gemm(end - begin, H, G, dhh + (rel + begin) * G, G, w_hh.const_data_ptr<float>(), dhs + begin * H,
-                         H, zh != nullptr);
+          std::vector<float> split_scratch;  // recurrent_grad_gemm's partial products
+          recurrent_grad_gemm(end - begin, H, G, dhh + (rel + begin) * G, G, w_hh.const_data_ptr<float>(),
+                              dhs + begin * H, H, zh != nullptr, split_k, split_scratch);
           row_block_gemm_done();
         }
       }
@@ -1037,6 +1096,7 @@ void ln_gru_backward_impl(const Shapes& s, const StepSchedule& sched, bool rever
   const bool block_gemm = use_row_block_gemm<S>();
   const bool avx512 = rows_on_avx512();
   const bool prefetch = backward_prefetch();
+  const bool split_k = split_recurrent_grad();
   for (const StepBlock& blk : blocks) {
   for (int64_t i = blk.first; i <= blk.last; ++i) {
     const int64_t t = reverse ? i : T - 1 - i;
@@ -1063,8 +1123,9 @@ void ln_gru_backward_impl(const Shapes& s, const StepSchedule& sched, bool rever
       }
       if constexpr (std::is_same_v<S, float>) {
         if (block_gemm) {
-          row_block_gemm(end - begin, H, G, dhh + (rel + begin) * G, G, w_hh.const_data_ptr<float>(), dhs + begin * H,
-                         H, true);
+          std::vector<float> split_scratch;  // recurrent_grad_gemm's partial products
+          recurrent_grad_gemm(end - begin, H, G, dhh + (rel + begin) * G, G, w_hh.const_data_ptr<float>(),
+                              dhs + begin * H, H, true, split_k, split_scratch);
           row_block_gemm_done();
         }
       }
