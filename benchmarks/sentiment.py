@@ -11,7 +11,7 @@ is the same model written the usual way, a Python loop of nn.Linear + nn.LayerNo
 weights (benchmarks/layernorm.py's LoopLayerNormLSTM, fed the padded batch with its lengths), against
 fusedrnn.LayerNormLSTM fed the PackedSequence and fed lengths=. Its packed run packs the token ids and embeds
 the packed rows (SentimentClassifier.embed_packed): the same PackedSequence of embeddings, without sorting,
-packing and (in backward) unpacking the [batch, steps, 100] float tensor or embedding the padding (NOTES 42).
+packing and (in backward) unpacking the [batch, steps, 100] float tensor or embedding the padding (NOTES 46).
 The bidirectional recipe has no dropout between its layers: torch.nn and fusedrnn draw their
 dropout masks differently, and the point is to show equal loss curves.
 
@@ -95,7 +95,7 @@ class SentimentClassifier(nn.Module):
         # the same PackedSequence (an embedding row depends on its token only), the [batch, steps, embed] float
         # tensor never sorted, packed or unpacked in backward, the padding never embedded. The ln_lstm recipe's
         # (make_models): embedding + pack 3.0 -> 1.3 ms (smoke set) / 1.7 -> 0.8 ms (full set) of a 22-30 ms
-        # training step of its packed run (NOTES 42).
+        # training step of its packed run (NOTES 46).
         self.embed_packed = False
 
     def use_python_loop(self) -> "SentimentClassifier":

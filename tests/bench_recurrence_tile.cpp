@@ -1,8 +1,8 @@
-// Micro-benchmark of the CPU engine's recurrence product alone (benchmarks/NOTES.md entry 42):
+// Micro-benchmark of the CPU engine's recurrence product alone (benchmarks/NOTES.md entry 43):
 // per step, every row block of a thread's rows times every unit block's packed W_hh panel, the
 // engine's loop order (groups of 3 row blocks, unit blocks outer, row blocks inner), the
 // accumulators stored to an L1 tile (no cell), for the panel layouts and micro-tile shapes the
-// entry compares: [K][G*U] (the calls' columns interleaved per k: the engine before entry 42),
+// entry compares: [K][G*U] (the calls' columns interleaved per k: the engine before entry 43),
 // [K][16] per call (the engine since), that with a software prefetch, with all row blocks in one
 // group, with one unit block's panel for all (W in L2: no L3 stream), and 12x8 / 4x24 tiles.
 // The variants are interleaved rep by rep (the VM's speed moves within minutes). AVX2 + FMA

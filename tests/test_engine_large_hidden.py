@@ -1,6 +1,6 @@
 """The CPU engine at a hidden size whose packed W_hh leaves L2 and whose unit-block panels leave
 L1 (csrc/cpu/engine_forward.h: pack_panels, one contiguous [K][kPanel] panel per micro-kernel
-call, benchmarks/NOTES.md entry 42).
+call, benchmarks/NOTES.md entry 43).
 
 tests/test_cpu_engine.py's shapes stop at H = 130 and 32 rows; here H = 520 (no multiple of the
 16- or 32-column panels: partial unit blocks and panels), 70 rows (12 row blocks of 6 on AVX2 in

@@ -525,7 +525,7 @@ def _teacher_forced_float32_errors(seed, T=100, B=32, I=100, H=128):
     Each step starts from the float64 trajectory's state rounded to float32, so that what is compared is each
     implementation's own rounding: run free, the float32 trajectory leaves float64's by ~1e-6 a step and the
     recurrence amplifies that ~300-1000x over 100 steps, for both alike, so which one ends closer is a coin
-    toss per draw (benchmarks/NOTES.md entry 42: 40 draws, the fused / loop ratio of max errors has a geometric
+    toss per draw (benchmarks/NOTES.md entry 46: 40 draws, the fused / loop ratio of max errors has a geometric
     mean of 0.88-0.99 per tensor, single draws 0.2-8x). The loop takes the forced states straight through (value
     forced, gradient through its own step); the fused forward op runs one step at a time from them, and its
     backward op runs the whole sequence on those steps' saved buffers, the forced states given as the
@@ -581,7 +581,7 @@ def test_float32_error_against_float64_at_most_the_python_loops_at_the_sentiment
     both biases, the three gains, LN(c)'s shift), error as |error| / |float64 value| over the whole tensor. Per
     tensor the geometric mean over six draws of the fused / loop ratio is at most 1.35 (measured 0.84-1.15 with
     the backward's recurrent product in four k chunks; 1.12-1.48 with it in one brgemm, FUSEDRNN_LN_SPLIT_K=0,
-    NOTES entry 42); single draws spread by ~3x either way, so each is only held below 6."""
+    NOTES entry 46); single draws spread by ~3x either way, so each is only held below 6."""
     names = ["output", "input", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_ln_ih", "weight_ln_hh",
              "weight_ln_c", "bias_ln_c"]
     draws = [_teacher_forced_float32_errors(seed) for seed in range(6)]

@@ -15,7 +15,7 @@
 // B): packed[ub][c][k][e] = W[g * H + ub * U + u][k] for column c * kPanel + e = g * U + u.
 // Interleaving the calls' columns per k ([K][G*U], one 64-byte line of each call per 128 or
 // 192 bytes) measured slower once a block's panel left L1 (H > 128: benchmarks/NOTES.md,
-// entry 42).
+// entry 43).
 template <int G>
 struct ForwardPacking {
   static constexpr int U = (G % 2 == 0) ? kVec : 2 * kVec;
@@ -439,7 +439,7 @@ __attribute__((noinline)) void small_tile(const StepPtrs& q, const ForwardArgs& 
 // alone give one thread all the work, splits the unit blocks of every step between the threads
 // instead, each reading only its share of W_hh (and W_ih when fused) per step; one barrier per step
 // (each thread's units of h_t are written before any thread reads h_t). Measured on the AVX2
-// machine (benchmarks/NOTES.md, entry 42): below ~kSplitMinBytes of weights read per step the
+// machine (benchmarks/NOTES.md, entry 45): below ~kSplitMinBytes of weights read per step the
 // barrier costs more than the halved product saves (a guess from the products' sizes: the machine was
 // too loaded for two-thread timings). By default sequences only (T >= 2). FUSEDRNN_CPU_SMALL_SPLIT=0 / 1
 // forces it off / on (on: whenever there are threads and a uniform batch; tests check both ways).
@@ -480,7 +480,7 @@ inline int64_t small_split_parts(const ForwardArgs& args, int G, int64_t blocks)
   if (!forced_on) {
     if (args.B != 1) return 1;  // two or more rows: for_each_thread_rows splits the rows, no barrier
     // One step: the fork of the threads is paid for a single product, unmeasured at two quiet threads
-    // so far (entry 42); a sequence pays it once for all its steps.
+    // so far (entry 45); a sequence pays it once for all its steps.
     if (batch.size() < 2) return 1;
     const int64_t per_step = static_cast<int64_t>(G) * args.H * (args.H + (args.input != nullptr ? args.I : 0)) * 4;
     if (per_step < kSplitMinBytes) return 1;

@@ -23,7 +23,7 @@ bool enabled() {
   return cpu_engine::isa() != cpu_engine::Isa::kNone;
 }
 
-// Measured on the AVX2 machine (AMD EPYC Zen 3, benchmarks/NOTES.md entry 42, 1 thread, CPU time,
+// Measured on the AVX2 machine (AMD EPYC Zen 3, benchmarks/NOTES.md entry 44, 1 thread, CPU time,
 // loaded): this GEMM beat MKL's sgemm_ by 5-30% on the shallow products (K <= 128: the sentiment
 // layers' input projections, 3200 x 512 x 100), matched it within the machine's noise on the deep
 // ones (K = 512 .. 6400: fastrnns' projections and every weight gradient), and the fastrnns LSTM

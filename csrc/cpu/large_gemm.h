@@ -4,7 +4,7 @@
 //
 // Why: torch's MKL runs its generic ("def"/zen) kernels on AMD CPUs and reached 55-65% of this AVX2
 // machine's FMA peak on these shapes, while the engine's 6 x 16 micro-kernel runs at the peak when its
-// operands are in L1 (benchmarks/NOTES.md, entry 8). Measured (entry 42): this GEMM beat MKL only on
+// operands are in L1 (benchmarks/NOTES.md, entry 8). Measured (entry 44): this GEMM beat MKL only on
 // shallow products (K <= 256: the sentiment layers' input projections); on the deep ones both ran at
 // ~70% of peak on a loaded machine and the layers were faster with MKL, so worth() sends only the
 // shallow ones here.
@@ -47,7 +47,7 @@ struct Args {
 // product, as before. Any other value is an error (c10::Error: RuntimeError).
 bool enabled();
 
-// The measured rule (benchmarks/NOTES.md, entry 42; large_gemm.cpp): at least 128 rows and a depth of
+// The measured rule (benchmarks/NOTES.md, entry 44; large_gemm.cpp): at least 128 rows and a depth of
 // 16 to 256, where this GEMM beat MKL on the AVX2 machine. Everything else stays with MKL.
 bool worth(int64_t M, int64_t N, int64_t K);
 

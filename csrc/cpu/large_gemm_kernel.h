@@ -10,11 +10,11 @@
 // block (kMR rows, ir) every strip of the chunk (jr). The row block's A (kMR x kc: 6 KB) stays in
 // L1 while the chunk's strips (8 x 16 KB) stream from L2, one sequential stream per call; BLIS's
 // usual order (the strip in L1, A's rows streamed from L2: kMR streams of single floats, since the
-// micro-kernel reads A row by row) measured slower here (benchmarks/NOTES.md, entry 42).
+// micro-kernel reads A row by row) measured slower here (benchmarks/NOTES.md, entry 44).
 
 // Defaults: B's strip 16 KB (half of a 32 KB L1), a chunk of strips 128 KB and A's block ~150 KB
 // (AVX2: 144 x 256) in a 512 KB+ L2, B's block kc x 2048 (2 MB) in L3. kc = 256 measured at least as
-// fast as 128 and 384 on this project's AVX2 machine (benchmarks/NOTES.md, entry 42); mc matters little
+// fast as 128 and 384 on this project's AVX2 machine (benchmarks/NOTES.md, entry 44); mc matters little
 // in this loop order (it sets how often A is packed, against the balance of the threads' items).
 constexpr int64_t kLargeKc = 4096 / kPanel;          // AVX2 256, AVX-512 128
 constexpr int64_t kLargeMc = kMR * 24;

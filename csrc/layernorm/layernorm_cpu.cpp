@@ -198,7 +198,7 @@ inline void row_block_gemm(int64_t m, int64_t n, int64_t k, const float* a, int6
 // The backward's recurrent product dh (=, or += when accumulate) dg W_hh on this thread: dg [m, k] (rows strided by
 // lda) times W_hh [k, n] contiguous, k = G (4H LSTM, 3H GRU). One brgemm over all of k chains k multiply-adds per
 // element in one accumulator; measured teacher-forced against float64 (every step from the float64 trajectory's
-// state, so that the recurrence's amplification of rounding is out of the comparison; NOTES entry 42), that made
+// state, so that the recurrence's amplification of rounding is out of the comparison; NOTES entry 46), that made
 // the float32 gradients' error 1.2-1.7x the Python loop's (MKL's sgemm, which blocks k) at the sentiment shape,
 // while the forward (k = H) matched it. So k is cut into kGradSplitK chunks, each product into its own scratch
 // block, summed pairwise, (p0 + p1) + (p2 + p3): the same operations in the same order for any thread count.
@@ -465,7 +465,7 @@ void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool rever
 inline at::Tensor previous_states(const StepSchedule& sched, bool reverse, const at::Tensor& states,
                                   const at::Tensor& initial) {
   // Row copies by memcpy (the callers pass contiguous tensors of one dtype): ATen's narrow + copy_ per step
-  // were ~4 dispatches a step, a few us each, ~0.3 ms of a sentiment batch's backward (NOTES entry 42).
+  // were ~4 dispatches a step, a few us each, ~0.3 ms of a sentiment batch's backward (NOTES entry 46).
   TORCH_CHECK(states.is_contiguous() && initial.is_contiguous() && states.scalar_type() == initial.scalar_type(),
               "fusedrnn: previous_states needs contiguous states and initial states of one dtype");
   at::Tensor prev = at::empty_like(states);
