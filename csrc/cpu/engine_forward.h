@@ -435,15 +435,15 @@ __attribute__((noinline)) void small_tile(const StepPtrs& q, const ForwardArgs& 
   E::template apply<MR, Save>(q, tile, j0, valid);
 }
 
-// The small path's unit split (small_forward_impl): a one-row call on two or more threads, whose rows
-// alone give one thread all the work, splits the unit blocks of every step between the threads
-// instead, each reading only its share of W_hh (and W_ih when fused) per step; one barrier per step
-// (each thread's units of h_t are written before any thread reads h_t). Measured on the AVX2
-// machine (benchmarks/NOTES.md, entry 45): below ~kSplitMinBytes of weights read per step the
-// barrier costs more than the halved product saves (a guess from the products' sizes: the machine was
-// too loaded for two-thread timings). By default sequences only (T >= 2). FUSEDRNN_CPU_SMALL_SPLIT=0 / 1
-// forces it off / on (on: whenever there are threads and a uniform batch; tests check both ways).
-constexpr int64_t kSplitMinBytes = 192 * 1024;
+// The small path's unit split (small_forward_impl): a call of a few rows on two or more threads (one
+// row alone would give one thread all the work; a few rows leave each thread all of W_hh) splits the
+// unit blocks of every step between the threads instead, each reading only its share of W_hh (and W_ih
+// when fused) per step; one barrier per step (each thread's units of h_t are written before any thread
+// reads h_t). Measured on the AVX2 machine (benchmarks/NOTES.md, entries 45 and 47): on the quiet
+// machine, 2 threads, the split was as fast or faster in every streaming row (B = 1..8, T = 1 and 20,
+// H = 64..256, no-grad and training; LSTM T=20 B=1 H=256 no-grad 669 -> 417 us), so it is the default
+// whenever there are threads and a uniform batch. FUSEDRNN_CPU_SMALL_SPLIT=0 turns it off (tests check
+// both ways).
 constexpr int kSplitMaxParts = 4;
 
 // A worker's progress, on a cache line of its own: the number of steps whose units it has written.
@@ -475,16 +475,7 @@ inline int64_t small_split_parts(const ForwardArgs& args, int G, int64_t blocks)
   // The split reads h_{t-1} from the previous step's output rows: every row in every step.
   if (batch.empty() || batch.front() != args.B || batch.back() != args.B) return 1;
   const char* force = std::getenv("FUSEDRNN_CPU_SMALL_SPLIT");
-  const bool forced_on = force != nullptr && force[0] == '1';
   if (force != nullptr && force[0] == '0') return 1;
-  if (!forced_on) {
-    if (args.B != 1) return 1;  // two or more rows: for_each_thread_rows splits the rows, no barrier
-    // One step: the fork of the threads is paid for a single product, unmeasured at two quiet threads
-    // so far (entry 45); a sequence pays it once for all its steps.
-    if (batch.size() < 2) return 1;
-    const int64_t per_step = static_cast<int64_t>(G) * args.H * (args.H + (args.input != nullptr ? args.I : 0)) * 4;
-    if (per_step < kSplitMinBytes) return 1;
-  }
   return std::min<int64_t>({threads, blocks, kSplitMaxParts});
 }
 
