@@ -435,7 +435,8 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
         names = self._flat_weights_names
         flat = self._flat_weights
         cached = self.__dict__.get("_checked_cache")
-        if (cached is not None and all(map(operator.is_, map(params.get, names), cached[0]))
+        if (cached is not None and len(names) == len(cached[0])
+                and all(map(operator.is_, map(params.get, names), cached[0]))
                 and len(flat) == len(cached[1]) and all(map(operator.is_, flat, cached[1]))):
             return cached[2]
         self._refresh_flat_weights()

@@ -109,12 +109,16 @@ variable_list differentiable_vjp(const char* kind, bool reverse, const variable_
 // who may change it in place before backward: torch.nn's layers allow that (their graph saved its own
 // copies) and return the gradients of the changed values. So the node saves the output's data under a
 // version counter of its own (variable_data: the caller's in-place change is not a version error here),
-// and keeps a detached alias of the caller's tensor, which shares the caller's counter, to see whether
-// it moved. Only then does backward run the forward again for the output's original values (the same
-// op on the same saved inputs: the same numbers, bitwise); a saved input changed in place still raises
-// when it is unpacked, as torch.nn's does. Cost on the usual call: two tensor headers, no copy.
+// and keeps an empty tensor that shares the caller's version counter (not its storage: a detached alias
+// would keep the whole output alive past saved-tensor hooks, so checkpointing and save_on_cpu would save
+// nothing for it) to see whether it moved. Only then does backward run the forward again for the output's
+// original values (the same op on the same saved inputs: the same numbers, bitwise); a saved input changed
+// in place still raises when it is unpacked, as torch.nn's does. Cost on the usual call: two tensor
+// headers and one empty allocation, no copy.
 Tensor saved_output(AutogradContext* ctx, const Tensor& out) {
-  ctx->saved_data["output"] = out.detach();
+  Tensor watch = at::empty({0}, out.options());
+  watch.unsafeGetTensorImpl()->set_version_counter(out.unsafeGetTensorImpl()->version_counter());
+  ctx->saved_data["output"] = watch;
   ctx->saved_data["output_version"] = static_cast<int64_t>(out._version());
   return out.variable_data();
 }

@@ -469,6 +469,12 @@ inline void wait_for_parts(const SplitProgress* progress, int64_t parts, int64_t
 
 // How many parts the unit blocks of this call are split into (1: no split).
 inline int64_t small_split_parts(const ForwardArgs& args, int G, int64_t blocks) {
+#if !AT_PARALLEL_OPENMP
+  // The per-step barrier needs every part running at once: an OpenMP team gives that, ATen's native
+  // pool (shared by all callers, its chunks queued) does not, and two callers could each hold part of the
+  // pool while waiting for the rest (a deadlock).
+  return 1;
+#endif
   const int threads = at::get_num_threads();
   if (threads < 2 || at::in_parallel_region() || blocks < 2) return 1;
   const std::vector<int64_t>& batch = *args.sched.batch;
