@@ -435,6 +435,19 @@ __attribute__((noinline)) void small_tile(const StepPtrs& q, const ForwardArgs& 
   E::template apply<MR, Save>(q, tile, j0, valid);
 }
 
+// One step's unit block ub for rows [lo, end) of the small path (both its schedules): h holds h_{t-1}
+// of rows lo onward.
+template <typename Cell, bool Save>
+inline void small_step_block(const ForwardArgs& args, int64_t off, int64_t lo, int64_t end, const float* h, int64_t ub,
+                             float* tile) {
+  for_each_row_block(lo, end, [&](int64_t m0, int64_t mr) {
+    const StepPtrs q = step_rows(args, ForwardEpilogue<Cell>::G, off, m0, mr);
+    const float* x = args.input != nullptr ? args.input + (off + m0) * args.I : nullptr;
+    const float* h_rows = h + (m0 - lo) * args.H;
+    with_rows(mr, [&](auto rows) { small_tile<Cell, rows.value, Save>(q, args, x, h_rows, ub, tile); });
+  });
+}
+
 // The small path's unit split (small_forward_impl): a call of a few rows on two or more threads (one
 // row alone would give one thread all the work; a few rows leave each thread all of W_hh) splits the
 // unit blocks of every step between the threads instead, each reading only its share of W_hh (and W_ih
@@ -468,7 +481,7 @@ inline void wait_for_parts(const SplitProgress* progress, int64_t parts, int64_t
 }
 
 // How many parts the unit blocks of this call are split into (1: no split).
-inline int64_t small_split_parts(const ForwardArgs& args, int G, int64_t blocks) {
+inline int64_t small_split_parts(const ForwardArgs& args, int64_t blocks) {
 #if !AT_PARALLEL_OPENMP
   // The per-step barrier needs every part running at once: an OpenMP team gives that, ATen's native
   // pool (shared by all callers, its chunks queued) does not, and two callers could each hold part of the
@@ -488,7 +501,6 @@ inline int64_t small_split_parts(const ForwardArgs& args, int G, int64_t blocks)
 template <typename Cell, bool Save>
 void small_forward_split(const ForwardArgs& args, int64_t parts) {
   using E = ForwardEpilogue<Cell>;
-  constexpr int G = E::G;
   const int64_t H = args.H, B = args.B;
   const int64_t blocks = (H + E::U - 1) / E::U;
   const int64_t per_part = (blocks + parts - 1) / parts;
@@ -511,11 +523,7 @@ void small_forward_split(const ForwardArgs& args, int64_t parts) {
       for (int64_t p = first; p < last; ++p) {
         const int64_t ub_end = std::min(blocks, (p + 1) * per_part);
         for (int64_t ub = p * per_part; ub < ub_end; ++ub) {
-          for_each_row_block(0, B, [&](int64_t m0, int64_t mr) {
-            const StepPtrs q = step_rows(args, G, off, m0, mr);
-            const float* x = args.input != nullptr ? args.input + (off + m0) * args.I : nullptr;
-            with_rows(mr, [&](auto rows) { small_tile<Cell, rows.value, Save>(q, args, x, h_prev + m0 * H, ub, tile); });
-          });
+          small_step_block<Cell, Save>(args, off, 0, B, h_prev, ub, tile);
         }
         progress[p].steps.store(k + 1, std::memory_order_release);
       }
@@ -527,10 +535,9 @@ void small_forward_split(const ForwardArgs& args, int64_t parts) {
 template <typename Cell, bool Save>
 void small_forward_impl(const ForwardArgs& args) {
   using E = ForwardEpilogue<Cell>;
-  constexpr int G = E::G;
   const int64_t H = args.H;
   const int64_t blocks = (H + E::U - 1) / E::U;
-  const int64_t parts = small_split_parts(args, G, blocks);
+  const int64_t parts = small_split_parts(args, blocks);
   if (parts > 1) {
     small_forward_split<Cell, Save>(args, parts);
     return;
@@ -550,14 +557,7 @@ void small_forward_impl(const ForwardArgs& args) {
       const int64_t off = offset[t];
       if (end <= lo) continue;
       std::memcpy(h_prev, args.h_state + lo * H, (end - lo) * H * sizeof(float));
-      for (int64_t ub = 0; ub < blocks; ++ub) {
-        for_each_row_block(lo, end, [&](int64_t m0, int64_t mr) {
-          const StepPtrs q = step_rows(args, G, off, m0, mr);
-          const float* x = args.input != nullptr ? args.input + (off + m0) * args.I : nullptr;
-          const float* h = h_prev + (m0 - lo) * H;
-          with_rows(mr, [&](auto rows) { small_tile<Cell, rows.value, Save>(q, args, x, h, ub, tile); });
-        });
-      }
+      for (int64_t ub = 0; ub < blocks; ++ub) small_step_block<Cell, Save>(args, off, lo, end, h_prev, ub, tile);
     }
   });
 }

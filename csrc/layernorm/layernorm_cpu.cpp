@@ -211,7 +211,7 @@ inline bool split_recurrent_grad() {
 }
 
 inline void recurrent_grad_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, float* c,
-                                int64_t ldc, bool accumulate, bool split, std::vector<float>& scratch) {
+                                int64_t ldc, bool accumulate, bool split) {
   if (m == 0 || n == 0) return;
   if (!split) {
     row_block_gemm(m, n, k, a, lda, b, c, ldc, accumulate);
@@ -219,7 +219,9 @@ inline void recurrent_grad_gemm(int64_t m, int64_t n, int64_t k, const float* a,
   }
   const int64_t chunk = std::max<int64_t>(1, (k + kGradSplitK - 1) / kGradSplitK);
   const int64_t block = m * n;
-  scratch.resize(static_cast<size_t>(kGradSplitK * block));
+  // The partial products, kept per thread: this runs once per step and row block.
+  thread_local std::vector<float> scratch;
+  if (scratch.size() < static_cast<size_t>(kGradSplitK * block)) scratch.resize(static_cast<size_t>(kGradSplitK * block));
   float* part = scratch.data();
   int64_t parts = 0;
   for (int64_t k0 = 0; k0 < k; k0 += chunk, ++parts) {
@@ -793,9 +795,8 @@ void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reve
       }
       if constexpr (std::is_same_v<S, float>) {
         if (block_gemm) {  // after the block's rows have read their dh_state rows
-          std::vector<float> split_scratch;  // recurrent_grad_gemm's partial products
           recurrent_grad_gemm(end - begin, H, G, dhh + (rel + begin) * G, G, w_hh.const_data_ptr<float>(),
-                              dhs + begin * H, H, zh != nullptr, split_k, split_scratch);
+                              dhs + begin * H, H, zh != nullptr, split_k);
           row_block_gemm_done();
         }
       }
@@ -1123,9 +1124,8 @@ void ln_gru_backward_impl(const Shapes& s, const StepSchedule& sched, bool rever
       }
       if constexpr (std::is_same_v<S, float>) {
         if (block_gemm) {
-          std::vector<float> split_scratch;  // recurrent_grad_gemm's partial products
           recurrent_grad_gemm(end - begin, H, G, dhh + (rel + begin) * G, G, w_hh.const_data_ptr<float>(),
-                              dhs + begin * H, H, true, split_k, split_scratch);
+                              dhs + begin * H, H, true, split_k);
           row_block_gemm_done();
         }
       }
