@@ -781,32 +781,44 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
         if batch > 0 and (int(lengths.min()) < 1 or int(lengths.max()) > steps):
             raise ValueError(f"{name}: every length must be in [1, {steps}] (the padded sequence length), got "
                              f"min {int(lengths.min())} and max {int(lengths.max())}")
-        packed = pack_padded_sequence(input, lengths, batch_first=self.batch_first, enforce_sorted=False)
+        # The padded batch's real rows gathered by one index into a PackedSequence, and the output scattered
+        # back by the same index: pack_padded_sequence sorted and copied the whole padded tensor (and its
+        # backward zero-filled two), pad_packed_sequence copied per step and then again to unsort; ~1-3 ms of
+        # a sentiment batch (NOTES 46, 50). The sort is pack_padded_sequence's, so the packed rows, their
+        # order and every result are what packing by hand gives, bitwise.
+        sorted_lengths, sorted_indices = torch.sort(lengths, descending=True)
+        rows, batch_sizes = _packed_rows(sorted_lengths, sorted_indices, steps, batch, self.batch_first)
+        rows = rows.to(input.device)
+        data = input.reshape(batch * steps, input.shape[2]).index_select(0, rows)
+        sorted_indices = sorted_indices.to(input.device)
+        unsorted_indices = torch.empty_like(sorted_indices).scatter_(  # torch's invert_permutation
+            0, sorted_indices, torch.arange(batch, device=sorted_indices.device))
+        packed = PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices)
         out, h, c = self._forward_packed(packed, h0, c0, weights)
-        if not torch.jit.is_scripting():
-            if _ops._functorch_active():
-                return _pad_packed_with_tensor_ops(out, self.batch_first, steps), h, c
-        padded, _ = pad_packed_sequence(out, batch_first=self.batch_first, total_length=steps)
-        return padded, h, c
+        return _padded_from_rows(out.data, rows, steps, batch, self.batch_first), h, c
 
 
+def _packed_rows(sorted_lengths: Tensor, sorted_indices: Tensor, steps: int, batch: int,
+                 batch_first: bool) -> Tuple[Tensor, Tensor]:
+    """For a padded batch ([batch, steps, *] if batch_first, else [steps, batch, *]) viewed as rows
+    [batch * steps, *]: the row of each packed token in packed order (step by step, each step's sequences
+    longest first: sorted_indices from torch.sort(lengths, descending=True), sorted_lengths its values),
+    and the PackedSequence's batch_sizes (int64, on the CPU, as pack_padded_sequence's)."""
+    alive = torch.arange(int(sorted_lengths[0])).unsqueeze(1) < sorted_lengths.unsqueeze(0)  # [max_len, batch]
+    batch_sizes = alive.sum(1)
+    token = torch.nonzero(alive)  # [tokens, 2]: (step, sorted entry), in packed order (row-major)
+    step, entry = token[:, 0], sorted_indices[token[:, 1]]
+    rows = entry * steps + step if batch_first else step * batch + entry
+    return rows, batch_sizes
 
-def _pad_packed_with_tensor_ops(packed: PackedSequence, batch_first: bool, steps: int) -> Tensor:
-    """pad_packed_sequence(packed, batch_first, total_length=steps)[0] written with differentiable tensor
-    ops. torch's kernel for it reads raw data pointers, which torch.func's wrapped tensors do not have
-    ("Cannot access data pointer of Tensor that doesn't have storage"), so grad / vjp / jacrev over a
-    lengths= call would fail there. Row r of the packed data is step t, sorted sequence j = r - (rows
-    before step t); it goes to padded row t * batch + sorted_indices[j] (the caller's order)."""
-    data, batch_sizes = packed.data, packed.batch_sizes
-    batch = int(batch_sizes[0])
-    step_of_row = torch.repeat_interleave(torch.arange(batch_sizes.numel()), batch_sizes)
-    rows_before_step = torch.cumsum(batch_sizes, 0) - batch_sizes
-    sorted_entry = torch.arange(data.shape[0]) - rows_before_step[step_of_row]
-    entry = sorted_entry if packed.sorted_indices is None else packed.sorted_indices.cpu()[sorted_entry]
-    destination = (step_of_row * batch + entry).to(data.device)
-    padded = data.new_zeros((steps * batch,) + tuple(data.shape[1:])).index_copy(0, destination, data)
-    padded = padded.view((steps, batch) + tuple(data.shape[1:]))
-    return padded.transpose(0, 1) if batch_first else padded
+
+def _padded_from_rows(data: Tensor, rows: Tensor, steps: int, batch: int, batch_first: bool) -> Tensor:
+    """pad_packed_sequence(..., batch_first, total_length=steps)[0] of packed rows `data` [tokens, features]
+    whose padded rows are `rows` (_packed_rows): zeros elsewhere. One index_copy, whose backward is one index_select, all
+    differentiable tensor ops (so torch.func's wrapped tensors, which have no data pointer for torch's
+    pad_packed_sequence kernel, go through it too)."""
+    padded = data.new_zeros(batch * steps, data.shape[1]).index_copy(0, rows, data)
+    return padded.view(batch, steps, data.shape[1]) if batch_first else padded.view(steps, batch, data.shape[1])
 
 
 def _fx_proxy(input, hx) -> Optional[torch.fx.Proxy]:
