@@ -248,6 +248,39 @@ def test_stack_matches_python_loops(cell, num_layers, bidirectional, batch_first
     assert (out - expected).abs().max().item() <= 1e-10
 
 
+@pytest.mark.parametrize("cls", [fusedrnn.LayerNormLSTM, fusedrnn.LayerNormGRU, fusedrnn.LSTM, fusedrnn.GRU,
+                                 fusedrnn.RNN])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_lengths_gives_packing_by_hand_bitwise_with_gradients(cls, batch_first, dtype):
+    """lengths= gathers the padded rows by one index and scatters the output back (modules._forward_lengths,
+    shared by every layer): output, states and every gradient are torch.equal to pack_padded_sequence ->
+    the module -> pad_packed_sequence, for ties in the lengths, a sequence as long as the padding and hx."""
+    torch.manual_seed(5)
+    m = randomise(cls(3, 4, num_layers=2, bidirectional=True, batch_first=batch_first, dtype=dtype))
+    is_lstm = cls in (fusedrnn.LayerNormLSTM, fusedrnn.LSTM)
+    lengths, steps = torch.tensor([3, 6, 1, 3, 4]), 6
+    x0 = torch.randn((5, steps, 3) if batch_first else (steps, 5, 3), dtype=dtype)
+    states0 = [torch.randn(4, 5, 4, dtype=dtype) for _ in range(2 if is_lstm else 1)]
+    weight = torch.randn(5 * steps * 8, dtype=dtype)  # a dense output gradient, different per element
+    results = []
+    for by_hand in (True, False):
+        m.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        states = [s.clone().requires_grad_() for s in states0]
+        hx = tuple(states) if is_lstm else states[0]
+        if by_hand:
+            out, st = m(pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False), hx)
+            out, _ = pad_packed_sequence(out, batch_first=batch_first, total_length=steps)
+        else:
+            out, st = m(x, hx, lengths=lengths)
+        st = list(st) if is_lstm else [st]
+        ((out.reshape(-1) * weight).sum() + sum((s * s).sum() for s in st)).backward()
+        results.append([out, *st, x.grad, *(s.grad for s in states), *(p.grad for p in m.parameters())])
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_packed_and_lengths_match_each_sequence_alone(cell):
     torch.manual_seed(2)
