@@ -781,10 +781,12 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
         if batch > 0 and (int(lengths.min()) < 1 or int(lengths.max()) > steps):
             raise ValueError(f"{name}: every length must be in [1, {steps}] (the padded sequence length), got "
                              f"min {int(lengths.min())} and max {int(lengths.max())}")
+        if batch == 0:  # no tokens: exactly the plain call on the empty batch (its shapes, its errors)
+            return self._forward_tensor(input, h0, c0, None)
         # The padded batch's real rows gathered by one index into a PackedSequence, and the output scattered
         # back by the same index: pack_padded_sequence sorted and copied the whole padded tensor (and its
         # backward zero-filled two), pad_packed_sequence copied per step and then again to unsort; ~1-3 ms of
-        # a sentiment batch (NOTES 46, 50). The sort is pack_padded_sequence's, so the packed rows, their
+        # a sentiment batch (NOTES 46, 48). The sort is pack_padded_sequence's, so the packed rows, their
         # order and every result are what packing by hand gives, bitwise.
         sorted_lengths, sorted_indices = torch.sort(lengths, descending=True)
         rows, batch_sizes = _packed_rows(sorted_lengths, sorted_indices, steps, batch, self.batch_first)

@@ -193,6 +193,19 @@ def test_lengths_keyword_matches_packing_by_hand():
     torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-10)
 
 
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_lengths_keyword_on_an_empty_batch_is_the_plain_empty_call(cell):
+    # No tokens: the output and state of the plain call on the empty batch (torch.nn's), not an
+    # IndexError from building an empty packing.
+    ref, ours = make_pair(cell, 3, 5, num_layers=2, bidirectional=True)
+    x = torch.randn(4, 0, 3, dtype=torch.float64)
+    got = ours(x, lengths=torch.zeros(0, dtype=torch.int64))
+    expected = ref(x)
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0)
+
+
 def _lstm():
     return fusedrnn.LSTM(3, 5, num_layers=2)
 
