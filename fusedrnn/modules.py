@@ -62,7 +62,7 @@ from typing import List, Optional, Tuple, overload
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from . import _ops, functional, onnx
 from .functional import GATES, LayerWeights
@@ -684,7 +684,10 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
                         lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         weights = self._weights()
         if lengths is not None:
-            return self._forward_lengths(input, h0, c0, lengths, weights)
+            from_lengths = self._forward_lengths(input, h0, c0, lengths, weights)
+            if from_lengths is not None:
+                return from_lengths
+            # an empty batch: no tokens, so exactly the plain call below (its shapes, its errors)
         nn_methods = False  # the module's own permute_hidden / check_forward_args are called (_nn_methods_in)
         if not torch.jit.is_scripting():
             nn_methods = self._calls_nn_methods
@@ -759,9 +762,10 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
         return PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), h, c
 
     def _forward_lengths(self, input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], lengths: Tensor,
-                         weights: List[LayerWeights]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+                         weights: List[LayerWeights]) -> Optional[Tuple[Tensor, Tensor, Optional[Tensor]]]:
         """Padded batch plus per-sequence lengths: runs only the real tokens and returns a padded
-        output (zeros past each length) and the state at each sequence's last real step."""
+        output (zeros past each length) and the state at each sequence's last real step; None for an
+        empty batch, which the caller runs as the plain call (not recursion: TorchScript has none)."""
         name = self._type_name
         if not torch.jit.is_scripting():
             onnx.reject_variable_lengths(name)  # before the data-dependent checks below
@@ -781,8 +785,8 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
         if batch > 0 and (int(lengths.min()) < 1 or int(lengths.max()) > steps):
             raise ValueError(f"{name}: every length must be in [1, {steps}] (the padded sequence length), got "
                              f"min {int(lengths.min())} and max {int(lengths.max())}")
-        if batch == 0:  # no tokens: exactly the plain call on the empty batch (its shapes, its errors)
-            return self._forward_tensor(input, h0, c0, None)
+        if batch == 0:
+            return None
         # The padded batch's real rows gathered by one index into a PackedSequence, and the output scattered
         # back by the same index: pack_padded_sequence sorted and copied the whole padded tensor (and its
         # backward zero-filled two), pad_packed_sequence copied per step and then again to unsort; ~1-3 ms of
