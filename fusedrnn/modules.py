@@ -62,7 +62,7 @@ from typing import List, Optional, Tuple, overload
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, invert_permutation
 
 from . import _ops, functional, onnx
 from .functional import GATES, LayerWeights
@@ -797,9 +797,7 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
         rows = rows.to(input.device)
         data = input.reshape(batch * steps, input.shape[2]).index_select(0, rows)
         sorted_indices = sorted_indices.to(input.device)
-        unsorted_indices = torch.empty_like(sorted_indices).scatter_(  # torch's invert_permutation
-            0, sorted_indices, torch.arange(batch, device=sorted_indices.device))
-        packed = PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices)
+        packed = PackedSequence(data, batch_sizes, sorted_indices, invert_permutation(sorted_indices))
         out, h, c = self._forward_packed(packed, h0, c0, weights)
         return _padded_from_rows(out.data, rows, steps, batch, self.batch_first), h, c
 
