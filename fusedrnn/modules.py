@@ -563,6 +563,11 @@ class _RNNBase(_ModuleInit, nn.RNNBase):
         h = self._check_state(h0, "h_0" if is_lstm else "hx", [self.num_layers * d, batch, real_size], input,
                               batched, packed)
         if c0 is not None:
+            if (input.dtype == torch.float64 and input.device.type == "cpu" and c0.dtype != torch.float64
+                    and not c0.is_complex() and torch.promote_types(c0.dtype, torch.float64) == torch.float64):
+                # torch.nn's float64 layers on the CPU take a c_0 of any real dtype and use it promoted (the
+                # cast is exact): c_n comes in float64 and c_0's gradient in c_0's dtype, as .to() gives.
+                c0 = c0.to(torch.float64)
             c0 = self._check_state(c0, "c_0", [self.num_layers * d, batch, self.hidden_size], input, batched,
                                    packed)
         return h, c0, True
@@ -1141,7 +1146,11 @@ class _CellBase(_ModuleInit, nn.RNNCellBase):
             empty = F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
             h = empty
             if is_lstm:
-                c = empty.clone()
+                # c_0 stays in the graph when given, so that its gradient is an empty tensor as torch.nn's
+                if c is None:
+                    c = empty.clone()
+                else:
+                    c = empty + c
         else:
             weights: LayerWeights = (w_ih, w_hh, b_ih, b_hh, None)
             batch_sizes = functional.full_batch_sizes(1, batch)

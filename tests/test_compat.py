@@ -471,6 +471,14 @@ RETURNS = {
                              lambda: (_d(2, 3), (_d(2, 5), torch.randn(2, 5)))),
     "lstm_cell_c0_int_unbatched": (_pair("LSTMCell", 3, 5, dtype=torch.float64),
                                    lambda: (_d(3), (_d(5), torch.arange(5)))),
+    # a float64 LSTM layer's c_0 of another real dtype: torch.nn on the CPU uses it promoted
+    "lstm_c0_float32": (_pair("LSTM", 3, 5, dtype=torch.float64),
+                        lambda: (_d(4, 2, 3), (_d(1, 2, 5), torch.randn(1, 2, 5)))),
+    "lstm_c0_bfloat16_packed_bidirectional_proj": (
+        _pair("LSTM", 3, 5, num_layers=2, bidirectional=True, proj_size=2, dtype=torch.float64),
+        lambda: (_packed(_d(4, 2, 3)), (_d(4, 2, 2), torch.randn(4, 2, 5).bfloat16()))),
+    "lstm_c0_int_unbatched": (_pair("LSTM", 3, 5, dtype=torch.float64),
+                              lambda: (_d(4, 3), (_d(1, 5), torch.arange(5).view(1, 5)))),
     # sparse tensors where torch.nn runs them
     "cell_sparse_input": (_pair("GRUCell", 3, 5, dtype=torch.float64), lambda: (_d(2, 3).to_sparse(),)),
     "lstm_cell_sparse_h0": (_pair("LSTMCell", 3, 5, dtype=torch.float64),
@@ -485,7 +493,7 @@ RETURNS = {
 
 def _dense_leaves(out):
     leaves = [out.data] if isinstance(out, nn.utils.rnn.PackedSequence) else torch.utils._pytree.tree_leaves(out)
-    return [t.to_dense() if t.layout != torch.strided else t for t in leaves]
+    return [t.to_dense() if t.layout != torch.strided else t for t in leaves if t is not None]
 
 
 @pytest.mark.parametrize("case", list(RETURNS))
@@ -510,6 +518,39 @@ def test_where_torch_nn_returns_fusedrnn_returns_the_same(case):
         assert (a is None) == (b is None) or (a is not None and a.numel() == 0) or (b is not None and b.numel() == 0)
         if a is not None and b is not None:
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["lstm_layer_c0_float32", "lstm_layer_c0_float16_unbatched",
+                                  "lstm_cell_hidden_size_0"])
+def test_state_gradients_equal_torch_nn_where_it_promotes_or_is_empty(case):
+    """The initial states' gradients, which the RETURNS test does not take: c_0 of another real dtype
+    into a float64 layer (nn's gradient comes in c_0's dtype), and the empty states of an LSTMCell with
+    hidden_size 0 (nn gives each an empty gradient; c_0 fell out of the graph here before)."""
+    if case == "lstm_cell_hidden_size_0":
+        make, shapes, c_dtype = _pair("LSTMCell", 3, 0, dtype=torch.float64), ((2, 3), (2, 0)), torch.float64
+    elif case == "lstm_layer_c0_float32":
+        make, shapes, c_dtype = _pair("LSTM", 3, 5, dtype=torch.float64), ((4, 2, 3), (1, 2, 5)), torch.float32
+    else:
+        make, shapes, c_dtype = _pair("LSTM", 3, 5, dtype=torch.float64), ((4, 3), (1, 5)), torch.float16
+    ref, ours = make()
+    torch.manual_seed(2)
+    x, h0, c0 = _d(*shapes[0]), _d(*shapes[1]), torch.randn(*shapes[1]).to(c_dtype)
+    results = []
+    for module in (ref, ours):
+        states = [t.clone().requires_grad_() for t in (x, h0, c0)]
+        out = module(states[0], (states[1], states[2]))
+        leaves = torch.utils._pytree.tree_leaves(out)
+        loss = sum((t * torch.linspace(-1, 1, t.numel(), dtype=torch.float64).view(t.shape)).sum() for t in leaves)
+        grads = torch.autograd.grad(loss, states, allow_unused=True)
+        results.append(([t.detach() for t in leaves], grads))
+    (expected, expected_grads), (got, got_grads) = results
+    assert [(t.dtype, t.shape) for t in got] == [(t.dtype, t.shape) for t in expected]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for a, b in zip(got_grads, expected_grads):
+        assert b is not None and a is not None
+        assert (a.dtype, a.shape) == (b.dtype, b.shape)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12 if a.dtype == torch.float64 else 0)
 
 
 def test_rnn_cell_reads_nonlinearity_on_every_call():
