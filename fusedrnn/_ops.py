@@ -588,7 +588,11 @@ def _register():
             input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse, ctx.needs_input_grad[0], out, gates, cells,
             ctx.needs_input_grad[1])
         gbih, gbhh = _bias_grads(ctx, gbih, gbhh)
-        return (gi if ctx.needs_input_grad[0] else None), (gh0 if ctx.needs_input_grad[1] else None), gc0, gwih, gwhh, gbih, gbhh, (gwhr if w_hr is not None else None), None, None
+        # At one step, w_hr reaches only out and h_n (c_n does not depend on it): with neither of their
+        # gradients, torch.nn's graph gives w_hr none (None), and optimizers skip it.
+        one_step = isinstance(batch_sizes.shape[0], int) and batch_sizes.shape[0] == 1
+        w_hr_reached = g_out is not None or g_hn is not None or not one_step
+        return (gi if ctx.needs_input_grad[0] else None), (gh0 if ctx.needs_input_grad[1] else None), gc0, gwih, gwhh, gbih, gbhh, (gwhr if w_hr is not None and w_hr_reached else None), None, None
 
     _register_autograd("lstm_forward", _lstm_backward, _lstm_setup)
 

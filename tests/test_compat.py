@@ -1237,3 +1237,32 @@ def test_more_uses_of_a_layer_give_torch_nns_numbers(cell, use, dtype):
         assert (a is None) == (b is None), n
         if b is not None:
             torch.testing.assert_close(a, b, msg=n, **_tol(dtype))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "python_autograd"])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_weight_hr_gets_no_gradient_where_torch_nn_gives_none(steps, compiled, monkeypatch):
+    """At one step, w_hr reaches only the output and h_n (c_n = f c_0 + i g does not depend on it): a
+    loss on c_n alone gives torch.nn's w_hr no gradient (None), and an optimizer with weight decay skips
+    it. fusedrnn's one node returned zeros, so AdamW decayed the weight and the numbers parted after a
+    step. Two layers: the lower layer's w_hr reaches the top layer's c_n through its input."""
+    if compiled:  # the Python autograd formulas (what torch.compile traces) instead of the C++ node
+        monkeypatch.setattr(fusedrnn._ops, "_TRAIN_LSTM", fusedrnn._ops._EAGER_FUNCTIONS["lstm_forward"].apply)
+    ref, ours = _pair("LSTM", 3, 4, num_layers=2, proj_size=2, dtype=torch.float64)()
+    x = _d(steps, 2, 3)
+    results = []
+    for module in (ref, ours):
+        opt = torch.optim.AdamW(module.parameters(), lr=0.1, weight_decay=0.5)
+        _, (_, c_n) = module(x)
+        (c_n[1] * torch.linspace(-1, 1, 8, dtype=torch.float64).view(2, 4)).sum().backward()
+        grads = {n: p.grad for n, p in module.named_parameters()}
+        opt.step()
+        results.append((grads, {n: p.detach().clone() for n, p in module.named_parameters()}))
+    (expected, expected_after), (got, got_after) = results
+    assert {n for n, g in got.items() if g is None} == {n for n, g in expected.items() if g is None}
+    if steps == 1:
+        assert expected["weight_hr_l1"] is None
+    for n in expected:
+        if expected[n] is not None:
+            torch.testing.assert_close(got[n], expected[n], rtol=0, atol=1e-12)
+        torch.testing.assert_close(got_after[n], expected_after[n], rtol=0, atol=1e-12)

@@ -194,7 +194,10 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
     result[4] = gwhh;
     if (b_ih.defined()) result[5] = gbih;
     if (b_hh.defined()) result[6] = gbhh;
-    if (w_hr.defined()) result[7] = gwhr;
+    // At one step, w_hr reaches only out and h_n (c_n = f c_0 + i g does not depend on it): with neither
+    // of their gradients, torch.nn's graph gives w_hr no gradient (None), and optimizers skip it.
+    const bool w_hr_reached = grads[0].defined() || grads[1].defined() || batch_sizes.size(0) != 1;
+    if (w_hr.defined() && w_hr_reached) result[7] = gwhr;
     return result;
   }
 };
