@@ -480,6 +480,43 @@ inline void wait_for_parts(const SplitProgress* progress, int64_t parts, int64_t
   }
 }
 
+// The split pays only while the other threads run when asked: on a loaded machine (more runnable threads
+// than cores) a worker may wait a whole scheduler slice for its core, and the call waits with it, in the
+// per-step barrier and in the team's join. Measured on the 2-core AVX2 machine with other processes
+// running (benchmarks/NOTES.md, entry 49): LSTMCell B=1 H=128 no-grad 243 us split against 64 us unsplit,
+// 16-17 ms against 70-83 us with one more busy process, where torch.nn took 120-250 us. So each split call
+// times itself: when it took half as long again as its first part's own work times the parts (about what
+// one thread alone would have taken), the split lost, and calls run unsplit for a while: 50 ms after a
+// loss, twice as long after each further loss up to 2 s, half as long after a win. A lost call costs up to
+// a scheduler slice (milliseconds) and a won one saves microseconds, so the wait is in time, not in calls:
+// at most one losing try per wait. Both ways give the same numbers, bitwise (the split moves whole unit
+// blocks between threads; tests/test_ops.py), so this choice changes only the time.
+struct SplitGovernor {
+  using Clock = std::chrono::steady_clock;
+  static constexpr int64_t kMinWaitUs = 50'000, kMaxWaitUs = 2'000'000;
+  std::atomic<int64_t> unsplit_until_us{0};  // Clock time before which calls run unsplit
+  std::atomic<int64_t> wait_us{kMinWaitUs};  // how long the next loss stops the split
+
+  static int64_t now_us() {
+    return std::chrono::duration_cast<std::chrono::microseconds>(Clock::now().time_since_epoch()).count();
+  }
+  bool paused() const { return now_us() < unsplit_until_us.load(std::memory_order_relaxed); }
+  void record(bool lost) {
+    const int64_t wait = wait_us.load(std::memory_order_relaxed);
+    if (lost) {
+      unsplit_until_us.store(now_us() + wait, std::memory_order_relaxed);
+      wait_us.store(std::min(wait * 2, kMaxWaitUs), std::memory_order_relaxed);
+    } else {
+      wait_us.store(std::max(wait / 2, kMinWaitUs), std::memory_order_relaxed);
+    }
+  }
+};
+
+inline SplitGovernor& split_governor() {
+  static SplitGovernor governor;
+  return governor;
+}
+
 // How many parts the unit blocks of this call are split into (1: no split).
 inline int64_t small_split_parts(const ForwardArgs& args, int64_t blocks) {
 #if !AT_PARALLEL_OPENMP
@@ -495,6 +532,8 @@ inline int64_t small_split_parts(const ForwardArgs& args, int64_t blocks) {
   if (batch.empty() || batch.front() != args.B || batch.back() != args.B) return 1;
   const char* force = std::getenv("FUSEDRNN_CPU_SMALL_SPLIT");
   if (force != nullptr && force[0] == '0') return 1;
+  const bool forced = force != nullptr && force[0] == '1';  // tests: split whatever the machine's load
+  if (!forced && split_governor().paused()) return 1;
   return std::min<int64_t>({threads, blocks, kSplitMaxParts});
 }
 
@@ -511,11 +550,16 @@ void small_forward_split(const ForwardArgs& args, int64_t parts) {
   // before, which nothing overwrites.
   std::vector<float> h0(args.h_state, args.h_state + B * H);
   SplitProgress progress[kSplitMaxParts];
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point call_start = Clock::now();
+  Clock::duration first_part_work{0};  // the work of the worker that runs part 0, without its waits
   at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
     // One worker may be given several parts (fewer threads than asked for): it runs all of them
     // each step before waiting, so the barrier never waits on itself.
     alignas(64) float tile[kMR * E::kTileWidth];
+    const bool timed = first == 0;
     for (int64_t k = 0; k < T; ++k) {
+      const Clock::time_point step_start = timed ? Clock::now() : Clock::time_point{};
       const int64_t t = args.sched.reverse ? T - 1 - k : k;
       const int64_t t_prev = args.sched.reverse ? t + 1 : t - 1;
       const float* h_prev = k == 0 ? h0.data() : args.output + offset[t_prev] * H;
@@ -527,9 +571,11 @@ void small_forward_split(const ForwardArgs& args, int64_t parts) {
         }
         progress[p].steps.store(k + 1, std::memory_order_release);
       }
+      if (timed) first_part_work += Clock::now() - step_start;
       wait_for_parts(progress, parts, k + 1);
     }
   });
+  split_governor().record(Clock::now() - call_start > first_part_work * (parts * 3) / 2);
 }
 
 template <typename Cell, bool Save>
