@@ -486,7 +486,7 @@ inline void wait_for_parts(const SplitProgress* progress, int64_t parts, int64_t
 // running (benchmarks/NOTES.md, entry 49): LSTMCell B=1 H=128 no-grad 243 us split against 64 us unsplit,
 // 16-17 ms against 70-83 us with one more busy process, where torch.nn took 120-250 us. So each split call
 // times itself: when it took half as long again as its first part's own work times the parts (about what
-// one thread alone would have taken), the split lost, and calls run unsplit for a while: 50 ms after a
+// one thread alone would have taken) and 50 us more, the split lost, and calls run unsplit for a while: 50 ms after a
 // loss, twice as long after each further loss up to 2 s, half as long after a win. A lost call costs up to
 // a scheduler slice (milliseconds) and a won one saves microseconds, so the wait is in time, not in calls:
 // at most one losing try per wait. Both ways give the same numbers, bitwise (the split moves whole unit
@@ -575,7 +575,9 @@ void small_forward_split(const ForwardArgs& args, int64_t parts) {
       wait_for_parts(progress, parts, k + 1);
     }
   });
-  split_governor().record(Clock::now() - call_start > first_part_work * (parts * 3) / 2);
+  // 50 us of slack: a lost call under load loses milliseconds, and a quiet machine's fork and join jitter
+  // by microseconds, which must not pause a split that pays.
+  split_governor().record(Clock::now() - call_start > first_part_work * (parts * 3) / 2 + std::chrono::microseconds(50));
 }
 
 template <typename Cell, bool Save>
