@@ -29,8 +29,16 @@ bool enabled() {
 // ones (K = 512 .. 6400: fastrnns' projections and every weight gradient), and the fastrnns LSTM
 // layer ran 5-9% slower with it there; below ~128 rows MKL (and its packing-free small kernels) won.
 // So only shallow products of many rows come here.
+// On AVX-512 (measured on an AMD Zen 5 host, entry 51) the 16-lane kernels ran the deep products too
+// (dX, dW_ih, dW_hh, fastrnns' projections) at about twice MKL's rate on one thread, so there every
+// product of at least 128 rows and a depth of 16 comes here.
+// FUSEDRNN_CPU_GEMM_DEEP_AB (temporary, for the A/B of entry 51): 0 = the AVX2 rule on every ISA.
 bool worth(int64_t M, int64_t N, int64_t K) {
-  return M >= 128 && N >= 16 && K >= 16 && K <= 256;
+  if (M < 128 || N < 16 || K < 16) return false;
+  if (K <= 256) return true;
+  const char* ab = std::getenv("FUSEDRNN_CPU_GEMM_DEEP_AB");
+  if (ab != nullptr && ab[0] == '0') return false;
+  return cpu_engine::isa() == cpu_engine::Isa::kAvx512;
 }
 
 // Calls of run(), for tests: that a layer's products took this GEMM (a relaxed increment per product).

@@ -6,8 +6,9 @@
 // machine's FMA peak on these shapes, while the engine's 6 x 16 micro-kernel runs at the peak when its
 // operands are in L1 (benchmarks/NOTES.md, entry 8). Measured (entry 44): this GEMM beat MKL only on
 // shallow products (K <= 256: the sentiment layers' input projections); on the deep ones both ran at
-// ~70% of peak on a loaded machine and the layers were faster with MKL, so worth() sends only the
-// shallow ones here.
+// ~70% of peak on a loaded machine and the layers were faster with MKL, so on AVX2 worth() sends only
+// the shallow ones here. On AVX-512 (entry 51, an AMD Zen 5 host, 1 thread) the 16-lane kernels ran
+// the deep ones at ~2x MKL and the LSTM training step 1.4-1.7x faster, so there they come here too.
 //
 // Every element of C is the same chain whatever the blocking, the thread split or the vector width:
 // its start value (C, the bias or 0), then one fused multiply-add per k in order (the accumulators
@@ -47,8 +48,10 @@ struct Args {
 // product, as before. Any other value is an error (c10::Error: RuntimeError).
 bool enabled();
 
-// The measured rule (benchmarks/NOTES.md, entry 44; large_gemm.cpp): at least 128 rows and a depth of
-// 16 to 256, where this GEMM beat MKL on the AVX2 machine. Everything else stays with MKL.
+// The measured rule (benchmarks/NOTES.md, entries 44 and 51; large_gemm.cpp): at least 128 rows, 16
+// columns and a depth of 16; on AVX2 only depths up to 256 (where this GEMM beat MKL on the Zen 3
+// machine), on AVX-512 every depth (its 16-lane kernels ran the deep products at ~2x MKL on a Zen 5
+// host). Everything else stays with MKL.
 bool worth(int64_t M, int64_t N, int64_t K);
 
 // Runs on isa()'s kernels; call only when enabled(). Threads (at::parallel_for) split C's blocks.

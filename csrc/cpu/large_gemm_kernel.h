@@ -157,23 +157,35 @@ void run_large_gemm(const large_gemm::Args& g) {
   if (g.mc <= 0) mc = std::min(M, (mc + kMR - 1) / kMR * kMR);
   ic_blocks = (M + mc - 1) / mc;
 
-  std::vector<float>& bbuf = large_gemm_buffer(0);
+  // One parallel region per column block (one in all for N <= kLargeNc), not two per depth block: at
+  // K = 3200 (the weight gradients) that was 50 fork / joins a product, each a wait on the slower
+  // thread, which a shared machine stretches (benchmarks/NOTES.md, entry 51). Each thread packs the
+  // strips of B its own items use (all of them unless its items lie in one chunk): twice B's packing
+  // with two threads, K x N copies against M x N x K multiply-adds. The operations per element are
+  // unchanged (same chain, same order), so the results are bitwise those of one region per block.
   for (int64_t jc = 0; jc < N; jc += kLargeNc) {
     const int64_t nc = std::min(kLargeNc, N - jc);
     const int64_t strips = (nc + kPanel - 1) / kPanel;
     const int64_t chunks = (strips + kStripsPerItem - 1) / kStripsPerItem;
-    for (int64_t pc = 0; pc < K; pc += KC) {
-      const int64_t kc = std::min(KC, K - pc);
-      const int start = pc > 0 || g.accumulate ? 0 : g.bias != nullptr ? 1 : 2;
-      if (static_cast<int64_t>(bbuf.size()) < strips * kc * kPanel) bbuf.resize(strips * kc * kPanel);
+    at::parallel_for(0, ic_blocks * chunks, 1, [&](int64_t begin, int64_t end) {
+      // The strips this thread's items use: one chunk's run of them, or all.
+      int64_t s_lo = 0, s_hi = strips;
+      const int64_t c_first = begin % chunks, c_last = (end - 1) % chunks;
+      if (end - begin < chunks && c_first <= c_last) {
+        s_lo = c_first * kStripsPerItem;
+        s_hi = std::min(strips, (c_last + 1) * kStripsPerItem);
+      }
+      std::vector<float>& bbuf = large_gemm_buffer(0);
+      std::vector<float>& abuf = large_gemm_buffer(1);
+      const int64_t kc_max = std::min(KC, K);
+      if (static_cast<int64_t>(bbuf.size()) < strips * kc_max * kPanel) bbuf.resize(strips * kc_max * kPanel);
+      if (static_cast<int64_t>(abuf.size()) < mc * kc_max) abuf.resize(mc * kc_max);
       float* const bp = bbuf.data();
-      at::parallel_for(0, strips, 4, [&](int64_t begin, int64_t end) {
-        for (int64_t s = begin; s < end; ++s) pack_b_strip(g, pc, kc, jc + s * kPanel, bp + s * kc * kPanel);
-      });
-      at::parallel_for(0, ic_blocks * chunks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float>& abuf = large_gemm_buffer(1);
-        if (static_cast<int64_t>(abuf.size()) < mc * kc) abuf.resize(mc * kc);
-        float* const ap = abuf.data();
+      float* const ap = abuf.data();
+      for (int64_t pc = 0; pc < K; pc += KC) {
+        const int64_t kc = std::min(KC, K - pc);
+        const int start = pc > 0 || g.accumulate ? 0 : g.bias != nullptr ? 1 : 2;
+        for (int64_t s = s_lo; s < s_hi; ++s) pack_b_strip(g, pc, kc, jc + s * kPanel, bp + s * kc * kPanel);
         int64_t packed = -1;
         for (int64_t item = begin; item < end; ++item) {
           const int64_t ic = item / chunks, chunk = item % chunks;
@@ -193,7 +205,7 @@ void run_large_gemm(const large_gemm::Args& g) {
             });
           });
         }
-      });
-    }
+      }
+    });
   }
 }
