@@ -463,33 +463,46 @@ void ln_lstm_forward_impl(const Shapes& s, const StepSchedule& sched, bool rever
 }
 
 // prev[row of step t] = the state that row entered step t with: the previous step's (in the
-// direction's order) row if that step had it, else the initial state.
-inline at::Tensor previous_states(const StepSchedule& sched, bool reverse, const at::Tensor& states,
-                                  const at::Tensor& initial) {
-  // Row copies by memcpy (the callers pass contiguous tensors of one dtype): ATen's narrow + copy_ per step
-  // were ~4 dispatches a step, a few us each, ~0.3 ms of a sentiment batch's backward (NOTES entry 46).
-  TORCH_CHECK(states.is_contiguous() && initial.is_contiguous() && states.scalar_type() == initial.scalar_type(),
+// direction's order) row if that step had it, else the initial state; for the steps of backward processing
+// indices [i_first, i_last] (a StepBlock's: their rows are [row_begin, row_begin + rows) of the packed rows),
+// row r of them into dst row r - row_begin. Row copies by memcpy (the callers pass contiguous tensors of one
+// dtype): ATen's narrow + copy_ per step were ~4 dispatches a step, a few us each, ~0.3 ms of a sentiment
+// batch's backward (NOTES entry 46).
+inline void copy_previous_rows(const StepSchedule& sched, bool reverse, const at::Tensor& states,
+                               const at::Tensor& initial, int64_t i_first, int64_t i_last, int64_t row_begin,
+                               at::Tensor& dst) {
+  TORCH_CHECK(states.is_contiguous() && initial.is_contiguous() && dst.is_contiguous() &&
+                  states.scalar_type() == initial.scalar_type() && states.scalar_type() == dst.scalar_type(),
               "fusedrnn: previous_states needs contiguous states and initial states of one dtype");
-  at::Tensor prev = at::empty_like(states);
   const int64_t row_bytes = states.dim() == 2 ? states.size(1) * static_cast<int64_t>(states.element_size()) : 0;
-  if (row_bytes == 0 || states.size(0) == 0) return prev;
-  char* dst = static_cast<char*>(prev.data_ptr());
+  if (row_bytes == 0 || states.size(0) == 0) return;
+  char* out = static_cast<char*>(dst.data_ptr());
   const char* src = static_cast<const char*>(states.const_data_ptr());
   const char* init = static_cast<const char*>(initial.const_data_ptr());
   const int64_t T = sched.steps();
-  for (int64_t i = 0; i < T; ++i) {
-    const int64_t t = reverse ? T - 1 - i : i;
+  for (int64_t i = i_first; i <= i_last; ++i) {
+    const int64_t t = reverse ? i : T - 1 - i;  // the backward's processing order (ln_*_backward_impl)
+    const int64_t f = reverse ? T - 1 - t : t;  // the forward's step index
     const int64_t bs = sched.batch[t], off = sched.offset[t];
+    char* d = out + (off - row_begin) * row_bytes;
     int64_t from_prev = 0;
-    if (i > 0) {
+    if (f > 0) {
       const int64_t tp = reverse ? t + 1 : t - 1;
       from_prev = std::min(bs, sched.batch[tp]);
-      std::memcpy(dst + off * row_bytes, src + sched.offset[tp] * row_bytes, from_prev * row_bytes);
+      std::memcpy(d, src + sched.offset[tp] * row_bytes, from_prev * row_bytes);
     }
     if (bs > from_prev) {
-      std::memcpy(dst + (off + from_prev) * row_bytes, init + from_prev * row_bytes, (bs - from_prev) * row_bytes);
+      std::memcpy(d + from_prev * row_bytes, init + from_prev * row_bytes, (bs - from_prev) * row_bytes);
     }
   }
+}
+
+// The same for every row: an [N, H] tensor of previous states.
+inline at::Tensor previous_states(const StepSchedule& sched, bool reverse, const at::Tensor& states,
+                                  const at::Tensor& initial) {
+  at::Tensor prev = at::empty_like(states);
+  const int64_t T = sched.steps();
+  if (T > 0) copy_previous_rows(sched, reverse, states, initial, 0, T - 1, 0, prev);
   return prev;
 }
 
@@ -725,10 +738,10 @@ inline int64_t block_buffer_rows(const std::vector<StepBlock>& blocks) {
   return rows;
 }
 
-// After a block's steps: grad_w_ih += dxp_block^T input_rows, grad_w_hh += dhp_block^T hprev_rows, and the
-// block's rows of grad_input = dxp_block W_ih.
+// After a block's steps: grad_w_ih += dxp_block^T input_rows, grad_w_hh += dhp_block^T hprev_rows (the block's
+// [b.rows, H] previous states), and the block's rows of grad_input = dxp_block W_ih.
 inline void block_weight_grads(const StepBlock& b, const at::Tensor& dxp, const at::Tensor& dhp,
-                               const at::Tensor& input, const at::Tensor& hprev, const at::Tensor& w_ih,
+                               const at::Tensor& input, const at::Tensor& hprev_rows, const at::Tensor& w_ih,
                                bool need_grad_input, at::Tensor& grad_input, at::Tensor& grad_w_ih,
                                at::Tensor& grad_w_hh) {
   const at::Tensor dx = dxp.narrow(0, 0, b.rows), dh = dhp.narrow(0, 0, b.rows);
@@ -737,14 +750,15 @@ inline void block_weight_grads(const StepBlock& b, const at::Tensor& dxp, const 
     at::mm_out(rows, dx, w_ih);
   }
   grad_w_ih.addmm_(dx.t(), input.narrow(0, b.row_begin, b.rows));
-  grad_w_hh.addmm_(dh.t(), hprev.narrow(0, b.row_begin, b.rows));
+  grad_w_hh.addmm_(dh.t(), hprev_rows);
 }
 
 template <typename S, typename BlockDone>
 void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reverse, const at::Tensor& grad_output,
                            const at::Tensor& w_hh, const at::Tensor& ln_ih_w, const at::Tensor& ln_hh_w,
                            const at::Tensor& ln_c_w, const at::Tensor& ln_c_b, const at::Tensor& zh_t,
-                           const at::Tensor& zc_t, const at::Tensor& cprev, const at::Tensor& norm_x,
+                           const at::Tensor& zc_t, const at::Tensor& cells, const at::Tensor& c0,
+                           at::Tensor& cprev_blk, const at::Tensor& norm_x,
                            const at::Tensor& norm_h, const at::Tensor& gates, const at::Tensor& norm_c,
                            const at::Tensor& rstd, at::Tensor& dh_state, at::Tensor& dc_state,
                            ColumnSums<at::opmath_type<S>>& sums, at::Tensor& dxp, at::Tensor& dhp,
@@ -756,7 +770,9 @@ void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reve
   const A *gx = pv.gain_x.data(), *gh = pv.gain_h.data(), *gc = pv.gain_c.data(), *bc = pv.shift_c.data();
   const S *zh = ptr_or_null<S>(zh_t), *zc = ptr_or_null<S>(zc_t);
   const int64_t zh_step = zoneout_row_step(zh_t, H), zc_step = zoneout_row_step(zc_t, H);
-  const S* cp = cprev.const_data_ptr<S>();
+  // c_{t-1} of the block's rows, copied per block (a [block rows, H] buffer that stays in cache) instead of
+  // an [N, H] copy of all rows first (NOTES entry 52).
+  const S* cp = cprev_blk.const_data_ptr<S>();
   const S *nx = norm_x.const_data_ptr<S>(), *nh = norm_h.const_data_ptr<S>();
   const S *gt = gates.const_data_ptr<S>(), *nc = norm_c.const_data_ptr<S>();
   const A* rs = rstd.const_data_ptr<A>();
@@ -768,6 +784,7 @@ void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reve
   const bool prefetch = backward_prefetch();
   const bool split_k = split_recurrent_grad();
   for (const StepBlock& blk : blocks) {
+  copy_previous_rows(sched, reverse, cells, c0, blk.first, blk.last, blk.row_begin, cprev_blk);
   for (int64_t i = blk.first; i <= blk.last; ++i) {
     const int64_t t = reverse ? i : T - 1 - i;  // the forward's order, backwards
     const int64_t bs = sched.batch[t], off = sched.offset[t];
@@ -784,11 +801,13 @@ void ln_lstm_backward_impl(const Shapes& s, const StepSchedule& sched, bool reve
         const int64_t p = off + j;
         const int64_t q = prefetch ? next_backward_row(sched, reverse, i, j, begin, end) : -1;
         if (q >= 0) {
-          prefetch_rows<S>({{gt + q * G, G}, {nx + q * G, G}, {nh + q * G, G}, {nc + q * H, H}, {cp + q * H, H},
+          const int64_t q_blk = q - blk.row_begin;  // the next row's c_{t-1}: in this block's copy, or not yet copied
+          const S* cp_q = q_blk >= 0 && q_blk < blk.rows ? cp + q_blk * H : nullptr;
+          prefetch_rows<S>({{gt + q * G, G}, {nx + q * G, G}, {nh + q * G, G}, {nc + q * H, H}, {cp_q, H},
                             {go + q * H, H}, {zh == nullptr ? nullptr : zh + q * zh_step, H},
                             {zc == nullptr ? nullptr : zc + q * zc_step, H}});
         }
-        row(H, gt + p * G, nc + p * H, nx + p * G, nh + p * G, cp + p * H, go + p * H,
+        row(H, gt + p * G, nc + p * H, nx + p * G, nh + p * G, cp + (rel + j) * H, go + p * H,
             zh == nullptr ? nullptr : zh + p * zh_step, zc == nullptr ? nullptr : zc + p * zc_step, rs[p * 3],
             rs[p * 3 + 1], rs[p * 3 + 2], gx, gh, gc, bc, dhs + j * H, dcs + j * H, acc, work.data(), dx + (rel + j) * G,
             dhh + (rel + j) * G);
@@ -897,8 +916,7 @@ ln_lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, cons
   const StepSchedule sched = make_schedule(op, batch_sizes, s.N, s.B);
   const auto opts = input.options();
   const at::Tensor out_c = output.contiguous(), cells_c = cells.contiguous();
-  const at::Tensor hprev = previous_states(sched, reverse, out_c, h0.contiguous());
-  const at::Tensor cprev = previous_states(sched, reverse, cells_c, c0.contiguous());
+  const at::Tensor h0_c = h0.contiguous(), c0_c = c0.contiguous();
   at::Tensor dh_state = grad_h_n.contiguous().clone(), dc_state = grad_c_n.contiguous().clone();
   const at::Tensor nx = norm_x.contiguous(), nh = norm_h.contiguous(), nc = norm_c.contiguous();
   at::Tensor grad_input = need_grad_input ? new_buffer({s.N, s.I}, opts) : at::empty({0}, opts);
@@ -908,14 +926,18 @@ ln_lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, cons
     const std::vector<StepBlock> blocks = step_blocks<scalar_t>(sched, reverse, s.B);
     const int64_t rows = block_buffer_rows(blocks);
     at::Tensor dxp = new_buffer({rows, s.G}, opts), dhp = new_buffer({rows, s.G}, opts);
+    // The block's previous states h_{t-1}, c_{t-1} (copy_previous_rows, per block).
+    at::Tensor hprev_blk = new_buffer({rows, s.H}, opts), cprev_blk = new_buffer({rows, s.H}, opts);
     ColumnSums<at::opmath_type<scalar_t>> sums(3 * s.G + 2 * s.H);
     ln_lstm_backward_impl<scalar_t>(s, sched, reverse, grad_output.contiguous(), w_hh.contiguous(),
                                     ln_ih_w, ln_hh_w, ln_c_w, contiguous_or_undefined(ln_c_b),
-                                    zoneout_or_undefined(zoneout_h), zoneout_or_undefined(zoneout_c), cprev, nx,
-                                    nh, gates.contiguous(), nc, rstd.contiguous(), dh_state, dc_state, sums, dxp, dhp,
-                                    blocks, [&](const StepBlock& b) {
-                                      block_weight_grads(b, dxp, dhp, input, hprev, w_ih, need_grad_input,
-                                                         grad_input, grad_w_ih, grad_w_hh);
+                                    zoneout_or_undefined(zoneout_h), zoneout_or_undefined(zoneout_c), cells_c, c0_c,
+                                    cprev_blk, nx, nh, gates.contiguous(), nc, rstd.contiguous(), dh_state, dc_state,
+                                    sums, dxp, dhp, blocks, [&](const StepBlock& b) {
+                                      copy_previous_rows(sched, reverse, out_c, h0_c, b.first, b.last, b.row_begin,
+                                                         hprev_blk);
+                                      block_weight_grads(b, dxp, dhp, input, hprev_blk.narrow(0, 0, b.rows), w_ih,
+                                                         need_grad_input, grad_input, grad_w_ih, grad_w_hh);
                                     });
     grad_b = sums.total(0, s.G, opts);
     grad_ln_ih_w = sums.total(s.G, s.G, opts);
@@ -1217,8 +1239,8 @@ ln_gru_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const
                                    contiguous_or_undefined(b_hh), ln_ih_w, ln_hh_w,
                                    zoneout_or_undefined(zoneout_h), hprev, nx, nh, gates.contiguous(),
                                    rstd.contiguous(), dh_state, sums, dxp, dhp, blocks, [&](const StepBlock& b) {
-                                     block_weight_grads(b, dxp, dhp, input, hprev, w_ih, need_grad_input,
-                                                        grad_input, grad_w_ih, grad_w_hh);
+                                     block_weight_grads(b, dxp, dhp, input, hprev.narrow(0, b.row_begin, b.rows),
+                                                        w_ih, need_grad_input, grad_input, grad_w_ih, grad_w_hh);
                                    });
     grad_b_ih = sums.total(0, s.G, opts);
     grad_b_hh = sums.total(s.G, s.G, opts);
