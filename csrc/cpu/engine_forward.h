@@ -247,59 +247,12 @@ __attribute__((always_inline)) inline void tile_product(const float* bias, const
   }
 }
 
-constexpr int64_t kPrefetchAhead = 32;  // floats: two cache lines
-
-// Thin row blocks (MR <= 2: a batch of a few rows per thread): micro_kernel's MR x 2 vectors
-// hold 2 * MR accumulators, too few chains to cover the FMA latency (4 cycles, 2 ports: 8 in
-// flight). Two micro-kernel calls' panels in one pass over k give each of their elements the same
-// chain (its bias, then one FMA per k in order, then the precomputed part), so this is
-// bitwise tile_product twice, with 4 * MR independent accumulators.
-template <int MR>
-__attribute__((always_inline)) inline void tile_product_pair(const float* bias, const float* x, int64_t I,
-                                                             const float* x_panel0, const float* x_panel1,
-                                                             const float* h, int64_t H, const float* h_panel0,
-                                                             const float* h_panel1, float* tile, int64_t tile_width,
-                                                             const float* const* x_part, const int64_t* x_valid,
-                                                             int64_t ldx) {
-  static_assert(MR <= 2, "4 * MR accumulators, 4 panel vectors and a broadcast in 16 registers");
-  V c[MR][4];
-  for (int v = 0; v < 4; ++v) {
-    const V b = Simd::load(bias + v * kVec);
-    for (int m = 0; m < MR; ++m) c[m][v] = b;
-  }
-  auto product = [&](int64_t K, const float* A, const float* p0, const float* p1) {
-    for (int64_t k = 0; k < K; ++k) {
-      const V b0 = Simd::load(p0), b1 = Simd::load(p0 + kVec);
-      const V b2 = Simd::load(p1), b3 = Simd::load(p1 + kVec);
-      for (int m = 0; m < MR; ++m) {
-        const V a = Simd::broadcast(A + m * K + k);
-        c[m][0] = Simd::fmadd(a, b0, c[m][0]);
-        c[m][1] = Simd::fmadd(a, b1, c[m][1]);
-        c[m][2] = Simd::fmadd(a, b2, c[m][2]);
-        c[m][3] = Simd::fmadd(a, b3, c[m][3]);
-      }
-      p0 += kPanel;
-      p1 += kPanel;
-    }
-  };
-  if (x_panel0 != nullptr) product(I, x, x_panel0, x_panel1);
-  product(H, h, h_panel0, h_panel1);
-  if (x_part != nullptr) {
-    for (int m = 0; m < MR; ++m) {
-      for (int v = 0; v < 4; ++v) c[m][v] = Simd::add(c[m][v], load_partial(x_part[v] + m * ldx, x_valid[v]));
-    }
-  }
-  for (int m = 0; m < MR; ++m) {
-    for (int v = 0; v < 4; ++v) Simd::store(tile + m * tile_width + v * kVec, c[m][v]);
-  }
-}
-
 // One row block x unit block: the input and recurrent products in registers
 // (kPanel columns per micro-kernel call), stored to the L1 tile, then the cell on
 // these rows and units at once.
 // noinline keeps each (cell, rows) variant a function of its own, small
 // enough for GCC to inline the micro-kernel and the activations into.
-template <typename Cell, int MR, bool Save, bool AbOld = false, bool AbPrefetch = false, bool AbWide = false>
+template <typename Cell, int MR, bool Save>
 __attribute__((noinline)) void forward_tile(const StepPtrs& q, const float* x, const float* h,
                                             const ForwardPanels<Cell::kGates>& w, int64_t ub, float* tile) {
   using E = ForwardEpilogue<Cell>;
@@ -307,31 +260,6 @@ __attribute__((noinline)) void forward_tile(const StepPtrs& q, const float* x, c
   static_assert(P::U == E::U, "the packing and the epilogue must agree on the unit block");
   const float* bias = w.bias_panel(ub);
   const int64_t j0 = ub * P::U, valid = std::min<int64_t>(P::U, q.hidden - j0);
-  if (AbPrefetch && !w.fused_input) {
-    for (int m = 0; m < MR; ++m) {
-      for (int g = 0; g < E::G; ++g) {
-        _mm_prefetch(reinterpret_cast<const char*>(q.gates + m * E::G * q.hidden + g * q.hidden + j0 + kPrefetchAhead),
-                     _MM_HINT_T0);
-      }
-    }
-  }
-  if constexpr (AbWide && !AbOld && MR <= 2 && E::G == 4 && P::kCalls == 2) {
-    // LSTM on a thin row block: both calls at once (tile_product_pair).
-    const float* x_part[4] = {nullptr, nullptr, nullptr, nullptr};
-    int64_t x_valid[4] = {0, 0, 0, 0};
-    if (!w.fused_input) {
-      for (int v = 0; v < 4; ++v) {
-        const int64_t column = v * kVec, g = column / P::U, u = column % P::U;
-        x_part[v] = q.gates + g * q.hidden + j0 + u;
-        x_valid[v] = valid - u;
-      }
-    }
-    tile_product_pair<MR>(bias, x, w.I, w.x_panel(ub, 0), w.x_panel(ub, 1), h, w.H, w.h_panel(ub, 0),
-                          w.h_panel(ub, 1), tile, E::kTileWidth, w.fused_input ? nullptr : x_part, x_valid,
-                          E::G * q.hidden);
-    E::template apply<MR, Save>(q, tile, j0, valid);
-    return;
-  }
   for (int c = 0; c < P::kCalls; ++c) {
     const int64_t col = c * kPanel;
     const float* xp = w.x_panel(ub, c);
@@ -340,14 +268,14 @@ __attribute__((noinline)) void forward_tile(const StepPtrs& q, const float* x, c
     // of it (gate g = column / U, units j0 + column % U), added in tile_product's registers.
     const float* x_part[2] = {nullptr, nullptr};
     int64_t x_valid[2] = {0, 0};
-    if (!w.fused_input && !AbOld) {
+    if (!w.fused_input) {
       for (int v = 0; v < 2; ++v) {
         const int64_t column = col + v * kVec, g = column / P::U, u = column % P::U;
         x_part[v] = q.gates + g * q.hidden + j0 + u;
         x_valid[v] = valid - u;
       }
     }
-    const float* const* xa = (w.fused_input || AbOld) ? nullptr : x_part;
+    const float* const* xa = w.fused_input ? nullptr : x_part;
     const int64_t ldx = E::G * q.hidden;
     if (E::G == 3 && col >= 2 * P::U) {
       // GRU's n gate: input and hidden parts in separate tile columns.
@@ -356,17 +284,6 @@ __attribute__((noinline)) void forward_tile(const StepPtrs& q, const float* x, c
                        tile + P::kWidth + (col - 2 * P::U), E::kTileWidth);
     } else {
       tile_product<MR>(bias + col, x, w.I, xp, h, w.H, hp, kPanel, tile + col, E::kTileWidth, xa, x_valid, ldx);
-    }
-  }
-  if (AbOld && !w.fused_input) {  // AB-TEMP: main's separate pass
-    for (int m = 0; m < MR; ++m) {
-      for (int g = 0; g < E::G; ++g) {
-        for (int v = 0; v < P::U / kVec; ++v) {
-          float* t = tile + m * E::kTileWidth + g * P::U + v * kVec;
-          const float* x_part = q.gates + m * E::G * q.hidden + g * q.hidden + j0 + v * kVec;
-          Simd::store(t, Simd::add(Simd::load(t), load_partial(x_part, valid - v * kVec)));
-        }
-      }
     }
   }
   E::template apply<MR, Save>(q, tile, j0, valid);
@@ -394,11 +311,6 @@ inline StepPtrs step_rows(const ForwardArgs& args, int G, int64_t off, int64_t m
   return q;
 }
 
-inline bool ab_old() {  // AB-TEMP: FUSEDRNN_FWD_AB=old runs main's code, read per call
-  const char* v = std::getenv("FUSEDRNN_FWD_AB");
-  return v != nullptr && v[0] == 'o';
-}
-
 template <typename Cell, bool Save>
 void forward_impl(const ForwardArgs& args) {
   using E = ForwardEpilogue<Cell>;
@@ -416,10 +328,6 @@ void forward_impl(const ForwardArgs& args) {
   const std::vector<int64_t>& batch = *args.sched.batch;
   const std::vector<int64_t>& offset = *args.sched.offset;
   const int64_t T = static_cast<int64_t>(batch.size());
-  const bool kAbOld = ab_old();  // AB-TEMP
-  const char* ab_env = std::getenv("FUSEDRNN_FWD_AB");
-  const bool kAbPf = ab_env != nullptr && ab_env[0] == 'p';
-  const bool kAbWide = ab_env != nullptr && ab_env[0] == 'w';
 
   for_each_thread_rows(args.sched, args.B, [&](int64_t lo, int64_t hi) {
     // h_{t-1} of a group of row blocks: the cells overwrite the running state
@@ -444,15 +352,7 @@ void forward_impl(const ForwardArgs& args) {
             const StepPtrs q = step_rows(args, G, off, m0, mr);
             const float* x = w.fused_input ? args.input + (off + m0) * args.I : nullptr;
             const float* h = h_prev.data() + (m0 - first) * H;
-            if (kAbOld) {  // AB-TEMP
-              with_rows(mr, [&](auto rows) { forward_tile<Cell, rows.value, Save, true>(q, x, h, w, ub, tile.data()); });
-            } else if (kAbWide) {
-              with_rows(mr, [&](auto rows) { forward_tile<Cell, rows.value, Save, false, true, true>(q, x, h, w, ub, tile.data()); });
-            } else if (kAbPf) {
-              with_rows(mr, [&](auto rows) { forward_tile<Cell, rows.value, Save, false, true>(q, x, h, w, ub, tile.data()); });
-            } else {
-              with_rows(mr, [&](auto rows) { forward_tile<Cell, rows.value, Save>(q, x, h, w, ub, tile.data()); });
-            }
+            with_rows(mr, [&](auto rows) { forward_tile<Cell, rows.value, Save>(q, x, h, w, ub, tile.data()); });
           }
         }
       }
