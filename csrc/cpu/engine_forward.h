@@ -216,13 +216,18 @@ struct ForwardPanels {
   const float* bias_panel(int64_t ub) const { return bias.data() + ub * kBiasWidth; }
 };
 
-// acc (MR rows x kPanel columns) = bias + x rows . x_panel + h rows . h_panel, stored
-// to the tile at column `col`; either product may be skipped (panel nullptr).
+// acc (MR rows x kPanel columns) = bias + x rows . x_panel + h rows . h_panel (+ x_part),
+// stored to the tile at column `col`; either product may be skipped (panel nullptr). x_part
+// (nullptr: none): the precomputed input projection of these columns, row m's vector v at
+// x_part[v] + m * ldx, its first x_valid[v] lanes real (the rest read as zeros). It is added
+// after the products, in registers: the same one add per element, in the same place of the
+// chain, as the separate pass over the stored tile that it replaces (bitwise the same).
 template <int MR>
 __attribute__((always_inline)) inline void tile_product(const float* bias, const float* x, int64_t I,
                                                         const float* x_panel, const float* h, int64_t H,
                                                         const float* h_panel, int64_t ldw, float* tile,
-                                                        int64_t tile_width) {
+                                                        int64_t tile_width, const float* const* x_part = nullptr,
+                                                        const int64_t* x_valid = nullptr, int64_t ldx = 0) {
   V acc[kMR][2];
   const V bias0 = Simd::load(bias), bias1 = Simd::load(bias + kVec);
   for (int m = 0; m < MR; ++m) {
@@ -231,6 +236,11 @@ __attribute__((always_inline)) inline void tile_product(const float* bias, const
   }
   if (x_panel != nullptr) micro_kernel<MR>(I, x, I, x_panel, ldw, acc);
   if (h_panel != nullptr) micro_kernel<MR>(H, h, H, h_panel, ldw, acc);
+  if (x_part != nullptr) {
+    for (int m = 0; m < MR; ++m) {
+      for (int v = 0; v < 2; ++v) acc[m][v] = Simd::add(acc[m][v], load_partial(x_part[v] + m * ldx, x_valid[v]));
+    }
+  }
   for (int m = 0; m < MR; ++m) {
     Simd::store(tile + m * tile_width, acc[m][0]);
     Simd::store(tile + m * tile_width + kVec, acc[m][1]);
@@ -254,25 +264,26 @@ __attribute__((noinline)) void forward_tile(const StepPtrs& q, const float* x, c
     const int64_t col = c * kPanel;
     const float* xp = w.x_panel(ub, c);
     const float* hp = w.h_panel(ub, c);
+    // Not fused: the input projection came precomputed in the gates buffer; these columns' part
+    // of it (gate g = column / U, units j0 + column % U), added in tile_product's registers.
+    const float* x_part[2] = {nullptr, nullptr};
+    int64_t x_valid[2] = {0, 0};
+    if (!w.fused_input) {
+      for (int v = 0; v < 2; ++v) {
+        const int64_t column = col + v * kVec, g = column / P::U, u = column % P::U;
+        x_part[v] = q.gates + g * q.hidden + j0 + u;
+        x_valid[v] = valid - u;
+      }
+    }
+    const float* const* xa = w.fused_input ? nullptr : x_part;
+    const int64_t ldx = E::G * q.hidden;
     if (E::G == 3 && col >= 2 * P::U) {
       // GRU's n gate: input and hidden parts in separate tile columns.
-      tile_product<MR>(bias + col, x, w.I, xp, h, w.H, nullptr, kPanel, tile + col, E::kTileWidth);
+      tile_product<MR>(bias + col, x, w.I, xp, h, w.H, nullptr, kPanel, tile + col, E::kTileWidth, xa, x_valid, ldx);
       tile_product<MR>(bias + P::kWidth + (col - 2 * P::U), x, w.I, nullptr, h, w.H, hp, kPanel,
                        tile + P::kWidth + (col - 2 * P::U), E::kTileWidth);
     } else {
-      tile_product<MR>(bias + col, x, w.I, xp, h, w.H, hp, kPanel, tile + col, E::kTileWidth);
-    }
-  }
-  if (!w.fused_input) {
-    // The input projection came precomputed in the gates buffer: add it per gate.
-    for (int m = 0; m < MR; ++m) {
-      for (int g = 0; g < E::G; ++g) {
-        for (int v = 0; v < P::U / kVec; ++v) {
-          float* t = tile + m * E::kTileWidth + g * P::U + v * kVec;
-          const float* x_part = q.gates + m * E::G * q.hidden + g * q.hidden + j0 + v * kVec;
-          Simd::store(t, Simd::add(Simd::load(t), load_partial(x_part, valid - v * kVec)));
-        }
-      }
+      tile_product<MR>(bias + col, x, w.I, xp, h, w.H, hp, kPanel, tile + col, E::kTileWidth, xa, x_valid, ldx);
     }
   }
   E::template apply<MR, Save>(q, tile, j0, valid);
