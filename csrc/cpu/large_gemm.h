@@ -8,7 +8,8 @@
 // shallow products (K <= 256: the sentiment layers' input projections); on the deep ones both ran at
 // ~70% of peak on a loaded machine and the layers were faster with MKL, so on AVX2 worth() sends only
 // the shallow ones here. On AVX-512 (entry 51, an AMD Zen 5 host, 1 thread) the 16-lane kernels ran
-// the deep ones at ~2x MKL and the LSTM training step 1.4-1.7x faster, so there they come here too.
+// the deep ones at ~2x MKL and the LSTM training step 1.4-1.7x faster, so there they come here too
+// (on AMD CPUs only: on Intel's, MKL runs its own AVX-512 kernels, not measured against these).
 //
 // Every element of C is the same chain whatever the blocking, the thread split or the vector width:
 // its start value (C, the bias or 0), then one fused multiply-add per k in order (the accumulators
@@ -50,8 +51,8 @@ bool enabled();
 
 // The measured rule (benchmarks/NOTES.md, entries 44 and 51; large_gemm.cpp): at least 128 rows, 16
 // columns and a depth of 16; on AVX2 only depths up to 256 (where this GEMM beat MKL on the Zen 3
-// machine), on AVX-512 every depth (its 16-lane kernels ran the deep products at ~2x MKL on a Zen 5
-// host). Everything else stays with MKL.
+// machine), on AVX-512 every depth where the CPU is AMD's (its 16-lane kernels ran the deep products at
+// ~2x MKL on a Zen 5 host). Everything else stays with MKL.
 bool worth(int64_t M, int64_t N, int64_t K);
 
 // Runs on isa()'s kernels; call only when enabled(). Threads (at::parallel_for) split C's blocks.
