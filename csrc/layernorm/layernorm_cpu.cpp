@@ -41,6 +41,7 @@
 
 #include "../cells/cell_common.h"
 #include "../cpu/cpu_blas.h"
+#include "../cpu/cpu_device.h"  // CpuDevice::gemm: the plain layers' choice of GEMM for the weight gradients
 #include "../cpu/cpu_engine.h"  // isa(): the instruction set the CPU kernels run on (FUSEDRNN_CPU_ISA caps it)
 #include "../layer/checks.h"
 #include "layernorm_checks.h"
@@ -744,13 +745,17 @@ inline void block_weight_grads(const StepBlock& b, const at::Tensor& dxp, const 
                                const at::Tensor& input, const at::Tensor& hprev_rows, const at::Tensor& w_ih,
                                bool need_grad_input, at::Tensor& grad_input, at::Tensor& grad_w_ih,
                                at::Tensor& grad_w_hh) {
+  // Through the plain layers' GEMM choice (CpuDevice::gemm): the large GEMM where it measured faster than
+  // MKL (float32, large_gemm::worth: these [4H, I] += [4H, rows] [rows, I] products of a block's <= 256
+  // rows on every instruction set, dX on AMD's AVX-512), else ATen's mm / addmm_ as before.
   const at::Tensor dx = dxp.narrow(0, 0, b.rows), dh = dhp.narrow(0, 0, b.rows);
+  const at::Tensor no_bias;
   if (need_grad_input) {
     at::Tensor rows = grad_input.narrow(0, b.row_begin, b.rows);
-    at::mm_out(rows, dx, w_ih);
+    CpuDevice::gemm(rows, dx, w_ih, no_bias, false);
   }
-  grad_w_ih.addmm_(dx.t(), input.narrow(0, b.row_begin, b.rows));
-  grad_w_hh.addmm_(dh.t(), hprev_rows);
+  CpuDevice::gemm(grad_w_ih, dx.t(), input.narrow(0, b.row_begin, b.rows), no_bias, true);
+  CpuDevice::gemm(grad_w_hh, dh.t(), hprev_rows, no_bias, true);
 }
 
 template <typename S, typename BlockDone>
