@@ -24,6 +24,9 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 # The published full layer tables, one per machine (never overwritten by another machine's run):
 # (results name, what the README calls the machine and the engine that ran).
 LAYERS = [
+    ("layers_cpu_float32_amd-epyc-zen5-avx512_engine-avx512",
+     "AMD EPYC Zen 5 (family 26 model 2) with AVX-512 (F/DQ/BW/VL/BF16/VNNI; full-width 512-bit FMAs, "
+     "twice Zen 4's peak), the AVX-512 engine, all five configurations"),
     ("layers_cpu_float32_amd-epyc-avx512_engine-avx512",
      "AMD EPYC Zen 4 with AVX-512 (F/DQ/BW/VL/BF16/VNNI; 512-bit FMAs double-pumped, so its FMA peak "
      "equals its AVX2 peak), the AVX-512 engine"),
