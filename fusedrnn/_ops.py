@@ -578,20 +578,21 @@ def _register():
 
     def _lstm_backward(ctx, g_out, g_hn, g_cn, _g_gates, _g_cells):
         input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, out, gates, cells = ctx.saved_tensors
+        # At one step, w_hr reaches only out and h_n (c_n does not depend on it): with neither of their
+        # gradients, torch.nn's graph gives w_hr none (None), and optimizers skip it.
+        one_step = isinstance(batch_sizes.shape[0], int) and batch_sizes.shape[0] == 1
+        w_hr_reached = g_out is not None or g_hn is not None or not one_step
         if torch.is_grad_enabled():  # create_graph=True, or torch.func.grad: differentiable
             grads = (_zeros_like_if_none(g_out, out), _zeros_like_if_none(g_hn, h0), _zeros_like_if_none(g_cn, c0))
-            return _differentiable_vjp(ctx, "lstm", grads, (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr),
-                                       batch_sizes, (out, gates, cells))
+            result = _differentiable_vjp(ctx, "lstm", grads, (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr),
+                                         batch_sizes, (out, gates, cells))
+            return result if w_hr_reached else (*result[:7], None, *result[8:])
         gi, gh0, gc0, gwih, gwhh, gbih, gbhh, gwhr = _call(
             "lstm_backward",
             _unused_grad(g_out, out), _unused_grad(g_hn, h0), _unused_grad(g_cn, c0),
             input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse, ctx.needs_input_grad[0], out, gates, cells,
             ctx.needs_input_grad[1])
         gbih, gbhh = _bias_grads(ctx, gbih, gbhh)
-        # At one step, w_hr reaches only out and h_n (c_n does not depend on it): with neither of their
-        # gradients, torch.nn's graph gives w_hr none (None), and optimizers skip it.
-        one_step = isinstance(batch_sizes.shape[0], int) and batch_sizes.shape[0] == 1
-        w_hr_reached = g_out is not None or g_hn is not None or not one_step
         return (gi if ctx.needs_input_grad[0] else None), (gh0 if ctx.needs_input_grad[1] else None), gc0, gwih, gwhh, gbih, gbhh, (gwhr if w_hr is not None and w_hr_reached else None), None, None
 
     _register_autograd("lstm_forward", _lstm_backward, _lstm_setup)

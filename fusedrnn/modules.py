@@ -1150,7 +1150,7 @@ class _CellBase(_ModuleInit, nn.RNNCellBase):
                 if c is None:
                     c = empty.clone()
                 else:
-                    c = empty + c
+                    c = empty + c.to(empty.dtype)  # under autocast empty is the autocast dtype, as nn's state
         else:
             weights: LayerWeights = (w_ih, w_hh, b_ih, b_hh, None)
             batch_sizes = functional.full_batch_sizes(1, batch)

@@ -1239,9 +1239,10 @@ def test_more_uses_of_a_layer_give_torch_nns_numbers(cell, use, dtype):
             torch.testing.assert_close(a, b, msg=n, **_tol(dtype))
 
 
+@pytest.mark.parametrize("create_graph", [False, True], ids=["first_order", "create_graph"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "python_autograd"])
 @pytest.mark.parametrize("steps", [1, 3])
-def test_weight_hr_gets_no_gradient_where_torch_nn_gives_none(steps, compiled, monkeypatch):
+def test_weight_hr_gets_no_gradient_where_torch_nn_gives_none(steps, compiled, create_graph, monkeypatch):
     """At one step, w_hr reaches only the output and h_n (c_n = f c_0 + i g does not depend on it): a
     loss on c_n alone gives torch.nn's w_hr no gradient (None), and an optimizer with weight decay skips
     it. fusedrnn's one node returned zeros, so AdamW decayed the weight and the numbers parted after a
@@ -1254,7 +1255,8 @@ def test_weight_hr_gets_no_gradient_where_torch_nn_gives_none(steps, compiled, m
     for module in (ref, ours):
         opt = torch.optim.AdamW(module.parameters(), lr=0.1, weight_decay=0.5)
         _, (_, c_n) = module(x)
-        (c_n[1] * torch.linspace(-1, 1, 8, dtype=torch.float64).view(2, 4)).sum().backward()
+        # create_graph: the double-backward formulas (gradient penalties, MAML) must give None too
+        (c_n[1] * torch.linspace(-1, 1, 8, dtype=torch.float64).view(2, 4)).sum().backward(create_graph=create_graph)
         grads = {n: p.grad for n, p in module.named_parameters()}
         opt.step()
         results.append((grads, {n: p.detach().clone() for n, p in module.named_parameters()}))

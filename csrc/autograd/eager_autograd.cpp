@@ -175,12 +175,16 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
     auto needs = needs_grad_by_argument(
         ctx, {true, true, true, true, true, b_ih.defined(), b_hh.defined(), w_hr.defined(), true});
     variable_list result(10);  // one per forward argument
+    // At one step, w_hr reaches only out and h_n (c_n = f c_0 + i g does not depend on it): with neither
+    // of their gradients, torch.nn's graph gives w_hr no gradient (None), and optimizers skip it.
+    const bool w_hr_reached = grads[0].defined() || grads[1].defined() || batch_sizes.size(0) != 1;
     variable_list g = {grad_or_zero(grads[0], out), grad_or_zero(grads[1], h0), grad_or_zero(grads[2], c0)};
     if (at::GradMode::is_enabled()) {
       needs.resize(8);
       auto first = differentiable_vjp("lstm", reverse, g, {input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr}, needs,
                                       batch_sizes, {out, gates, cells});
       std::copy(first.begin(), first.end(), result.begin());
+      if (!w_hr_reached) result[7] = Tensor();
       return result;
     }
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -194,9 +198,6 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
     result[4] = gwhh;
     if (b_ih.defined()) result[5] = gbih;
     if (b_hh.defined()) result[6] = gbhh;
-    // At one step, w_hr reaches only out and h_n (c_n = f c_0 + i g does not depend on it): with neither
-    // of their gradients, torch.nn's graph gives w_hr no gradient (None), and optimizers skip it.
-    const bool w_hr_reached = grads[0].defined() || grads[1].defined() || batch_sizes.size(0) != 1;
     if (w_hr.defined() && w_hr_reached) result[7] = gwhr;
     return result;
   }

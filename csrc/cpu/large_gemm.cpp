@@ -3,6 +3,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <cpuid.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -32,13 +34,25 @@ bool enabled() {
 // On AVX-512 (measured on an AMD Zen 5 host, entry 51) the 16-lane kernels ran the deep products too
 // (dX, dW_ih, dW_hh, fastrnns' projections) at about twice MKL's rate on one thread, so there every
 // product of at least 128 rows and a depth of 16 comes here: the LSTM training step 1.44x faster at the
-// sentiment shape, 1.62x at fastrnns (2 threads, quiet, entry 51). Only on AMD: MKL runs generic kernels
-// on AMD CPUs, its own AVX-512 ones on Intel's, where this was not measured, so Intel keeps MKL for them.
+// sentiment shape, 1.62x at fastrnns (2 threads, quiet, entry 51). Only on AMD's Zen 5 and later (family
+// 26 up): MKL runs generic kernels on AMD CPUs and its own AVX-512 ones on Intel's, where this was not
+// measured, so Intel keeps MKL for them; Zen 4 (family 25) double-pumps its 512-bit FMAs, so its AVX-512
+// peak is its AVX2 one, where the deep products measured level with MKL (entry 44, and entry 51 with the
+// Zen 5 capped at AVX2), and it was not measured with this rule: it keeps MKL too. So on AMD AVX-512 CPUs
+// FUSEDRNN_CPU_ISA=avx2 and the default differ in the deep products' rounding (MKL's sums against these).
 bool worth(int64_t M, int64_t N, int64_t K) {
   if (M < 128 || N < 16 || K < 16) return false;
   if (K <= 256) return true;
-  static const bool amd = __builtin_cpu_is("amd");
-  return amd && cpu_engine::isa() == cpu_engine::Isa::kAvx512;
+  static const bool deep_products_here = [] {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_is("amd")) return false;
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
+    unsigned family = (eax >> 8) & 0xf;
+    if (family == 0xf) family += (eax >> 20) & 0xff;  // the extended family
+    return family >= 26;
+  }();
+  return deep_products_here && cpu_engine::isa() == cpu_engine::Isa::kAvx512;
 }
 
 // Calls of run(), for tests: that a layer's products took this GEMM (a relaxed increment per product).
