@@ -512,7 +512,11 @@ struct SplitGovernor {
     return std::chrono::duration_cast<std::chrono::microseconds>(Clock::now().time_since_epoch()).count();
   }
   bool paused() const { return now_us() < unsplit_until_us.load(std::memory_order_relaxed); }
-  void record(bool lost) {
+  // A split call of `parts` parts took `elapsed`, of which the worker of part 0 worked `first_part_work`
+  // (50 us of slack: a lost call under load loses milliseconds, and a quiet machine's fork and join
+  // jitter by microseconds, which must not pause a split that pays).
+  void record(Clock::duration elapsed, Clock::duration first_part_work, int64_t parts) {
+    const bool lost = elapsed > first_part_work * (parts * 3) / 2 + std::chrono::microseconds(50);
     const int64_t wait = wait_us.load(std::memory_order_relaxed);
     if (lost) {
       unsplit_until_us.store(now_us() + wait, std::memory_order_relaxed);
@@ -561,7 +565,7 @@ void small_forward_split(const ForwardArgs& args, int64_t parts) {
   // before, which nothing overwrites.
   std::vector<float> h0(args.h_state, args.h_state + B * H);
   SplitProgress progress[kSplitMaxParts];
-  using Clock = std::chrono::steady_clock;
+  using Clock = SplitGovernor::Clock;
   const Clock::time_point call_start = Clock::now();
   Clock::duration first_part_work{0};  // the work of the worker that runs part 0, without its waits
   at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
@@ -586,9 +590,7 @@ void small_forward_split(const ForwardArgs& args, int64_t parts) {
       wait_for_parts(progress, parts, k + 1);
     }
   });
-  // 50 us of slack: a lost call under load loses milliseconds, and a quiet machine's fork and join jitter
-  // by microseconds, which must not pause a split that pays.
-  split_governor().record(Clock::now() - call_start > first_part_work * (parts * 3) / 2 + std::chrono::microseconds(50));
+  split_governor().record(Clock::now() - call_start, first_part_work, parts);
 }
 
 template <typename Cell, bool Save>
