@@ -43,6 +43,16 @@ def engine_isa():
     return lib.fusedrnn_cpu_engine_isa().decode()
 
 
+def engine_fuses_input(gates, input_size, hidden_size):
+    """Whether the engine computes a float32 layer's input projection inside its forward tiles
+    (cpu_engine.h: fuse_input_projection), asked from the library itself."""
+    lib = ctypes.CDLL(_ops._C.__file__)
+    f = lib.fusedrnn_cpu_fuse_input_projection
+    f.restype = ctypes.c_int
+    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return bool(f(gates, input_size, hidden_size))
+
+
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 

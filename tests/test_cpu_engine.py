@@ -12,13 +12,14 @@ with; both switches are read on every call.
 """
 
 import re
+import subprocess
 import sys
 
 import pytest
 import torch
 
 import fusedrnn
-from engine_helpers import (GATES, ISAS, as_float32, cpu_has_avx2_fma, cpu_has_avx512f, engine_isa,
+from engine_helpers import (GATES, ISAS, as_float32, cpu_has_avx2_fma, cpu_has_avx512f, engine_fuses_input, engine_isa,
                             lengths_to_batch_sizes, make_args, outputs_and_grads, run_op, run_reference)
 
 pytestmark = pytest.mark.skipif(not fusedrnn.backends()["compiled"], reason="compiled operators not loaded: "
@@ -76,6 +77,29 @@ def test_engine_matches_float64_reference(cell, hidden, lengths, reverse, nthrea
     for a, e in zip(got, want):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=2e-5)
+
+
+def test_input_projection_rule_follows_the_l2_cache(monkeypatch):
+    """Where the engine fuses the input projection (cpu_engine.h): weights within half the L2, or
+    W_hh alone beyond it (fastrnns, H = 512: measured 1.2-1.4x faster fused, NOTES entries 12 and 54)
+    up to 16 MB of weights; the switch overrides it both ways."""
+    monkeypatch.delenv("FUSEDRNN_CPU_FUSE_INPUT", raising=False)
+    try:  # glibc's sysconf(_SC_LEVEL2_CACHE_SIZE), which the engine reads (Python's os.sysconf lacks the name)
+        l2 = int(subprocess.run(["getconf", "LEVEL2_CACHE_SIZE"], capture_output=True, text=True).stdout.strip() or 0)
+    except (OSError, ValueError):
+        l2 = 0
+    l2 = l2 if l2 > 0 else 512 * 1024
+    for gates, i, h in [(1, 100, 128), (3, 100, 128), (4, 100, 128), (4, 512, 128), (3, 256, 256), (4, 512, 512),
+                        (3, 512, 512), (4, 768, 768), (4, 1024, 1024), (3, 1024, 1024)]:
+        weights, hh = 4 * gates * h * (i + h), 4 * gates * h * h
+        want = 2 * weights <= l2 or (2 * hh > l2 and weights <= 16 << 20)
+        assert engine_fuses_input(gates, i, h) == want, (gates, i, h, l2)
+    if l2 < 8 << 20:  # the fastrnns LSTM's 8 MB of weights: fused on every CPU with an L2 under 8 MB
+        assert engine_fuses_input(4, 512, 512)
+    assert not engine_fuses_input(4, 1024, 1024)  # 32 MB of weights: the separate projection
+    for force in ("0", "1"):
+        monkeypatch.setenv("FUSEDRNN_CPU_FUSE_INPUT", force)
+        assert engine_fuses_input(4, 512, 512) == (force == "1") and engine_fuses_input(1, 8, 8) == (force == "1")
 
 
 @pytest.mark.parametrize("fuse_input", ["1", "0"], ids=["fused_input", "gemm_input"])

@@ -81,8 +81,14 @@ bool fuse_input_projection(int gates, int64_t input_size, int64_t hidden_size) {
 #endif
     return v > 0 ? static_cast<int64_t>(v) : int64_t{512} * 1024;
   }();
+  const int64_t hh_bytes = static_cast<int64_t>(gates) * hidden_size * hidden_size * 4;
   const int64_t weight_bytes = static_cast<int64_t>(gates) * hidden_size * (input_size + hidden_size) * 4;
-  return 2 * weight_bytes <= l2_bytes;
+  if (2 * weight_bytes <= l2_bytes) return true;  // both stay in L2 from step to step
+  // W_hh alone leaves half the L2, so the recurrence streams it from L3 every step either way; fusing
+  // adds W_ih to that stream at the same FLOPs per byte and saves the separate projection's round trip
+  // of the gates buffer (T*B*G*H floats, 52 MB at fastrnns) through memory. Up to 16 MB of weights:
+  // beyond that (LSTM H = I = 1024, 32 MB, this L3's size) it measured slower (entry 54).
+  return 2 * hh_bytes > l2_bytes && weight_bytes <= kFuseInputMaxWeightBytes;
 }
 
 bool use_small_path(int64_t batch, int64_t steps) {
@@ -106,4 +112,11 @@ extern "C" __attribute__((visibility("default"))) const char* fusedrnn_cpu_engin
     answer = e.what_without_backtrace();
   }
   return answer.c_str();
+}
+
+// For tests (ctypes): whether a float32 layer of these sizes computes its input projection inside
+// the forward tiles now (FUSEDRNN_CPU_FUSE_INPUT included).
+extern "C" __attribute__((visibility("default"))) int fusedrnn_cpu_fuse_input_projection(int gates, int64_t input_size,
+                                                                                       int64_t hidden_size) {
+  return fusedrnn::cpu_engine::fuse_input_projection(gates, input_size, hidden_size) ? 1 : 0;
 }

@@ -116,12 +116,14 @@ struct BackwardArgs {
   bool need_grad_h0 = true;
 };
 
-// Whether forward should compute the input projection inside its tiles: only
-// while both packed weight matrices fit in half of this core's L2 cache. On the
-// project's machine (512 KB L2) fusing measured faster for the sentiment RNN
-// (117 KB of weights) and slower for GRU and LSTM (350 and 467 KB), whose
-// weights then no longer stay in L2 from one step to the next
-// (benchmarks/NOTES.md, entry 12). FUSEDRNN_CPU_FUSE_INPUT=1 or 0 forces it.
+// Whether forward should compute the input projection inside its tiles: while both packed weight
+// matrices fit in half of this core's L2 cache, or once W_hh alone does not (and all the weights
+// are within kFuseInputMaxWeightBytes). In between, on the 512 KB-L2 Zen 3, fusing measured slower
+// for the sentiment GRU and LSTM (350 and 467 KB of weights, W_hh 196 and 256 KB), whose weights
+// then no longer stay in L2 from one step to the next (benchmarks/NOTES.md, entry 12); at larger
+// hidden sizes it measured 1.2-1.4x faster inference on the Zen 3 (fastrnns, entry 12) and the Zen 4
+// (H = 256 .. 768, entry 54). FUSEDRNN_CPU_FUSE_INPUT=1 or 0 forces it.
+constexpr int64_t kFuseInputMaxWeightBytes = int64_t{16} << 20;
 bool fuse_input_projection(int gates, int64_t input_size, int64_t hidden_size);
 
 // Whether a call is small enough that packing W_hh would cost more than it
