@@ -7,6 +7,7 @@ import torch
 
 import fusedrnn
 from conftest import DEVICES
+from engine_helpers import ISAS
 from fusedrnn import reference
 
 pytestmark = pytest.mark.skipif(not fusedrnn.backends()["compiled"], reason="compiled operators not loaded: "
@@ -449,3 +450,63 @@ def test_small_path_unit_split_gives_the_one_thread_numbers(cell, steps, batch, 
                                         for a in args], reverse)
     for got, want in zip(results["1"][0][:2], expected[:2]):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+# ---- the packed path's unit split (csrc/cpu/engine_forward.h: packed_split_parts) ----------------
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fuse_input", ["0", "1"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("steps,batch", [(40, 1), (12, 5), (9, 9)])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_packed_path_unit_split_gives_the_batch_split_numbers(cell, steps, batch, reverse, threads, fuse_input, isa,
+                                                              monkeypatch):
+    """A call of few rows on the packed (not small) path, split by hidden units across threads (one
+    barrier per step) instead of by rows: bitwise the same output, states and saved tensors as the
+    batch split (each row's sums run in the same order in any row block), and the reference's numbers.
+    9 rows on 2 threads is past the default's 4 rows per thread: forced."""
+    ops, args = _split_args(cell, steps, batch, torch.float32)
+    monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
+    monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
+    monkeypatch.setenv("FUSEDRNN_CPU_SMALL", "0")
+    monkeypatch.setenv("FUSEDRNN_CPU_FUSE_INPUT", fuse_input)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        results = {}
+        for split in ("0", "1"):
+            monkeypatch.setenv("FUSEDRNN_CPU_UNIT_SPLIT", split)
+            results[split] = [op(*args, reverse) for op in ops]
+    finally:
+        torch.set_num_threads(before)
+    for whole, parts in zip(results["0"], results["1"]):
+        for a, b in zip(whole, parts):
+            assert torch.equal(a, b)
+    if cell == "rnn_relu" and steps > 12:
+        return  # 40 ReLU steps of these random weights amplify float32 rounding (1% on a few units); the
+        # bitwise check above is this test's point, tests/test_cpu_engine.py checks accuracy
+    expected = reference_forward(cell, [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                        for a in args], reverse)
+    for got, want in zip(results["1"][0][:2], expected[:2]):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_path_unit_split_keeps_padded_rows_apart(monkeypatch):
+    """A packed batch of unequal lengths is never unit-split (it reads h_{t-1} from the previous step's
+    output rows, which a shrinking batch does not have for every row): forcing the split leaves the
+    numbers those of the batch split."""
+    monkeypatch.setenv("FUSEDRNN_CPU_SMALL", "0")
+    torch.manual_seed(0)
+    m = fusedrnn.LSTM(6, 40)
+    seqs = [torch.randn(n, 6) for n in (30, 22, 9)]
+    packed = torch.nn.utils.rnn.pack_sequence(seqs)
+    results = {}
+    for split in ("0", "1"):
+        monkeypatch.setenv("FUSEDRNN_CPU_UNIT_SPLIT", split)
+        with torch.no_grad():
+            out, (h, c) = m(packed)
+        results[split] = (out.data, h, c)
+    for a, b in zip(results["0"], results["1"]):
+        assert torch.equal(a, b)

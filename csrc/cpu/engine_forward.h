@@ -311,6 +311,153 @@ inline StepPtrs step_rows(const ForwardArgs& args, int G, int64_t off, int64_t m
   return q;
 }
 
+// The small path's unit split (small_forward_impl): a call of a few rows on two or more threads (one
+// row alone would give one thread all the work; a few rows leave each thread all of W_hh) splits the
+// unit blocks of every step between the threads instead, each reading only its share of W_hh (and W_ih
+// when fused) per step; one barrier per step (each thread's units of h_t are written before any thread
+// reads h_t). Measured on the AVX2 machine (benchmarks/NOTES.md, entries 45 and 47): on the quiet
+// machine, 2 threads, the split was as fast or faster in every streaming row (B = 1..8, T = 1 and 20,
+// H = 64..256, no-grad and training; LSTM T=20 B=1 H=256 no-grad 669 -> 417 us), so it is the default
+// whenever there are threads and a uniform batch. FUSEDRNN_CPU_SMALL_SPLIT=0 turns it off (tests check
+// both ways).
+constexpr int kSplitMaxParts = 4;
+
+// A worker's progress, on a cache line of its own: the number of steps whose units it has written.
+struct alignas(64) SplitProgress {
+  std::atomic<int64_t> steps{0};
+};
+
+// Waits until every part has written step `steps - 1`. Spins briefly (the other core is expected to
+// finish within a step's product), then yields, so that a loaded machine's descheduled worker is
+// not waited for by burning the core it needs.
+inline void wait_for_parts(const SplitProgress* progress, int64_t parts, int64_t steps) {
+  for (int64_t p = 0; p < parts; ++p) {
+    int spins = 0;
+    while (progress[p].steps.load(std::memory_order_acquire) < steps) {
+      if (++spins < 2048) {
+        _mm_pause();
+      } else {
+        sched_yield();
+      }
+    }
+  }
+}
+
+// The split pays only while the other threads run when asked: on a loaded machine (more runnable threads
+// than cores) a worker may wait a whole scheduler slice for its core, and the call waits with it, in the
+// per-step barrier and in the team's join. Measured on the 2-core AVX2 machine with other processes
+// running (benchmarks/NOTES.md, entry 49): LSTMCell B=1 H=128 no-grad 243 us split against 64 us unsplit,
+// 16-17 ms against 70-83 us with one more busy process, where torch.nn took 120-250 us. So each split call
+// times itself: when it took half as long again as its first part's own work times the parts (about what
+// one thread alone would have taken) and 50 us more, the split lost, and calls run unsplit for a while: 50 ms after a
+// loss, twice as long after each further loss up to 2 s, half as long after a win. A lost call costs up to
+// a scheduler slice (milliseconds) and a won one saves microseconds, so the wait is in time, not in calls:
+// at most one losing try per wait. Both ways give the same numbers, bitwise (the split moves whole unit
+// blocks between threads; tests/test_ops.py), so this choice changes only the time.
+struct SplitGovernor {
+  using Clock = std::chrono::steady_clock;
+  static constexpr int64_t kMinWaitUs = 50'000, kMaxWaitUs = 2'000'000;
+  std::atomic<int64_t> unsplit_until_us{0};  // Clock time before which calls run unsplit
+  std::atomic<int64_t> wait_us{kMinWaitUs};  // how long the next loss stops the split
+
+  static int64_t now_us() {
+    return std::chrono::duration_cast<std::chrono::microseconds>(Clock::now().time_since_epoch()).count();
+  }
+  bool paused() const { return now_us() < unsplit_until_us.load(std::memory_order_relaxed); }
+  // A split call of `parts` parts took `elapsed`, of which the worker of part 0 worked `first_part_work`
+  // (50 us of slack: a lost call under load loses milliseconds, and a quiet machine's fork and join
+  // jitter by microseconds, which must not pause a split that pays).
+  void record(Clock::duration elapsed, Clock::duration first_part_work, int64_t parts) {
+    const bool lost = elapsed > first_part_work * (parts * 3) / 2 + std::chrono::microseconds(50);
+    const int64_t wait = wait_us.load(std::memory_order_relaxed);
+    if (lost) {
+      unsplit_until_us.store(now_us() + wait, std::memory_order_relaxed);
+      wait_us.store(std::min(wait * 2, kMaxWaitUs), std::memory_order_relaxed);
+    } else {
+      wait_us.store(std::max(wait / 2, kMinWaitUs), std::memory_order_relaxed);
+    }
+  }
+};
+
+inline SplitGovernor& split_governor() {
+  static SplitGovernor governor;
+  return governor;
+}
+
+// How many parts the unit blocks of this call may be split into (1: no split), whichever path runs it.
+// `switch_name`: the variable that turns this split off (0) or forces it (1: whatever the governor says).
+inline int64_t split_parts(const ForwardArgs& args, int64_t blocks, const char* switch_name) {
+#if !AT_PARALLEL_OPENMP
+  // The per-step barrier needs every part running at once: an OpenMP team gives that, ATen's native
+  // pool (shared by all callers, its chunks queued) does not, and two callers could each hold part of the
+  // pool while waiting for the rest (a deadlock).
+  return 1;
+#endif
+  const int threads = at::get_num_threads();
+  if (threads < 2 || at::in_parallel_region() || blocks < 2) return 1;
+  const std::vector<int64_t>& batch = *args.sched.batch;
+  // The split reads h_{t-1} from the previous step's output rows: every row in every step.
+  if (batch.empty() || batch.front() != args.B || batch.back() != args.B) return 1;
+  const char* force = std::getenv(switch_name);
+  if (force != nullptr && force[0] == '0') return 1;
+  const bool forced = force != nullptr && force[0] == '1';  // tests: split whatever the machine's load
+  if (!forced && split_governor().paused()) return 1;
+  return std::min<int64_t>({threads, blocks, kSplitMaxParts});
+}
+
+// The packed path's unit split (forward_impl): with few rows per thread the batch split leaves each
+// thread a thin row block (small_batch, B = 4 on 2 threads: 2 rows, a micro-kernel of 4 accumulators,
+// FMA-latency-bound) and all of W_hh to stream per step; split by units instead, each thread multiplies
+// every row (B = 4: one 4-row block) by its share of the panels, one barrier per step (entry 55).
+// FUSEDRNN_CPU_UNIT_SPLIT=0 / 1 turns it off / on whatever the rows (tests check both ways: the same
+// numbers, bitwise, since each row's sums run in the same order in any row block).
+constexpr int64_t kUnitSplitMaxRowsPerThread = 4;
+
+inline int64_t packed_split_parts(const ForwardArgs& args, int64_t blocks) {
+  const char* force = std::getenv("FUSEDRNN_CPU_UNIT_SPLIT");
+  const bool forced = force != nullptr && force[0] == '1';
+  if (!forced && args.B > kUnitSplitMaxRowsPerThread * at::get_num_threads()) return 1;
+  return split_parts(args, blocks, "FUSEDRNN_CPU_UNIT_SPLIT");
+}
+
+// Runs every step of a uniform batch with the unit blocks split into `parts` parts, one barrier per
+// step. block(off, h_prev, ub, tile) computes unit block ub of the step whose rows start at `off`, all
+// rows, reading h_{t-1} at h_prev: step 0 reads h0, which the epilogues overwrite in place (a part's
+// units while another part still multiplies by them), so a copy; later steps read h_{t-1} from the output
+// rows of the step before, which nothing overwrites. Reports its time to the split governor.
+template <int kTileFloats, typename Block>
+void split_steps(const ForwardArgs& args, int64_t parts, int64_t blocks, const Block& block) {
+  const int64_t H = args.H, B = args.B;
+  const int64_t per_part = (blocks + parts - 1) / parts;
+  const std::vector<int64_t>& offset = *args.sched.offset;
+  const int64_t T = static_cast<int64_t>(offset.size());
+  std::vector<float> h0(args.h_state, args.h_state + B * H);
+  SplitProgress progress[kSplitMaxParts];
+  using Clock = SplitGovernor::Clock;
+  const Clock::time_point call_start = Clock::now();
+  Clock::duration first_part_work{0};  // the work of the worker that runs part 0, without its waits
+  at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+    // One worker may be given several parts (fewer threads than asked for): it runs all of them
+    // each step before waiting, so the barrier never waits on itself.
+    alignas(64) float tile[kTileFloats];
+    const bool timed = first == 0;
+    for (int64_t k = 0; k < T; ++k) {
+      const Clock::time_point step_start = timed ? Clock::now() : Clock::time_point{};
+      const int64_t t = args.sched.reverse ? T - 1 - k : k;
+      const int64_t t_prev = args.sched.reverse ? t + 1 : t - 1;
+      const float* h_prev = k == 0 ? h0.data() : args.output + offset[t_prev] * H;
+      for (int64_t p = first; p < last; ++p) {
+        const int64_t ub_end = std::min(blocks, (p + 1) * per_part);
+        for (int64_t ub = p * per_part; ub < ub_end; ++ub) block(offset[t], h_prev, ub, tile);
+        progress[p].steps.store(k + 1, std::memory_order_release);
+      }
+      if (timed) first_part_work += Clock::now() - step_start;
+      wait_for_parts(progress, parts, k + 1);
+    }
+  });
+  split_governor().record(Clock::now() - call_start, first_part_work, parts);
+}
+
 template <typename Cell, bool Save>
 void forward_impl(const ForwardArgs& args) {
   using E = ForwardEpilogue<Cell>;
@@ -325,6 +472,17 @@ void forward_impl(const ForwardArgs& args) {
   if (w.fused_input) pack_panels<G>(args.w_ih, H, args.I, w.w_ih);
   pack_panels<G>(args.w_hh, H, H, w.w_hh);
   pack_biases<G>(w.fused_input ? args.b_ih : nullptr, args.b_hh, H, w.bias);
+  const int64_t parts = packed_split_parts(args, blocks);
+  if (parts > 1) {
+    split_steps<kMR * E::kTileWidth>(args, parts, blocks, [&](int64_t off, const float* h_prev, int64_t ub, float* tile) {
+      for_each_row_block(0, args.B, [&](int64_t m0, int64_t mr) {
+        const StepPtrs q = step_rows(args, G, off, m0, mr);
+        const float* x = w.fused_input ? args.input + (off + m0) * args.I : nullptr;
+        with_rows(mr, [&](auto rows) { forward_tile<Cell, rows.value, Save>(q, x, h_prev + m0 * H, w, ub, tile); });
+      });
+    });
+    return;
+  }
   const std::vector<int64_t>& batch = *args.sched.batch;
   const std::vector<int64_t>& offset = *args.sched.offset;
   const int64_t T = static_cast<int64_t>(batch.size());
@@ -459,138 +617,13 @@ inline void small_step_block(const ForwardArgs& args, int64_t off, int64_t lo, i
   });
 }
 
-// The small path's unit split (small_forward_impl): a call of a few rows on two or more threads (one
-// row alone would give one thread all the work; a few rows leave each thread all of W_hh) splits the
-// unit blocks of every step between the threads instead, each reading only its share of W_hh (and W_ih
-// when fused) per step; one barrier per step (each thread's units of h_t are written before any thread
-// reads h_t). Measured on the AVX2 machine (benchmarks/NOTES.md, entries 45 and 47): on the quiet
-// machine, 2 threads, the split was as fast or faster in every streaming row (B = 1..8, T = 1 and 20,
-// H = 64..256, no-grad and training; LSTM T=20 B=1 H=256 no-grad 669 -> 417 us), so it is the default
-// whenever there are threads and a uniform batch. FUSEDRNN_CPU_SMALL_SPLIT=0 turns it off (tests check
-// both ways).
-constexpr int kSplitMaxParts = 4;
-
-// A worker's progress, on a cache line of its own: the number of steps whose units it has written.
-struct alignas(64) SplitProgress {
-  std::atomic<int64_t> steps{0};
-};
-
-// Waits until every part has written step `steps - 1`. Spins briefly (the other core is expected to
-// finish within a step's product), then yields, so that a loaded machine's descheduled worker is
-// not waited for by burning the core it needs.
-inline void wait_for_parts(const SplitProgress* progress, int64_t parts, int64_t steps) {
-  for (int64_t p = 0; p < parts; ++p) {
-    int spins = 0;
-    while (progress[p].steps.load(std::memory_order_acquire) < steps) {
-      if (++spins < 2048) {
-        _mm_pause();
-      } else {
-        sched_yield();
-      }
-    }
-  }
-}
-
-// The split pays only while the other threads run when asked: on a loaded machine (more runnable threads
-// than cores) a worker may wait a whole scheduler slice for its core, and the call waits with it, in the
-// per-step barrier and in the team's join. Measured on the 2-core AVX2 machine with other processes
-// running (benchmarks/NOTES.md, entry 49): LSTMCell B=1 H=128 no-grad 243 us split against 64 us unsplit,
-// 16-17 ms against 70-83 us with one more busy process, where torch.nn took 120-250 us. So each split call
-// times itself: when it took half as long again as its first part's own work times the parts (about what
-// one thread alone would have taken) and 50 us more, the split lost, and calls run unsplit for a while: 50 ms after a
-// loss, twice as long after each further loss up to 2 s, half as long after a win. A lost call costs up to
-// a scheduler slice (milliseconds) and a won one saves microseconds, so the wait is in time, not in calls:
-// at most one losing try per wait. Both ways give the same numbers, bitwise (the split moves whole unit
-// blocks between threads; tests/test_ops.py), so this choice changes only the time.
-struct SplitGovernor {
-  using Clock = std::chrono::steady_clock;
-  static constexpr int64_t kMinWaitUs = 50'000, kMaxWaitUs = 2'000'000;
-  std::atomic<int64_t> unsplit_until_us{0};  // Clock time before which calls run unsplit
-  std::atomic<int64_t> wait_us{kMinWaitUs};  // how long the next loss stops the split
-
-  static int64_t now_us() {
-    return std::chrono::duration_cast<std::chrono::microseconds>(Clock::now().time_since_epoch()).count();
-  }
-  bool paused() const { return now_us() < unsplit_until_us.load(std::memory_order_relaxed); }
-  // A split call of `parts` parts took `elapsed`, of which the worker of part 0 worked `first_part_work`
-  // (50 us of slack: a lost call under load loses milliseconds, and a quiet machine's fork and join
-  // jitter by microseconds, which must not pause a split that pays).
-  void record(Clock::duration elapsed, Clock::duration first_part_work, int64_t parts) {
-    const bool lost = elapsed > first_part_work * (parts * 3) / 2 + std::chrono::microseconds(50);
-    const int64_t wait = wait_us.load(std::memory_order_relaxed);
-    if (lost) {
-      unsplit_until_us.store(now_us() + wait, std::memory_order_relaxed);
-      wait_us.store(std::min(wait * 2, kMaxWaitUs), std::memory_order_relaxed);
-    } else {
-      wait_us.store(std::max(wait / 2, kMinWaitUs), std::memory_order_relaxed);
-    }
-  }
-};
-
-inline SplitGovernor& split_governor() {
-  static SplitGovernor governor;
-  return governor;
-}
-
-// How many parts the unit blocks of this call are split into (1: no split).
-inline int64_t small_split_parts(const ForwardArgs& args, int64_t blocks) {
-#if !AT_PARALLEL_OPENMP
-  // The per-step barrier needs every part running at once: an OpenMP team gives that, ATen's native
-  // pool (shared by all callers, its chunks queued) does not, and two callers could each hold part of the
-  // pool while waiting for the rest (a deadlock).
-  return 1;
-#endif
-  const int threads = at::get_num_threads();
-  if (threads < 2 || at::in_parallel_region() || blocks < 2) return 1;
-  const std::vector<int64_t>& batch = *args.sched.batch;
-  // The split reads h_{t-1} from the previous step's output rows: every row in every step.
-  if (batch.empty() || batch.front() != args.B || batch.back() != args.B) return 1;
-  const char* force = std::getenv("FUSEDRNN_CPU_SMALL_SPLIT");
-  if (force != nullptr && force[0] == '0') return 1;
-  const bool forced = force != nullptr && force[0] == '1';  // tests: split whatever the machine's load
-  if (!forced && split_governor().paused()) return 1;
-  return std::min<int64_t>({threads, blocks, kSplitMaxParts});
-}
-
 template <typename Cell, bool Save>
 void small_forward_split(const ForwardArgs& args, int64_t parts) {
   using E = ForwardEpilogue<Cell>;
-  const int64_t H = args.H, B = args.B;
-  const int64_t blocks = (H + E::U - 1) / E::U;
-  const int64_t per_part = (blocks + parts - 1) / parts;
-  const std::vector<int64_t>& offset = *args.sched.offset;
-  const int64_t T = static_cast<int64_t>(offset.size());
-  // Step 0 reads h0, which the epilogues overwrite in place (a part's units while another part
-  // still multiplies by them): a copy. Later steps read h_{t-1} from the output rows of the step
-  // before, which nothing overwrites.
-  std::vector<float> h0(args.h_state, args.h_state + B * H);
-  SplitProgress progress[kSplitMaxParts];
-  using Clock = SplitGovernor::Clock;
-  const Clock::time_point call_start = Clock::now();
-  Clock::duration first_part_work{0};  // the work of the worker that runs part 0, without its waits
-  at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
-    // One worker may be given several parts (fewer threads than asked for): it runs all of them
-    // each step before waiting, so the barrier never waits on itself.
-    alignas(64) float tile[kMR * E::kTileWidth];
-    const bool timed = first == 0;
-    for (int64_t k = 0; k < T; ++k) {
-      const Clock::time_point step_start = timed ? Clock::now() : Clock::time_point{};
-      const int64_t t = args.sched.reverse ? T - 1 - k : k;
-      const int64_t t_prev = args.sched.reverse ? t + 1 : t - 1;
-      const float* h_prev = k == 0 ? h0.data() : args.output + offset[t_prev] * H;
-      const int64_t off = offset[t];
-      for (int64_t p = first; p < last; ++p) {
-        const int64_t ub_end = std::min(blocks, (p + 1) * per_part);
-        for (int64_t ub = p * per_part; ub < ub_end; ++ub) {
-          small_step_block<Cell, Save>(args, off, 0, B, h_prev, ub, tile);
-        }
-        progress[p].steps.store(k + 1, std::memory_order_release);
-      }
-      if (timed) first_part_work += Clock::now() - step_start;
-      wait_for_parts(progress, parts, k + 1);
-    }
+  const int64_t blocks = (args.H + E::U - 1) / E::U;
+  split_steps<kMR * E::kTileWidth>(args, parts, blocks, [&](int64_t off, const float* h_prev, int64_t ub, float* tile) {
+    small_step_block<Cell, Save>(args, off, 0, args.B, h_prev, ub, tile);
   });
-  split_governor().record(Clock::now() - call_start, first_part_work, parts);
 }
 
 template <typename Cell, bool Save>
@@ -598,7 +631,7 @@ void small_forward_impl(const ForwardArgs& args) {
   using E = ForwardEpilogue<Cell>;
   const int64_t H = args.H;
   const int64_t blocks = (H + E::U - 1) / E::U;
-  const int64_t parts = small_split_parts(args, blocks);
+  const int64_t parts = split_parts(args, blocks, "FUSEDRNN_CPU_SMALL_SPLIT");
   if (parts > 1) {
     small_forward_split<Cell, Save>(args, parts);
     return;
