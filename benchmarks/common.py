@@ -48,19 +48,27 @@ def output_base(name: str, results_dir: Optional[str] = None, publish: bool = Fa
 def machine() -> Dict[str, str]:
     cpu = platform.processor() or platform.machine()
     flags: List[str] = []
+    family = model = ""
     try:
         with open("/proc/cpuinfo") as f:
             lines = f.read().splitlines()
         cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
         flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+        # Family and model: virtual machines often name only "AMD EPYC" for CPUs as different as a Zen 4
+        # (family 25) and a Zen 5 (family 26, twice the Zen 4's AVX-512 FMA rate).
+        family = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("cpu family")), "")
+        model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model\t")
+                      or line.split(":", 1)[0].strip() == "model"), "")
     except OSError:
-        pass
+        family = model = ""
     # The instruction sets that decide which kernels run (ours and oneDNN's): torch's own verdict,
     # and the vector/matrix extensions the CPU reports.
     extensions = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16") if f in flags]
     isa = torch.backends.cpu.get_cpu_capability() + (f" ({' '.join(extensions)})" if extensions else "")
     info = {"cpu": cpu, "isa": isa, "cores": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
             "torch": torch.__version__, "python": platform.python_version()}
+    if family:
+        info["cpu_family"], info["cpu_model"] = family, model
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = str(torch.version.cuda)

@@ -338,15 +338,28 @@ def streaming_markdown(rows, info: Dict, args) -> str:
         f"T=20, B=1. Met: {met} of {2 * len(rows)}.", "", markdown_table(headers, table)])
 
 
+def amd_generation(info: Dict) -> str:
+    """'zen5' (and 'familyN' past it) for an AMD CPU of family 26 or later, else '': the Zen 3 and Zen 4
+    (family 25) that this project first measured differ by ISA already (AVX2 against AVX-512), and their
+    published file names stay as they were; a Zen 5 has the Zen 4's ISA at twice its FMA rate."""
+    try:
+        family = int(str(info.get("cpu_family", "")))
+    except ValueError:
+        return ""
+    if not str(info.get("cpu", "")).startswith("AMD") or family < 26:
+        return ""
+    return "zen5" if family == 26 else f"family{family}"
+
+
 def cpu_slug(info: Dict) -> str:
     """The machine as a file-name part: the GPU's name on CUDA, else the CPU's name and torch's ISA
     level ('AMD EPYC 7B13', 'AVX2 (...)' -> 'amd-epyc-7b13-avx2'). Virtual machines often report
     only 'AMD EPYC' for CPUs as different as an AVX2-only Zen 3 and an AVX-512 Zen 4: the ISA keeps
-    their results apart."""
+    their results apart, and the AMD generation a Zen 5's from a Zen 4's ('amd-epyc-zen5-avx512')."""
     if info.get("gpu") and info.get("device") == "cuda":
         name = info["gpu"]
     else:
-        name = f"{info.get('cpu', 'cpu')} {str(info.get('isa', '')).split(' ')[0]}"
+        name = f"{info.get('cpu', 'cpu')} {amd_generation(info)} {str(info.get('isa', '')).split(' ')[0]}"
     return "-".join("".join(c if c.isalnum() else " " for c in str(name).lower()).split()) or "unknown"
 
 

@@ -124,10 +124,13 @@ def test_result_names_keep_each_machine_apart():
     args = sentiment.parse_args([])
     avx2 = {"cpu": "AMD EPYC", "isa": "AVX2 (avx2 fma)"}
     avx512 = {"cpu": "AMD EPYC", "isa": "AVX512 (avx2 fma avx512f avx512_bf16)"}
-    xeon = {"cpu": "Intel(R) Xeon(R) Platinum 8481C", "isa": "AVX512 (avx2 fma avx512f amx_bf16)"}
-    names = {sentiment.result_name(args, info) for info in (avx2, avx512, xeon)}
-    assert names == {"sentiment_rt_gru_cpu_amd-epyc-avx2", "sentiment_rt_gru_cpu_amd-epyc-avx512",
-                     "sentiment_rt_gru_cpu_intel-r-xeon-r-platinum-8481c-avx512"}
+    xeon = {"cpu": "Intel(R) Xeon(R) Platinum 8481C", "isa": "AVX512 (avx2 fma avx512f amx_bf16)", "cpu_family": "6"}
+    zen4 = dict(avx512, cpu_family="25", cpu_model="17")
+    zen5 = dict(avx512, cpu_family="26", cpu_model="2")
+    names = [sentiment.result_name(args, info) for info in (avx2, avx512, xeon, zen4, zen5)]
+    assert names == ["sentiment_rt_gru_cpu_amd-epyc-avx2", "sentiment_rt_gru_cpu_amd-epyc-avx512",
+                     "sentiment_rt_gru_cpu_intel-r-xeon-r-platinum-8481c-avx512", "sentiment_rt_gru_cpu_amd-epyc-avx512",
+                     "sentiment_rt_gru_cpu_amd-epyc-zen5-avx512"]
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
