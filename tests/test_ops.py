@@ -2,12 +2,15 @@
 argument errors, double backward, and what happens on a second backward or when a backward op
 is differentiated directly."""
 
+import ctypes
+import time
+
 import pytest
 import torch
 
 import fusedrnn
 from conftest import DEVICES
-from engine_helpers import ISAS
+from engine_helpers import ISAS, engine_isa
 from fusedrnn import reference
 
 pytestmark = pytest.mark.skipif(not fusedrnn.backends()["compiled"], reason="compiled operators not loaded: "
@@ -408,18 +411,19 @@ def test_full_batch_backward_checks_shapes():
 SPLIT_I, SPLIT_H = 24, 40  # H = 40: LSTM 5 unit blocks of 8 (AVX2), GRU / RNN 3 of 16: uneven parts, a partial block
 
 
-def _split_args(cell, steps, batch, dtype):
+def _split_args(cell, steps, batch, dtype, hidden=SPLIT_H):
     g = torch.Generator().manual_seed(1)
 
     def rand(*shape, scale=1.0):
         return torch.randn(*shape, generator=g, dtype=dtype) * scale
 
-    gh = GATES[cell] * SPLIT_H
-    x, h0 = rand(steps * batch, SPLIT_I), rand(batch, SPLIT_H)
-    w_ih, w_hh, b_ih, b_hh = rand(gh, SPLIT_I, scale=0.3), rand(gh, SPLIT_H, scale=0.3), rand(gh), rand(gh)
+    gh = GATES[cell] * hidden
+    x, h0 = rand(steps * batch, SPLIT_I), rand(batch, hidden)
+    w_ih, w_hh = rand(gh, SPLIT_I, scale=0.3), rand(gh, hidden, scale=0.3 * (SPLIT_H / hidden) ** 0.5)
+    b_ih, b_hh = rand(gh), rand(gh)
     sizes = torch.full((steps,), batch, dtype=torch.long)
     if cell == "lstm":
-        return [OPS.lstm_forward, OPS.lstm_inference], [x, h0, rand(batch, SPLIT_H), w_ih, w_hh, b_ih, b_hh, None, sizes]
+        return [OPS.lstm_forward, OPS.lstm_inference], [x, h0, rand(batch, hidden), w_ih, w_hh, b_ih, b_hh, None, sizes]
     ops = {"gru": [OPS.gru_forward, OPS.gru_inference], "rnn_tanh": [OPS.rnn_tanh_forward],
            "rnn_relu": [OPS.rnn_relu_forward]}[cell]
     return ops, [x, h0, w_ih, w_hh, b_ih, b_hh, sizes]
@@ -455,30 +459,41 @@ def test_small_path_unit_split_gives_the_one_thread_numbers(cell, steps, batch, 
 # ---- the packed path's unit split (csrc/cpu/engine_forward.h: packed_split_parts) ----------------
 
 
+def _unit_split_calls():
+    lib = ctypes.CDLL(fusedrnn._ops._C.__file__)
+    lib.fusedrnn_cpu_unit_split_calls.restype = ctypes.c_int64
+    return lib.fusedrnn_cpu_unit_split_calls()
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fuse_input", ["0", "1"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
-@pytest.mark.parametrize("steps,batch", [(40, 1), (12, 5), (9, 9)])
+@pytest.mark.parametrize("steps,batch,hidden,stop", [(40, 1, SPLIT_H, ""), (12, 5, SPLIT_H, ""), (9, 9, SPLIT_H, ""),
+                                                     (7, 3, 200, ""), (40, 1, SPLIT_H, "16"), (40, 3, 200, "16")])
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("threads", [2, 3])
-def test_packed_path_unit_split_gives_the_batch_split_numbers(cell, steps, batch, reverse, threads, fuse_input, isa,
-                                                              monkeypatch):
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_packed_path_unit_split_gives_the_batch_split_numbers(cell, steps, batch, hidden, stop, reverse, threads,
+                                                              fuse_input, isa, monkeypatch):
     """A call of few rows on the packed (not small) path, split by hidden units across threads (one
     barrier per step) instead of by rows: bitwise the same output, states and saved tensors as the
     batch split (each row's sums run in the same order in any row block), and the reference's numbers.
-    9 rows on 2 threads is past the default's 4 rows per thread: forced."""
-    ops, args = _split_args(cell, steps, batch, torch.float32)
+    9 rows on 2 threads is past the default's 4 rows per thread: forced. "stopped": the split gives up
+    after 16 steps (as on a loaded machine) and the batch split runs the rest from the running state."""
+    ops, args = _split_args(cell, steps, batch, torch.float32, hidden)
     monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
     monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
     monkeypatch.setenv("FUSEDRNN_CPU_SMALL", "0")
     monkeypatch.setenv("FUSEDRNN_CPU_FUSE_INPUT", fuse_input)
+    monkeypatch.setenv("FUSEDRNN_CPU_UNIT_SPLIT_TEST_STOP", stop)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
         results = {}
         for split in ("0", "1"):
             monkeypatch.setenv("FUSEDRNN_CPU_UNIT_SPLIT", split)
+            calls = _unit_split_calls()
             results[split] = [op(*args, reverse) for op in ops]
+            assert (_unit_split_calls() - calls == len(ops)) == (split == "1")  # the split really ran, or not
     finally:
         torch.set_num_threads(before)
     for whole, parts in zip(results["0"], results["1"]):
@@ -491,6 +506,42 @@ def test_packed_path_unit_split_gives_the_batch_split_numbers(cell, steps, batch
                                         for a in args], reverse)
     for got, want in zip(results["1"][0][:2], expected[:2]):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads,batch,hidden,splits", [(2, 8, 128, True), (2, 9, 128, False), (2, 1, 128, True),
+                                                         (4, 16, 200, True), (4, 17, 200, False),
+                                                         (4, 4, 40, True)])
+def test_packed_path_unit_split_default_rule(threads, batch, hidden, splits, monkeypatch):
+    """By default a uniform batch of at most 4 rows per thread splits, a larger one does not, nor one whose
+    unit blocks are fewer than the threads (H = 40: 3 blocks on AVX-512, 5 on AVX2, against 4 threads:
+    some threads would idle); unless the governor has paused splitting after a loss on a busy machine."""
+    monkeypatch.setenv("FUSEDRNN_CPU_SMALL", "0")
+    monkeypatch.delenv("FUSEDRNN_CPU_UNIT_SPLIT", raising=False)
+    ops, args = _split_args("lstm", 3, batch, torch.float32, hidden)
+    blocks = -(-hidden // (16 if engine_isa() == "avx512" else 8))  # LSTM: one vector of units per block
+    expected = splits and blocks >= threads
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for _ in range(30):  # a paused governor resumes within 2 s
+            calls = _unit_split_calls()
+            ops[1](*args, False)
+            ran = _unit_split_calls() > calls
+            if ran or not expected:
+                break
+            time.sleep(0.1)
+    finally:
+        torch.set_num_threads(before)
+    assert ran == expected
+
+
+@pytest.mark.parametrize("value", ["2", "yes", "01", "10"])
+def test_unit_split_switch_rejects_other_values(value, monkeypatch):
+    monkeypatch.setenv("FUSEDRNN_CPU_SMALL", "0")
+    monkeypatch.setenv("FUSEDRNN_CPU_UNIT_SPLIT", value)
+    ops, args = _split_args("gru", 3, 2, torch.float32)
+    with pytest.raises(RuntimeError, match="FUSEDRNN_CPU_UNIT_SPLIT must be 0"):
+        ops[0](*args, False)
 
 
 def test_packed_path_unit_split_keeps_padded_rows_apart(monkeypatch):

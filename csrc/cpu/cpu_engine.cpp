@@ -91,6 +91,11 @@ bool fuse_input_projection(int gates, int64_t input_size, int64_t hidden_size) {
   return 2 * hh_bytes > l2_bytes && weight_bytes <= kFuseInputMaxWeightBytes;
 }
 
+std::atomic<int64_t>& unit_split_calls() {
+  static std::atomic<int64_t> calls{0};
+  return calls;
+}
+
 bool use_small_path(int64_t batch, int64_t steps) {
   const char* force = std::getenv("FUSEDRNN_CPU_SMALL");
   if (force != nullptr && (force[0] == '0' || force[0] == '1')) return force[0] == '1';
@@ -119,4 +124,9 @@ extern "C" __attribute__((visibility("default"))) const char* fusedrnn_cpu_engin
 extern "C" __attribute__((visibility("default"))) int fusedrnn_cpu_fuse_input_projection(int gates, int64_t input_size,
                                                                                        int64_t hidden_size) {
   return fusedrnn::cpu_engine::fuse_input_projection(gates, input_size, hidden_size) ? 1 : 0;
+}
+
+// For tests (ctypes): forward calls that took the unit split so far (cpu_engine.h: unit_split_calls).
+extern "C" __attribute__((visibility("default"))) int64_t fusedrnn_cpu_unit_split_calls() {
+  return fusedrnn::cpu_engine::unit_split_calls().load();
 }

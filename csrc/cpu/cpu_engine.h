@@ -2,16 +2,18 @@
 // float32, with the recurrent GEMM and the cell fused (csrc/cpu/engine_forward.h,
 // engine_backward.h).
 //
-//   forward, per step and block of rows: h_{t-1} W_hh^T + b_hh (and, when the
-//     weights are small, x_t W_ih^T + b_ih: fuse_input_projection) in
-//     registers, plus the input projection computed before, stored to an L1 tile,
+//   forward, per step and block of rows: h_{t-1} W_hh^T + b_hh (and, where
+//     fuse_input_projection says so, x_t W_ih^T + b_ih) in registers, else plus
+//     the input projection computed before, stored to an L1 tile,
 //     then the cell (the vector form of cells/*_cell.h) on the same units at
 //     once: the pre-activations never leave L1.
 //   backward, per step and block of rows: the cell backward (Cell::backward),
 //     then dh_{t-1} = dgates_h W_hh while those gate gradients are in L1.
 //
 // Threads split the batch rows; each runs its rows' whole time loop with no
-// synchronisation between steps (sequences are independent). W_hh is packed
+// synchronisation between steps (sequences are independent). A uniform batch of
+// few rows per thread splits the hidden units instead, with one barrier per step
+// (engine_forward.h: split_parts, split_steps; forward only). W_hh is packed
 // once per call into the panels the micro-kernel streams. Each output element
 // is computed by the same sequence of operations whatever the thread count, the
 // row blocking or the vector width, so results are bitwise reproducible (and do
@@ -26,6 +28,7 @@
 // on CPUs without it.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -137,6 +140,10 @@ bool use_small_path(int64_t batch, int64_t steps);
 // Run on isa()'s kernels; call only when available().
 void forward(const ForwardArgs& a);
 void backward(const BackwardArgs& a);
+
+// Forward calls that ran (some of) their steps with the unit blocks split across threads
+// (engine_forward.h: split_steps), either path, every instruction set: for tests, through ctypes.
+std::atomic<int64_t>& unit_split_calls();
 
 }  // namespace cpu_engine
 }  // namespace fusedrnn

@@ -364,11 +364,17 @@ struct SplitGovernor {
     return std::chrono::duration_cast<std::chrono::microseconds>(Clock::now().time_since_epoch()).count();
   }
   bool paused() const { return now_us() < unsplit_until_us.load(std::memory_order_relaxed); }
-  // A split call of `parts` parts took `elapsed`, of which the worker of part 0 worked `first_part_work`
-  // (50 us of slack: a lost call under load loses milliseconds, and a quiet machine's fork and join
-  // jitter by microseconds, which must not pause a split that pays).
-  void record(Clock::duration elapsed, Clock::duration first_part_work, int64_t parts) {
-    const bool lost = elapsed > first_part_work * (parts * 3) / 2 + std::chrono::microseconds(50);
+  // Whether a split run of `parts` parts that took `elapsed`, of which the worker of part 0 worked
+  // `first_part_work`, lost to running unsplit (50 us of slack: a lost call under load loses
+  // milliseconds, and a quiet machine's fork and join jitter by microseconds, which must not pause a
+  // split that pays).
+  static bool losing(Clock::duration elapsed, Clock::duration first_part_work, int64_t parts) {
+    return elapsed > first_part_work * (parts * 3) / 2 + std::chrono::microseconds(50);
+  }
+  // A split call's verdict: `stopped_early` (it was judged losing part way, split_steps), else by its
+  // whole time.
+  void record(Clock::duration elapsed, Clock::duration first_part_work, int64_t parts, bool stopped_early = false) {
+    const bool lost = stopped_early || losing(elapsed, first_part_work, parts);
     const int64_t wait = wait_us.load(std::memory_order_relaxed);
     if (lost) {
       unsplit_until_us.store(now_us() + wait, std::memory_order_relaxed);
@@ -384,9 +390,18 @@ inline SplitGovernor& split_governor() {
   return governor;
 }
 
+// A split's switch: -1 unset or empty (the default rule), 0 off, 1 forced (whatever the governor says:
+// tests). Anything else is an error, not a guess (read before any parallel region).
+inline int split_switch(const char* name) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || v[0] == '\0') return -1;
+  TORCH_CHECK((v[0] == '0' || v[0] == '1') && v[1] == '\0', "fusedrnn: ", name,
+              " must be 0 (no unit split across threads) or 1 (always split), got '", v, "'");
+  return v[0] - '0';
+}
+
 // How many parts the unit blocks of this call may be split into (1: no split), whichever path runs it.
-// `switch_name`: the variable that turns this split off (0) or forces it (1: whatever the governor says).
-inline int64_t split_parts(const ForwardArgs& args, int64_t blocks, const char* switch_name) {
+inline int64_t split_parts(const ForwardArgs& args, int64_t blocks, int force) {
 #if !AT_PARALLEL_OPENMP
   // The per-step barrier needs every part running at once: an OpenMP team gives that, ATen's native
   // pool (shared by all callers, its chunks queued) does not, and two callers could each hold part of the
@@ -394,48 +409,63 @@ inline int64_t split_parts(const ForwardArgs& args, int64_t blocks, const char* 
   return 1;
 #endif
   const int threads = at::get_num_threads();
-  if (threads < 2 || at::in_parallel_region() || blocks < 2) return 1;
+  if (force == 0 || threads < 2 || at::in_parallel_region() || blocks < 2) return 1;
   const std::vector<int64_t>& batch = *args.sched.batch;
   // The split reads h_{t-1} from the previous step's output rows: every row in every step.
   if (batch.empty() || batch.front() != args.B || batch.back() != args.B) return 1;
-  const char* force = std::getenv(switch_name);
-  if (force != nullptr && force[0] == '0') return 1;
-  const bool forced = force != nullptr && force[0] == '1';  // tests: split whatever the machine's load
-  if (!forced && split_governor().paused()) return 1;
+  if (force != 1 && split_governor().paused()) return 1;
   return std::min<int64_t>({threads, blocks, kSplitMaxParts});
 }
 
 // The packed path's unit split (forward_impl): with few rows per thread the batch split leaves each
 // thread a thin row block (small_batch, B = 4 on 2 threads: 2 rows, a micro-kernel of 4 accumulators,
 // FMA-latency-bound) and all of W_hh to stream per step; split by units instead, each thread multiplies
-// every row (B = 4: one 4-row block) by its share of the panels, one barrier per step (entry 55).
-// FUSEDRNN_CPU_UNIT_SPLIT=0 / 1 turns it off / on whatever the rows (tests check both ways: the same
-// numbers, bitwise, since each row's sums run in the same order in any row block).
+// every row (B = 4: one 4-row block) by its share of the panels, one barrier per step (entry 55). Only
+// where every thread gets a part (more threads than parts would leave some idle while the parts each
+// carry all rows) and a uniform batch (split_parts). FUSEDRNN_CPU_UNIT_SPLIT=0 turns it off, 1 forces it
+// for any uniform batch whatever the rows and the governor (tests: the same numbers, bitwise, since each
+// row's sums run in the same order in any row block).
 constexpr int64_t kUnitSplitMaxRowsPerThread = 4;
 
 inline int64_t packed_split_parts(const ForwardArgs& args, int64_t blocks) {
-  const char* force = std::getenv("FUSEDRNN_CPU_UNIT_SPLIT");
-  const bool forced = force != nullptr && force[0] == '1';
-  if (!forced && args.B > kUnitSplitMaxRowsPerThread * at::get_num_threads()) return 1;
-  return split_parts(args, blocks, "FUSEDRNN_CPU_UNIT_SPLIT");
+  const int force = split_switch("FUSEDRNN_CPU_UNIT_SPLIT");
+  const int64_t parts = split_parts(args, blocks, force);
+  if (force == 1) return parts;
+  if (parts < at::get_num_threads() || args.B > kUnitSplitMaxRowsPerThread * parts) return 1;
+  return parts;
 }
 
-// Runs every step of a uniform batch with the unit blocks split into `parts` parts, one barrier per
-// step. block(off, h_prev, ub, tile) computes unit block ub of the step whose rows start at `off`, all
-// rows, reading h_{t-1} at h_prev: step 0 reads h0, which the epilogues overwrite in place (a part's
-// units while another part still multiplies by them), so a copy; later steps read h_{t-1} from the output
-// rows of the step before, which nothing overwrites. Reports its time to the split governor.
+// Runs the steps of a uniform batch with the unit blocks split into `parts` parts, one barrier per step,
+// and returns how many steps it ran: all of them, or fewer where the split was losing (below), after
+// which the caller runs the rest unsplit from the running state (at a barrier h_state and c_state hold
+// every unit of the last step run). block(off, h_prev, ub, tile) computes unit block ub of the step whose
+// rows start at `off`, all rows, reading h_{t-1} at h_prev: step 0 reads h0, which the epilogues
+// overwrite in place (a part's units while another part still multiplies by them), so a copy; later steps
+// read h_{t-1} from the output rows of the step before, which nothing overwrites.
+// The governor's rule (SplitGovernor::record) is applied every kSplitCheckSteps steps as well as at the
+// end: on a loaded machine one step's barrier may wait a scheduler slice, so a long sequence (the packed
+// path's calls have any length) would lose seconds before a verdict at its end. Unless forced.
+constexpr int64_t kSplitCheckSteps = 16;
+
 template <int kTileFloats, typename Block>
-void split_steps(const ForwardArgs& args, int64_t parts, int64_t blocks, const Block& block) {
+int64_t split_steps(const ForwardArgs& args, int64_t parts, int64_t blocks, bool forced, const Block& block) {
   const int64_t H = args.H, B = args.B;
   const int64_t per_part = (blocks + parts - 1) / parts;
   const std::vector<int64_t>& offset = *args.sched.offset;
   const int64_t T = static_cast<int64_t>(offset.size());
   std::vector<float> h0(args.h_state, args.h_state + B * H);
   SplitProgress progress[kSplitMaxParts];
+  // Set by part 0's worker before it marks a step done, so every worker reads it after that step's barrier.
+  std::atomic<int64_t> stop_after{T};
   using Clock = SplitGovernor::Clock;
   const Clock::time_point call_start = Clock::now();
   Clock::duration first_part_work{0};  // the work of the worker that runs part 0, without its waits
+  bool lost = false;
+  unit_split_calls().fetch_add(1, std::memory_order_relaxed);  // cpu_engine.h
+  // Tests: FUSEDRNN_CPU_UNIT_SPLIT_TEST_STOP=n stops the split at the first check after n steps as if
+  // it were losing, so that the unsplit continuation runs (its numbers must not change).
+  const char* test_stop_env = std::getenv("FUSEDRNN_CPU_UNIT_SPLIT_TEST_STOP");
+  const int64_t test_stop = test_stop_env != nullptr && test_stop_env[0] != '\0' ? std::atoll(test_stop_env) : T;
   at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
     // One worker may be given several parts (fewer threads than asked for): it runs all of them
     // each step before waiting, so the barrier never waits on itself.
@@ -449,13 +479,23 @@ void split_steps(const ForwardArgs& args, int64_t parts, int64_t blocks, const B
       for (int64_t p = first; p < last; ++p) {
         const int64_t ub_end = std::min(blocks, (p + 1) * per_part);
         for (int64_t ub = p * per_part; ub < ub_end; ++ub) block(offset[t], h_prev, ub, tile);
-        progress[p].steps.store(k + 1, std::memory_order_release);
       }
-      if (timed) first_part_work += Clock::now() - step_start;
+      if (timed) {
+        const Clock::time_point now = Clock::now();
+        first_part_work += now - step_start;
+        if ((k + 1) % kSplitCheckSteps == 0 && k + 1 < T &&
+            ((!forced && SplitGovernor::losing(now - call_start, first_part_work, parts)) || k + 1 >= test_stop)) {
+          lost = !forced;
+          stop_after.store(k + 1, std::memory_order_relaxed);
+        }
+      }
+      for (int64_t p = first; p < last; ++p) progress[p].steps.store(k + 1, std::memory_order_release);
       wait_for_parts(progress, parts, k + 1);
+      if (stop_after.load(std::memory_order_relaxed) <= k + 1) break;
     }
   });
-  split_governor().record(Clock::now() - call_start, first_part_work, parts);
+  if (!forced) split_governor().record(Clock::now() - call_start, first_part_work, parts, lost);
+  return stop_after.load(std::memory_order_relaxed);
 }
 
 template <typename Cell, bool Save>
@@ -472,20 +512,22 @@ void forward_impl(const ForwardArgs& args) {
   if (w.fused_input) pack_panels<G>(args.w_ih, H, args.I, w.w_ih);
   pack_panels<G>(args.w_hh, H, H, w.w_hh);
   pack_biases<G>(w.fused_input ? args.b_ih : nullptr, args.b_hh, H, w.bias);
+  const std::vector<int64_t>& batch = *args.sched.batch;
+  const std::vector<int64_t>& offset = *args.sched.offset;
+  const int64_t T = static_cast<int64_t>(batch.size());
+  int64_t k_start = 0;  // steps already run by the unit split
   const int64_t parts = packed_split_parts(args, blocks);
   if (parts > 1) {
-    split_steps<kMR * E::kTileWidth>(args, parts, blocks, [&](int64_t off, const float* h_prev, int64_t ub, float* tile) {
+    k_start = split_steps<kMR * E::kTileWidth>(args, parts, blocks, split_switch("FUSEDRNN_CPU_UNIT_SPLIT") == 1,
+                                               [&](int64_t off, const float* h_prev, int64_t ub, float* tile) {
       for_each_row_block(0, args.B, [&](int64_t m0, int64_t mr) {
         const StepPtrs q = step_rows(args, G, off, m0, mr);
         const float* x = w.fused_input ? args.input + (off + m0) * args.I : nullptr;
         with_rows(mr, [&](auto rows) { forward_tile<Cell, rows.value, Save>(q, x, h_prev + m0 * H, w, ub, tile); });
       });
     });
-    return;
+    if (k_start == T) return;
   }
-  const std::vector<int64_t>& batch = *args.sched.batch;
-  const std::vector<int64_t>& offset = *args.sched.offset;
-  const int64_t T = static_cast<int64_t>(batch.size());
 
   for_each_thread_rows(args.sched, args.B, [&](int64_t lo, int64_t hi) {
     // h_{t-1} of a group of row blocks: the cells overwrite the running state
@@ -493,7 +535,7 @@ void forward_impl(const ForwardArgs& args) {
     std::vector<float> h_prev(kGroupBlocks * kMR * H);
     std::vector<float> tile(kMR * E::kTileWidth);
     std::vector<std::pair<int64_t, int64_t>> row_blocks;  // (first row, rows) of this step
-    for (int64_t k = 0; k < T; ++k) {
+    for (int64_t k = k_start; k < T; ++k) {
       const int64_t t = args.sched.reverse ? T - 1 - k : k;
       const int64_t end = std::min(hi, batch[t]);
       const int64_t off = offset[t];
@@ -618,34 +660,30 @@ inline void small_step_block(const ForwardArgs& args, int64_t off, int64_t lo, i
 }
 
 template <typename Cell, bool Save>
-void small_forward_split(const ForwardArgs& args, int64_t parts) {
-  using E = ForwardEpilogue<Cell>;
-  const int64_t blocks = (args.H + E::U - 1) / E::U;
-  split_steps<kMR * E::kTileWidth>(args, parts, blocks, [&](int64_t off, const float* h_prev, int64_t ub, float* tile) {
-    small_step_block<Cell, Save>(args, off, 0, args.B, h_prev, ub, tile);
-  });
-}
-
-template <typename Cell, bool Save>
 void small_forward_impl(const ForwardArgs& args) {
   using E = ForwardEpilogue<Cell>;
   const int64_t H = args.H;
   const int64_t blocks = (H + E::U - 1) / E::U;
-  const int64_t parts = split_parts(args, blocks, "FUSEDRNN_CPU_SMALL_SPLIT");
-  if (parts > 1) {
-    small_forward_split<Cell, Save>(args, parts);
-    return;
-  }
   const std::vector<int64_t>& batch = *args.sched.batch;
   const std::vector<int64_t>& offset = *args.sched.offset;
   const int64_t T = static_cast<int64_t>(batch.size());
+  const int force = split_switch("FUSEDRNN_CPU_SMALL_SPLIT");
+  const int64_t parts = split_parts(args, blocks, force);
+  int64_t k_start = 0;  // steps already run by the unit split
+  if (parts > 1) {
+    k_start = split_steps<kMR * E::kTileWidth>(args, parts, blocks, force == 1,
+                                               [&](int64_t off, const float* h_prev, int64_t ub, float* tile) {
+      small_step_block<Cell, Save>(args, off, 0, args.B, h_prev, ub, tile);
+    });
+    if (k_start == T) return;
+  }
   for_each_thread_rows(args.sched, args.B, [&](int64_t lo, int64_t hi) {
     // h_{t-1} of this thread's rows: the cells overwrite the running state in
     // place while later unit blocks still multiply by the old one.
     std::vector<float> h_buffer((hi - lo) * H);
     float* h_prev = h_buffer.data();
     alignas(64) float tile[kMR * E::kTileWidth];
-    for (int64_t k = 0; k < T; ++k) {
+    for (int64_t k = k_start; k < T; ++k) {
       const int64_t t = args.sched.reverse ? T - 1 - k : k;
       const int64_t end = std::min(hi, batch[t]);
       const int64_t off = offset[t];

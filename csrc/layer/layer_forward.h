@@ -168,7 +168,7 @@ ForwardOutputs layer_forward(const at::Tensor& input, const at::Tensor& h0, cons
   }
   if constexpr (has_sequence_engine<Device>::value) {
     // The engine owns the input projection too: inside its recurrent tiles
-    // when the weights fit in cache, otherwise as this same one GEMM
+    // where that measured faster, otherwise as this same one GEMM
     // (cpu/cpu_device.h, cpu/cpu_engine.h: fuse_input_projection).
     if (!has_proj && Device::template forward_sequence<Cell>(r, input, w, sched, reverse, save)) return r;
   }
