@@ -561,3 +561,50 @@ def test_packed_path_unit_split_keeps_padded_rows_apart(monkeypatch):
         results[split] = (out.data, h, c)
     for a, b in zip(results["0"], results["1"]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("steps,batch,hidden,stop", [(12, 1, SPLIT_H, ""), (9, 5, SPLIT_H, ""), (7, 3, 200, ""),
+                                                     (40, 2, SPLIT_H, "16"), (40, 3, 200, "16")])
+@pytest.mark.parametrize("threads", [2, 3, 4])
+@pytest.mark.parametrize("with_hx", [False, True])
+def test_unit_split_training_gives_the_batch_split_gradients(cell, steps, batch, hidden, stop, threads, with_hx, isa,
+                                                              monkeypatch):
+    """A training step of a bidirectional layer of few rows, forward and backward split by hidden units
+    (csrc/cpu/engine_backward.h: backward_split): bitwise the batch split's output, states and every
+    gradient (input, initial states, weights), with and without a stop part way (as on a loaded machine)."""
+    monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
+    monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
+    monkeypatch.setenv("FUSEDRNN_CPU_SMALL", "0")
+    monkeypatch.setenv("FUSEDRNN_CPU_UNIT_SPLIT_TEST_STOP", stop)
+    torch.manual_seed(3)
+    m = getattr(fusedrnn, cell)(SPLIT_I, hidden, bidirectional=True)
+    x = torch.randn(steps, batch, SPLIT_I)
+    hx = torch.randn(2, batch, hidden) if with_hx else None
+    if hx is not None and cell == "LSTM":
+        hx = (hx, torch.randn(2, batch, hidden))
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        torch.set_num_threads(threads)
+        for split in ("0", "1"):
+            monkeypatch.setenv("FUSEDRNN_CPU_UNIT_SPLIT", split)
+            m.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_()
+            hi = None if hx is None else (tuple(h.clone().requires_grad_() for h in hx) if isinstance(hx, tuple)
+                                           else hx.clone().requires_grad_())
+            calls = _unit_split_calls()
+            out, state = m(xi, hi)
+            states = state if isinstance(state, tuple) else (state,)
+            (out.square().sum() + sum(s.square().sum() for s in states)).backward()
+            # forward and backward of both directions
+            assert (_unit_split_calls() - calls >= 4) == (split == "1")
+            grads = [xi.grad] + [p.grad for p in m.parameters()]
+            if hi is not None:
+                grads += [h.grad for h in (hi if isinstance(hi, tuple) else (hi,))]
+            results[split] = [out.detach(), *[s.detach() for s in states], *grads]
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(results["0"], results["1"]):
+        assert torch.equal(a, b)

@@ -31,11 +31,13 @@ struct BackwardPanels {
   int64_t panel_stride = 0, ldb = 0;
 };
 
+// Panels [nb0, nb1) of dh only (the unit split's part; nb1 -1: to the last).
 template <int MR>
-void backward_gemm(const float* dgates_h, int64_t G, int64_t H, const BackwardPanels& w, bool accumulate, float* dh) {
+void backward_gemm(const float* dgates_h, int64_t G, int64_t H, const BackwardPanels& w, bool accumulate, float* dh,
+                   int64_t nb0 = 0, int64_t nb1 = -1) {
   const int64_t K = G * H;
-  const int64_t blocks = (H + kPanel - 1) / kPanel;
-  for (int64_t nb = 0; nb < blocks; ++nb) {
+  const int64_t blocks = nb1 < 0 ? (H + kPanel - 1) / kPanel : nb1;
+  for (int64_t nb = nb0; nb < blocks; ++nb) {
     const int64_t n0 = nb * kPanel;
     V acc[kMR][2];
     for (int m = 0; m < MR; ++m) {
@@ -81,6 +83,91 @@ const float* previous_block(const float* all, const float* init, int64_t H, int6
   return tile;
 }
 
+// The cell backward of rows [0, MR) for units [j0, j1) only (the unit split's part).
+template <typename Cell, int MR>
+__attribute__((noinline, flatten)) void backward_cell_units(const cells::BackwardStepParams<float>& q, int64_t j0,
+                                                            int64_t j1) {
+  for (int m = 0; m < MR; ++m) {
+#pragma omp simd simdlen(FUSEDRNN_ENGINE_SIMDLEN)
+    for (int64_t j = j0; j < j1; ++j) Cell::backward(q, m, j);
+  }
+}
+
+// The backward of a uniform batch split by hidden units (the forward's split: engine_forward.h,
+// split_loop): part p owns whole kPanel-unit panels of dh. Step k: each worker runs the cell backward on
+// its units of every row, waits at the step's barrier (every gate gradient of the step is then written),
+// and, as the first work of step k + 1, computes its panels of dh_{t-1} = dgates_h W_hh over all gate
+// columns: the units its own cell backward reads next, so one barrier a step. GRU's hidden-side gate
+// gradients, one step's scratch, alternate between two buffers: a worker writes step k + 1's while
+// another may still multiply by step k's. Bitwise the batch split's numbers (every element's sums in the
+// same order). Returns the steps run (split_loop: fewer where the split was losing).
+template <typename Cell>
+int64_t backward_split(const BackwardArgs& args, int64_t parts, bool forced, const BackwardPanels& w_packed) {
+  constexpr int G = Cell::kGates;
+  constexpr bool is_gru = G == 3;
+  const int64_t H = args.H, B = args.B;
+  const int64_t panels = (H + kPanel - 1) / kPanel;
+  const int64_t per_part = (panels + parts - 1) / parts;
+  const std::vector<int64_t>& offset = *args.sched.offset;
+  const int64_t T = static_cast<int64_t>(offset.size());
+  const float* prev_all = is_gru ? args.output : args.cells;
+  const float* prev_init = is_gru ? args.h0 : args.c0;
+  std::vector<float> tiles(prev_init != nullptr ? parts * kMR * H : 0);  // previous_block's copies, per part
+  std::vector<float> gates_h(is_gru ? B * G * H : 0);                  // GRU: the second scratch buffer
+  auto step_of = [&](int64_t k) { return args.sched.reverse ? k : T - 1 - k; };
+  auto dgates_h_of = [&](int64_t k) -> float* {  // step k's [B, G*H] hidden-side gate gradients
+    if (is_gru) return k % 2 == 0 ? args.grad_gates_h : gates_h.data();
+    return args.grad_gates + offset[step_of(k)] * G * H;
+  };
+  // dh_{t-1} of step k, this worker's panels.
+  auto product = [&](int64_t k, int64_t first, int64_t last) {
+    if (!(args.need_grad_h0 || k < T - 1)) return;
+    const float* dgates_h = dgates_h_of(k);
+    const int64_t nb0 = first * per_part, nb1 = std::min(panels, last * per_part);
+    for_each_row_block(0, B, [&](int64_t m0, int64_t mr) {
+      with_rows(mr, [&](auto rows) {
+        backward_gemm<rows.value>(dgates_h + m0 * G * H, G, H, w_packed, is_gru, args.grad_h_state + m0 * H, nb0, nb1);
+      });
+    });
+  };
+  return split_loop(parts, T, forced, [&](int64_t k, int64_t first, int64_t last) {
+    if (k > 0) product(k - 1, first, last);
+    const int64_t t = step_of(k);
+    const int64_t off = offset[t];
+    const int64_t src = args.sched.reverse ? t + 1 : t - 1;  // the previously processed step
+    const bool has_src = src >= 0 && src < T;
+    const int64_t src_offset = has_src ? offset[src] : 0;
+    const int64_t carried = has_src ? B : 0;
+    const int64_t j0 = first * per_part * kPanel, j1 = std::min(H, last * per_part * kPanel);
+    float* tile = tiles.empty() ? nullptr : tiles.data() + first * kMR * H;
+    float* gh = is_gru ? dgates_h_of(k) : nullptr;
+    for_each_row_block(0, B, [&](int64_t m0, int64_t mr) {
+      const int64_t row = off + m0;
+      cells::BackwardStepParams<float> q;
+      q.batch = mr;
+      q.hidden = H;
+      q.gates = args.gates + row * G * H;
+      q.grad_out = args.grad_output + row * H;
+      q.grad_h_state = args.grad_h_state + m0 * H;
+      if (args.grad_c_state != nullptr) q.grad_c_state = args.grad_c_state + m0 * H;
+      if (args.cells != nullptr) q.cells = args.cells + row * H;
+      if (prev_init != nullptr) {
+        const float* prev = previous_block(prev_all, prev_init, H, src_offset, carried, m0, mr, tile);
+        if (is_gru) {
+          q.h_prev = prev;
+        } else {
+          q.c_prev = prev;
+        }
+      }
+      if (args.hn != nullptr) q.hn = args.hn + row * H;
+      q.out = args.output + row * H;
+      q.grad_gates = args.grad_gates + row * G * H;
+      if (is_gru) q.grad_gates_h = gh + m0 * G * H;
+      with_rows(mr, [&](auto rows) { backward_cell_units<Cell, rows.value>(q, j0, j1); });
+    });
+  }, product);
+}
+
 template <typename Cell>
 void backward_impl(const BackwardArgs& args) {
   constexpr int G = Cell::kGates;
@@ -101,10 +188,16 @@ void backward_impl(const BackwardArgs& args) {
   // Previous states: GRU's cell reads h_{t-1}, LSTM's c_{t-1}.
   const float* prev_all = is_gru ? args.output : args.cells;
   const float* prev_init = is_gru ? args.h0 : args.c0;
+  int64_t k_start = 0;  // steps already run by the unit split
+  const int64_t parts = args.small ? 1 : packed_split_parts(args.sched, args.B, (H + kPanel - 1) / kPanel);
+  if (parts > 1) {
+    k_start = backward_split<Cell>(args, parts, split_switch("FUSEDRNN_CPU_UNIT_SPLIT") == 1, w_packed);
+    if (k_start == T) return;
+  }
 
   for_each_thread_rows(args.sched, args.B, [&](int64_t lo, int64_t hi) {
     std::vector<float> tile(prev_init != nullptr ? kMR * H : 0);
-    for (int64_t k = 0; k < T; ++k) {
+    for (int64_t k = k_start; k < T; ++k) {
       const int64_t t = args.sched.reverse ? k : T - 1 - k;  // reverse of the forward's order
       const int64_t end = std::min(hi, batch[t]);
       const int64_t off = offset[t];

@@ -401,7 +401,7 @@ inline int split_switch(const char* name) {
 }
 
 // How many parts the unit blocks of this call may be split into (1: no split), whichever path runs it.
-inline int64_t split_parts(const ForwardArgs& args, int64_t blocks, int force) {
+inline int64_t split_parts(const Schedule& sched, int64_t B, int64_t blocks, int force) {
 #if !AT_PARALLEL_OPENMP
   // The per-step barrier needs every part running at once: an OpenMP team gives that, ATen's native
   // pool (shared by all callers, its chunks queued) does not, and two callers could each hold part of the
@@ -410,50 +410,44 @@ inline int64_t split_parts(const ForwardArgs& args, int64_t blocks, int force) {
 #endif
   const int threads = at::get_num_threads();
   if (force == 0 || threads < 2 || at::in_parallel_region() || blocks < 2) return 1;
-  const std::vector<int64_t>& batch = *args.sched.batch;
+  const std::vector<int64_t>& batch = *sched.batch;
   // The split reads h_{t-1} from the previous step's output rows: every row in every step.
-  if (batch.empty() || batch.front() != args.B || batch.back() != args.B) return 1;
+  if (batch.empty() || batch.front() != B || batch.back() != B) return 1;
   if (force != 1 && split_governor().paused()) return 1;
   return std::min<int64_t>({threads, blocks, kSplitMaxParts});
 }
 
-// The packed path's unit split (forward_impl): with few rows per thread the batch split leaves each
-// thread a thin row block (small_batch, B = 4 on 2 threads: 2 rows, a micro-kernel of 4 accumulators,
-// FMA-latency-bound) and all of W_hh to stream per step; split by units instead, each thread multiplies
-// every row (B = 4: one 4-row block) by its share of the panels, one barrier per step (entry 55). Only
-// where every thread gets a part (more threads than parts would leave some idle while the parts each
-// carry all rows) and a uniform batch (split_parts). FUSEDRNN_CPU_UNIT_SPLIT=0 turns it off, 1 forces it
-// for any uniform batch whatever the rows and the governor (tests: the same numbers, bitwise, since each
-// row's sums run in the same order in any row block).
+// The packed path's unit split (forward_impl, and backward_impl of the same calls): with few rows per
+// thread the batch split leaves each thread a thin row block (small_batch, B = 4 on 2 threads: 2 rows, a
+// micro-kernel of 4 accumulators, FMA-latency-bound) and all of W_hh to stream per step; split by units
+// instead, each thread multiplies every row (B = 4: one 4-row block) by its share of the panels, one
+// barrier per step (entries 55, 56). Only where every thread gets a part (more threads than parts would
+// leave some idle while the parts each carry all rows) and a uniform batch (split_parts).
+// FUSEDRNN_CPU_UNIT_SPLIT=0 turns it off, 1 forces it for any uniform batch whatever the rows and the
+// governor (tests: the same numbers, bitwise, since each row's sums run in the same order in any row
+// block).
 constexpr int64_t kUnitSplitMaxRowsPerThread = 4;
 
-inline int64_t packed_split_parts(const ForwardArgs& args, int64_t blocks) {
+inline int64_t packed_split_parts(const Schedule& sched, int64_t B, int64_t blocks) {
   const int force = split_switch("FUSEDRNN_CPU_UNIT_SPLIT");
-  const int64_t parts = split_parts(args, blocks, force);
+  const int64_t parts = split_parts(sched, B, blocks, force);
   if (force == 1) return parts;
-  if (parts < at::get_num_threads() || args.B > kUnitSplitMaxRowsPerThread * parts) return 1;
+  if (parts < at::get_num_threads() || B > kUnitSplitMaxRowsPerThread * parts) return 1;
   return parts;
 }
 
-// Runs the steps of a uniform batch with the unit blocks split into `parts` parts, one barrier per step,
-// and returns how many steps it ran: all of them, or fewer where the split was losing (below), after
-// which the caller runs the rest unsplit from the running state (at a barrier h_state and c_state hold
-// every unit of the last step run). block(off, h_prev, ub, tile) computes unit block ub of the step whose
-// rows start at `off`, all rows, reading h_{t-1} at h_prev: step 0 reads h0, which the epilogues
-// overwrite in place (a part's units while another part still multiplies by them), so a copy; later steps
-// read h_{t-1} from the output rows of the step before, which nothing overwrites.
+// The split's team loop (forward and backward): every worker runs step(k, first, last) for its parts
+// [first, last) of step k (in processing order), then waits at the step's barrier; returns how many
+// steps ran: all T, or fewer where the split was losing (below), after which the caller runs the rest
+// unsplit from the running state (at a barrier every part of the last step run is done). After the
+// last step run each worker calls finish(k, first, last) (the backward's last product), no barrier.
 // The governor's rule (SplitGovernor::record) is applied every kSplitCheckSteps steps as well as at the
 // end: on a loaded machine one step's barrier may wait a scheduler slice, so a long sequence (the packed
 // path's calls have any length) would lose seconds before a verdict at its end. Unless forced.
 constexpr int64_t kSplitCheckSteps = 16;
 
-template <int kTileFloats, typename Block>
-int64_t split_steps(const ForwardArgs& args, int64_t parts, int64_t blocks, bool forced, const Block& block) {
-  const int64_t H = args.H, B = args.B;
-  const int64_t per_part = (blocks + parts - 1) / parts;
-  const std::vector<int64_t>& offset = *args.sched.offset;
-  const int64_t T = static_cast<int64_t>(offset.size());
-  std::vector<float> h0(args.h_state, args.h_state + B * H);
+template <typename Step, typename Finish>
+int64_t split_loop(int64_t parts, int64_t T, bool forced, const Step& step, const Finish& finish) {
   SplitProgress progress[kSplitMaxParts];
   // Set by part 0's worker before it marks a step done, so every worker reads it after that step's barrier.
   std::atomic<int64_t> stop_after{T};
@@ -469,17 +463,11 @@ int64_t split_steps(const ForwardArgs& args, int64_t parts, int64_t blocks, bool
   at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
     // One worker may be given several parts (fewer threads than asked for): it runs all of them
     // each step before waiting, so the barrier never waits on itself.
-    alignas(64) float tile[kTileFloats];
     const bool timed = first == 0;
-    for (int64_t k = 0; k < T; ++k) {
+    int64_t k = 0;
+    for (; k < T; ++k) {
       const Clock::time_point step_start = timed ? Clock::now() : Clock::time_point{};
-      const int64_t t = args.sched.reverse ? T - 1 - k : k;
-      const int64_t t_prev = args.sched.reverse ? t + 1 : t - 1;
-      const float* h_prev = k == 0 ? h0.data() : args.output + offset[t_prev] * H;
-      for (int64_t p = first; p < last; ++p) {
-        const int64_t ub_end = std::min(blocks, (p + 1) * per_part);
-        for (int64_t ub = p * per_part; ub < ub_end; ++ub) block(offset[t], h_prev, ub, tile);
-      }
+      step(k, first, last);
       if (timed) {
         const Clock::time_point now = Clock::now();
         first_part_work += now - step_start;
@@ -493,9 +481,33 @@ int64_t split_steps(const ForwardArgs& args, int64_t parts, int64_t blocks, bool
       wait_for_parts(progress, parts, k + 1);
       if (stop_after.load(std::memory_order_relaxed) <= k + 1) break;
     }
+    finish(std::min(k, T - 1), first, last);
   });
   if (!forced) split_governor().record(Clock::now() - call_start, first_part_work, parts, lost);
   return stop_after.load(std::memory_order_relaxed);
+}
+
+// The forward's split: unit blocks in `parts` parts, all rows. block(off, h_prev, ub, tile) computes unit
+// block ub of the step whose rows start at `off`, reading h_{t-1} at h_prev: step 0 reads h0, which the
+// epilogues overwrite in place (a part's units while another part still multiplies by them), so a copy;
+// later steps read h_{t-1} from the output rows of the step before, which nothing overwrites.
+template <int kTileFloats, typename Block>
+int64_t split_steps(const ForwardArgs& args, int64_t parts, int64_t blocks, bool forced, const Block& block) {
+  const int64_t H = args.H, B = args.B;
+  const int64_t per_part = (blocks + parts - 1) / parts;
+  const std::vector<int64_t>& offset = *args.sched.offset;
+  const int64_t T = static_cast<int64_t>(offset.size());
+  std::vector<float> h0(args.h_state, args.h_state + B * H);
+  return split_loop(parts, T, forced, [&](int64_t k, int64_t first, int64_t last) {
+    alignas(64) float tile[kTileFloats];
+    const int64_t t = args.sched.reverse ? T - 1 - k : k;
+    const int64_t t_prev = args.sched.reverse ? t + 1 : t - 1;
+    const float* h_prev = k == 0 ? h0.data() : args.output + offset[t_prev] * H;
+    for (int64_t p = first; p < last; ++p) {
+      const int64_t ub_end = std::min(blocks, (p + 1) * per_part);
+      for (int64_t ub = p * per_part; ub < ub_end; ++ub) block(offset[t], h_prev, ub, tile);
+    }
+  }, [](int64_t, int64_t, int64_t) {});
 }
 
 template <typename Cell, bool Save>
@@ -516,7 +528,7 @@ void forward_impl(const ForwardArgs& args) {
   const std::vector<int64_t>& offset = *args.sched.offset;
   const int64_t T = static_cast<int64_t>(batch.size());
   int64_t k_start = 0;  // steps already run by the unit split
-  const int64_t parts = packed_split_parts(args, blocks);
+  const int64_t parts = packed_split_parts(args.sched, args.B, blocks);
   if (parts > 1) {
     k_start = split_steps<kMR * E::kTileWidth>(args, parts, blocks, split_switch("FUSEDRNN_CPU_UNIT_SPLIT") == 1,
                                                [&](int64_t off, const float* h_prev, int64_t ub, float* tile) {
@@ -668,7 +680,7 @@ void small_forward_impl(const ForwardArgs& args) {
   const std::vector<int64_t>& offset = *args.sched.offset;
   const int64_t T = static_cast<int64_t>(batch.size());
   const int force = split_switch("FUSEDRNN_CPU_SMALL_SPLIT");
-  const int64_t parts = split_parts(args, blocks, force);
+  const int64_t parts = split_parts(args.sched, args.B, blocks, force);
   int64_t k_start = 0;  // steps already run by the unit split
   if (parts > 1) {
     k_start = split_steps<kMR * E::kTileWidth>(args, parts, blocks, force == 1,
