@@ -3,7 +3,6 @@ argument errors, double backward, and what happens on a second backward or when 
 is differentiated directly."""
 
 import ctypes
-import time
 
 import pytest
 import torch
@@ -469,7 +468,8 @@ def _unit_split_calls():
 @pytest.mark.parametrize("fuse_input", ["0", "1"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
 @pytest.mark.parametrize("steps,batch,hidden,stop", [(40, 1, SPLIT_H, ""), (12, 5, SPLIT_H, ""), (9, 9, SPLIT_H, ""),
-                                                     (7, 3, 200, ""), (40, 1, SPLIT_H, "16"), (40, 3, 200, "16")])
+                                                     (7, 3, 200, ""), (5, 4, 128, ""), (1, 2, 96, ""),
+                                                     (40, 1, SPLIT_H, "16"), (40, 3, 200, "16")])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("threads", [2, 3, 4])
 def test_packed_path_unit_split_gives_the_batch_split_numbers(cell, steps, batch, hidden, stop, reverse, threads,
@@ -510,26 +510,29 @@ def test_packed_path_unit_split_gives_the_batch_split_numbers(cell, steps, batch
 
 @pytest.mark.parametrize("threads,batch,hidden,splits", [(2, 8, 128, True), (2, 9, 128, False), (2, 1, 128, True),
                                                          (4, 16, 200, True), (4, 17, 200, False),
-                                                         (4, 4, 40, True)])
+                                                         (4, 4, 40, True), (4, 4, 100, True)])
 def test_packed_path_unit_split_default_rule(threads, batch, hidden, splits, monkeypatch):
-    """By default a uniform batch of at most 4 rows per thread splits, a larger one does not, nor one whose
-    unit blocks are fewer than the threads (H = 40: 3 blocks on AVX-512, 5 on AVX2, against 4 threads:
-    some threads would idle); unless the governor has paused splitting after a loss on a busy machine."""
+    """By default a uniform batch of at most 4 rows per thread splits (a training step's forward and
+    backward), a larger one does not, nor one whose unit blocks (forward: a vector of units; backward: two)
+    are fewer than the threads (H = 40 on 4 threads: 3 / 2 blocks on AVX-512, none splits; 5 / 3 on AVX2,
+    only the forward splits). The governor (which pauses the split after a loss on a busy machine) is off."""
     monkeypatch.setenv("FUSEDRNN_CPU_SMALL", "0")
     monkeypatch.delenv("FUSEDRNN_CPU_UNIT_SPLIT", raising=False)
-    ops, args = _split_args("lstm", 3, batch, torch.float32, hidden)
-    blocks = -(-hidden // (16 if engine_isa() == "avx512" else 8))  # LSTM: one vector of units per block
-    expected = splits and blocks >= threads
+    monkeypatch.setenv("FUSEDRNN_CPU_SPLIT_GOVERNOR", "0")  # 4 threads on a 2-core machine lose: no pause
+    torch.manual_seed(0)
+    m = fusedrnn.LSTM(SPLIT_I, hidden)
+    x = torch.randn(3, batch, SPLIT_I, requires_grad=True)
+    vec = 16 if engine_isa() == "avx512" else 8
+    blocks, panels = -(-hidden // vec), -(-hidden // (2 * vec))  # forward: a vector of units; backward: two
+    expected = [splits and blocks >= threads, splits and panels >= threads]
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        for _ in range(30):  # a paused governor resumes within 2 s
-            calls = _unit_split_calls()
-            ops[1](*args, False)
-            ran = _unit_split_calls() > calls
-            if ran or not expected:
-                break
-            time.sleep(0.1)
+        calls = _unit_split_calls()
+        out, _ = m(x)
+        forward = _unit_split_calls() - calls
+        out.sum().backward()
+        ran = [forward == 1, _unit_split_calls() - calls - forward == 1]
     finally:
         torch.set_num_threads(before)
     assert ran == expected
@@ -566,6 +569,7 @@ def test_packed_path_unit_split_keeps_padded_rows_apart(monkeypatch):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
 @pytest.mark.parametrize("steps,batch,hidden,stop", [(12, 1, SPLIT_H, ""), (9, 5, SPLIT_H, ""), (7, 3, 200, ""),
+                                                     (5, 4, 128, ""), (6, 2, 192, ""), (1, 3, 96, ""),
                                                      (40, 2, SPLIT_H, "16"), (40, 3, 200, "16")])
 @pytest.mark.parametrize("threads", [2, 3, 4])
 @pytest.mark.parametrize("with_hx", [False, True])
@@ -573,7 +577,9 @@ def test_unit_split_training_gives_the_batch_split_gradients(cell, steps, batch,
                                                               monkeypatch):
     """A training step of a bidirectional layer of few rows, forward and backward split by hidden units
     (csrc/cpu/engine_backward.h: backward_split): bitwise the batch split's output, states and every
-    gradient (input, initial states, weights), with and without a stop part way (as on a loaded machine)."""
+    gradient (input, initial states, weights), with and without a stop part way (as on a loaded machine).
+    H 128: whole panels only; 96 and 192: 6 or 12 panels of 16 (AVX2) and 3 or 6 of 32 (AVX-512), uneven
+    on 4 threads; one step: the split's last product alone."""
     monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", "1")
     monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
     monkeypatch.setenv("FUSEDRNN_CPU_SMALL", "0")
@@ -599,7 +605,7 @@ def test_unit_split_training_gives_the_batch_split_gradients(cell, steps, batch,
             states = state if isinstance(state, tuple) else (state,)
             (out.square().sum() + sum(s.square().sum() for s in states)).backward()
             # forward and backward of both directions
-            assert (_unit_split_calls() - calls >= 4) == (split == "1")
+            assert _unit_split_calls() - calls == (4 if split == "1" else 0)
             grads = [xi.grad] + [p.grad for p in m.parameters()]
             if hi is not None:
                 grads += [h.grad for h in (hi if isinstance(hi, tuple) else (hi,))]

@@ -126,7 +126,7 @@ extern "C" __attribute__((visibility("default"))) int fusedrnn_cpu_fuse_input_pr
   return fusedrnn::cpu_engine::fuse_input_projection(gates, input_size, hidden_size) ? 1 : 0;
 }
 
-// For tests (ctypes): forward calls that took the unit split so far (cpu_engine.h: unit_split_calls).
+// For tests (ctypes): forward and backward calls that took the unit split so far (cpu_engine.h: unit_split_calls).
 extern "C" __attribute__((visibility("default"))) int64_t fusedrnn_cpu_unit_split_calls() {
   return fusedrnn::cpu_engine::unit_split_calls().load();
 }

@@ -141,8 +141,9 @@ bool use_small_path(int64_t batch, int64_t steps);
 void forward(const ForwardArgs& a);
 void backward(const BackwardArgs& a);
 
-// Forward calls that ran (some of) their steps with the unit blocks split across threads
-// (engine_forward.h: split_steps), either path, every instruction set: for tests, through ctypes.
+// Forward and backward calls of one layer and direction that ran (some of) their steps with the units
+// split across threads (engine_forward.h: split_loop), every path and instruction set: for tests, through
+// ctypes.
 std::atomic<int64_t>& unit_split_calls();
 
 }  // namespace cpu_engine

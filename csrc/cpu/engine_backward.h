@@ -107,13 +107,11 @@ int64_t backward_split(const BackwardArgs& args, int64_t parts, bool forced, con
   constexpr bool is_gru = G == 3;
   const int64_t H = args.H, B = args.B;
   const int64_t panels = (H + kPanel - 1) / kPanel;
-  const int64_t per_part = (panels + parts - 1) / parts;
   const std::vector<int64_t>& offset = *args.sched.offset;
   const int64_t T = static_cast<int64_t>(offset.size());
   const float* prev_all = is_gru ? args.output : args.cells;
   const float* prev_init = is_gru ? args.h0 : args.c0;
-  std::vector<float> tiles(prev_init != nullptr ? parts * kMR * H : 0);  // previous_block's copies, per part
-  std::vector<float> gates_h(is_gru ? B * G * H : 0);                  // GRU: the second scratch buffer
+  std::vector<float> gates_h(is_gru ? B * G * H : 0);  // GRU: the second scratch buffer
   auto step_of = [&](int64_t k) { return args.sched.reverse ? k : T - 1 - k; };
   auto dgates_h_of = [&](int64_t k) -> float* {  // step k's [B, G*H] hidden-side gate gradients
     if (is_gru) return k % 2 == 0 ? args.grad_gates_h : gates_h.data();
@@ -123,7 +121,7 @@ int64_t backward_split(const BackwardArgs& args, int64_t parts, bool forced, con
   auto product = [&](int64_t k, int64_t first, int64_t last) {
     if (!(args.need_grad_h0 || k < T - 1)) return;
     const float* dgates_h = dgates_h_of(k);
-    const int64_t nb0 = first * per_part, nb1 = std::min(panels, last * per_part);
+    const int64_t nb0 = part_bound(first, parts, panels), nb1 = part_bound(last, parts, panels);
     for_each_row_block(0, B, [&](int64_t m0, int64_t mr) {
       with_rows(mr, [&](auto rows) {
         backward_gemm<rows.value>(dgates_h + m0 * G * H, G, H, w_packed, is_gru, args.grad_h_state + m0 * H, nb0, nb1);
@@ -134,12 +132,13 @@ int64_t backward_split(const BackwardArgs& args, int64_t parts, bool forced, con
     if (k > 0) product(k - 1, first, last);
     const int64_t t = step_of(k);
     const int64_t off = offset[t];
-    const int64_t src = args.sched.reverse ? t + 1 : t - 1;  // the previously processed step
+    const int64_t src = args.sched.reverse ? t + 1 : t - 1;  // the step before t in the forward's order
     const bool has_src = src >= 0 && src < T;
     const int64_t src_offset = has_src ? offset[src] : 0;
+    // Every row continues a sequence or none does (a uniform batch): previous_block never copies.
     const int64_t carried = has_src ? B : 0;
-    const int64_t j0 = first * per_part * kPanel, j1 = std::min(H, last * per_part * kPanel);
-    float* tile = tiles.empty() ? nullptr : tiles.data() + first * kMR * H;
+    const int64_t j0 = std::min(H, part_bound(first, parts, panels) * kPanel);
+    const int64_t j1 = std::min(H, part_bound(last, parts, panels) * kPanel);
     float* gh = is_gru ? dgates_h_of(k) : nullptr;
     for_each_row_block(0, B, [&](int64_t m0, int64_t mr) {
       const int64_t row = off + m0;
@@ -152,7 +151,7 @@ int64_t backward_split(const BackwardArgs& args, int64_t parts, bool forced, con
       if (args.grad_c_state != nullptr) q.grad_c_state = args.grad_c_state + m0 * H;
       if (args.cells != nullptr) q.cells = args.cells + row * H;
       if (prev_init != nullptr) {
-        const float* prev = previous_block(prev_all, prev_init, H, src_offset, carried, m0, mr, tile);
+        const float* prev = previous_block(prev_all, prev_init, H, src_offset, carried, m0, mr, nullptr);
         if (is_gru) {
           q.h_prev = prev;
         } else {
@@ -201,7 +200,7 @@ void backward_impl(const BackwardArgs& args) {
       const int64_t t = args.sched.reverse ? k : T - 1 - k;  // reverse of the forward's order
       const int64_t end = std::min(hi, batch[t]);
       const int64_t off = offset[t];
-      const int64_t src = args.sched.reverse ? t + 1 : t - 1;  // the previously processed step
+      const int64_t src = args.sched.reverse ? t + 1 : t - 1;  // the step before t in the forward's order
       const bool has_src = src >= 0 && src < T;
       const int64_t src_offset = has_src ? offset[src] : 0;
       const int64_t carried = has_src ? std::min(batch[t], batch[src]) : 0;

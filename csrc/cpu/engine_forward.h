@@ -371,7 +371,7 @@ struct SplitGovernor {
   static bool losing(Clock::duration elapsed, Clock::duration first_part_work, int64_t parts) {
     return elapsed > first_part_work * (parts * 3) / 2 + std::chrono::microseconds(50);
   }
-  // A split call's verdict: `stopped_early` (it was judged losing part way, split_steps), else by its
+  // A split call's verdict: `stopped_early` (it was judged losing part way, split_loop), else by its
   // whole time.
   void record(Clock::duration elapsed, Clock::duration first_part_work, int64_t parts, bool stopped_early = false) {
     const bool lost = stopped_early || losing(elapsed, first_part_work, parts);
@@ -388,6 +388,13 @@ struct SplitGovernor {
 inline SplitGovernor& split_governor() {
   static SplitGovernor governor;
   return governor;
+}
+
+// Tests: FUSEDRNN_CPU_SPLIT_GOVERNOR=0 turns the governor off (no pause, no verdict), so that a test of
+// the default rule sees its decision on a machine where the split loses (more threads than cores).
+inline bool split_governor_off() {
+  const char* v = std::getenv("FUSEDRNN_CPU_SPLIT_GOVERNOR");
+  return v != nullptr && v[0] == '0' && v[1] == '\0';
 }
 
 // A split's switch: -1 unset or empty (the default rule), 0 off, 1 forced (whatever the governor says:
@@ -413,7 +420,7 @@ inline int64_t split_parts(const Schedule& sched, int64_t B, int64_t blocks, int
   const std::vector<int64_t>& batch = *sched.batch;
   // The split reads h_{t-1} from the previous step's output rows: every row in every step.
   if (batch.empty() || batch.front() != B || batch.back() != B) return 1;
-  if (force != 1 && split_governor().paused()) return 1;
+  if (force != 1 && !split_governor_off() && split_governor().paused()) return 1;
   return std::min<int64_t>({threads, blocks, kSplitMaxParts});
 }
 
@@ -436,6 +443,11 @@ inline int64_t packed_split_parts(const Schedule& sched, int64_t B, int64_t bloc
   return parts;
 }
 
+// Where part p of `parts` starts among n blocks (p = parts: n): as even as possible (6 blocks in 4 parts:
+// 1, 2, 1, 2, not 2, 2, 2, 0), so no thread of the team idles; a worker given parts [first, last) takes
+// blocks [part_bound(first), part_bound(last)).
+inline int64_t part_bound(int64_t p, int64_t parts, int64_t n) { return p * n / parts; }
+
 // The split's team loop (forward and backward): every worker runs step(k, first, last) for its parts
 // [first, last) of step k (in processing order), then waits at the step's barrier; returns how many
 // steps ran: all T, or fewer where the split was losing (below), after which the caller runs the rest
@@ -448,6 +460,7 @@ constexpr int64_t kSplitCheckSteps = 16;
 
 template <typename Step, typename Finish>
 int64_t split_loop(int64_t parts, int64_t T, bool forced, const Step& step, const Finish& finish) {
+  forced = forced || split_governor_off();  // no verdict either way
   SplitProgress progress[kSplitMaxParts];
   // Set by part 0's worker before it marks a step done, so every worker reads it after that step's barrier.
   std::atomic<int64_t> stop_after{T};
@@ -494,7 +507,6 @@ int64_t split_loop(int64_t parts, int64_t T, bool forced, const Step& step, cons
 template <int kTileFloats, typename Block>
 int64_t split_steps(const ForwardArgs& args, int64_t parts, int64_t blocks, bool forced, const Block& block) {
   const int64_t H = args.H, B = args.B;
-  const int64_t per_part = (blocks + parts - 1) / parts;
   const std::vector<int64_t>& offset = *args.sched.offset;
   const int64_t T = static_cast<int64_t>(offset.size());
   std::vector<float> h0(args.h_state, args.h_state + B * H);
@@ -503,10 +515,8 @@ int64_t split_steps(const ForwardArgs& args, int64_t parts, int64_t blocks, bool
     const int64_t t = args.sched.reverse ? T - 1 - k : k;
     const int64_t t_prev = args.sched.reverse ? t + 1 : t - 1;
     const float* h_prev = k == 0 ? h0.data() : args.output + offset[t_prev] * H;
-    for (int64_t p = first; p < last; ++p) {
-      const int64_t ub_end = std::min(blocks, (p + 1) * per_part);
-      for (int64_t ub = p * per_part; ub < ub_end; ++ub) block(offset[t], h_prev, ub, tile);
-    }
+    const int64_t ub_end = part_bound(last, parts, blocks);
+    for (int64_t ub = part_bound(first, parts, blocks); ub < ub_end; ++ub) block(offset[t], h_prev, ub, tile);
   }, [](int64_t, int64_t, int64_t) {});
 }
 
