@@ -28,8 +28,8 @@ LAYERS = [
      "AMD EPYC Zen 5 (family 26 model 2) with AVX-512 (F/DQ/BW/VL/BF16/VNNI; full-width 512-bit FMAs, "
      "twice Zen 4's peak), the AVX-512 engine, all five configurations"),
     ("layers_cpu_float32_amd-epyc-avx512_engine-avx512",
-     "AMD EPYC Zen 4 with AVX-512 (F/DQ/BW/VL/BF16/VNNI; 512-bit FMAs double-pumped, so its FMA peak "
-     "equals its AVX2 peak), the AVX-512 engine"),
+     "AMD EPYC Zen 4 (family 25 model 17) with AVX-512 (F/DQ/BW/VL/BF16/VNNI; 512-bit FMAs double-pumped, "
+     "so its FMA peak equals its AVX2 peak), the AVX-512 engine, all five configurations (2026-12-08)"),
     ("layers_cpu_float32_amd-epyc-avx512_engine-avx2",
      "the same AVX-512 machine with the engine capped at AVX2 (`FUSEDRNN_CPU_ISA=avx2`)"),
     ("layers_cpu_float32_amd-epyc-avx2",
