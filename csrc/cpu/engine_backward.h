@@ -83,6 +83,39 @@ const float* previous_block(const float* all, const float* init, int64_t H, int6
   return tile;
 }
 
+// The cell backward's view of rows [m0, m0 + mr) of the step whose tokens start at packed row `off`:
+// its saved tensors and gradients in the packed sequence, its running gradients in the batch, its
+// previous states (previous_block; `tile` for a block straddling carried rows), GRU's hidden-side
+// gate gradients at `grad_gates_h`. Shared by the row split (backward_impl) and the unit split.
+inline cells::BackwardStepParams<float> backward_rows(const BackwardArgs& args, int G, int64_t off, int64_t m0,
+                                                      int64_t mr, const float* prev_all, const float* prev_init,
+                                                      int64_t src_offset, int64_t carried, float* tile,
+                                                      float* grad_gates_h) {
+  const int64_t H = args.H;
+  const int64_t row = off + m0;  // packed row of the block's first sequence
+  cells::BackwardStepParams<float> q;
+  q.batch = mr;
+  q.hidden = H;
+  q.gates = args.gates + row * G * H;
+  q.grad_out = args.grad_output + row * H;
+  q.grad_h_state = args.grad_h_state + m0 * H;
+  if (args.grad_c_state != nullptr) q.grad_c_state = args.grad_c_state + m0 * H;
+  if (args.cells != nullptr) q.cells = args.cells + row * H;
+  if (prev_init != nullptr) {
+    const float* prev = previous_block(prev_all, prev_init, H, src_offset, carried, m0, mr, tile);
+    if (G == 3) {
+      q.h_prev = prev;
+    } else {
+      q.c_prev = prev;
+    }
+  }
+  if (args.hn != nullptr) q.hn = args.hn + row * H;
+  q.out = args.output + row * H;
+  q.grad_gates = args.grad_gates + row * G * H;
+  if (G == 3) q.grad_gates_h = grad_gates_h + m0 * G * H;
+  return q;
+}
+
 // The cell backward of rows [0, MR) for units [j0, j1) only (the unit split's part).
 template <typename Cell, int MR>
 __attribute__((noinline, flatten)) void backward_cell_units(const cells::BackwardStepParams<float>& q, int64_t j0,
@@ -141,27 +174,8 @@ int64_t backward_split(const BackwardArgs& args, int64_t parts, bool forced, con
     const int64_t j1 = std::min(H, part_bound(last, parts, panels) * kPanel);
     float* gh = is_gru ? dgates_h_of(k) : nullptr;
     for_each_row_block(0, B, [&](int64_t m0, int64_t mr) {
-      const int64_t row = off + m0;
-      cells::BackwardStepParams<float> q;
-      q.batch = mr;
-      q.hidden = H;
-      q.gates = args.gates + row * G * H;
-      q.grad_out = args.grad_output + row * H;
-      q.grad_h_state = args.grad_h_state + m0 * H;
-      if (args.grad_c_state != nullptr) q.grad_c_state = args.grad_c_state + m0 * H;
-      if (args.cells != nullptr) q.cells = args.cells + row * H;
-      if (prev_init != nullptr) {
-        const float* prev = previous_block(prev_all, prev_init, H, src_offset, carried, m0, mr, nullptr);
-        if (is_gru) {
-          q.h_prev = prev;
-        } else {
-          q.c_prev = prev;
-        }
-      }
-      if (args.hn != nullptr) q.hn = args.hn + row * H;
-      q.out = args.output + row * H;
-      q.grad_gates = args.grad_gates + row * G * H;
-      if (is_gru) q.grad_gates_h = gh + m0 * G * H;
+      const cells::BackwardStepParams<float> q =
+          backward_rows(args, G, off, m0, mr, prev_all, prev_init, src_offset, carried, nullptr, gh);
       with_rows(mr, [&](auto rows) { backward_cell_units<Cell, rows.value>(q, j0, j1); });
     });
   }, product);
@@ -208,26 +222,8 @@ void backward_impl(const BackwardArgs& args) {
       const bool product = args.need_grad_h0 || k < T - 1;
       for_each_row_block(lo, end, [&](int64_t m0, int64_t mr) {
         const int64_t row = off + m0;  // packed row of the block's first sequence
-        cells::BackwardStepParams<float> q;
-        q.batch = mr;
-        q.hidden = H;
-        q.gates = args.gates + row * G * H;
-        q.grad_out = args.grad_output + row * H;
-        q.grad_h_state = args.grad_h_state + m0 * H;
-        if (args.grad_c_state != nullptr) q.grad_c_state = args.grad_c_state + m0 * H;
-        if (args.cells != nullptr) q.cells = args.cells + row * H;
-        if (prev_init != nullptr) {
-          const float* prev = previous_block(prev_all, prev_init, H, src_offset, carried, m0, mr, tile.data());
-          if (is_gru) {
-            q.h_prev = prev;
-          } else {
-            q.c_prev = prev;
-          }
-        }
-        if (args.hn != nullptr) q.hn = args.hn + row * H;
-        q.out = args.output + row * H;
-        q.grad_gates = args.grad_gates + row * G * H;
-        if (is_gru) q.grad_gates_h = args.grad_gates_h + m0 * G * H;
+        const cells::BackwardStepParams<float> q = backward_rows(args, G, off, m0, mr, prev_all, prev_init, src_offset,
+                                                                 carried, tile.data(), args.grad_gates_h);
         const float* dgates_h = is_gru ? args.grad_gates_h + m0 * G * H : args.grad_gates + row * G * H;
         float* dh = args.grad_h_state + m0 * H;
         with_rows(mr, [&](auto rows) { backward_block<Cell, rows.value>(q, dgates_h, w_packed, dh, product); });
