@@ -31,7 +31,7 @@ LAYERS = [
      "AMD EPYC Zen 4 (family 25 model 17) with AVX-512 (F/DQ/BW/VL/BF16/VNNI; 512-bit FMAs double-pumped, "
      "so its FMA peak equals its AVX2 peak), the AVX-512 engine, all five configurations (2026-12-08)"),
     ("layers_cpu_float32_amd-epyc-avx512_engine-avx2",
-     "the same AVX-512 machine with the engine capped at AVX2 (`FUSEDRNN_CPU_ISA=avx2`)"),
+     "the same AVX-512 machine with the engine capped at AVX2 (`FUSEDRNN_CPU_ISA=avx2`; 2026-12-08)"),
     ("layers_cpu_float32_amd-epyc-avx2",
      "AMD EPYC Zen 3 with AVX2+FMA only (no AVX-512), the AVX2 engine, all five configurations"),
 ]
