@@ -57,10 +57,9 @@ def machine() -> Dict[str, str]:
         # Family and model: virtual machines often name only "AMD EPYC" for CPUs as different as a Zen 4
         # (family 25) and a Zen 5 (family 26, twice the Zen 4's AVX-512 FMA rate).
         family = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("cpu family")), "")
-        model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model\t")
-                      or line.split(":", 1)[0].strip() == "model"), "")
+        model = next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == "model"), "")
     except OSError:
-        family = model = ""
+        pass
     # The instruction sets that decide which kernels run (ours and oneDNN's): torch's own verdict,
     # and the vector/matrix extensions the CPU reports.
     extensions = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16") if f in flags]

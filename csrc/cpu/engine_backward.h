@@ -202,9 +202,10 @@ void backward_impl(const BackwardArgs& args) {
   const float* prev_all = is_gru ? args.output : args.cells;
   const float* prev_init = is_gru ? args.h0 : args.c0;
   int64_t k_start = 0;  // steps already run by the unit split
-  const int64_t parts = args.small ? 1 : packed_split_parts(args.sched, args.B, (H + kPanel - 1) / kPanel);
+  const int force = args.small ? 0 : split_switch("FUSEDRNN_CPU_UNIT_SPLIT");
+  const int64_t parts = args.small ? 1 : packed_split_parts(args.sched, args.B, (H + kPanel - 1) / kPanel, force);
   if (parts > 1) {
-    k_start = backward_split<Cell>(args, parts, split_switch("FUSEDRNN_CPU_UNIT_SPLIT") == 1, w_packed);
+    k_start = backward_split<Cell>(args, parts, force == 1, w_packed);
     if (k_start == T) return;
   }
 

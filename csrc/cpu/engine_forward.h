@@ -435,8 +435,9 @@ inline int64_t split_parts(const Schedule& sched, int64_t B, int64_t blocks, int
 // block).
 constexpr int64_t kUnitSplitMaxRowsPerThread = 4;
 
-inline int64_t packed_split_parts(const Schedule& sched, int64_t B, int64_t blocks) {
-  const int force = split_switch("FUSEDRNN_CPU_UNIT_SPLIT");
+// force: split_switch("FUSEDRNN_CPU_UNIT_SPLIT"), read once by the caller (which also passes it on as
+// split_loop's `forced`).
+inline int64_t packed_split_parts(const Schedule& sched, int64_t B, int64_t blocks, int force) {
   const int64_t parts = split_parts(sched, B, blocks, force);
   if (force == 1) return parts;
   if (parts < at::get_num_threads() || B > kUnitSplitMaxRowsPerThread * parts) return 1;
@@ -538,9 +539,10 @@ void forward_impl(const ForwardArgs& args) {
   const std::vector<int64_t>& offset = *args.sched.offset;
   const int64_t T = static_cast<int64_t>(batch.size());
   int64_t k_start = 0;  // steps already run by the unit split
-  const int64_t parts = packed_split_parts(args.sched, args.B, blocks);
+  const int force = split_switch("FUSEDRNN_CPU_UNIT_SPLIT");
+  const int64_t parts = packed_split_parts(args.sched, args.B, blocks, force);
   if (parts > 1) {
-    k_start = split_steps<kMR * E::kTileWidth>(args, parts, blocks, split_switch("FUSEDRNN_CPU_UNIT_SPLIT") == 1,
+    k_start = split_steps<kMR * E::kTileWidth>(args, parts, blocks, force == 1,
                                                [&](int64_t off, const float* h_prev, int64_t ub, float* tile) {
       for_each_row_block(0, args.B, [&](int64_t m0, int64_t mr) {
         const StepPtrs q = step_rows(args, G, off, m0, mr);
