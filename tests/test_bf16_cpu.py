@@ -118,6 +118,9 @@ def test_half_op_is_the_float32_op_on_the_widened_leaves(cell, reverse, dtype, e
     (so differs), and whose error against float64 is no smaller."""
     monkeypatch.delenv("FUSEDRNN_CPU_HALF", raising=False)
     monkeypatch.setenv("FUSEDRNN_CPU_ENGINE", engine)
+    # The float32 products: on a CPU with AVX512_BF16 a bf16 layer's engine forward would otherwise
+    # multiply on bf16 dot products, h_{t-1} rounded to bf16 (tests/test_bf16_dot.py checks that path).
+    monkeypatch.setenv("FUSEDRNN_CPU_BF16_DOT", "0")
     # The whole sequence in one chunk: in chunks the float32 engine may block a shorter call's rows
     # differently (one rounding apart at most: test_chunked_half_layer_is_the_whole_sequence_call).
     monkeypatch.setenv("FUSEDRNN_CPU_HALF_CHUNK_ROWS", str(10**9))

@@ -103,6 +103,15 @@ struct CpuDevice {
     a.b_hh = b_hh.defined() ? b_hh.const_data_ptr<float>() : nullptr;
     a.gates = gates.defined() ? gates.data_ptr<float>() : nullptr;
     a.save_for_backward = save_for_backward;
+    // In a widened half-type layer call (widened_layer.h): its chunks share the packed weights, and a
+    // bfloat16 layer's may run on bf16 dot products -- but for the ReLU RNN: rounding h_{t-1} moves
+    // pre-activations near 0 across relu's kink, which flips whole terms of the weight gradients (as it
+    // does in torch.nn's bf16, whose state is bf16); its float32 products keep the kinks where float64
+    // has them (tests/test_bf16_cpu.py measured 6x nn's dW_ih error with bf16 products, a tenth without).
+    if (cpu_widened::WidenedCall* call = cpu_widened::current_widened_call()) {
+      a.bf16_products = call->bf16_values && !a.small && !std::is_same_v<Cell, RnnReluCell>;
+      a.pack_cache = cpu_widened::pack_cache_on() ? &call->pack_cache : nullptr;
+    }
     a.h_state = r.h_n.data_ptr<float>();
     a.output = r.output.data_ptr<float>();
     if (r.c_n.defined()) a.c_state = r.c_n.data_ptr<float>();
@@ -146,6 +155,9 @@ struct CpuDevice {
     a.grad_h_state = dh_state.data_ptr<float>();
     a.grad_gates = dgates.data_ptr<float>();
     a.need_grad_h0 = need_grad_h0;
+    if (cpu_widened::WidenedCall* call = cpu_widened::current_widened_call()) {
+      a.pack_cache = cpu_widened::pack_cache_on() ? &call->pack_cache : nullptr;
+    }
     cpu_engine::backward(a);
     return true;
   }

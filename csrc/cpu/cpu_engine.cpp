@@ -54,11 +54,31 @@ bool available() {
   return v == nullptr || v[0] != '0';
 }
 
+bool bf16_dot_products() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+  }();
+  const char* v = std::getenv("FUSEDRNN_CPU_BF16_DOT");
+  if (v != nullptr && v[0] != '\0') {
+    TORCH_CHECK((v[0] == '0' || v[0] == '1') && v[1] == '\0',
+                "fusedrnn: FUSEDRNN_CPU_BF16_DOT must be 0 (float32 products for bfloat16 layers) or 1, got '", v, "'");
+    if (v[0] == '0') return false;
+  }
+  return has && isa() == Isa::kAvx512;
+}
+
 void forward(const ForwardArgs& a) {
+  if (a.bf16_products && !a.small && bf16_dot_products()) {
+    avx512_bf16::forward(a);
+    return;
+  }
+  ForwardArgs f = a;
+  f.bf16_products = false;  // this CPU (or the switch) says float32 products
   if (isa() == Isa::kAvx512) {
-    avx512::forward(a);
+    avx512::forward(f);
   } else {
-    avx2::forward(a);
+    avx2::forward(f);
   }
 }
 
@@ -96,6 +116,11 @@ std::atomic<int64_t>& unit_split_calls() {
   return calls;
 }
 
+std::atomic<int64_t>& bf16_forward_calls() {
+  static std::atomic<int64_t> calls{0};
+  return calls;
+}
+
 bool use_small_path(int64_t batch, int64_t steps) {
   const char* force = std::getenv("FUSEDRNN_CPU_SMALL");
   if (force != nullptr && (force[0] == '0' || force[0] == '1')) return force[0] == '1';
@@ -129,4 +154,17 @@ extern "C" __attribute__((visibility("default"))) int fusedrnn_cpu_fuse_input_pr
 // For tests (ctypes): forward and backward calls that took the unit split so far (cpu_engine.h: unit_split_calls).
 extern "C" __attribute__((visibility("default"))) int64_t fusedrnn_cpu_unit_split_calls() {
   return fusedrnn::cpu_engine::unit_split_calls().load();
+}
+
+// For tests (ctypes): whether a bfloat16 layer's forward runs on bf16 dot products now (cpu_engine.h:
+// bf16_dot_products, FUSEDRNN_CPU_BF16_DOT included; -1 with a bad switch), and how many forward calls did.
+extern "C" __attribute__((visibility("default"))) int fusedrnn_cpu_bf16_dot_products() {
+  try {
+    return fusedrnn::cpu_engine::bf16_dot_products() ? 1 : 0;
+  } catch (const c10::Error&) {
+    return -1;
+  }
+}
+extern "C" __attribute__((visibility("default"))) int64_t fusedrnn_cpu_bf16_forward_calls() {
+  return fusedrnn::cpu_engine::bf16_forward_calls().load();
 }

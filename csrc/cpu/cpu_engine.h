@@ -30,6 +30,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace fusedrnn {
@@ -62,6 +63,19 @@ struct Schedule {
   bool reverse = false;
 };
 
+// Packed weights kept from one engine call to the next by a caller that runs several calls on the same
+// weights: the chunks of time steps of a widened half-type layer (widened_layer.h), each an engine call
+// of its own, which otherwise repacked W_ih and W_hh for every chunk (fastrnns, bf16 training: 100
+// chunks of one step, 8 MB packed per chunk; benchmarks/NOTES.md, entry 57). The engine keeps in a slot
+// its packing of the last call (its own type, `tag` naming it) with the source pointers and sizes; a
+// call whose weights match reuses it. The caller guarantees that the weights' values do not change while
+// the cache lives (its lifetime: one layer call, on the caller's float32 copies of the weights).
+struct PackCache {
+  std::shared_ptr<void> forward, backward;
+  const void* forward_tag = nullptr;
+  const void* backward_tag = nullptr;
+};
+
 struct ForwardArgs {
   CellKind cell = CellKind::kLstm;
   int64_t B = 0, H = 0, I = 0;  // batch, hidden, input features
@@ -91,6 +105,12 @@ struct ForwardArgs {
   // The small-call path (use_small_path): w_ih / w_hh read in place, row-major,
   // nothing packed. Needs w_hh (and, with input, w_ih) contiguous.
   bool small = false;
+  // A bfloat16 layer's call (its w_ih, w_hh and input are bf16 values in float32): run the packed
+  // path's products on the CPU's bf16 dot products where bf16_dot_products() says so
+  // (engine_forward.h, engine_avx512_bf16.cpp; h_{t-1} rounded to bf16 for the product each step),
+  // else, and on the small path, the float32 products. Never the unit split.
+  bool bf16_products = false;
+  PackCache* pack_cache = nullptr;  // nullptr: pack for this call alone
 };
 
 struct BackwardArgs {
@@ -117,6 +137,7 @@ struct BackwardArgs {
   // false: the first step's dh_{t-1} = dgates_h W_hh (dh0 alone) is skipped; grad_h_state is then
   // not dh0 and nothing may read it.
   bool need_grad_h0 = true;
+  PackCache* pack_cache = nullptr;  // nullptr: pack for this call alone
 };
 
 // Whether forward should compute the input projection inside its tiles: while both packed weight
@@ -137,6 +158,12 @@ bool fuse_input_projection(int gates, int64_t input_size, int64_t hidden_size);
 // forces it (tests run both ways).
 bool use_small_path(int64_t batch, int64_t steps);
 
+// Whether a call with ForwardArgs::bf16_products runs on bf16 dot products: isa() is AVX-512 and the CPU
+// has AVX512_BF16 (vdpbf16ps: Zen 4 and later, Intel Cooper Lake and Sapphire Rapids and later), unless
+// FUSEDRNN_CPU_BF16_DOT=0 (read on every call: tests and benchmarks compare both ways in one process;
+// only 0 or 1, 1 changing nothing where the CPU lacks them).
+bool bf16_dot_products();
+
 // Run on isa()'s kernels; call only when available().
 void forward(const ForwardArgs& a);
 void backward(const BackwardArgs& a);
@@ -145,6 +172,8 @@ void backward(const BackwardArgs& a);
 // split across threads (engine_forward.h: split_loop), every path and instruction set: for tests, through
 // ctypes.
 std::atomic<int64_t>& unit_split_calls();
+// Forward calls of one layer and direction that ran on bf16 dot products (tests, through ctypes).
+std::atomic<int64_t>& bf16_forward_calls();
 
 }  // namespace cpu_engine
 }  // namespace fusedrnn

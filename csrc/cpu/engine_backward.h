@@ -181,19 +181,46 @@ int64_t backward_split(const BackwardArgs& args, int64_t parts, bool forced, con
   }, product);
 }
 
+// pack_backward's panels of args.w_hh: packed here, or the previous call's from args.pack_cache where it
+// packed the same W_hh (cpu_engine.h: PackCache; `tag` as forward_panels').
+struct CachedBackwardPack {
+  const float* w_hh = nullptr;
+  int64_t G = 0, H = 0;
+  std::vector<float> packed;
+};
+
+inline std::shared_ptr<const CachedBackwardPack> backward_pack(const BackwardArgs& args, int64_t G) {
+  static const char tag = 0;
+  PackCache* cache = args.pack_cache;
+  if (cache != nullptr && cache->backward_tag == &tag) {
+    auto c = std::static_pointer_cast<const CachedBackwardPack>(cache->backward);
+    if (c->w_hh == args.w_hh && c->G == G && c->H == args.H) return c;
+  }
+  auto c = std::make_shared<CachedBackwardPack>();
+  c->w_hh = args.w_hh;
+  c->G = G;
+  c->H = args.H;
+  pack_backward(args.w_hh, G, args.H, c->packed);
+  if (cache != nullptr) {
+    cache->backward = c;
+    cache->backward_tag = &tag;
+  }
+  return c;
+}
+
 template <typename Cell>
 void backward_impl(const BackwardArgs& args) {
   constexpr int G = Cell::kGates;
   constexpr bool is_gru = G == 3;
   const int64_t H = args.H;
   // Small calls read W_hh in place (no copy: it is used a few times only).
-  std::vector<float> packed;
+  std::shared_ptr<const CachedBackwardPack> packed;
   BackwardPanels w_packed;
   if (args.small && H % kPanel == 0) {
     w_packed = {args.w_hh, kPanel, H};
   } else {
-    pack_backward(args.w_hh, G, H, packed);
-    w_packed = {packed.data(), G * H * kPanel, kPanel};
+    packed = backward_pack(args, G);
+    w_packed = {packed->packed.data(), G * H * kPanel, kPanel};
   }
   const std::vector<int64_t>& batch = *args.sched.batch;
   const std::vector<int64_t>& offset = *args.sched.offset;

@@ -200,21 +200,117 @@ struct ForwardEpilogue<cells::RnnCell<Relu>> {
   }
 };
 
-// The packed weights of one layer call, and where one unit block's panels start.
-template <int G>
+// The packed weights of one layer call, and where one unit block's panels start. T: the products'
+// operand type, float, or Bf16 (a bfloat16's bits: the bf16 dot-product forward, below).
+template <int G, typename T = float>
 struct ForwardPanels {
   using P = ForwardPacking<G>;
   static constexpr int kBiasWidth = P::kWidth + (G == 3 ? P::U : 0);
-  int64_t H = 0, I = 0;
-  std::vector<float> w_ih, w_hh, bias;
+  // Elements per k of a panel: kPanel floats, or kPanel bf16 pairs per k pair.
+  static constexpr int64_t kLdw = std::is_same_v<T, float> ? kPanel : 2 * kPanel;
+  int64_t H = 0, I = 0;  // the products' depths (the operands' row widths): H and I, for bf16 rounded up to even
+  std::vector<T> w_ih, w_hh;
+  std::vector<float> bias;
   bool fused_input = false;  // w_ih packed here, else the gates buffer holds x W_ih^T + b_ih
-  // Unit block ub's panel for micro-kernel call c (columns c * kPanel ..): [K][kPanel].
-  const float* x_panel(int64_t ub, int c) const {
+  // Unit block ub's panel for micro-kernel call c (columns c * kPanel ..): [K][kPanel] (bf16: [K/2][kPanel][2]).
+  const T* x_panel(int64_t ub, int c) const {
     return fused_input ? w_ih.data() + (ub * P::kCalls + c) * I * kPanel : nullptr;
   }
-  const float* h_panel(int64_t ub, int c) const { return w_hh.data() + (ub * P::kCalls + c) * H * kPanel; }
+  const T* h_panel(int64_t ub, int c) const { return w_hh.data() + (ub * P::kCalls + c) * H * kPanel; }
   const float* bias_panel(int64_t ub) const { return bias.data() + ub * kBiasWidth; }
 };
+
+#ifdef FUSEDRNN_ENGINE_BF16_PRODUCTS
+// ---- bfloat16 dot products (ForwardArgs::bf16_products; engine_avx512_bf16.cpp) -------------------
+// vdpbf16ps acc, a, b adds a[2i] b[2i] + a[2i+1] b[2i+1] to float lane i: two bf16 x bf16 products
+// (exact in float32: 8 significant bits each) per lane and instruction, twice the float32 FMA's work
+// per instruction, with float32 sums (the instruction treats bf16 denormals as zero and flushes a
+// denormal result, as torch.nn's oneDNN bf16 kernels, which run the same instruction, do). So the
+// micro-kernel takes k in pairs: one 32-bit broadcast of a row's two bf16 (A), one 64-byte load of
+// 16 columns' pairs (B), the panels holding each column's k pair side by side, [K/2][kPanel][2], K
+// rounded up to even with a zero (and the operands' rows padded with a zero: 0 x 0, never 0 x NaN).
+// The weights and the input of a bfloat16 layer are bf16 values (their float32 copies round back
+// exactly); h_{t-1} is rounded to bf16 for the product each step (as torch.nn's bf16 layers round the
+// whole state), the running state and the cell stay float32.
+using Bf16 = uint16_t;  // a bfloat16's bits
+inline int64_t round_up_even(int64_t k) { return (k + 1) & ~int64_t{1}; }
+
+// Round to nearest even, as vcvtneps2bf16 (rows_to_bf16): NaN stays a (quiet) NaN, denormals are zero.
+inline Bf16 to_bf16(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  if ((b & 0x7f800000u) == 0) return static_cast<Bf16>((b >> 16) & 0x8000u);  // zero, denormal: signed zero
+  if ((b & 0x7fffffffu) > 0x7f800000u) return static_cast<Bf16>((b >> 16) | 0x40u);  // NaN
+  return static_cast<Bf16>((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+// w: [G*H, K] -> [blocks][kCalls][K2 / 2][kPanel][2], K2 = K rounded up to even, zeros past K and H.
+template <int G>
+void pack_panels_bf16(const float* w, int64_t H, int64_t K, std::vector<Bf16>& packed) {
+  using P = ForwardPacking<G>;
+  const int64_t blocks = (H + P::U - 1) / P::U, K2 = round_up_even(K);
+  packed.assign(blocks * K2 * P::kWidth, 0);
+  for (int64_t ub = 0; ub < blocks; ++ub) {
+    for (int g = 0; g < G; ++g) {
+      for (int u = 0; u < P::U; ++u) {
+        const int64_t j = ub * P::U + u;
+        if (j >= H) continue;
+        const float* row = w + (g * H + j) * K;
+        const int64_t col = g * P::U + u, c = col / kPanel, e = col % kPanel;
+        Bf16* dst = packed.data() + (ub * P::kCalls + c) * K2 * kPanel + 2 * e;
+        for (int64_t k = 0; k < K; ++k) dst[(k / 2) * 2 * kPanel + k % 2] = to_bf16(row[k]);
+      }
+    }
+  }
+}
+
+// dst[r * K2 + k] = src[r * ld + k] in bf16 for r < rows, k < K; dst[r * K2 + K] = 0 where K is odd.
+inline void rows_to_bf16(const float* src, int64_t ld, int64_t rows, int64_t K, Bf16* dst) {
+  const int64_t K2 = round_up_even(K);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * ld;
+    Bf16* d = dst + r * K2;
+    int64_t k = 0;
+    for (; k + kVec <= K; k += kVec) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + k), (__m256i)_mm512_cvtneps_pbh(Simd::load(s + k)));
+    }
+    if (k < K) {
+      alignas(32) Bf16 tail[kVec];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tail), (__m256i)_mm512_cvtneps_pbh(Simd::load_first(s + k, K - k)));
+      std::memcpy(d + k, tail, (K - k) * sizeof(Bf16));
+    }
+    if (K2 > K) d[K] = 0;
+  }
+}
+
+// micro_kernel on bf16 operands: acc[m][v] += sum_k A[m * lda + k] * B[k][v * kVec ..] for m < MR, K even,
+// Bp the [K/2][kPanel][2] panel (ldb = 2 * kPanel Bf16s per k pair).
+template <int MR>
+__attribute__((always_inline)) inline void micro_kernel(int64_t K, const Bf16* A, int64_t lda, const Bf16* Bp,
+                                                        int64_t ldb, V (&acc)[kMR][2]) {
+  V c[MR][2];
+  for (int m = 0; m < MR; ++m) {
+    c[m][0] = acc[m][0];
+    c[m][1] = acc[m][1];
+  }
+  for (int64_t k = 0; k < K; k += 2) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(Bp);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(Bp + 2 * kVec);
+    for (int m = 0; m < MR; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, A + m * lda + k, sizeof pair);
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      c[m][0] = _mm512_dpbf16_ps(c[m][0], a, b0);
+      c[m][1] = _mm512_dpbf16_ps(c[m][1], a, b1);
+    }
+    Bp += ldb;
+  }
+  for (int m = 0; m < MR; ++m) {
+    acc[m][0] = c[m][0];
+    acc[m][1] = c[m][1];
+  }
+}
+#endif  // FUSEDRNN_ENGINE_BF16_PRODUCTS
 
 // acc (MR rows x kPanel columns) = bias + x rows . x_panel + h rows . h_panel (+ x_part),
 // stored to the tile at column `col`; either product may be skipped (panel nullptr). x_part
@@ -222,10 +318,11 @@ struct ForwardPanels {
 // x_part[v] + m * ldx, its first x_valid[v] lanes real (the rest read as zeros). It is added
 // after the products, in registers: the same one add per element, in the same place of the
 // chain, as the separate pass over the stored tile that it replaces (bitwise the same).
-template <int MR>
-__attribute__((always_inline)) inline void tile_product(const float* bias, const float* x, int64_t I,
-                                                        const float* x_panel, const float* h, int64_t H,
-                                                        const float* h_panel, int64_t ldw, float* tile,
+// T: float, or Bf16 (x, h and the panels bf16; I and H even).
+template <int MR, typename T>
+__attribute__((always_inline)) inline void tile_product(const float* bias, const T* x, int64_t I,
+                                                        const T* x_panel, const T* h, int64_t H,
+                                                        const T* h_panel, int64_t ldw, float* tile,
                                                         int64_t tile_width, const float* const* x_part = nullptr,
                                                         const int64_t* x_valid = nullptr, int64_t ldx = 0) {
   V acc[kMR][2];
@@ -252,9 +349,10 @@ __attribute__((always_inline)) inline void tile_product(const float* bias, const
 // these rows and units at once.
 // noinline keeps each (cell, rows) variant a function of its own, small
 // enough for GCC to inline the micro-kernel and the activations into.
-template <typename Cell, int MR, bool Save>
-__attribute__((noinline)) void forward_tile(const StepPtrs& q, const float* x, const float* h,
-                                            const ForwardPanels<Cell::kGates>& w, int64_t ub, float* tile) {
+// T: the products' operands, float or Bf16 (x, h at strides w.I, w.H).
+template <typename Cell, int MR, bool Save, typename T = float>
+__attribute__((noinline)) void forward_tile(const StepPtrs& q, const T* x, const T* h,
+                                            const ForwardPanels<Cell::kGates, T>& w, int64_t ub, float* tile) {
   using E = ForwardEpilogue<Cell>;
   using P = ForwardPacking<E::G>;
   static_assert(P::U == E::U, "the packing and the epilogue must agree on the unit block");
@@ -262,8 +360,8 @@ __attribute__((noinline)) void forward_tile(const StepPtrs& q, const float* x, c
   const int64_t j0 = ub * P::U, valid = std::min<int64_t>(P::U, q.hidden - j0);
   for (int c = 0; c < P::kCalls; ++c) {
     const int64_t col = c * kPanel;
-    const float* xp = w.x_panel(ub, c);
-    const float* hp = w.h_panel(ub, c);
+    const T* xp = w.x_panel(ub, c);
+    const T* hp = w.h_panel(ub, c);
     // Not fused: the input projection came precomputed in the gates buffer; these columns' part
     // of it (gate g = column / U, units j0 + column % U), added in tile_product's registers.
     const float* x_part[2] = {nullptr, nullptr};
@@ -279,11 +377,12 @@ __attribute__((noinline)) void forward_tile(const StepPtrs& q, const float* x, c
     const int64_t ldx = E::G * q.hidden;
     if (E::G == 3 && col >= 2 * P::U) {
       // GRU's n gate: input and hidden parts in separate tile columns.
-      tile_product<MR>(bias + col, x, w.I, xp, h, w.H, nullptr, kPanel, tile + col, E::kTileWidth, xa, x_valid, ldx);
-      tile_product<MR>(bias + P::kWidth + (col - 2 * P::U), x, w.I, nullptr, h, w.H, hp, kPanel,
-                       tile + P::kWidth + (col - 2 * P::U), E::kTileWidth);
+      tile_product<MR>(bias + col, x, w.I, xp, h, w.H, static_cast<const T*>(nullptr), w.kLdw, tile + col,
+                       E::kTileWidth, xa, x_valid, ldx);
+      tile_product<MR>(bias + P::kWidth + (col - 2 * P::U), x, w.I, static_cast<const T*>(nullptr), h, w.H, hp,
+                       w.kLdw, tile + P::kWidth + (col - 2 * P::U), E::kTileWidth);
     } else {
-      tile_product<MR>(bias + col, x, w.I, xp, h, w.H, hp, kPanel, tile + col, E::kTileWidth, xa, x_valid, ldx);
+      tile_product<MR>(bias + col, x, w.I, xp, h, w.H, hp, w.kLdw, tile + col, E::kTileWidth, xa, x_valid, ldx);
     }
   }
   E::template apply<MR, Save>(q, tile, j0, valid);
@@ -408,7 +507,9 @@ inline int split_switch(const char* name) {
 }
 
 // How many parts the unit blocks of this call may be split into (1: no split), whichever path runs it.
-inline int64_t split_parts(const Schedule& sched, int64_t B, int64_t blocks, int force) {
+// ask_governor false: the rule alone, as if the governor had no pause (a choice that must not depend on
+// timing: forward_impl's bf16 products).
+inline int64_t split_parts(const Schedule& sched, int64_t B, int64_t blocks, int force, bool ask_governor = true) {
 #if !AT_PARALLEL_OPENMP
   // The per-step barrier needs every part running at once: an OpenMP team gives that, ATen's native
   // pool (shared by all callers, its chunks queued) does not, and two callers could each hold part of the
@@ -420,7 +521,7 @@ inline int64_t split_parts(const Schedule& sched, int64_t B, int64_t blocks, int
   const std::vector<int64_t>& batch = *sched.batch;
   // The split reads h_{t-1} from the previous step's output rows: every row in every step.
   if (batch.empty() || batch.front() != B || batch.back() != B) return 1;
-  if (force != 1 && !split_governor_off() && split_governor().paused()) return 1;
+  if (ask_governor && force != 1 && !split_governor_off() && split_governor().paused()) return 1;
   return std::min<int64_t>({threads, blocks, kSplitMaxParts});
 }
 
@@ -437,8 +538,9 @@ constexpr int64_t kUnitSplitMaxRowsPerThread = 4;
 
 // force: split_switch("FUSEDRNN_CPU_UNIT_SPLIT"), read once by the caller (which also passes it on as
 // split_loop's `forced`).
-inline int64_t packed_split_parts(const Schedule& sched, int64_t B, int64_t blocks, int force) {
-  const int64_t parts = split_parts(sched, B, blocks, force);
+inline int64_t packed_split_parts(const Schedule& sched, int64_t B, int64_t blocks, int force,
+                                  bool ask_governor = true) {
+  const int64_t parts = split_parts(sched, B, blocks, force, ask_governor);
   if (force == 1) return parts;
   if (parts < at::get_num_threads() || B > kUnitSplitMaxRowsPerThread * parts) return 1;
   return parts;
@@ -521,6 +623,113 @@ int64_t split_steps(const ForwardArgs& args, int64_t parts, int64_t blocks, bool
   }, [](int64_t, int64_t, int64_t) {});
 }
 
+// The batch split's time loop (forward_impl) from step k_start: each thread its rows, all steps, no
+// synchronisation. T: the products' operands (ForwardPanels): float, or Bf16, for which the group's
+// h_{t-1} (and, fused, x_t) rows are rounded into bf16 copies instead of copied.
+template <typename Cell, bool Save, typename T>
+void forward_rows(const ForwardArgs& args, const ForwardPanels<Cell::kGates, T>& w, int64_t blocks, int64_t k_start) {
+  using E = ForwardEpilogue<Cell>;
+  constexpr int G = E::G;
+  const int64_t H = args.H, I = args.I;
+  const std::vector<int64_t>& batch = *args.sched.batch;
+  const std::vector<int64_t>& offset = *args.sched.offset;
+  const int64_t T_steps = static_cast<int64_t>(batch.size());
+  for_each_thread_rows(args.sched, args.B, [&](int64_t lo, int64_t hi) {
+    // h_{t-1} of a group of row blocks: the cells overwrite the running state
+    // in place while later unit blocks still multiply by the old one.
+    std::vector<T> h_prev(kGroupBlocks * kMR * w.H);
+    // bf16: the group's input rows (fused input projection).
+    std::vector<T> x_rows(std::is_same_v<T, float> || !w.fused_input ? 0 : kGroupBlocks * kMR * w.I);
+    std::vector<float> tile(kMR * E::kTileWidth);
+    std::vector<std::pair<int64_t, int64_t>> row_blocks;  // (first row, rows) of this step
+    for (int64_t k = k_start; k < T_steps; ++k) {
+      const int64_t t = args.sched.reverse ? T_steps - 1 - k : k;
+      const int64_t end = std::min(hi, batch[t]);
+      const int64_t off = offset[t];
+      row_blocks.clear();
+      for_each_row_block(lo, end, [&](int64_t m0, int64_t mr) { row_blocks.emplace_back(m0, mr); });
+      for (size_t g0 = 0; g0 < row_blocks.size(); g0 += kGroupBlocks) {
+        const size_t g1 = std::min(row_blocks.size(), g0 + kGroupBlocks);
+        const int64_t first = row_blocks[g0].first;
+        const int64_t rows = row_blocks[g1 - 1].first + row_blocks[g1 - 1].second - first;
+        if constexpr (std::is_same_v<T, float>) {
+          std::memcpy(h_prev.data(), args.h_state + first * H, rows * H * sizeof(float));
+        } else {
+#ifdef FUSEDRNN_ENGINE_BF16_PRODUCTS
+          rows_to_bf16(args.h_state + first * H, H, rows, H, h_prev.data());
+          if (w.fused_input) rows_to_bf16(args.input + (off + first) * I, I, rows, I, x_rows.data());
+#endif
+        }
+        for (int64_t ub = 0; ub < blocks; ++ub) {
+          for (size_t rb = g0; rb < g1; ++rb) {
+            const int64_t m0 = row_blocks[rb].first, mr = row_blocks[rb].second;
+            const StepPtrs q = step_rows(args, G, off, m0, mr);
+            const T* x = nullptr;
+            if (w.fused_input) {
+              if constexpr (std::is_same_v<T, float>) {
+                x = args.input + (off + m0) * I;
+              } else {
+                x = x_rows.data() + (m0 - first) * w.I;
+              }
+            }
+            const T* h = h_prev.data() + (m0 - first) * w.H;
+            with_rows(mr, [&](auto r) { forward_tile<Cell, r.value, Save, T>(q, x, h, w, ub, tile.data()); });
+          }
+        }
+      }
+    }
+  });
+}
+
+// The packed weights of a call: packed here, or (args.pack_cache) the previous call's where it packed the
+// same weights the same way (cpu_engine.h: PackCache). `tag`: one per instantiation and translation unit,
+// so that a slot filled by another cell, operand type or instruction set is never read as this one.
+template <int G, typename T>
+struct CachedForwardPanels {
+  const float *w_ih = nullptr, *w_hh = nullptr, *b_ih = nullptr, *b_hh = nullptr;
+  int64_t H = 0, I = 0;
+  ForwardPanels<G, T> w;
+};
+
+template <int G, typename T>
+std::shared_ptr<const ForwardPanels<G, T>> forward_panels(const ForwardArgs& args) {
+  static const char tag = 0;
+  const bool fused = args.input != nullptr;
+  const float* b_ih = fused ? args.b_ih : nullptr;
+  const float* w_ih = fused ? args.w_ih : nullptr;
+  PackCache* cache = args.pack_cache;
+  if (cache != nullptr && cache->forward_tag == &tag) {
+    auto c = std::static_pointer_cast<CachedForwardPanels<G, T>>(cache->forward);
+    if (c->w_ih == w_ih && c->w_hh == args.w_hh && c->b_ih == b_ih && c->b_hh == args.b_hh && c->H == args.H &&
+        c->I == args.I) {
+      return std::shared_ptr<const ForwardPanels<G, T>>(c, &c->w);
+    }
+  }
+  auto c = std::make_shared<CachedForwardPanels<G, T>>();
+  *c = {w_ih, args.w_hh, b_ih, args.b_hh, args.H, args.I, {}};
+  ForwardPanels<G, T>& w = c->w;
+  w.fused_input = fused;
+  if constexpr (std::is_same_v<T, float>) {
+    w.H = args.H;
+    w.I = args.I;
+    if (fused) pack_panels<G>(args.w_ih, args.H, args.I, w.w_ih);
+    pack_panels<G>(args.w_hh, args.H, args.H, w.w_hh);
+  } else {
+#ifdef FUSEDRNN_ENGINE_BF16_PRODUCTS
+    w.H = round_up_even(args.H);
+    w.I = round_up_even(args.I);
+    if (fused) pack_panels_bf16<G>(args.w_ih, args.H, args.I, w.w_ih);
+    pack_panels_bf16<G>(args.w_hh, args.H, args.H, w.w_hh);
+#endif
+  }
+  pack_biases<G>(b_ih, args.b_hh, args.H, w.bias);
+  if (cache != nullptr) {
+    cache->forward = c;
+    cache->forward_tag = &tag;
+  }
+  return std::shared_ptr<const ForwardPanels<G, T>>(c, &c->w);
+}
+
 template <typename Cell, bool Save>
 void forward_impl(const ForwardArgs& args) {
   using E = ForwardEpilogue<Cell>;
@@ -528,18 +737,24 @@ void forward_impl(const ForwardArgs& args) {
   using P = ForwardPacking<G>;
   const int64_t H = args.H;
   const int64_t blocks = (H + P::U - 1) / P::U;
-  ForwardPanels<G> w;
-  w.H = H;
-  w.I = args.I;
-  w.fused_input = args.input != nullptr;
-  if (w.fused_input) pack_panels<G>(args.w_ih, H, args.I, w.w_ih);
-  pack_panels<G>(args.w_hh, H, H, w.w_hh);
-  pack_biases<G>(w.fused_input ? args.b_ih : nullptr, args.b_hh, H, w.bias);
-  const std::vector<int64_t>& batch = *args.sched.batch;
-  const std::vector<int64_t>& offset = *args.sched.offset;
-  const int64_t T = static_cast<int64_t>(batch.size());
-  int64_t k_start = 0;  // steps already run by the unit split
   const int force = split_switch("FUSEDRNN_CPU_UNIT_SPLIT");
+#ifdef FUSEDRNN_ENGINE_BF16_PRODUCTS
+  // bf16 products on the batch split only: where the unit split's rule takes a call (few rows per
+  // thread), its float32 products split by units measured faster than bf16 products split by rows
+  // (small_batch LSTM inference 0.33 against 0.45 ms, benchmarks/NOTES.md entry 57). Decided by the rule
+  // alone, not the governor: a bf16 call's numbers differ from a float32 one's, and timing must never
+  // choose a call's numbers (the unit split's are the batch split's, bitwise, so the governor may).
+  if (args.bf16_products && packed_split_parts(args.sched, args.B, blocks, force, /*ask_governor=*/false) == 1) {
+    const auto w = forward_panels<G, Bf16>(args);
+    bf16_forward_calls().fetch_add(1, std::memory_order_relaxed);
+    forward_rows<Cell, Save, Bf16>(args, *w, blocks, 0);
+    return;
+  }
+#endif
+  const auto panels = forward_panels<G, float>(args);
+  const ForwardPanels<G>& w = *panels;
+  const int64_t T = static_cast<int64_t>(args.sched.batch->size());
+  int64_t k_start = 0;  // steps already run by the unit split
   const int64_t parts = packed_split_parts(args.sched, args.B, blocks, force);
   if (parts > 1) {
     k_start = split_steps<kMR * E::kTileWidth>(args, parts, blocks, force == 1,
@@ -552,36 +767,7 @@ void forward_impl(const ForwardArgs& args) {
     });
     if (k_start == T) return;
   }
-
-  for_each_thread_rows(args.sched, args.B, [&](int64_t lo, int64_t hi) {
-    // h_{t-1} of a group of row blocks: the cells overwrite the running state
-    // in place while later unit blocks still multiply by the old one.
-    std::vector<float> h_prev(kGroupBlocks * kMR * H);
-    std::vector<float> tile(kMR * E::kTileWidth);
-    std::vector<std::pair<int64_t, int64_t>> row_blocks;  // (first row, rows) of this step
-    for (int64_t k = k_start; k < T; ++k) {
-      const int64_t t = args.sched.reverse ? T - 1 - k : k;
-      const int64_t end = std::min(hi, batch[t]);
-      const int64_t off = offset[t];
-      row_blocks.clear();
-      for_each_row_block(lo, end, [&](int64_t m0, int64_t mr) { row_blocks.emplace_back(m0, mr); });
-      for (size_t g0 = 0; g0 < row_blocks.size(); g0 += kGroupBlocks) {
-        const size_t g1 = std::min(row_blocks.size(), g0 + kGroupBlocks);
-        const int64_t first = row_blocks[g0].first;
-        const int64_t rows = row_blocks[g1 - 1].first + row_blocks[g1 - 1].second - first;
-        std::memcpy(h_prev.data(), args.h_state + first * H, rows * H * sizeof(float));
-        for (int64_t ub = 0; ub < blocks; ++ub) {
-          for (size_t rb = g0; rb < g1; ++rb) {
-            const int64_t m0 = row_blocks[rb].first, mr = row_blocks[rb].second;
-            const StepPtrs q = step_rows(args, G, off, m0, mr);
-            const float* x = w.fused_input ? args.input + (off + m0) * args.I : nullptr;
-            const float* h = h_prev.data() + (m0 - first) * H;
-            with_rows(mr, [&](auto rows) { forward_tile<Cell, rows.value, Save>(q, x, h, w, ub, tile.data()); });
-          }
-        }
-      }
-    }
-  });
+  forward_rows<Cell, Save, float>(args, w, blocks, k_start);
 }
 
 // ---------------------------------------------------------------------------

@@ -16,5 +16,9 @@ namespace avx512 {
 void forward(const ForwardArgs& a);
 void backward(const BackwardArgs& a);
 }  // namespace avx512
+// engine_avx512_bf16.cpp: the forward of calls with ForwardArgs::bf16_products, on CPUs with AVX512_BF16.
+namespace avx512_bf16 {
+void forward(const ForwardArgs& a);
+}  // namespace avx512_bf16
 }  // namespace cpu_engine
 }  // namespace fusedrnn

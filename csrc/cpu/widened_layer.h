@@ -27,6 +27,7 @@
 
 #include "../layer/checks.h"
 #include "../layer/layer_tensors.h"
+#include "cpu_engine.h"
 
 namespace fusedrnn::cpu_widened {
 
@@ -43,6 +44,43 @@ inline bool takes(at::ScalarType t) {
               "'");
   return false;
 }
+
+// What the float32 engine may know of the widened layer call this thread is running (forward_in_chunks,
+// backward_in_chunks; nullptr outside one): whether every float32 value it is handed is a bf16 value
+// (a bfloat16 layer: its forward may then take the products on the CPU's bf16 dot products, cpu_engine.h:
+// ForwardArgs::bf16_products), and a cache for the weights it packs, which the chunks of the call share
+// (cpu_engine.h: PackCache; the call's float32 weight copies do not change while it runs). A scope, not
+// an argument: the drivers between here and the engine (layer_forward, layer_backward) are device-neutral
+// (cpu_device.h reads it).
+struct WidenedCall {
+  bool bf16_values = false;
+  cpu_engine::PackCache pack_cache;
+};
+inline WidenedCall*& current_widened_call() {
+  static thread_local WidenedCall* call = nullptr;
+  return call;
+}
+// FUSEDRNN_CPU_PACK_CACHE=0 (read per engine call) packs the weights for every chunk again, as before the
+// cache (tests: the same numbers, bitwise, either way); only 0 or 1.
+inline bool pack_cache_on() {
+  const char* v = std::getenv("FUSEDRNN_CPU_PACK_CACHE");
+  if (v == nullptr || v[0] == '\0') return true;
+  TORCH_CHECK((v[0] == '0' || v[0] == '1') && v[1] == '\0', "fusedrnn: FUSEDRNN_CPU_PACK_CACHE must be 0 (pack "
+              "the weights for every chunk of a half-type layer call) or 1, got '", v, "'");
+  return v[0] == '1';
+}
+
+struct WidenedCallScope {
+  WidenedCall call;
+  WidenedCall* outer;
+  explicit WidenedCallScope(bool bf16_values) : outer(current_widened_call()) {
+    call.bf16_values = bf16_values;
+    current_widened_call() = &call;
+  }
+  ~WidenedCallScope() { current_widened_call() = outer; }
+  WidenedCallScope(const WidenedCallScope&) = delete;
+  WidenedCallScope& operator=(const WidenedCallScope&) = delete;
+};
 
 // Undefined (absent bias, c0 of a GRU) and empty placeholders pass through the casts as they are.
 inline at::Tensor widen(const at::Tensor& t) { return t.defined() ? t.to(at::kFloat).contiguous() : t; }
@@ -182,6 +220,7 @@ ForwardOutputs forward_in_chunks(const at::Tensor& input, const at::Tensor& h0, 
       save_for_backward ? chunks_of(sched, chunk_rows(per_token, N, N * per_token * input.element_size()))
                         : std::vector<Chunk>();
   const LayerWeights w32 = widen(w);
+  const WidenedCallScope scope(type == at::kBFloat16);
   if (chunks.size() <= 1) {
     return narrow(run(widen(input), widen(h0), widen(c0), w32, sched, reverse, save_for_backward), type);
   }
@@ -228,6 +267,7 @@ BackwardOutputs backward_in_chunks(const at::Tensor& grad_output, const at::Tens
   const std::vector<Chunk> chunks = chunks_of(
       sched, chunk_rows(per_token + I + GH + P, N, N * per_token * saved.input.element_size()));
   const LayerWeights w32 = widen(w);
+  const WidenedCallScope scope(false);  // the pack cache; the backward has no bf16 products
   if (chunks.size() <= 1) {
     return narrow(run(widen(grad_output), widen(grad_h_n), widen(grad_c_n), widen(saved), w32, sched, reverse,
                       need_grad_input, need_grad_h0),

@@ -1,0 +1,213 @@
+"""bfloat16 layers on bf16 dot products (csrc/cpu/engine_avx512_bf16.cpp, engine_forward.h: forward_tile
+on Bf16 operands), and the packed-weight cache of the widened half-type layers (cpu_engine.h: PackCache).
+
+On a CPU with AVX512_BF16 the engine's forward of a bfloat16 layer multiplies on vdpbf16ps: the weights
+and the input are bf16 values already, h_{t-1} is rounded to bf16 for the product each step, the sums,
+the running state and the cell stay float32. The function it computes is therefore known exactly: the
+float64 recurrence with h_{t-1} rounded to bf16 where it enters a product (`_reference` below). These
+tests check that function against float64, that the path runs where it should (and not where it should
+not), and that the cache changes no number. The accuracy against torch.nn's own bf16 (at most 2x its
+error, every output and gradient) is tests/test_bf16_cpu.py's, which runs this path on such a CPU."""
+
+import ctypes
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fusedrnn
+from fusedrnn import _ops
+
+
+def _lib():
+    lib = ctypes.CDLL(_ops._C.__file__)
+    lib.fusedrnn_cpu_bf16_forward_calls.restype = ctypes.c_int64
+    lib.fusedrnn_cpu_bf16_dot_products.restype = ctypes.c_int
+    return lib
+
+
+def bf16_dot_calls():
+    return _lib().fusedrnn_cpu_bf16_forward_calls()
+
+
+def cpu_has_bf16_dot():
+    return _lib().fusedrnn_cpu_bf16_dot_products() == 1
+
+
+requires_bf16_dot = pytest.mark.skipif(
+    not cpu_has_bf16_dot(),
+    reason="this CPU has no AVX512_BF16 (vdpbf16ps), or the engine is off: the bf16 dot-product forward "
+           "cannot run here (bfloat16 layers run on float32 products, which tests/test_bf16_cpu.py checks)")
+
+MODULES = {"lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU, "rnn_tanh": fusedrnn.RNN, "rnn_relu": fusedrnn.RNN}
+
+
+def _module(cell, I, H, **kw):
+    if cell.startswith("rnn"):
+        kw["nonlinearity"] = cell[4:]
+    torch.manual_seed(0)
+    m = MODULES[cell](I, H, **kw)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(2.0)  # larger pre-activations: the rounding of h matters more, the test sees it better
+    return m.bfloat16()
+
+
+def _bf(t):
+    return t.bfloat16().double()
+
+
+def _reference(cell, m, x, lengths, reverse=False):
+    """float64 recurrence of one direction of bf16 module m on x ([T, B, I] bf16, batch sorted by
+    decreasing length) with h_{t-1} rounded to bf16 wherever it is multiplied by W_hh: the function the
+    bf16 dot-product forward computes. Returns the outputs [T, B, H] (zeros past each length)."""
+    sfx = "_reverse" if reverse else ""
+    w_ih, w_hh = (getattr(m, f"weight_{n}_l0{sfx}").double() for n in ("ih", "hh"))
+    b_ih, b_hh = (getattr(m, f"bias_{n}_l0{sfx}").double() for n in ("ih", "hh"))
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+    h = torch.zeros(B, H, dtype=torch.float64)
+    c = torch.zeros(B, H, dtype=torch.float64)
+    out = torch.zeros(T, B, H, dtype=torch.float64)
+    steps = range(T - 1, -1, -1) if reverse else range(T)
+    for t in steps:
+        live = torch.tensor([t < n for n in lengths])
+        gi = x[t].double() @ w_ih.T + b_ih
+        gh = _bf(h) @ w_hh.T + b_hh
+        if cell == "lstm":
+            i, f, g, o = (gi + gh).chunk(4, 1)
+            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h_new = torch.sigmoid(o) * torch.tanh(c_new)
+            c = torch.where(live[:, None], c_new, c)
+        elif cell == "gru":
+            ir, iz, in_ = gi.chunk(3, 1)
+            hr, hz, hn = gh.chunk(3, 1)
+            r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+            h_new = (1 - z) * torch.tanh(in_ + r * hn) + z * h
+        else:
+            h_new = torch.tanh(gi + gh)
+        h = torch.where(live[:, None], h_new, h)
+        out[t] = torch.where(live[:, None], h_new, torch.zeros_like(h_new))
+    return out
+
+
+def _ours(m, x, lengths, monkeypatch, dot):
+    monkeypatch.setenv("FUSEDRNN_CPU_BF16_DOT", dot)
+    inp = pack_padded_sequence(x, torch.tensor(lengths)) if len(set(lengths)) > 1 else x
+    before = bf16_dot_calls()
+    with torch.no_grad():
+        y, _ = m(inp)
+    if not isinstance(y, torch.Tensor):
+        y, _ = torch.nn.utils.rnn.pad_packed_sequence(y, total_length=x.shape[0])
+    return y.double(), bf16_dot_calls() - before
+
+
+@requires_bf16_dot
+@pytest.mark.parametrize("fuse_input", ["1", "0"])
+@pytest.mark.parametrize("shape", [(37, 45, [6, 6, 5, 3, 3, 1, 1]), (16, 32, [7] * 12)])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_bf16_dot_forward_is_the_recurrence_with_h_rounded_for_the_product(cell, shape, fuse_input, threads,
+                                                                         monkeypatch):
+    """Both directions, a ragged batch with odd sizes (the k pairs' zero padding of I and H) and a uniform
+    one of 12 rows (6 per thread: the batch split, not the unit split), the input projection fused into
+    the tiles and apart: the bf16 dot-product forward is within float32 rounding of the float64 recurrence
+    with h_{t-1} rounded to bf16 for the product, and much nearer to it than the float32-product path
+    (FUSEDRNN_CPU_BF16_DOT=0, which does not round h) is, so the test sees which function ran."""
+    threads(2)
+    monkeypatch.setenv("FUSEDRNN_CPU_FUSE_INPUT", fuse_input)
+    I, H, lengths = shape
+    m = _module(cell, I, H, bidirectional=True)
+    torch.manual_seed(1)
+    x = torch.randn(max(lengths), len(lengths), I).bfloat16()
+    ref = torch.cat([_reference(cell, m, x, lengths), _reference(cell, m, x, lengths, reverse=True)], dim=2)
+    dot, calls = _ours(m, x, lengths, monkeypatch, "1")
+    f32, f32_calls = _ours(m, x, lengths, monkeypatch, "0")
+    assert calls == 2 and f32_calls == 0  # one call per direction on bf16 products; none when switched off
+    # The outputs are bf16, so compare with the reference rounded to bf16: the float32 sums' last bits may
+    # tip an element's rounding (one bf16 unit), or a later step's bf16(h) by one unit; nothing more.
+    want = _bf(ref)
+    err_dot, err_f32 = (dot - want).abs(), (f32 - want).abs()
+    assert err_dot.max().item() <= 2 ** -7 * want.abs().max().item()
+    assert (err_dot > 0).double().mean().item() <= 0.5 * (err_f32 > 0).double().mean().item()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_which_calls_take_bf16_dot_products(cell, threads, monkeypatch):
+    """On bf16 dot products: a bfloat16 layer's packed-path forward (training too), where the CPU has them.
+    Not: the ReLU RNN (cpu_device.h says why), float16, float32, small calls (at most 8 rows and 32
+    tokens: the small path), uniform batches of at most 4 rows per thread (the unit split's, on float32
+    products), FUSEDRNN_CPU_BF16_DOT=0. On a CPU without AVX512_BF16 never."""
+    threads(2)
+    monkeypatch.delenv("FUSEDRNN_CPU_BF16_DOT", raising=False)
+    monkeypatch.delenv("FUSEDRNN_CPU_UNIT_SPLIT", raising=False)
+    m = _module(cell, 8, 64)  # two or more unit blocks for every cell, so that the unit split may run
+
+    def calls(dtype=torch.bfloat16, T=12, B=10, train=False):
+        mm = m.to(dtype)
+        x = torch.randn(T, B, 8, dtype=dtype, requires_grad=train)
+        before = bf16_dot_calls()
+        if train:
+            mm(x)[0].float().sum().backward()
+        else:
+            with torch.no_grad():
+                mm(x)
+        return bf16_dot_calls() - before
+
+    expected = 1 if cpu_has_bf16_dot() and cell != "rnn_relu" else 0
+    assert calls() == expected
+    assert calls(train=True) >= expected  # a training call may run in chunks of steps: one per chunk
+    assert calls(torch.float16) == 0
+    assert calls(torch.float32) == 0
+    assert calls(T=3, B=8) == 0   # small path
+    assert calls(B=8) == 0        # 4 rows per thread: the unit split
+    monkeypatch.setenv("FUSEDRNN_CPU_BF16_DOT", "0")
+    assert calls() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_pack_cache_changes_no_number(cell, dtype, threads, monkeypatch):
+    """A half-type training call in chunks of steps (here 3 rows: many chunks, ragged) packs its weights
+    once and its chunks reuse them; FUSEDRNN_CPU_PACK_CACHE=0 packs them per chunk as before. Output,
+    states and every gradient bitwise equal both ways; and after an optimizer step (weights changed in
+    place) the next call sees the new weights (a fresh module with them gives the same numbers)."""
+    threads(2)
+    monkeypatch.setenv("FUSEDRNN_CPU_HALF_CHUNK_ROWS", "3")
+    m = _module(cell, 6, 20, bidirectional=True).to(dtype)
+    torch.manual_seed(2)
+    x = torch.randn(9, 5, 6, dtype=dtype)
+    lengths = torch.tensor([9, 8, 8, 4, 1])
+
+    def step(mod):
+        mod.zero_grad()
+        xx = x.clone().requires_grad_()
+        y, h = mod(pack_padded_sequence(xx, lengths), None)
+        flat = [y.data] + (list(h) if isinstance(h, tuple) else [h])
+        sum((t.float() * (1 + i)).sum() for i, t in enumerate(flat)).backward()
+        return [t.detach().clone() for t in flat] + [xx.grad] + [p.grad.clone() for p in mod.parameters()]
+
+    monkeypatch.setenv("FUSEDRNN_CPU_PACK_CACHE", "0")
+    uncached = step(m)
+    monkeypatch.setenv("FUSEDRNN_CPU_PACK_CACHE", "1")
+    cached = step(m)
+    assert all(torch.equal(a, b) for a, b in zip(cached, uncached))
+    torch.optim.SGD(m.parameters(), lr=0.5).step()
+    after = step(m)
+    fresh = MODULES[cell](6, 20, bidirectional=True, **({"nonlinearity": "tanh"} if cell == "rnn_tanh" else {}))
+    fresh = fresh.to(dtype)
+    fresh.load_state_dict(m.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(after, step(fresh)))
+    assert not torch.equal(after[0], cached[0])
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("FUSEDRNN_CPU_BF16_DOT", "yes", "FUSEDRNN_CPU_BF16_DOT must be 0"),
+    ("FUSEDRNN_CPU_PACK_CACHE", "2", "FUSEDRNN_CPU_PACK_CACHE must be 0"),
+])
+def test_bad_bf16_switch_is_an_error(variable, value, message, monkeypatch):
+    m = _module("gru", 4, 8)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(RuntimeError, match=message):
+        with torch.no_grad():
+            m(torch.randn(12, 10, 4).bfloat16())
