@@ -211,3 +211,55 @@ def test_bad_bf16_switch_is_an_error(variable, value, message, monkeypatch):
     with pytest.raises(RuntimeError, match=message):
         with torch.no_grad():
             m(torch.randn(12, 10, 4).bfloat16())
+
+
+@requires_bf16_dot
+def test_bf16_backward_gemms_change_only_the_gradients(threads, monkeypatch):
+    """A bfloat16 layer's backward GEMMs (dX, dW) that the large GEMM does not take run in bf16
+    (cpu_device.h: takes_bf16_gemm): the ReLU RNN's forward never runs on bf16 products, so with and
+    without bf16 dot products its output is bitwise the same while its gradients, from dG rounded to bf16,
+    are not; torch.nn's bf16 error bound on them is tests/test_bf16_cpu.py's (which covers this shape)."""
+    threads(2)
+    # dW_ih = dG^T X: [64, 240] x [240, 64], too few rows for the large GEMM (M < 128), 983 K multiply-adds.
+    m = _module("rnn_relu", 64, 64)
+    x = torch.randn(30, 8, 64).bfloat16()
+
+    def run(dot):
+        monkeypatch.setenv("FUSEDRNN_CPU_BF16_DOT", dot)
+        m.zero_grad()
+        xx = x.clone().requires_grad_()
+        y, _ = m(xx)
+        y.float().sum().backward()
+        return y.detach(), m.weight_ih_l0.grad.clone()
+
+    y1, dw1 = run("1")
+    y0, dw0 = run("0")
+    assert torch.equal(y1, y0)
+    assert not torch.equal(dw1, dw0)
+    torch.testing.assert_close(dw1.float(), dw0.float(), rtol=2 ** -5, atol=2 ** -5 * dw0.float().abs().max().item())
+
+
+@requires_bf16_dot
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_bf16_gemm_gradients_at_most_twice_torch_nn_error(cell, threads, monkeypatch):
+    """Chunks of 40 rows (5 steps of 8), I = H = 64: dX of every chunk (40 rows: too few for the large GEMM)
+    and the small-M weight gradients run on bf16 GEMMs, the forward on bf16 dot products (not the ReLU
+    RNN's). Every output and gradient within 2x torch.nn's own bf16 error, both against float64 on the
+    same rounded weights and leaves (tests/test_bf16_cpu.py's measure)."""
+    from conftest import flat_state, make_pair
+    from test_bf16_cpu import _fused_twin, _run_in
+
+    threads(2)
+    monkeypatch.setenv("FUSEDRNN_CPU_HALF_CHUNK_ROWS", "40")
+    torch.manual_seed(3)
+    ref64, _ = make_pair(cell, 64, 64, dtype=torch.float64, num_layers=1, bidirectional=True, bias=True)
+    x64 = torch.randn(20, 8, 64, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 8, 64, dtype=torch.float64, requires_grad=True)
+    hx64 = (h0, torch.randn(2, 8, 64, dtype=torch.float64, requires_grad=True)) if cell == "lstm" else h0
+    exact = _run_in(torch.float64, ref64, x64, hx64, False, rounded_to=torch.bfloat16)
+    theirs = _run_in(torch.bfloat16, ref64, x64, hx64, False)
+    ours = _run_in(torch.bfloat16, _fused_twin(ref64), x64, hx64, False)
+    n_out = 1 + len(flat_state(hx64))
+    assert len(exact) == len(ours) == len(theirs) > 2 * n_out
+    for i, (e, t, o) in enumerate(zip(exact, theirs, ours)):
+        assert (o - e).norm().item() <= 2 * (t - e).norm().item(), i

@@ -204,6 +204,20 @@ struct CpuDevice {
   // (large_gemm::worth; FUSEDRNN_CPU_GEMM=mkl keeps ATen for all); everything else through ATen.
   static void gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
                    bool accumulate) {
+    if (takes_bf16_gemm(out, a, b, bias)) {
+      // A bfloat16 layer's backward (dX, dW_ih, dW_hh) on a CPU with bf16 dot products: oneDNN's bf16
+      // GEMM through ATen (float32 sums, rounded to bf16 once; 800-940 GFLOP/s on the Zen 5 against MKL's
+      // float32 170-200 at these shapes, benchmarks/NOTES.md entry 57). The operands are rounded to bf16: the
+      // weights and the saved input and output are bf16 values already, the gate gradients are not (as
+      // torch.nn's bf16 backward, whose gate gradients are bf16).
+      const at::Tensor product = at::mm(a.to(at::kBFloat16), b.to(at::kBFloat16));
+      if (accumulate) {
+        out.add_(product);
+      } else {
+        out.copy_(product);
+      }
+      return;
+    }
     if (takes_large_gemm(out, a, b, bias)) {
       large_gemm::Args g;
       g.M = a.size(0);
@@ -223,6 +237,21 @@ struct CpuDevice {
       return;
     }
     aten_matmul(out, a, b, bias, accumulate);
+  }
+  // In the backward of a bfloat16 layer (widened_layer.h: WidenedCall::bf16_gemms) with bf16 dot
+  // products on this CPU (without them ATen's bf16 GEMM ran a ~1 GFLOP/s fallback on the AVX2 Zen 3), for
+  // products of at least kBf16GemmMinWork multiply-adds that the large GEMM does not take: where it does
+  // (the sentiment shape's dX and dW) it runs at ~85% of the float32 peak and the operands' two casts cost
+  // what bf16 saves (measured 0.78-0.89x with bf16 there); where MKL would (fastrnns' one-step chunks)
+  // bf16 measured 1.16-1.40x faster (benchmarks/NOTES.md entry 57).
+  static constexpr int64_t kBf16GemmMinWork = int64_t{1} << 18;
+  static bool takes_bf16_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                              const at::Tensor& bias) {
+    const cpu_widened::WidenedCall* call = cpu_widened::current_widened_call();
+    if (call == nullptr || !call->bf16_gemms || bias.defined()) return false;
+    if (out.scalar_type() != at::kFloat || a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat) return false;
+    return a.size(0) * b.size(1) * a.size(1) >= kBf16GemmMinWork && !takes_large_gemm(out, a, b, bias) &&
+           cpu_engine::bf16_dot_products();
   }
   static bool takes_large_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                                const at::Tensor& bias) {

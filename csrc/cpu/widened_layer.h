@@ -54,6 +54,8 @@ inline bool takes(at::ScalarType t) {
 // (cpu_device.h reads it).
 struct WidenedCall {
   bool bf16_values = false;
+  // A bfloat16 layer's backward: its one-shot GEMMs (dX, dW) may run in bf16 (cpu_device.h: gemm).
+  bool bf16_gemms = false;
   cpu_engine::PackCache pack_cache;
 };
 inline WidenedCall*& current_widened_call() {
@@ -73,8 +75,9 @@ inline bool pack_cache_on() {
 struct WidenedCallScope {
   WidenedCall call;
   WidenedCall* outer;
-  explicit WidenedCallScope(bool bf16_values) : outer(current_widened_call()) {
+  explicit WidenedCallScope(bool bf16_values, bool bf16_gemms = false) : outer(current_widened_call()) {
     call.bf16_values = bf16_values;
+    call.bf16_gemms = bf16_gemms;
     current_widened_call() = &call;
   }
   ~WidenedCallScope() { current_widened_call() = outer; }
@@ -267,7 +270,7 @@ BackwardOutputs backward_in_chunks(const at::Tensor& grad_output, const at::Tens
   const std::vector<Chunk> chunks = chunks_of(
       sched, chunk_rows(per_token + I + GH + P, N, N * per_token * saved.input.element_size()));
   const LayerWeights w32 = widen(w);
-  const WidenedCallScope scope(false);  // the pack cache; the backward has no bf16 products
+  const WidenedCallScope scope(false, type == at::kBFloat16);  // the pack cache; bf16: the GEMMs in bf16
   if (chunks.size() <= 1) {
     return narrow(run(widen(grad_output), widen(grad_h_n), widen(grad_c_n), widen(saved), w32, sched, reverse,
                       need_grad_input, need_grad_h0),
