@@ -26,7 +26,10 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 LAYERS = [
     ("layers_cpu_float32_amd-epyc-zen5-avx512_engine-avx512",
      "AMD EPYC Zen 5 (family 26 model 2) with AVX-512 (F/DQ/BW/VL/BF16/VNNI; full-width 512-bit FMAs, "
-     "twice Zen 4's peak), the AVX-512 engine, all five configurations"),
+     "twice Zen 4's peak), the AVX-512 engine, all five configurations (2026-12-08)"),
+    ("layers_cpu_bfloat16_amd-epyc-zen5-avx512",
+     "the same Zen 5 with bfloat16 modules on both sides (`--dtype bfloat16`; fusedrnn's forward on the CPU's "
+     "AVX512_BF16 dot products, torch.nn's through oneDNN's bf16 kernels; 2026-12-08)"),
     ("layers_cpu_float32_amd-epyc-avx512_engine-avx512",
      "AMD EPYC Zen 4 (family 25 model 17) with AVX-512 (F/DQ/BW/VL/BF16/VNNI; 512-bit FMAs double-pumped, "
      "so its FMA peak equals its AVX2 peak), the AVX-512 engine, all five configurations (2026-12-08)"),
