@@ -263,3 +263,48 @@ def test_bf16_gemm_gradients_at_most_twice_torch_nn_error(cell, threads, monkeyp
     assert len(exact) == len(ours) == len(theirs) > 2 * n_out
     for i, (e, t, o) in enumerate(zip(exact, theirs, ours)):
         assert (o - e).norm().item() <= 2 * (t - e).norm().item(), i
+
+
+_LIB_GEMM = ctypes.CDLL(_ops._C.__file__)
+_LIB_GEMM.fusedrnn_large_gemm_bf16.restype = ctypes.c_int
+_LIB_GEMM.fusedrnn_large_gemm_bf16.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64,
+                                                                       ctypes.c_int64] * 2 + [
+    ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+
+
+def large_gemm_bf16(a, b, bias=None, out=None, accumulate=False, mc=0, kc=0):
+    m, k = a.shape
+    n = b.shape[1]
+    if out is None:
+        out = torch.full((m, n), float("nan"))
+    rc = _LIB_GEMM.fusedrnn_large_gemm_bf16(m, n, k, a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(),
+                                            b.stride(0), b.stride(1), None if bias is None else bias.data_ptr(),
+                                            int(accumulate), out.data_ptr(), out.stride(0), mc, kc)
+    assert rc == 0
+    return out
+
+
+@requires_bf16_dot
+@pytest.mark.parametrize("mc,kc", [(0, 0), (8, 5), (24, 2)])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (7, 17, 5), (17, 7, 33), (64, 100, 128), (129, 513, 7), (300, 33, 301)])
+@pytest.mark.parametrize("a_t,b_t", [(False, False), (True, False), (False, True)])
+def test_large_gemm_on_bf16_is_the_product_of_the_rounded_operands(m, n, k, a_t, b_t, mc, kc, threads):
+    """large_gemm::run_bf16 (the large GEMM's loops around the bf16 micro-kernel, the operands rounded to
+    bf16 as they are packed): the float64 product of the bf16-rounded operands to within float32's bound
+    for a K-term sum (the products are exact), bias, accumulate, transposed operands, odd depths and depth
+    blocks (the k pairs' zero padding); bitwise the same on 1 and 2 threads."""
+    gen = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
+    a = torch.randn(k, m, generator=gen).t() if a_t else torch.randn(m, k, generator=gen)
+    b = torch.randn(n, k, generator=gen).t() if b_t else torch.randn(k, n, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    start = torch.randn(m, n, generator=gen)
+    a64, b64 = a.bfloat16().double(), b.bfloat16().double()
+    scale = a64.abs() @ b64.abs()
+    bound = 2 * max(k, 1) * 2.0 ** -24 * (scale + start.double().abs() + bias.double().abs()) + 1e-30
+    threads(2)
+    with_bias = large_gemm_bf16(a, b, bias=bias, mc=mc, kc=kc)
+    accumulated = large_gemm_bf16(a, b, out=start.clone(), accumulate=True, mc=mc, kc=kc)
+    assert ((with_bias.double() - (a64 @ b64 + bias.double())).abs() <= bound).all()
+    assert ((accumulated.double() - (a64 @ b64 + start.double())).abs() <= bound).all()
+    threads(1)
+    assert torch.equal(large_gemm_bf16(a, b, bias=bias, mc=mc, kc=kc), with_bias)

@@ -204,7 +204,15 @@ struct CpuDevice {
   // (large_gemm::worth; FUSEDRNN_CPU_GEMM=mkl keeps ATen for all); everything else through ATen.
   static void gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
                    bool accumulate) {
-    if (takes_bf16_gemm(out, a, b, bias)) {
+    const bool large = takes_large_gemm(out, a, b, bias);
+    if (large && in_bf16_backward()) {
+      // A bfloat16 layer's backward on a CPU with bf16 dot products: the large GEMM on vdpbf16ps, its
+      // packing rounding the operands (no separate casts; 1.15-1.22x faster training steps than the
+      // float32 large GEMM, benchmarks/NOTES.md entry 57).
+      large_gemm::run_bf16(large_gemm_args(out, a, b, bias, accumulate));
+      return;
+    }
+    if (!large && takes_bf16_gemm(out, a, b, bias)) {
       // A bfloat16 layer's backward (dX, dW_ih, dW_hh) on a CPU with bf16 dot products: oneDNN's bf16
       // GEMM through ATen (float32 sums, rounded to bf16 once; 800-940 GFLOP/s on the Zen 5 against MKL's
       // float32 170-200 at these shapes, benchmarks/NOTES.md entry 57). The operands are rounded to bf16: the
@@ -218,40 +226,46 @@ struct CpuDevice {
       }
       return;
     }
-    if (takes_large_gemm(out, a, b, bias)) {
-      large_gemm::Args g;
-      g.M = a.size(0);
-      g.N = b.size(1);
-      g.K = a.size(1);
-      g.A = a.const_data_ptr<float>();
-      g.a_rs = a.stride(0);
-      g.a_cs = a.stride(1);
-      g.B = b.const_data_ptr<float>();
-      g.b_rs = b.stride(0);
-      g.b_cs = b.stride(1);
-      g.bias = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-      g.accumulate = accumulate;
-      g.C = out.data_ptr<float>();
-      g.ldc = row_stride(out);
-      large_gemm::run(g);
+    if (large) {
+      large_gemm::run(large_gemm_args(out, a, b, bias, accumulate));
       return;
     }
     aten_matmul(out, a, b, bias, accumulate);
   }
+  static large_gemm::Args large_gemm_args(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                                          const at::Tensor& bias, bool accumulate) {
+    large_gemm::Args g;
+    g.M = a.size(0);
+    g.N = b.size(1);
+    g.K = a.size(1);
+    g.A = a.const_data_ptr<float>();
+    g.a_rs = a.stride(0);
+    g.a_cs = a.stride(1);
+    g.B = b.const_data_ptr<float>();
+    g.b_rs = b.stride(0);
+    g.b_cs = b.stride(1);
+    g.bias = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+    g.accumulate = accumulate;
+    g.C = out.data_ptr<float>();
+    g.ldc = row_stride(out);
+    return g;
+  }
   // In the backward of a bfloat16 layer (widened_layer.h: WidenedCall::bf16_gemms) with bf16 dot
-  // products on this CPU (without them ATen's bf16 GEMM ran a ~1 GFLOP/s fallback on the AVX2 Zen 3), for
-  // products of at least kBf16GemmMinWork multiply-adds that the large GEMM does not take: where it does
-  // (the sentiment shape's dX and dW) it runs at ~85% of the float32 peak and the operands' two casts cost
-  // what bf16 saves (measured 0.78-0.89x with bf16 there); where MKL would (fastrnns' one-step chunks)
-  // bf16 measured 1.16-1.40x faster (benchmarks/NOTES.md entry 57).
+  // products on this CPU (without them ATen's bf16 GEMM ran a ~1 GFLOP/s fallback on the AVX2 Zen 3):
+  // the products the large GEMM takes run on its bf16 form (gemm above); the others of at least
+  // kBf16GemmMinWork multiply-adds, which MKL would run (fastrnns' one-step chunks: dX of 64 rows), on
+  // ATen's bf16 GEMM with its operands cast first (1.16-1.40x faster than MKL's float32 there; the same
+  // casts in front of the shapes the large GEMM takes measured 0.78-0.89x; benchmarks/NOTES.md entry 57).
   static constexpr int64_t kBf16GemmMinWork = int64_t{1} << 18;
+  static bool in_bf16_backward() {
+    const cpu_widened::WidenedCall* call = cpu_widened::current_widened_call();
+    return call != nullptr && call->bf16_gemms && cpu_engine::bf16_dot_products();
+  }
   static bool takes_bf16_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                               const at::Tensor& bias) {
-    const cpu_widened::WidenedCall* call = cpu_widened::current_widened_call();
-    if (call == nullptr || !call->bf16_gemms || bias.defined()) return false;
+    if (bias.defined()) return false;
     if (out.scalar_type() != at::kFloat || a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat) return false;
-    return a.size(0) * b.size(1) * a.size(1) >= kBf16GemmMinWork && !takes_large_gemm(out, a, b, bias) &&
-           cpu_engine::bf16_dot_products();
+    return a.size(0) * b.size(1) * a.size(1) >= kBf16GemmMinWork && in_bf16_backward();
   }
   static bool takes_large_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                                const at::Tensor& bias) {

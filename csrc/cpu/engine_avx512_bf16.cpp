@@ -2,7 +2,8 @@
 // and later, Intel Cooper Lake and Sapphire Rapids and later): the kernels of engine_common.h and
 // engine_forward.h once more, with the AVX-512 vector of engine_simd_avx512.h, compiled with
 // FUSEDRNN_ENGINE_BF16_PRODUCTS so that forward_impl's bf16 branch exists (engine_forward.h:
-// forward_tile on bf16 operands, micro_kernel's vdpbf16ps form). A translation unit of its own so that
+// forward_tile on bf16 operands, micro_kernel's vdpbf16ps form), and the large GEMM on bf16 operands
+// (large_gemm_kernel.h: run_large_gemm<Bf16>, a bfloat16 layer's backward GEMMs). A translation unit of its own so that
 // engine_avx512.cpp stays AVX-512F only (Skylake-X has no BF16); cpu_engine.cpp calls this one only for
 // a call that asks for bf16 products (ForwardArgs::bf16_products) on a CPU that has them. Everything
 // else here is the float32 engine: a call without bf16_products would compute exactly what
@@ -21,6 +22,7 @@
 
 #include "cpu_engine.h"
 #include "engine_isa.h"
+#include "large_gemm.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,fma,avx512bf16")
@@ -52,6 +54,7 @@ namespace cells = fusedrnn_avx512_bf16::fusedrnn;
 #define FUSEDRNN_ENGINE_BF16_PRODUCTS 1
 #include "engine_common.h"
 #include "engine_forward.h"
+#include "large_gemm_kernel.h"
 #undef FUSEDRNN_ENGINE_BF16_PRODUCTS
 #undef FUSEDRNN_ENGINE_SIMDLEN
 
@@ -61,6 +64,11 @@ void forward(const ForwardArgs& a) { run_forward(a); }
 
 }  // namespace avx512_bf16
 }  // namespace cpu_engine
+
+void large_gemm::avx512_bf16::run(const large_gemm::Args& a) {
+  cpu_engine::avx512_bf16::run_large_gemm<cpu_engine::avx512_bf16::Bf16>(a);
+}
+
 }  // namespace fusedrnn
 
 #pragma GCC diagnostic pop

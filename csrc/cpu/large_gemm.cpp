@@ -58,6 +58,11 @@ bool worth(int64_t M, int64_t N, int64_t K) {
 // Calls of run(), for tests: that a layer's products took this GEMM (a relaxed increment per product).
 std::atomic<int64_t> g_calls{0};
 
+void run_bf16(const Args& a) {
+  g_calls.fetch_add(1, std::memory_order_relaxed);
+  avx512_bf16::run(a);
+}
+
 void run(const Args& a) {
   g_calls.fetch_add(1, std::memory_order_relaxed);
   if (cpu_engine::isa() == cpu_engine::Isa::kAvx512) {
@@ -91,7 +96,27 @@ extern "C" __attribute__((visibility("default"))) int fusedrnn_large_gemm(
   return 0;
 }
 
-// For tests (ctypes): how many products run() has computed in this process.
+// For tests (ctypes): the same on bf16 dot products (run_bf16: both operands rounded to bf16). Returns 0,
+// or 3 where cpu_engine::bf16_dot_products() says no (nothing done).
+extern "C" __attribute__((visibility("default"))) int fusedrnn_large_gemm_bf16(
+    int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B, int64_t b_rs,
+    int64_t b_cs, const float* bias, int accumulate, float* C, int64_t ldc, int64_t mc, int64_t kc) {
+  fusedrnn::large_gemm::Args a;
+  a.M = M; a.N = N; a.K = K;
+  a.A = A; a.a_rs = a_rs; a.a_cs = a_cs;
+  a.B = B; a.b_rs = b_rs; a.b_cs = b_cs;
+  a.bias = bias; a.accumulate = accumulate != 0;
+  a.C = C; a.ldc = ldc; a.mc = mc; a.kc = kc;
+  try {
+    if (!fusedrnn::cpu_engine::bf16_dot_products()) return 3;
+    fusedrnn::large_gemm::run_bf16(a);
+  } catch (const c10::Error&) {
+    return 2;
+  }
+  return 0;
+}
+
+// For tests (ctypes): how many products run() (and run_bf16()) have computed in this process.
 extern "C" __attribute__((visibility("default"))) int64_t fusedrnn_large_gemm_calls() {
   return fusedrnn::large_gemm::g_calls.load(std::memory_order_relaxed);
 }

@@ -58,10 +58,19 @@ bool worth(int64_t M, int64_t N, int64_t K);
 // Runs on isa()'s kernels; call only when enabled(). Threads (at::parallel_for) split C's blocks.
 void run(const Args& a);
 
+// The same GEMM on bf16 dot products (vdpbf16ps: float32 sums), both operands rounded to bf16 while they
+// are packed: for a bfloat16 layer's backward (cpu_device.h: gemm), on a CPU where
+// cpu_engine::bf16_dot_products() (the caller checks). Its rounding of the operands aside, the same
+// properties: one chain per element, bitwise the same for any thread count.
+void run_bf16(const Args& a);
+
 namespace avx2 {
 void run(const Args& a);
 }
 namespace avx512 {
+void run(const Args& a);
+}
+namespace avx512_bf16 {
 void run(const Args& a);
 }
 

@@ -87,11 +87,51 @@ inline void pack_a_block(const large_gemm::Args& g, int64_t i0, int64_t rows, in
   }
 }
 
+#ifdef FUSEDRNN_ENGINE_BF16_PRODUCTS
+// The bf16 GEMM's operands (run_large_gemm<Bf16>: large_gemm::run_bf16): the float32 blocks above,
+// packed into a float scratch as they are, then rounded to bf16 (vcvtneps2bf16) in the layouts of the
+// bf16 micro_kernel (engine_forward.h): A [rows][kc2], B [kc2 / 2][kPanel][2], kc2 = kc rounded up to
+// even, zeros past kc. Every element is still one chain (start value, then one pair of products per k
+// pair in order), so the results do not depend on the threads or the blocking either.
+inline std::vector<float>& large_gemm_float_scratch() {
+  thread_local std::vector<float> scratch;
+  return scratch;
+}
+
+inline void pack_b_strip(const large_gemm::Args& g, int64_t pc, int64_t kc, int64_t j0, Bf16* dst) {
+  std::vector<float>& f = large_gemm_float_scratch();
+  if (static_cast<int64_t>(f.size()) < (kc + 1) * kPanel) f.resize((kc + 1) * kPanel);
+  pack_b_strip(g, pc, kc, j0, f.data());
+  if (kc % 2 != 0) std::fill(f.data() + kc * kPanel, f.data() + (kc + 1) * kPanel, 0.0f);
+  for (int64_t k = 0; k < kc; k += 2) {
+    const float* r0 = f.data() + k * kPanel;
+    Bf16* d = dst + k * kPanel;  // (k / 2) * 2 * kPanel
+    for (int v = 0; v < kPanel; v += kVec) {
+      const __m256i a = (__m256i)_mm512_cvtneps_pbh(Simd::load(r0 + v));
+      const __m256i b = (__m256i)_mm512_cvtneps_pbh(Simd::load(r0 + kPanel + v));
+      // (a[j], b[j]) pairs: within each 128-bit lane unpack interleaves 4 columns, the permutes put the
+      // lanes back in column order (columns 0-7, then 8-15).
+      const __m256i lo = _mm256_unpacklo_epi16(a, b), hi = _mm256_unpackhi_epi16(a, b);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 2 * v), _mm256_permute2x128_si256(lo, hi, 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 2 * v + 16), _mm256_permute2x128_si256(lo, hi, 0x31));
+    }
+  }
+}
+
+inline void pack_a_block(const large_gemm::Args& g, int64_t i0, int64_t rows, int64_t pc, int64_t kc, Bf16* dst) {
+  std::vector<float>& f = large_gemm_float_scratch();
+  if (static_cast<int64_t>(f.size()) < rows * kc) f.resize(rows * kc);
+  pack_a_block(g, i0, rows, pc, kc, f.data());
+  rows_to_bf16(f.data(), kc, rows, kc, dst);
+}
+#endif  // FUSEDRNN_ENGINE_BF16_PRODUCTS
+
 // One micro-tile: rows [i, i + MR) of C, columns [j0, j0 + kPanel) (the first `valid` stored), its
-// start value per `start` (0: C, 1: bias, 2: zero), then kc multiply-adds per element.
-template <int MR>
+// start value per `start` (0: C, 1: bias, 2: zero), then kc multiply-adds per element. T: float, or
+// Bf16 (kc even: the packed depth; ap's rows kc apart, bp's k pairs 2 * kPanel apart).
+template <int MR, typename T>
 inline void large_tile(const large_gemm::Args& g, int start, int64_t i, int64_t j0, int64_t valid, int64_t kc,
-                       const float* ap, const float* bp) {
+                       const T* ap, const T* bp) {
   V acc[kMR][2];
   float* c = g.C + i * g.ldc + j0;
   for (int m = 0; m < MR; ++m) {
@@ -112,7 +152,7 @@ inline void large_tile(const large_gemm::Args& g, int start, int64_t i, int64_t 
   for (int m = 0; m < MR; ++m) {
     for (int v = 0; v < kPanel; v += 16) _mm_prefetch(reinterpret_cast<const char*>(c + m * g.ldc + kPanel + v), _MM_HINT_T0);
   }
-  micro_kernel<MR>(kc, ap, kc, bp, kPanel, acc);
+  micro_kernel<MR>(kc, ap, kc, bp, std::is_same_v<T, float> ? kPanel : 2 * kPanel, acc);
   for (int m = 0; m < MR; ++m) {
     store_partial(c + m * g.ldc, acc[m][0], valid);
     store_partial(c + m * g.ldc + kVec, acc[m][1], valid - kVec);
@@ -121,11 +161,14 @@ inline void large_tile(const large_gemm::Args& g, int start, int64_t i, int64_t 
 
 // The packed buffers, grown as needed and kept per thread (a fresh 2 MB buffer per call would be
 // mapped and faulted in each time).
-inline std::vector<float>& large_gemm_buffer(int which) {
-  thread_local std::vector<float> buffers[2];
+template <typename T = float>
+inline std::vector<T>& large_gemm_buffer(int which) {
+  thread_local std::vector<T> buffers[2];
   return buffers[which];
 }
 
+// T: the products' operand type, float, or Bf16 (large_gemm::run_bf16: both operands rounded to bf16).
+template <typename T = float>
 void run_large_gemm(const large_gemm::Args& g) {
   const int64_t M = g.M, N = g.N, K = g.K;
   if (M <= 0 || N <= 0) return;
@@ -175,17 +218,19 @@ void run_large_gemm(const large_gemm::Args& g) {
         s_lo = c_first * kStripsPerItem;
         s_hi = std::min(strips, (c_last + 1) * kStripsPerItem);
       }
-      std::vector<float>& bbuf = large_gemm_buffer(0);
-      std::vector<float>& abuf = large_gemm_buffer(1);
-      const int64_t kc_max = std::min(KC, K);
+      std::vector<T>& bbuf = large_gemm_buffer<T>(0);
+      std::vector<T>& abuf = large_gemm_buffer<T>(1);
+      constexpr int64_t kDepthStep = std::is_same_v<T, float> ? 1 : 2;  // bf16: k in pairs
+      const int64_t kc_max = (std::min(KC, K) + kDepthStep - 1) / kDepthStep * kDepthStep;
       if (static_cast<int64_t>(bbuf.size()) < strips * kc_max * kPanel) bbuf.resize(strips * kc_max * kPanel);
       if (static_cast<int64_t>(abuf.size()) < mc * kc_max) abuf.resize(mc * kc_max);
-      float* const bp = bbuf.data();
-      float* const ap = abuf.data();
+      T* const bp = bbuf.data();
+      T* const ap = abuf.data();
       for (int64_t pc = 0; pc < K; pc += KC) {
-        const int64_t kc = std::min(KC, K - pc);
+        // kc: this depth block's k; kp: its packed depth (bf16: rounded up to even, zeros past kc).
+        const int64_t kc = std::min(KC, K - pc), kp = (kc + kDepthStep - 1) / kDepthStep * kDepthStep;
         const int start = pc > 0 || g.accumulate ? 0 : g.bias != nullptr ? 1 : 2;
-        for (int64_t s = s_lo; s < s_hi; ++s) pack_b_strip(g, pc, kc, jc + s * kPanel, bp + s * kc * kPanel);
+        for (int64_t s = s_lo; s < s_hi; ++s) pack_b_strip(g, pc, kc, jc + s * kPanel, bp + s * kp * kPanel);
         int64_t packed = -1;
         for (int64_t item = begin; item < end; ++item) {
           const int64_t ic = item / chunks, chunk = item % chunks;
@@ -199,8 +244,8 @@ void run_large_gemm(const large_gemm::Args& g) {
             with_rows(mr, [&](auto MR) {
               for (int64_t s = chunk * kStripsPerItem; s < s_end; ++s) {
                 const int64_t j0 = jc + s * kPanel;
-                large_tile<MR>(g, start, i0 + r0, j0, std::min<int64_t>(kPanel, N - j0), kc, ap + r0 * kc,
-                               bp + s * kc * kPanel);
+                large_tile<MR>(g, start, i0 + r0, j0, std::min<int64_t>(kPanel, N - j0), kp, ap + r0 * kp,
+                               bp + s * kp * kPanel);
               }
             });
           });
