@@ -128,11 +128,17 @@ struct Chunk {
 
 // The float32 bytes a chunk may hold: at most a quarter of the half-type per-token tensors the call holds
 // whole anyway (what the chunk's floats are copies of), so the floats stay small beside them, and at most
-// 1 MiB (about L2 size here), which bounds them for long sequences. Smaller chunks cost time: a chunk is a
+// kChunkMaxBytes (4 MiB; below), which bounds them for long sequences. Smaller chunks cost time: a chunk is a
 // float32 layer call of its own (the engine's setup, the casts, per-chunk GEMMs for dX / dW over its rows);
 // on the sentiment shape one-step chunks (32 rows) were 1.35-1.45x slower, 128 rows and more as fast as
 // the whole sequence, 64 rows in between (NOTES entry 39 has the measurements that chose this), so a
-// chunk has at least 64 rows.
+// chunk has at least 64 rows. The cap was 1 MiB (about one L2) until the chunks shared their packed
+// weights; since, at large hidden sizes, where 1 MiB is few rows, the per-chunk GEMMs and the
+// weight-gradient sums over chunks cost more than L2 saves (NOTES entry 57: LSTM T 100 B 64 I = H = 512
+// training, bf16 on the Zen 5: 64-row chunks (1 MiB) 190.7 ms, 128 170.9, 256 157.4, 512 156.9, whole
+// 161.4; float16 302.8 / 245.6 / 218.7 / 211.9 / 242.5; I = H = 256 B 32 bf16 33.2 / 25.5 / 23.1 / whole
+// 23.6), so 4 MiB; the quarter rule still binds where the call is small (the sentiment shape's RNN
+// backward: 156 rows, its training peak equal to torch.nn's bf16 within 1%, tested).
 // A call of at most kWholeMaxRows tokens runs whole: there the chunks' per-call costs (the engine's
 // setup and weight packing per chunk) outweigh what they save (small_batch T=100 B=4, bf16 training, 2
 // threads: 64-row chunks 1.34-1.42x the whole call's time, 128 rows 1.18-1.24x, 256 rows 1.08-1.12x), and
@@ -140,7 +146,7 @@ struct Chunk {
 // entry 39's addendum).
 // FUSEDRNN_CPU_HALF_CHUNK_ROWS (read per call) sets the rows per chunk instead, whatever the call's size:
 // for measurements, and for the tests that compare chunkings (a value >= the tokens: the whole sequence).
-constexpr int64_t kChunkMaxBytes = int64_t(1) << 20;
+constexpr int64_t kChunkMaxBytes = int64_t(4) << 20;
 constexpr int64_t kChunkShareOfHalf = 4;
 constexpr int64_t kChunkMinRows = 64;
 constexpr int64_t kWholeMaxRows = 512;
