@@ -159,10 +159,41 @@ def test_which_calls_take_bf16_dot_products(cell, threads, monkeypatch):
     assert calls(train=True) >= expected  # a training call may run in chunks of steps: one per chunk
     assert calls(torch.float16) == 0
     assert calls(torch.float32) == 0
-    assert calls(T=3, B=8) == 0   # small path
-    assert calls(B=8) == 0        # 4 rows per thread: the unit split
+    assert calls(B=8) == 0        # 4 rows per thread: the unit split's rule
+    threads(1)                    # (no unit split on one thread)
+    assert calls(B=8) == expected
+    assert calls(T=3, B=8) == 0   # the small path
+    threads(2)
     monkeypatch.setenv("FUSEDRNN_CPU_BF16_DOT", "0")
     assert calls() == 0
+
+
+@requires_bf16_dot
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_bf16_products_are_chosen_for_the_whole_call(cell, threads, monkeypatch):
+    """The choice of bf16 products is the call's, not a chunk's: a ragged training call in chunks of 24
+    rows whose last chunks have a few rows (which alone would take the small path) runs every chunk on
+    bf16 products, so its output is its no-grad twin's (one call, whole) up to the chunks' own blocking."""
+    threads(2)
+    monkeypatch.setenv("FUSEDRNN_CPU_HALF_CHUNK_ROWS", "24")
+    m = _module(cell, 8, 64)
+    lengths = [40] * 4 + [9] * 4 + [3] * 4
+    x = torch.randn(40, 12, 8).bfloat16()
+    packed = pack_padded_sequence(x, torch.tensor(lengths))
+    # Steps of 12, 12, 12, 8 x 6, 4 x 31 rows in chunks of at most 24 rows: [0, 1], [2, 3], [4, 6],
+    # [7, 10], then 6 steps of 4 rows each (the last 5): 9 chunks; the last five (4 rows, 20-24 tokens)
+    # are small calls by their own size.
+    chunks = 9
+    before = bf16_dot_calls()
+    with torch.no_grad():
+        y_eval = m(packed)[0].data
+    # The RNN's forward is its own no-grad op (it saves only its output), chunked too.
+    assert bf16_dot_calls() - before == (chunks if cell == "rnn_tanh" else 1)
+    before = bf16_dot_calls()
+    y_train = m(pack_padded_sequence(x.clone().requires_grad_(), torch.tensor(lengths)))[0].data
+    assert bf16_dot_calls() - before == chunks  # every chunk on bf16 products
+    assert (y_train.float() != y_eval.float()).double().mean().item() <= 0.02
+    torch.testing.assert_close(y_train.float(), y_eval.float(), rtol=2 ** -7, atol=2 ** -7)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -173,11 +204,13 @@ def test_pack_cache_changes_no_number(cell, dtype, threads, monkeypatch):
     states and every gradient bitwise equal both ways; and after an optimizer step (weights changed in
     place) the next call sees the new weights (a fresh module with them gives the same numbers)."""
     threads(2)
-    monkeypatch.setenv("FUSEDRNN_CPU_HALF_CHUNK_ROWS", "3")
+    monkeypatch.setenv("FUSEDRNN_CPU_HALF_CHUNK_ROWS", "40")
     m = _module(cell, 6, 20, bidirectional=True).to(dtype)
     torch.manual_seed(2)
-    x = torch.randn(9, 5, 6, dtype=dtype)
-    lengths = torch.tensor([9, 8, 8, 4, 1])
+    # 12 rows (not the small path, not the unit split's), ragged, in chunks of up to 40 rows: the packed
+    # forward's panels (and the backward's) are the cached ones from the second chunk on.
+    x = torch.randn(20, 12, 6, dtype=dtype)
+    lengths = torch.tensor([20] * 3 + [17] * 3 + [9] * 3 + [2] * 3)
 
     def step(mod):
         mod.zero_grad()
@@ -190,7 +223,10 @@ def test_pack_cache_changes_no_number(cell, dtype, threads, monkeypatch):
     monkeypatch.setenv("FUSEDRNN_CPU_PACK_CACHE", "0")
     uncached = step(m)
     monkeypatch.setenv("FUSEDRNN_CPU_PACK_CACHE", "1")
+    before = bf16_dot_calls()
     cached = step(m)
+    if dtype == torch.bfloat16 and cpu_has_bf16_dot():
+        assert bf16_dot_calls() - before > 2 * 2  # both directions in several chunks, on the packed path
     assert all(torch.equal(a, b) for a, b in zip(cached, uncached))
     torch.optim.SGD(m.parameters(), lr=0.5).step()
     after = step(m)
@@ -242,9 +278,9 @@ def test_bf16_backward_gemms_change_only_the_gradients(threads, monkeypatch):
 @requires_bf16_dot
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
 def test_bf16_gemm_gradients_at_most_twice_torch_nn_error(cell, threads, monkeypatch):
-    """Chunks of 40 rows (5 steps of 8), I = H = 64: dX of every chunk (40 rows: too few for the large GEMM)
-    and the small-M weight gradients run on bf16 GEMMs, the forward on bf16 dot products (not the ReLU
-    RNN's). Every output and gradient within 2x torch.nn's own bf16 error, both against float64 on the
+    """Chunks of 40 rows (4 steps of 10), I = H = 64: every backward GEMM of every chunk on bf16 products
+    (the large GEMM's bf16 form), the forward on bf16 dot products (not the ReLU RNN's; 10 rows: not the
+    unit split's). Every output and gradient within 2x torch.nn's own bf16 error, both against float64 on the
     same rounded weights and leaves (tests/test_bf16_cpu.py's measure)."""
     from conftest import flat_state, make_pair
     from test_bf16_cpu import _fused_twin, _run_in
@@ -253,12 +289,14 @@ def test_bf16_gemm_gradients_at_most_twice_torch_nn_error(cell, threads, monkeyp
     monkeypatch.setenv("FUSEDRNN_CPU_HALF_CHUNK_ROWS", "40")
     torch.manual_seed(3)
     ref64, _ = make_pair(cell, 64, 64, dtype=torch.float64, num_layers=1, bidirectional=True, bias=True)
-    x64 = torch.randn(20, 8, 64, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(2, 8, 64, dtype=torch.float64, requires_grad=True)
-    hx64 = (h0, torch.randn(2, 8, 64, dtype=torch.float64, requires_grad=True)) if cell == "lstm" else h0
+    x64 = torch.randn(20, 10, 64, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 10, 64, dtype=torch.float64, requires_grad=True)
+    hx64 = (h0, torch.randn(2, 10, 64, dtype=torch.float64, requires_grad=True)) if cell == "lstm" else h0
     exact = _run_in(torch.float64, ref64, x64, hx64, False, rounded_to=torch.bfloat16)
     theirs = _run_in(torch.bfloat16, ref64, x64, hx64, False)
+    before = bf16_dot_calls()
     ours = _run_in(torch.bfloat16, _fused_twin(ref64), x64, hx64, False)
+    assert (bf16_dot_calls() > before) == (cell != "rnn_relu")
     n_out = 1 + len(flat_state(hx64))
     assert len(exact) == len(ours) == len(theirs) > 2 * n_out
     for i, (e, t, o) in enumerate(zip(exact, theirs, ours)):
@@ -308,3 +346,22 @@ def test_large_gemm_on_bf16_is_the_product_of_the_rounded_operands(m, n, k, a_t,
     assert ((accumulated.double() - (a64 @ b64 + start.double())).abs() <= bound).all()
     threads(1)
     assert torch.equal(large_gemm_bf16(a, b, bias=bias, mc=mc, kc=kc), with_bias)
+
+
+@requires_bf16_dot
+def test_large_gemm_on_bf16_keeps_nan_and_inf_where_they_are():
+    """A NaN or an infinity in A reaches only its row of C, in B only its column: the zero padding of an
+    odd depth multiplies zeros (0 x 0), never a NaN by a padded zero."""
+    a = torch.randn(20, 7)
+    b = torch.randn(7, 40)
+    a[3, 6] = float("nan")   # the last k of an odd depth: next to the padding
+    a[5, 0] = float("inf")
+    b[6, 11] = float("nan")
+    got = large_gemm_bf16(a, b)
+    want = a.bfloat16().double() @ b.bfloat16().double()
+    assert torch.isnan(got[3]).all() and torch.isnan(got[:, 11]).all()
+    assert torch.isinf(got[5, torch.arange(40) != 11]).all() or torch.isnan(got[5]).any()
+    clean = torch.ones(20, 40, dtype=torch.bool)
+    clean[3], clean[5], clean[:, 11] = False, False, False
+    assert torch.isfinite(got[clean]).all()
+    torch.testing.assert_close(got[clean].double(), want[clean], rtol=1e-5, atol=1e-5)

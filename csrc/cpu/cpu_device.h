@@ -77,7 +77,16 @@ struct CpuDevice {
     a.H = w_hh.size(1);
     a.I = w.w_ih.size(1);
     a.sched = {&s.batch, &s.offset, reverse};
-    a.small = cpu_engine::use_small_path(a.B, s.steps());
+    // In a widened half-type layer call (widened_layer.h): its chunks share the packed weights, and a
+    // bfloat16 layer's may run on bf16 dot products (decided for the whole call), then on the packed
+    // path -- but for the ReLU RNN: rounding h_{t-1} moves pre-activations near 0 across relu's kink,
+    // which flips whole terms of the weight gradients (as it does in torch.nn's bf16, whose state is
+    // bf16); its float32 products keep the kinks where float64 has them (tests/test_bf16_cpu.py measured
+    // 6x nn's dW_ih error with bf16 products, a tenth without).
+    cpu_widened::WidenedCall* call = cpu_widened::current_widened_call();
+    a.bf16_products = call != nullptr && call->bf16_products && !std::is_same_v<Cell, RnnReluCell>;
+    a.small = !a.bf16_products && cpu_engine::use_small_path(a.B, s.steps());
+    if (call != nullptr) a.pack_cache = cpu_widened::pack_cache_on() ? &call->pack_cache : nullptr;
     // Kept alive until the engine returns: contiguous copies only where needed.
     at::Tensor x, w_ih, b_ih;
     // Small calls: a one-step call reads W_ih in place beside W_hh (no GEMM call
@@ -103,15 +112,6 @@ struct CpuDevice {
     a.b_hh = b_hh.defined() ? b_hh.const_data_ptr<float>() : nullptr;
     a.gates = gates.defined() ? gates.data_ptr<float>() : nullptr;
     a.save_for_backward = save_for_backward;
-    // In a widened half-type layer call (widened_layer.h): its chunks share the packed weights, and a
-    // bfloat16 layer's may run on bf16 dot products -- but for the ReLU RNN: rounding h_{t-1} moves
-    // pre-activations near 0 across relu's kink, which flips whole terms of the weight gradients (as it
-    // does in torch.nn's bf16, whose state is bf16); its float32 products keep the kinks where float64
-    // has them (tests/test_bf16_cpu.py measured 6x nn's dW_ih error with bf16 products, a tenth without).
-    if (cpu_widened::WidenedCall* call = cpu_widened::current_widened_call()) {
-      a.bf16_products = call->bf16_values && !a.small && !std::is_same_v<Cell, RnnReluCell>;
-      a.pack_cache = cpu_widened::pack_cache_on() ? &call->pack_cache : nullptr;
-    }
     a.h_state = r.h_n.data_ptr<float>();
     a.output = r.output.data_ptr<float>();
     if (r.c_n.defined()) a.c_state = r.c_n.data_ptr<float>();
@@ -205,25 +205,14 @@ struct CpuDevice {
   static void gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
                    bool accumulate) {
     const bool large = takes_large_gemm(out, a, b, bias);
-    if (large && in_bf16_backward()) {
-      // A bfloat16 layer's backward on a CPU with bf16 dot products: the large GEMM on vdpbf16ps, its
-      // packing rounding the operands (no separate casts; 1.15-1.22x faster training steps than the
-      // float32 large GEMM, benchmarks/NOTES.md entry 57).
+    if ((large || takes_bf16_gemm(out, a, b, bias)) && in_bf16_backward()) {
+      // A bfloat16 layer's backward (dX, dW_ih, dW_hh) on a CPU with bf16 dot products: the large GEMM on
+      // vdpbf16ps, its packing rounding the operands (the weights and the saved input and output are bf16
+      // values already; the gate gradients are not, as in torch.nn's bf16 backward, whose are bf16), the
+      // sums and C float32. 1.15-1.22x faster training steps than the float32 large GEMM where that one
+      // takes the product; where MKL would have (fastrnns' 64-row dX), about MKL's float32 rate x 4
+      // (benchmarks/NOTES.md entry 57).
       large_gemm::run_bf16(large_gemm_args(out, a, b, bias, accumulate));
-      return;
-    }
-    if (!large && takes_bf16_gemm(out, a, b, bias)) {
-      // A bfloat16 layer's backward (dX, dW_ih, dW_hh) on a CPU with bf16 dot products: oneDNN's bf16
-      // GEMM through ATen (float32 sums, rounded to bf16 once; 800-940 GFLOP/s on the Zen 5 against MKL's
-      // float32 170-200 at these shapes, benchmarks/NOTES.md entry 57). The operands are rounded to bf16: the
-      // weights and the saved input and output are bf16 values already, the gate gradients are not (as
-      // torch.nn's bf16 backward, whose gate gradients are bf16).
-      const at::Tensor product = at::mm(a.to(at::kBFloat16), b.to(at::kBFloat16));
-      if (accumulate) {
-        out.add_(product);
-      } else {
-        out.copy_(product);
-      }
       return;
     }
     if (large) {
@@ -250,12 +239,10 @@ struct CpuDevice {
     g.ldc = row_stride(out);
     return g;
   }
-  // In the backward of a bfloat16 layer (widened_layer.h: WidenedCall::bf16_gemms) with bf16 dot
-  // products on this CPU (without them ATen's bf16 GEMM ran a ~1 GFLOP/s fallback on the AVX2 Zen 3):
-  // the products the large GEMM takes run on its bf16 form (gemm above); the others of at least
-  // kBf16GemmMinWork multiply-adds, which MKL would run (fastrnns' one-step chunks: dX of 64 rows), on
-  // ATen's bf16 GEMM with its operands cast first (1.16-1.40x faster than MKL's float32 there; the same
-  // casts in front of the shapes the large GEMM takes measured 0.78-0.89x; benchmarks/NOTES.md entry 57).
+  // In the backward of a bfloat16 layer (widened_layer.h: WidenedCall::bf16_gemms) with bf16 dot products
+  // on this CPU (ATen's bf16 GEMM ran a ~1 GFLOP/s fallback on the AVX2 Zen 3): every float32 product the
+  // large GEMM takes, and the others of at least kBf16GemmMinWork multiply-adds (fewer: the packing costs
+  // what bf16 saves).
   static constexpr int64_t kBf16GemmMinWork = int64_t{1} << 18;
   static bool in_bf16_backward() {
     const cpu_widened::WidenedCall* call = cpu_widened::current_widened_call();
@@ -263,9 +250,9 @@ struct CpuDevice {
   }
   static bool takes_bf16_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                               const at::Tensor& bias) {
-    if (bias.defined()) return false;
-    if (out.scalar_type() != at::kFloat || a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat) return false;
-    return a.size(0) * b.size(1) * a.size(1) >= kBf16GemmMinWork && in_bf16_backward();
+    return out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+           (!bias.defined() || (bias.scalar_type() == at::kFloat && bias.is_contiguous())) && unit_columns(out) &&
+           a.size(0) * b.size(1) * a.size(1) >= kBf16GemmMinWork;
   }
   static bool takes_large_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                                const at::Tensor& bias) {

@@ -1,6 +1,7 @@
 // The engine's run-time switch: portable code (no AVX2 or AVX-512 here), so
 // that asking whether the engine can run, and on which kernels, is safe on any
 // x86-64 CPU.
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <unistd.h>
 
@@ -57,7 +58,9 @@ bool available() {
 bool bf16_dot_products() {
   static const bool has = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+    // engine_avx512_bf16.cpp's target (avx512bf16) implies AVX512BW, whose instructions it may use.
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512bf16");
   }();
   const char* v = std::getenv("FUSEDRNN_CPU_BF16_DOT");
   if (v != nullptr && v[0] != '\0') {
@@ -66,6 +69,17 @@ bool bf16_dot_products() {
     if (v[0] == '0') return false;
   }
   return has && isa() == Isa::kAvx512;
+}
+
+bool bf16_products_for_call(int64_t batch, int64_t steps, bool uniform) {
+  if (!bf16_dot_products() || use_small_path(batch, steps)) return false;
+  const char* v = std::getenv("FUSEDRNN_CPU_UNIT_SPLIT");  // checked where the split reads it
+  const bool split_off = v != nullptr && v[0] == '0' && v[1] == '\0';
+  const bool split_forced = v != nullptr && v[0] == '1' && v[1] == '\0';
+  const int threads = at::get_num_threads();
+  const bool split = uniform && threads >= 2 && !split_off &&
+                     (split_forced || batch <= kUnitSplitMaxRowsPerThread * threads);
+  return !split;
 }
 
 void forward(const ForwardArgs& a) {

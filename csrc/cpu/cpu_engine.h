@@ -164,6 +164,19 @@ bool use_small_path(int64_t batch, int64_t steps);
 // only 0 or 1, 1 changing nothing where the CPU lacks them).
 bool bf16_dot_products();
 
+// The packed path's unit split takes uniform batches of at most this many rows per thread
+// (engine_forward.h: packed_split_parts).
+constexpr int64_t kUnitSplitMaxRowsPerThread = 4;
+
+// Whether a bfloat16 layer call of `batch` rows and `steps` steps (`uniform`: every step all rows) runs
+// its forward on bf16 dot products: bf16_dot_products(), and the call is neither a small call
+// (use_small_path) nor one the unit split's rule takes (a uniform batch of at most
+// kUnitSplitMaxRowsPerThread rows per thread on 2+ threads, FUSEDRNN_CPU_UNIT_SPLIT=1 any uniform one;
+// there float32 products split by units measured faster, benchmarks/NOTES.md entry 57). Decided once
+// per call from the call alone (widened_layer.h), so that every chunk of a training call and its
+// no-grad twin take the same products: such a call then runs on the packed path, never split.
+bool bf16_products_for_call(int64_t batch, int64_t steps, bool uniform);
+
 // Run on isa()'s kernels; call only when available().
 void forward(const ForwardArgs& a);
 void backward(const BackwardArgs& a);

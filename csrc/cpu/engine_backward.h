@@ -190,7 +190,7 @@ struct CachedBackwardPack {
 };
 
 inline std::shared_ptr<const CachedBackwardPack> backward_pack(const BackwardArgs& args, int64_t G) {
-  static const char tag = 0;
+  static char tag;  // as forward_panels'
   PackCache* cache = args.pack_cache;
   if (cache != nullptr && cache->backward_tag == &tag) {
     auto c = std::static_pointer_cast<const CachedBackwardPack>(cache->backward);

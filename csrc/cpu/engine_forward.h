@@ -507,9 +507,7 @@ inline int split_switch(const char* name) {
 }
 
 // How many parts the unit blocks of this call may be split into (1: no split), whichever path runs it.
-// ask_governor false: the rule alone, as if the governor had no pause (a choice that must not depend on
-// timing: forward_impl's bf16 products).
-inline int64_t split_parts(const Schedule& sched, int64_t B, int64_t blocks, int force, bool ask_governor = true) {
+inline int64_t split_parts(const Schedule& sched, int64_t B, int64_t blocks, int force) {
 #if !AT_PARALLEL_OPENMP
   // The per-step barrier needs every part running at once: an OpenMP team gives that, ATen's native
   // pool (shared by all callers, its chunks queued) does not, and two callers could each hold part of the
@@ -521,7 +519,7 @@ inline int64_t split_parts(const Schedule& sched, int64_t B, int64_t blocks, int
   const std::vector<int64_t>& batch = *sched.batch;
   // The split reads h_{t-1} from the previous step's output rows: every row in every step.
   if (batch.empty() || batch.front() != B || batch.back() != B) return 1;
-  if (ask_governor && force != 1 && !split_governor_off() && split_governor().paused()) return 1;
+  if (force != 1 && !split_governor_off() && split_governor().paused()) return 1;
   return std::min<int64_t>({threads, blocks, kSplitMaxParts});
 }
 
@@ -534,13 +532,12 @@ inline int64_t split_parts(const Schedule& sched, int64_t B, int64_t blocks, int
 // FUSEDRNN_CPU_UNIT_SPLIT=0 turns it off, 1 forces it for any uniform batch whatever the rows and the
 // governor (tests: the same numbers, bitwise, since each row's sums run in the same order in any row
 // block).
-constexpr int64_t kUnitSplitMaxRowsPerThread = 4;
+// kUnitSplitMaxRowsPerThread: cpu_engine.h (the bf16 products' call-level rule reads it too).
 
 // force: split_switch("FUSEDRNN_CPU_UNIT_SPLIT"), read once by the caller (which also passes it on as
 // split_loop's `forced`).
-inline int64_t packed_split_parts(const Schedule& sched, int64_t B, int64_t blocks, int force,
-                                  bool ask_governor = true) {
-  const int64_t parts = split_parts(sched, B, blocks, force, ask_governor);
+inline int64_t packed_split_parts(const Schedule& sched, int64_t B, int64_t blocks, int force) {
+  const int64_t parts = split_parts(sched, B, blocks, force);
   if (force == 1) return parts;
   if (parts < at::get_num_threads() || B > kUnitSplitMaxRowsPerThread * parts) return 1;
   return parts;
@@ -693,7 +690,7 @@ struct CachedForwardPanels {
 
 template <int G, typename T>
 std::shared_ptr<const ForwardPanels<G, T>> forward_panels(const ForwardArgs& args) {
-  static const char tag = 0;
+  static char tag;  // writable (.bss): never folded with another instantiation's by identical-data merging
   const bool fused = args.input != nullptr;
   const float* b_ih = fused ? args.b_ih : nullptr;
   const float* w_ih = fused ? args.w_ih : nullptr;
@@ -739,12 +736,10 @@ void forward_impl(const ForwardArgs& args) {
   const int64_t blocks = (H + P::U - 1) / P::U;
   const int force = split_switch("FUSEDRNN_CPU_UNIT_SPLIT");
 #ifdef FUSEDRNN_ENGINE_BF16_PRODUCTS
-  // bf16 products on the batch split only: where the unit split's rule takes a call (few rows per
-  // thread), its float32 products split by units measured faster than bf16 products split by rows
-  // (small_batch LSTM inference 0.33 against 0.45 ms, benchmarks/NOTES.md entry 57). Decided by the rule
-  // alone, not the governor: a bf16 call's numbers differ from a float32 one's, and timing must never
-  // choose a call's numbers (the unit split's are the batch split's, bitwise, so the governor may).
-  if (args.bf16_products && packed_split_parts(args.sched, args.B, blocks, force, /*ask_governor=*/false) == 1) {
+  // bf16 products on the batch split only, never the unit split: the caller decided for the whole layer
+  // call (cpu_engine.h: bf16_products_for_call), so that no chunk's size, no thread count inside the call
+  // and no timing (the governor) chooses between float32 and bf16 numbers.
+  if (args.bf16_products) {
     const auto w = forward_panels<G, Bf16>(args);
     bf16_forward_calls().fetch_add(1, std::memory_order_relaxed);
     forward_rows<Cell, Save, Bf16>(args, *w, blocks, 0);

@@ -59,6 +59,7 @@ bool worth(int64_t M, int64_t N, int64_t K) {
 std::atomic<int64_t> g_calls{0};
 
 void run_bf16(const Args& a) {
+  TORCH_CHECK(cpu_engine::bf16_dot_products(), "fusedrnn: the bf16 large GEMM needs a CPU with AVX512_BF16");
   g_calls.fetch_add(1, std::memory_order_relaxed);
   avx512_bf16::run(a);
 }

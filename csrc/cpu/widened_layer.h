@@ -46,15 +46,15 @@ inline bool takes(at::ScalarType t) {
 }
 
 // What the float32 engine may know of the widened layer call this thread is running (forward_in_chunks,
-// backward_in_chunks; nullptr outside one): whether every float32 value it is handed is a bf16 value
-// (a bfloat16 layer: its forward may then take the products on the CPU's bf16 dot products, cpu_engine.h:
-// ForwardArgs::bf16_products), and a cache for the weights it packs, which the chunks of the call share
-// (cpu_engine.h: PackCache; the call's float32 weight copies do not change while it runs). A scope, not
-// an argument: the drivers between here and the engine (layer_forward, layer_backward) are device-neutral
+// backward_in_chunks; nullptr outside one): whether its forward runs on the CPU's bf16 dot products (a
+// bfloat16 layer: every float32 value the engine is handed is a bf16 value; cpu_engine.h:
+// bf16_products_for_call, ForwardArgs::bf16_products), whether its backward's one-shot GEMMs may run in
+// bf16, and a cache for the weights the engine packs, which the chunks of the call share (cpu_engine.h:
+// PackCache; the call's float32 weight copies do not change while it runs). A scope, not an argument:
+// the drivers between here and the engine (layer_forward, layer_backward) are device-neutral
 // (cpu_device.h reads it).
 struct WidenedCall {
-  bool bf16_values = false;
-  // A bfloat16 layer's backward: its one-shot GEMMs (dX, dW) may run in bf16 (cpu_device.h: gemm).
+  bool bf16_products = false;
   bool bf16_gemms = false;
   cpu_engine::PackCache pack_cache;
 };
@@ -62,6 +62,7 @@ inline WidenedCall*& current_widened_call() {
   static thread_local WidenedCall* call = nullptr;
   return call;
 }
+
 // FUSEDRNN_CPU_PACK_CACHE=0 (read per engine call) packs the weights for every chunk again, as before the
 // cache (tests: the same numbers, bitwise, either way); only 0 or 1.
 inline bool pack_cache_on() {
@@ -75,8 +76,8 @@ inline bool pack_cache_on() {
 struct WidenedCallScope {
   WidenedCall call;
   WidenedCall* outer;
-  explicit WidenedCallScope(bool bf16_values, bool bf16_gemms = false) : outer(current_widened_call()) {
-    call.bf16_values = bf16_values;
+  WidenedCallScope(bool bf16_products, bool bf16_gemms) : outer(current_widened_call()) {
+    call.bf16_products = bf16_products;
     call.bf16_gemms = bf16_gemms;
     current_widened_call() = &call;
   }
@@ -229,7 +230,8 @@ ForwardOutputs forward_in_chunks(const at::Tensor& input, const at::Tensor& h0, 
       save_for_backward ? chunks_of(sched, chunk_rows(per_token, N, N * per_token * input.element_size()))
                         : std::vector<Chunk>();
   const LayerWeights w32 = widen(w);
-  const WidenedCallScope scope(type == at::kBFloat16);
+  const WidenedCallScope scope(
+      type == at::kBFloat16 && cpu_engine::bf16_products_for_call(h0.size(0), sched.steps(), sched.uniform), false);
   if (chunks.size() <= 1) {
     return narrow(run(widen(input), widen(h0), widen(c0), w32, sched, reverse, save_for_backward), type);
   }
@@ -276,7 +278,10 @@ BackwardOutputs backward_in_chunks(const at::Tensor& grad_output, const at::Tens
   const std::vector<Chunk> chunks = chunks_of(
       sched, chunk_rows(per_token + I + GH + P, N, N * per_token * saved.input.element_size()));
   const LayerWeights w32 = widen(w);
-  const WidenedCallScope scope(false, type == at::kBFloat16);  // the pack cache; bf16: the GEMMs in bf16
+  // The pack cache; bf16: the one-shot GEMMs (dX, dW) in bf16. Not with a projection (LSTM proj_size): its
+  // per-step loop's products (dh_t W_hr) go through the same gemm and stay float32, as every recurrent
+  // product of the backward does.
+  const WidenedCallScope scope(false, type == at::kBFloat16 && !w.w_hr.defined());
   if (chunks.size() <= 1) {
     return narrow(run(widen(grad_output), widen(grad_h_n), widen(grad_c_n), widen(saved), w32, sched, reverse,
                       need_grad_input, need_grad_h0),
