@@ -24,24 +24,33 @@ struct ForwardPacking {
   static_assert(kWidth % kPanel == 0, "a unit block must be whole micro-kernel panels");
 };
 
-// w: [G*H, K] -> [blocks][kCalls][K][kPanel]
-template <int G>
-void pack_panels(const float* w, int64_t H, int64_t K, std::vector<float>& packed) {
+// column(row, panel, e) for every real unit's weight row: W's row g * H + j, its unit block's panel
+// ub * kCalls + c and column e in that panel (the packing's map; both operand types' packers use it).
+template <int G, typename Column>
+void for_each_packed_row(const float* w, int64_t H, int64_t K, const Column& column) {
   using P = ForwardPacking<G>;
   const int64_t blocks = (H + P::U - 1) / P::U;
-  packed.assign(blocks * K * P::kWidth, 0.0f);
   for (int64_t ub = 0; ub < blocks; ++ub) {
     for (int g = 0; g < G; ++g) {
       for (int u = 0; u < P::U; ++u) {
         const int64_t j = ub * P::U + u;
         if (j >= H) continue;
-        const float* row = w + (g * H + j) * K;
-        const int64_t col = g * P::U + u, c = col / kPanel, e = col % kPanel;
-        float* dst = packed.data() + (ub * P::kCalls + c) * K * kPanel + e;
-        for (int64_t k = 0; k < K; ++k) dst[k * kPanel] = row[k];
+        const int64_t col = g * P::U + u;
+        column(w + (g * H + j) * K, ub * P::kCalls + col / kPanel, col % kPanel);
       }
     }
   }
+}
+
+// w: [G*H, K] -> [blocks][kCalls][K][kPanel]
+template <int G>
+void pack_panels(const float* w, int64_t H, int64_t K, std::vector<float>& packed) {
+  using P = ForwardPacking<G>;
+  packed.assign((H + P::U - 1) / P::U * K * P::kWidth, 0.0f);
+  for_each_packed_row<G>(w, H, K, [&](const float* row, int64_t panel, int64_t e) {
+    float* dst = packed.data() + panel * K * kPanel + e;
+    for (int64_t k = 0; k < K; ++k) dst[k * kPanel] = row[k];
+  });
 }
 
 // The biases each accumulator starts from, per unit block: [blocks][kWidth (+ U)].
@@ -248,20 +257,12 @@ inline Bf16 to_bf16(float x) {
 template <int G>
 void pack_panels_bf16(const float* w, int64_t H, int64_t K, std::vector<Bf16>& packed) {
   using P = ForwardPacking<G>;
-  const int64_t blocks = (H + P::U - 1) / P::U, K2 = round_up_even(K);
-  packed.assign(blocks * K2 * P::kWidth, 0);
-  for (int64_t ub = 0; ub < blocks; ++ub) {
-    for (int g = 0; g < G; ++g) {
-      for (int u = 0; u < P::U; ++u) {
-        const int64_t j = ub * P::U + u;
-        if (j >= H) continue;
-        const float* row = w + (g * H + j) * K;
-        const int64_t col = g * P::U + u, c = col / kPanel, e = col % kPanel;
-        Bf16* dst = packed.data() + (ub * P::kCalls + c) * K2 * kPanel + 2 * e;
-        for (int64_t k = 0; k < K; ++k) dst[(k / 2) * 2 * kPanel + k % 2] = to_bf16(row[k]);
-      }
-    }
-  }
+  const int64_t K2 = round_up_even(K);
+  packed.assign((H + P::U - 1) / P::U * K2 * P::kWidth, 0);
+  for_each_packed_row<G>(w, H, K, [&](const float* row, int64_t panel, int64_t e) {
+    Bf16* dst = packed.data() + panel * K2 * kPanel + 2 * e;
+    for (int64_t k = 0; k < K; ++k) dst[(k / 2) * 2 * kPanel + k % 2] = to_bf16(row[k]);
+  });
 }
 
 // dst[r * K2 + k] = src[r * ld + k] in bf16 for r < rows, k < K; dst[r * K2 + K] = 0 where K is odd.

@@ -79,15 +79,25 @@ void run(const Args& a) {
 // For tests and benchmarks (ctypes, no op schema): the large GEMM on raw float32 pointers, on the
 // instruction set isa() picks now (FUSEDRNN_CPU_ISA caps it), whatever FUSEDRNN_CPU_GEMM says.
 // Returns 0, 1 where this CPU has no engine, 2 for a bad FUSEDRNN_CPU_ISA (nothing done). mc / kc: 0 for the defaults.
-extern "C" __attribute__((visibility("default"))) int fusedrnn_large_gemm(
-    int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B, int64_t b_rs,
-    int64_t b_cs, const float* bias, int accumulate, float* C, int64_t ldc, int64_t mc, int64_t kc) {
+namespace {
+fusedrnn::large_gemm::Args ctypes_args(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
+                                       const float* B, int64_t b_rs, int64_t b_cs, const float* bias, int accumulate,
+                                       float* C, int64_t ldc, int64_t mc, int64_t kc) {
   fusedrnn::large_gemm::Args a;
   a.M = M; a.N = N; a.K = K;
   a.A = A; a.a_rs = a_rs; a.a_cs = a_cs;
   a.B = B; a.b_rs = b_rs; a.b_cs = b_cs;
   a.bias = bias; a.accumulate = accumulate != 0;
   a.C = C; a.ldc = ldc; a.mc = mc; a.kc = kc;
+  return a;
+}
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) int fusedrnn_large_gemm(
+    int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B, int64_t b_rs,
+    int64_t b_cs, const float* bias, int accumulate, float* C, int64_t ldc, int64_t mc, int64_t kc) {
+  const fusedrnn::large_gemm::Args a =
+      ctypes_args(M, N, K, A, a_rs, a_cs, B, b_rs, b_cs, bias, accumulate, C, ldc, mc, kc);
   try {
     if (fusedrnn::cpu_engine::isa() == fusedrnn::cpu_engine::Isa::kNone) return 1;
     fusedrnn::large_gemm::run(a);
@@ -102,12 +112,8 @@ extern "C" __attribute__((visibility("default"))) int fusedrnn_large_gemm(
 extern "C" __attribute__((visibility("default"))) int fusedrnn_large_gemm_bf16(
     int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B, int64_t b_rs,
     int64_t b_cs, const float* bias, int accumulate, float* C, int64_t ldc, int64_t mc, int64_t kc) {
-  fusedrnn::large_gemm::Args a;
-  a.M = M; a.N = N; a.K = K;
-  a.A = A; a.a_rs = a_rs; a.a_cs = a_cs;
-  a.B = B; a.b_rs = b_rs; a.b_cs = b_cs;
-  a.bias = bias; a.accumulate = accumulate != 0;
-  a.C = C; a.ldc = ldc; a.mc = mc; a.kc = kc;
+  const fusedrnn::large_gemm::Args a =
+      ctypes_args(M, N, K, A, a_rs, a_cs, B, b_rs, b_cs, bias, accumulate, C, ldc, mc, kc);
   try {
     if (!fusedrnn::cpu_engine::bf16_dot_products()) return 3;
     fusedrnn::large_gemm::run_bf16(a);
