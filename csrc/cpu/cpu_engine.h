@@ -168,8 +168,8 @@ bool bf16_dot_products();
 // (engine_forward.h: packed_split_parts).
 constexpr int64_t kUnitSplitMaxRowsPerThread = 4;
 
-// Whether a bfloat16 layer call of `batch` rows and `steps` steps (`uniform`: every step all rows) runs
-// its forward on bf16 dot products: bf16_dot_products(), and the call is neither a small call
+// Whether a bfloat16 layer call of `batch` rows and `steps` steps (`uniform`: every step all rows), one no
+// gradient is taken of (widened_layer.h asks only for those), runs its forward on bf16 dot products: bf16_dot_products(), and the call is neither a small call
 // (use_small_path) nor one the unit split's rule takes (a uniform batch of at most
 // kUnitSplitMaxRowsPerThread rows per thread on 2+ threads, FUSEDRNN_CPU_UNIT_SPLIT=1 any uniform one;
 // there float32 products split by units measured faster, benchmarks/NOTES.md entry 57). Decided once

@@ -230,8 +230,13 @@ ForwardOutputs forward_in_chunks(const at::Tensor& input, const at::Tensor& h0, 
       save_for_backward ? chunks_of(sched, chunk_rows(per_token, N, N * per_token * input.element_size()))
                         : std::vector<Chunk>();
   const LayerWeights w32 = widen(w);
-  const WidenedCallScope scope(
-      type == at::kBFloat16 && cpu_engine::bf16_products_for_call(h0.size(0), sched.steps(), sched.uniform), false);
+  // bf16 products for a call no gradient will be taken of only: a training call's forward keeps float32
+  // products, so that its gradients are those of the function it computed at float32 accuracy (with h_{t-1}
+  // rounded to bf16 in the products, gradients in chaotic or saturated recurrences fell to torch.nn's bf16
+  // noise level, above 2x its error in 3 of 12 seeds of a probe: benchmarks/NOTES.md entry 57).
+  const WidenedCallScope scope(type == at::kBFloat16 && !save_for_backward &&
+                                   cpu_engine::bf16_products_for_call(h0.size(0), sched.steps(), sched.uniform),
+                               false);
   if (chunks.size() <= 1) {
     return narrow(run(widen(input), widen(h0), widen(c0), w32, sched, reverse, save_for_backward), type);
   }
