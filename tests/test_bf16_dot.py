@@ -299,23 +299,9 @@ def test_bf16_gemm_gradients_at_most_twice_torch_nn_error(cell, threads, monkeyp
         assert (o - e).norm().item() <= 2 * (t - e).norm().item(), i
 
 
-_LIB_GEMM = ctypes.CDLL(_ops._C.__file__)
-_LIB_GEMM.fusedrnn_large_gemm_bf16.restype = ctypes.c_int
-_LIB_GEMM.fusedrnn_large_gemm_bf16.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64,
-                                                                       ctypes.c_int64] * 2 + [
-    ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
-
-
-def large_gemm_bf16(a, b, bias=None, out=None, accumulate=False, mc=0, kc=0):
-    m, k = a.shape
-    n = b.shape[1]
-    if out is None:
-        out = torch.full((m, n), float("nan"))
-    rc = _LIB_GEMM.fusedrnn_large_gemm_bf16(m, n, k, a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(),
-                                            b.stride(0), b.stride(1), None if bias is None else bias.data_ptr(),
-                                            int(accumulate), out.data_ptr(), out.stride(0), mc, kc)
-    assert rc == 0
-    return out
+def large_gemm_bf16(a, b, **kwargs):
+    from test_large_gemm import large_gemm
+    return large_gemm(a, b, bf16=True, **kwargs)
 
 
 @requires_bf16_dot

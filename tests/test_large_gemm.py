@@ -21,18 +21,22 @@ _LIB.fusedrnn_large_gemm.restype = ctypes.c_int
 _LIB.fusedrnn_large_gemm.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 2 + [
     ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
 _LIB.fusedrnn_large_gemm_calls.restype = ctypes.c_int64
+# The same GEMM on bf16 dot products (large_gemm::run_bf16; tests/test_bf16_dot.py).
+_LIB.fusedrnn_large_gemm_bf16.restype = ctypes.c_int
+_LIB.fusedrnn_large_gemm_bf16.argtypes = _LIB.fusedrnn_large_gemm.argtypes
 
 
-def large_gemm(a, b, bias=None, out=None, accumulate=False, mc=0, kc=0):
-    """out = a @ b (+ bias) (+ out) through the library's large GEMM, a and b read through their strides."""
+def large_gemm(a, b, bias=None, out=None, accumulate=False, mc=0, kc=0, bf16=False):
+    """out = a @ b (+ bias) (+ out) through the library's large GEMM, a and b read through their strides;
+    bf16: its form on bf16 dot products (both operands rounded to bf16)."""
     m, k = a.shape
     n = b.shape[1]
     if out is None:
         out = torch.full((m, n), float("nan"))  # every element must be written
     assert out.stride(1) == 1
-    rc = _LIB.fusedrnn_large_gemm(m, n, k, a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), b.stride(0),
-                                  b.stride(1), None if bias is None else bias.data_ptr(), int(accumulate),
-                                  out.data_ptr(), out.stride(0), mc, kc)
+    run = _LIB.fusedrnn_large_gemm_bf16 if bf16 else _LIB.fusedrnn_large_gemm
+    rc = run(m, n, k, a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), b.stride(0), b.stride(1),
+             None if bias is None else bias.data_ptr(), int(accumulate), out.data_ptr(), out.stride(0), mc, kc)
     assert rc == 0
     return out
 

@@ -78,15 +78,12 @@ struct CpuDevice {
     a.I = w.w_ih.size(1);
     a.sched = {&s.batch, &s.offset, reverse};
     // In a widened half-type layer call (widened_layer.h): its chunks share the packed weights, and a
-    // bfloat16 layer's may run on bf16 dot products (decided for the whole call), then on the packed
-    // path -- but for the ReLU RNN: rounding h_{t-1} moves pre-activations near 0 across relu's kink,
-    // which flips whole terms of the weight gradients (as it does in torch.nn's bf16, whose state is
-    // bf16); its float32 products keep the kinks where float64 has them (tests/test_bf16_cpu.py measured
-    // 6x nn's dW_ih error with bf16 products, a tenth without).
-    cpu_widened::WidenedCall* call = cpu_widened::current_widened_call();
-    a.bf16_products = call != nullptr && call->bf16_products && !std::is_same_v<Cell, RnnReluCell>;
+    // bfloat16 layer's no-grad call may run on bf16 dot products (decided for the whole call), then on
+    // the packed path.
+    const cpu_widened::WidenedCall* call = cpu_widened::current_widened_call();
+    a.bf16_products = call != nullptr && call->bf16_products;
     a.small = !a.bf16_products && cpu_engine::use_small_path(a.B, s.steps());
-    if (call != nullptr) a.pack_cache = cpu_widened::pack_cache_on() ? &call->pack_cache : nullptr;
+    a.pack_cache = cpu_widened::pack_cache();
     // Kept alive until the engine returns: contiguous copies only where needed.
     at::Tensor x, w_ih, b_ih;
     // Small calls: a one-step call reads W_ih in place beside W_hh (no GEMM call
@@ -155,9 +152,7 @@ struct CpuDevice {
     a.grad_h_state = dh_state.data_ptr<float>();
     a.grad_gates = dgates.data_ptr<float>();
     a.need_grad_h0 = need_grad_h0;
-    if (cpu_widened::WidenedCall* call = cpu_widened::current_widened_call()) {
-      a.pack_cache = cpu_widened::pack_cache_on() ? &call->pack_cache : nullptr;
-    }
+    a.pack_cache = cpu_widened::pack_cache();
     cpu_engine::backward(a);
     return true;
   }

@@ -71,14 +71,20 @@ bool bf16_dot_products() {
   return has && isa() == Isa::kAvx512;
 }
 
+int split_switch(const char* name) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || v[0] == '\0') return -1;
+  TORCH_CHECK((v[0] == '0' || v[0] == '1') && v[1] == '\0', "fusedrnn: ", name,
+              " must be 0 (no unit split across threads) or 1 (always split), got '", v, "'");
+  return v[0] - '0';
+}
+
 bool bf16_products_for_call(int64_t batch, int64_t steps, bool uniform) {
   if (!bf16_dot_products() || use_small_path(batch, steps)) return false;
-  const char* v = std::getenv("FUSEDRNN_CPU_UNIT_SPLIT");  // checked where the split reads it
-  const bool split_off = v != nullptr && v[0] == '0' && v[1] == '\0';
-  const bool split_forced = v != nullptr && v[0] == '1' && v[1] == '\0';
+  const int force = split_switch("FUSEDRNN_CPU_UNIT_SPLIT");
   const int threads = at::get_num_threads();
-  const bool split = uniform && threads >= 2 && !split_off &&
-                     (split_forced || batch <= kUnitSplitMaxRowsPerThread * threads);
+  const bool split = uniform && threads >= 2 && force != 0 &&
+                     (force == 1 || batch <= kUnitSplitMaxRowsPerThread * threads);
   return !split;
 }
 

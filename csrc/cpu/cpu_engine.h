@@ -71,9 +71,11 @@ struct Schedule {
 // call whose weights match reuses it. The caller guarantees that the weights' values do not change while
 // the cache lives (its lifetime: one layer call, on the caller's float32 copies of the weights).
 struct PackCache {
-  std::shared_ptr<void> forward, backward;
-  const void* forward_tag = nullptr;
-  const void* backward_tag = nullptr;
+  struct Slot {
+    std::shared_ptr<void> entry;
+    const void* tag = nullptr;
+  };
+  Slot forward, backward;
 };
 
 struct ForwardArgs {
@@ -105,10 +107,10 @@ struct ForwardArgs {
   // The small-call path (use_small_path): w_ih / w_hh read in place, row-major,
   // nothing packed. Needs w_hh (and, with input, w_ih) contiguous.
   bool small = false;
-  // A bfloat16 layer's call (its w_ih, w_hh and input are bf16 values in float32): run the packed
-  // path's products on the CPU's bf16 dot products where bf16_dot_products() says so
-  // (engine_forward.h, engine_avx512_bf16.cpp; h_{t-1} rounded to bf16 for the product each step),
-  // else, and on the small path, the float32 products. Never the unit split.
+  // A bfloat16 layer's no-grad call (its w_ih, w_hh and input are bf16 values in float32) that
+  // bf16_products_for_call took: the packed path's products on the CPU's bf16 dot products
+  // (engine_forward.h, engine_avx512_bf16.cpp; h_{t-1} rounded to bf16 for the product each step), never
+  // the unit split; where bf16_dot_products() says no, the float32 products.
   bool bf16_products = false;
   PackCache* pack_cache = nullptr;  // nullptr: pack for this call alone
 };
@@ -168,13 +170,18 @@ bool bf16_dot_products();
 // (engine_forward.h: packed_split_parts).
 constexpr int64_t kUnitSplitMaxRowsPerThread = 4;
 
+// A split's switch (FUSEDRNN_CPU_UNIT_SPLIT, FUSEDRNN_CPU_SMALL_SPLIT): -1 unset or empty (the default
+// rule), 0 off, 1 forced (whatever the governor says: tests). Anything else is an error, not a guess
+// (read before any parallel region).
+int split_switch(const char* name);
+
 // Whether a bfloat16 layer call of `batch` rows and `steps` steps (`uniform`: every step all rows), one no
-// gradient is taken of (widened_layer.h asks only for those), runs its forward on bf16 dot products: bf16_dot_products(), and the call is neither a small call
-// (use_small_path) nor one the unit split's rule takes (a uniform batch of at most
-// kUnitSplitMaxRowsPerThread rows per thread on 2+ threads, FUSEDRNN_CPU_UNIT_SPLIT=1 any uniform one;
-// there float32 products split by units measured faster, benchmarks/NOTES.md entry 57). Decided once
-// per call from the call alone (widened_layer.h), so that every chunk of a training call and its
-// no-grad twin take the same products: such a call then runs on the packed path, never split.
+// gradient is taken of (widened_layer.h asks only for those), runs its forward on bf16 dot products:
+// bf16_dot_products(), and the call is neither a small call (use_small_path) nor one the unit split's
+// rule takes (a uniform batch of at most kUnitSplitMaxRowsPerThread rows per thread on 2+ threads,
+// FUSEDRNN_CPU_UNIT_SPLIT=1 any uniform one; there float32 products split by units measured faster,
+// benchmarks/NOTES.md entry 57). Decided from the call's shapes and thread count alone, never by the
+// split governor's timing: such a call then runs on the packed path, never split.
 bool bf16_products_for_call(int64_t batch, int64_t steps, bool uniform);
 
 // Run on isa()'s kernels; call only when available().

@@ -191,21 +191,15 @@ struct CachedBackwardPack {
 
 inline std::shared_ptr<const CachedBackwardPack> backward_pack(const BackwardArgs& args, int64_t G) {
   static char tag;  // as forward_panels'
-  PackCache* cache = args.pack_cache;
-  if (cache != nullptr && cache->backward_tag == &tag) {
-    auto c = std::static_pointer_cast<const CachedBackwardPack>(cache->backward);
-    if (c->w_hh == args.w_hh && c->G == G && c->H == args.H) return c;
-  }
-  auto c = std::make_shared<CachedBackwardPack>();
-  c->w_hh = args.w_hh;
-  c->G = G;
-  c->H = args.H;
-  pack_backward(args.w_hh, G, args.H, c->packed);
-  if (cache != nullptr) {
-    cache->backward = c;
-    cache->backward_tag = &tag;
-  }
-  return c;
+  return cached_entry<CachedBackwardPack>(
+      args.pack_cache != nullptr ? &args.pack_cache->backward : nullptr, &tag,
+      [&](const CachedBackwardPack& e) { return e.w_hh == args.w_hh && e.G == G && e.H == args.H; },
+      [&](CachedBackwardPack& e) {
+        e.w_hh = args.w_hh;
+        e.G = G;
+        e.H = args.H;
+        pack_backward(args.w_hh, G, args.H, e.packed);
+      });
 }
 
 template <typename Cell>

@@ -163,6 +163,26 @@ inline void relu_n(Vecs<N>& x) {
 }
 
 // ---------------------------------------------------------------------------
+// Packed weights kept between calls (cpu_engine.h: PackCache)
+// ---------------------------------------------------------------------------
+
+// The Entry in `slot` when it holds one of `tag`'s (one static per instantiation and translation unit:
+// another cell, operand type or instruction set never reads this one's) and matches(entry) accepts it;
+// else a fresh one from build(entry), stored in the slot (slot nullptr: not stored).
+template <typename Entry, typename Matches, typename Build>
+std::shared_ptr<const Entry> cached_entry(PackCache::Slot* slot, const void* tag, const Matches& matches,
+                                          const Build& build) {
+  if (slot != nullptr && slot->tag == tag) {
+    auto c = std::static_pointer_cast<const Entry>(slot->entry);
+    if (matches(*c)) return c;
+  }
+  auto c = std::make_shared<Entry>();
+  build(*c);
+  if (slot != nullptr) *slot = {c, tag};
+  return c;
+}
+
+// ---------------------------------------------------------------------------
 // From run-time values to the compile-time ones the kernels are built for
 // ---------------------------------------------------------------------------
 

@@ -497,15 +497,7 @@ inline bool split_governor_off() {
   return v != nullptr && v[0] == '0' && v[1] == '\0';
 }
 
-// A split's switch: -1 unset or empty (the default rule), 0 off, 1 forced (whatever the governor says:
-// tests). Anything else is an error, not a guess (read before any parallel region).
-inline int split_switch(const char* name) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || v[0] == '\0') return -1;
-  TORCH_CHECK((v[0] == '0' || v[0] == '1') && v[1] == '\0', "fusedrnn: ", name,
-              " must be 0 (no unit split across threads) or 1 (always split), got '", v, "'");
-  return v[0] - '0';
-}
+// split_switch (a split's switch): cpu_engine.h.
 
 // How many parts the unit blocks of this call may be split into (1: no split), whichever path runs it.
 inline int64_t split_parts(const Schedule& sched, int64_t B, int64_t blocks, int force) {
@@ -695,36 +687,32 @@ std::shared_ptr<const ForwardPanels<G, T>> forward_panels(const ForwardArgs& arg
   const bool fused = args.input != nullptr;
   const float* b_ih = fused ? args.b_ih : nullptr;
   const float* w_ih = fused ? args.w_ih : nullptr;
-  PackCache* cache = args.pack_cache;
-  if (cache != nullptr && cache->forward_tag == &tag) {
-    auto c = std::static_pointer_cast<CachedForwardPanels<G, T>>(cache->forward);
-    if (c->w_ih == w_ih && c->w_hh == args.w_hh && c->b_ih == b_ih && c->b_hh == args.b_hh && c->H == args.H &&
-        c->I == args.I) {
-      return std::shared_ptr<const ForwardPanels<G, T>>(c, &c->w);
-    }
-  }
-  auto c = std::make_shared<CachedForwardPanels<G, T>>();
-  *c = {w_ih, args.w_hh, b_ih, args.b_hh, args.H, args.I, {}};
-  ForwardPanels<G, T>& w = c->w;
-  w.fused_input = fused;
-  if constexpr (std::is_same_v<T, float>) {
-    w.H = args.H;
-    w.I = args.I;
-    if (fused) pack_panels<G>(args.w_ih, args.H, args.I, w.w_ih);
-    pack_panels<G>(args.w_hh, args.H, args.H, w.w_hh);
-  } else {
+  using Entry = CachedForwardPanels<G, T>;
+  const auto c = cached_entry<Entry>(
+      args.pack_cache != nullptr ? &args.pack_cache->forward : nullptr, &tag,
+      [&](const Entry& e) {
+        return e.w_ih == w_ih && e.w_hh == args.w_hh && e.b_ih == b_ih && e.b_hh == args.b_hh && e.H == args.H &&
+               e.I == args.I;
+      },
+      [&](Entry& e) {
+        e = {w_ih, args.w_hh, b_ih, args.b_hh, args.H, args.I, {}};
+        ForwardPanels<G, T>& w = e.w;
+        w.fused_input = fused;
+        if constexpr (std::is_same_v<T, float>) {
+          w.H = args.H;
+          w.I = args.I;
+          if (fused) pack_panels<G>(args.w_ih, args.H, args.I, w.w_ih);
+          pack_panels<G>(args.w_hh, args.H, args.H, w.w_hh);
+        } else {
 #ifdef FUSEDRNN_ENGINE_BF16_PRODUCTS
-    w.H = round_up_even(args.H);
-    w.I = round_up_even(args.I);
-    if (fused) pack_panels_bf16<G>(args.w_ih, args.H, args.I, w.w_ih);
-    pack_panels_bf16<G>(args.w_hh, args.H, args.H, w.w_hh);
+          w.H = round_up_even(args.H);
+          w.I = round_up_even(args.I);
+          if (fused) pack_panels_bf16<G>(args.w_ih, args.H, args.I, w.w_ih);
+          pack_panels_bf16<G>(args.w_hh, args.H, args.H, w.w_hh);
 #endif
-  }
-  pack_biases<G>(b_ih, args.b_hh, args.H, w.bias);
-  if (cache != nullptr) {
-    cache->forward = c;
-    cache->forward_tag = &tag;
-  }
+        }
+        pack_biases<G>(b_ih, args.b_hh, args.H, w.bias);
+      });
   return std::shared_ptr<const ForwardPanels<G, T>>(c, &c->w);
 }
 

@@ -63,14 +63,17 @@ inline WidenedCall*& current_widened_call() {
   return call;
 }
 
-// FUSEDRNN_CPU_PACK_CACHE=0 (read per engine call) packs the weights for every chunk again, as before the
-// cache (tests: the same numbers, bitwise, either way); only 0 or 1.
-inline bool pack_cache_on() {
+// The pack cache of the widened call this thread is running, for an engine call to use; nullptr outside
+// one, or with FUSEDRNN_CPU_PACK_CACHE=0 (read per engine call), which packs the weights for every chunk
+// again, as before the cache (tests: the same numbers, bitwise, either way); only 0 or 1.
+inline cpu_engine::PackCache* pack_cache() {
+  WidenedCall* call = current_widened_call();
+  if (call == nullptr) return nullptr;
   const char* v = std::getenv("FUSEDRNN_CPU_PACK_CACHE");
-  if (v == nullptr || v[0] == '\0') return true;
+  if (v == nullptr || v[0] == '\0') return &call->pack_cache;
   TORCH_CHECK((v[0] == '0' || v[0] == '1') && v[1] == '\0', "fusedrnn: FUSEDRNN_CPU_PACK_CACHE must be 0 (pack "
               "the weights for every chunk of a half-type layer call) or 1, got '", v, "'");
-  return v[0] == '1';
+  return v[0] == '1' ? &call->pack_cache : nullptr;
 }
 
 struct WidenedCallScope {
