@@ -250,10 +250,11 @@ def test_bad_bf16_switch_is_an_error(variable, value, message, monkeypatch):
 
 @requires_bf16_dot
 def test_bf16_backward_gemms_change_only_the_gradients(threads, monkeypatch):
-    """A bfloat16 layer's backward GEMMs (dX, dW) that the large GEMM does not take run in bf16
-    (cpu_device.h: takes_bf16_gemm): the ReLU RNN's forward never runs on bf16 products, so with and
-    without bf16 dot products its output is bitwise the same while its gradients, from dG rounded to bf16,
-    are not; torch.nn's bf16 error bound on them is tests/test_bf16_cpu.py's (which covers this shape)."""
+    """A bfloat16 layer's backward GEMMs (dX, dW) run on bf16 dot products (cpu_device.h: gemm, also for
+    a product too small in rows for the large GEMM's float32 rule, as here): the RNN's forward never runs on
+    bf16 products, so with and without bf16 dot products its output is bitwise the same while its
+    gradients, from dG rounded to bf16, are not; torch.nn's bf16 error bound on them is
+    tests/test_bf16_cpu.py's (which covers this shape)."""
     threads(2)
     # dW_ih = dG^T X: [64, 240] x [240, 64], too few rows for the large GEMM (M < 128), 983 K multiply-adds.
     m = _module("rnn_relu", 64, 64)
